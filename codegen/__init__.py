@@ -1,0 +1,1 @@
+"""Code generation: kiln IR -> TVM (Relax graph, TIR kernels) per target. Imports tvm."""

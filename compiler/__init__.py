@@ -1,0 +1,1 @@
+"""kiln's compiler: the IR, its verifier and interpreter, the ONNX frontend and the driver."""

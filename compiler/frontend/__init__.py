@@ -1,0 +1,1 @@
+"""Frontends: model formats -> kiln IR. Only this package imports onnx."""

@@ -1,0 +1,136 @@
+"""Numpy reference of kiln's canonical transformer ops: the specification of their semantics.
+
+Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D: head_dim):
+    linear      x[..., K], w[N, K], b?[N]                              -> [..., N]
+    embedding   table[V, E], ids[...]                                   -> [..., E]
+    rms_norm    x[..., E], w[E]            eps                          -> like x
+    layer_norm  x[..., E], w[E], b?[E]     eps                          -> like x
+    gelu        x                          approximate: "none" | "tanh" -> like x
+    silu        x                                                       -> like x
+    rotary      x[b, s, H*D], cos[b|1, s, R], sin[b|1, s, R]
+                num_heads, head_dim, interleaved                         -> like x
+                (the first R dims of each head rotate; the rest pass through)
+    attention   q[b, s, H*D], k[b, s, KV*D], v[b, s, KV*D],
+                past_k?[b, KV, P, D], past_v?[b, KV, P, D],
+                mask?[b, P+s] (nonzero: may attend), bias?[.., s, P+s] (added to scores)
+                num_heads, num_kv_heads, head_dim, scale, causal
+                -> out[b, s, H*D], present_k[b, KV, P+s, D], present_v[b, KV, P+s, D]
+Norms and softmax accumulate in float32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kiln.compiler.interpreter import kernel
+
+
+@kernel("linear")
+def linear(inputs, attrs):
+    x, w, b = (list(inputs) + [None])[:3]
+    y = np.matmul(x, w.T.astype(x.dtype, copy=False))
+    if b is not None:
+        y = y + b
+    return [y.astype(x.dtype, copy=False)]
+
+
+@kernel("embedding")
+def embedding(inputs, attrs):
+    table, ids = inputs
+    return [table[ids.astype(np.int64)]]
+
+
+@kernel("rms_norm")
+def rms_norm(inputs, attrs):
+    x, w = inputs
+    x32 = x.astype(np.float32)
+    inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(attrs["eps"]))
+    return [(x32 * inv * w.astype(np.float32)).astype(x.dtype)]
+
+
+@kernel("layer_norm")
+def layer_norm(inputs, attrs):
+    x, w, b = (list(inputs) + [None])[:3]
+    x32 = x.astype(np.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x32 - mean) / np.sqrt(var + np.float32(attrs["eps"])) * w.astype(np.float32)
+    if b is not None:
+        y = y + b.astype(np.float32)
+    return [y.astype(x.dtype)]
+
+
+@kernel("gelu")
+def gelu(inputs, attrs):
+    (x,) = inputs
+    x32 = x.astype(np.float32)
+    if attrs.get("approximate", "none") == "tanh":
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        y = 0.5 * x32 * (1.0 + np.tanh(c * (x32 + np.float32(0.044715) * x32 ** 3)))
+    else:
+        from kiln.compiler.interpreter.onnx_ops import erf
+
+        y = 0.5 * x32 * (1.0 + erf(x32 / np.float32(math.sqrt(2.0))))
+    return [y.astype(x.dtype)]
+
+
+@kernel("silu")
+def silu(inputs, attrs):
+    (x,) = inputs
+    x32 = x.astype(np.float32)
+    return [(x32 / (1.0 + np.exp(-x32))).astype(x.dtype)]
+
+
+@kernel("rotary")
+def rotary(inputs, attrs):
+    x, cos, sin = inputs
+    h, d = attrs["num_heads"], attrs["head_dim"]
+    b, s = x.shape[0], x.shape[1]
+    xh = x.reshape(b, s, h, d)
+    r = cos.shape[-1]
+    c, sn = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    rot, rest = xh[..., :r], xh[..., r:]
+    if attrs.get("interleaved", False):
+        pairs = rot.reshape(*rot.shape[:-1], r // 2, 2)
+        swapped = np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot.shape)
+    else:
+        half = r // 2
+        swapped = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = np.concatenate([rot * c + swapped * sn, rest], axis=-1)
+    return [out.astype(x.dtype).reshape(x.shape)]
+
+
+@kernel("attention")
+def attention(inputs, attrs):
+    q, k, v, past_k, past_v, mask, bias = (list(inputs) + [None] * 7)[:7]
+    h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+    b, s = q.shape[0], q.shape[1]
+    qh = q.reshape(b, s, h, d).transpose(0, 2, 1, 3)
+    kh = k.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+    vh = v.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+    if past_k is not None:
+        kh = np.concatenate([past_k, kh], axis=2)
+        vh = np.concatenate([past_v, vh], axis=2)
+    present_k, present_v = kh, vh
+    total = kh.shape[2]
+    group = h // kvh
+    kf = np.repeat(kh, group, axis=1).astype(np.float32)
+    vf = np.repeat(vh, group, axis=1).astype(np.float32)
+    scores = np.matmul(qh.astype(np.float32), kf.transpose(0, 1, 3, 2)) * np.float32(
+        attrs["scale"])  # (b, h, s, total)
+    if bias is not None:
+        scores = scores + bias.astype(np.float32)
+    allowed = np.ones((b, 1, s, total), dtype=bool)
+    if attrs.get("causal", False):
+        past = total - s
+        allowed &= (np.arange(total)[None, :] <= past + np.arange(s)[:, None])[None, None]
+    if mask is not None:
+        allowed &= (mask != 0)[:, None, None, :]
+    scores = np.where(allowed, scores, np.finfo(np.float32).min)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = np.matmul(p, vf).transpose(0, 2, 1, 3).reshape(b, s, h * d)
+    return [out.astype(q.dtype), present_k, present_v]

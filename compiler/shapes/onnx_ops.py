@@ -1,0 +1,1 @@
+"""Type rules for the ONNX-level (generic) ops."""

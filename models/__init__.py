@@ -1,0 +1,1 @@
+"""Model sources: the real SmolLM2 (GGUF -> ONNX), seeded synthetic configs, test fixtures."""

@@ -1,0 +1,1 @@
+"""The thin runtime: loads an artifact and runs prefill/decode with the TVM runtime only."""

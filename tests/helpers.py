@@ -1,0 +1,36 @@
+"""Test helpers shared by every test module."""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: (rtol, atol) per dtype; fp32 relative error <= 1e-4 is the project's contract with onnxruntime
+TOLERANCES = {
+    np.dtype(np.float32): (1e-4, 1e-5),
+    np.dtype(np.float16): (1e-2, 1e-3),
+    np.dtype(np.float64): (1e-9, 1e-12),
+}
+
+
+def assert_close(actual, expected, *, rtol=None, atol=None, name="value"):
+    """Assert allclose; on failure report max abs/rel error, the worst index and a few pairs."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if not np.issubdtype(expected.dtype, np.floating):
+        mismatch = np.argwhere(actual != expected)
+        assert mismatch.size == 0, f"{name}: {len(mismatch)} mismatches, first at " \
+            f"{tuple(mismatch[0])}: {actual[tuple(mismatch[0])]} != {expected[tuple(mismatch[0])]}"
+        return
+    dr, da = TOLERANCES.get(expected.dtype, (1e-4, 1e-5))
+    rtol, atol = rtol if rtol is not None else dr, atol if atol is not None else da
+    a64, e64 = actual.astype(np.float64), expected.astype(np.float64)
+    err = np.abs(a64 - e64)
+    bad = err > atol + rtol * np.abs(e64)
+    if bad.any():
+        worst = np.unravel_index(np.argmax(err - rtol * np.abs(e64)), err.shape)
+        idx = np.argwhere(bad)[:4]
+        pairs = ", ".join(f"{tuple(i)}: {a64[tuple(i)]:.6g} vs {e64[tuple(i)]:.6g}" for i in idx)
+        rel = err / np.maximum(np.abs(e64), 1e-30)
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.size} elements off (rtol={rtol}, atol={atol}); "
+            f"max abs err {err.max():.3g}, max rel err {rel.max():.3g}, worst at {worst}; {pairs}")
