@@ -157,7 +157,7 @@ class TensorType:
         return f"{self.dtype.value}{shape_str(self.shape)}"
 
 
-AttrValue = int | float | str | bool | DType | tuple | None
+AttrValue = int | float | str | bool | DType | sympy.Expr | tuple | None  # tuples nest
 
 
 class Attrs(Mapping[str, AttrValue]):
@@ -190,8 +190,19 @@ class Attrs(Mapping[str, AttrValue]):
     def __repr__(self) -> str:
         return "{" + ", ".join(f"{k}={v!r}" for k, v in self._items) + "}"
 
+    @property
+    def free_symbols(self) -> bool:
+        """Whether any attribute holds a symbolic dim (a sympy expression)."""
+        return any(_has_symbol(v) for _, v in self._items)
+
     def updated(self, **kw: AttrValue) -> Attrs:
         return Attrs({**dict(self._items), **kw})
+
+
+def _has_symbol(v: Any) -> bool:
+    if isinstance(v, tuple):
+        return any(_has_symbol(x) for x in v)
+    return isinstance(v, sympy.Basic)
 
 
 def _freeze(v: Any) -> AttrValue:

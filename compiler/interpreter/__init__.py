@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from dataclasses import replace
+
 import numpy as np
+import sympy
 
 from kiln.compiler.errors import KilnError
-from kiln.compiler.ir import Attrs, Graph, Node
+from kiln.compiler.ir import Attrs, Graph, Node, evaluate_dim, shape_str
 
 Kernel = Callable[[Sequence[np.ndarray | None], Attrs], Sequence[np.ndarray]]
 KERNELS: dict[str, Kernel] = {}
@@ -59,6 +62,7 @@ def run(graph: Graph, feeds: Mapping[str, np.ndarray], *,
     if missing:
         raise KilnError(f"interpreter: missing graph inputs {missing}")
     env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()}
+    bindings = bind_symbols(graph, env)
     last_use = _last_uses(graph, wanted)
     loaded = params or {}
     for i, node in enumerate(graph.nodes):
@@ -73,12 +77,54 @@ def run(graph: Graph, feeds: Mapping[str, np.ndarray], *,
                 args.append(arr)
             else:
                 raise KilnError(f"node {node.name} ({node.op}): input {v} is not defined")
+        if node.attrs.free_symbols:
+            node = replace(node, attrs=concretize(node.attrs, bindings))
         for name, value in zip(node.outputs, run_node(node, args), strict=False):
             if name:
                 env[name] = value
         for v in last_use.get(i, ()):
             env.pop(v, None)
     return {v: env[v] if v in env else graph.params[v].load() for v in wanted}
+
+
+def bind_symbols(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Values of the symbolic dims of the graph inputs, checked for consistency across inputs."""
+    bindings: dict[str, int] = {}
+    deferred: list[tuple[str, int, sympy.Expr, int]] = []
+    for v in graph.inputs:
+        shape = graph.types[v].shape
+        actual = feeds[v].shape
+        if shape is None:
+            continue
+        if len(shape) != len(actual):
+            raise KilnError(f"input {v}: rank {len(actual)} given, expected {shape_str(shape)}")
+        for axis, (d, n) in enumerate(zip(shape, actual, strict=True)):
+            if isinstance(d, sympy.Symbol) and d.name not in bindings:
+                bindings[d.name] = int(n)
+            else:
+                deferred.append((v, axis, d, int(n)))
+    for v, axis, d, n in deferred:
+        try:
+            want = evaluate_dim(d, bindings)
+        except KeyError:
+            continue  # a dim defined only by an expression: nothing to check it against
+        if want != n:
+            raise KilnError(f"input {v}: dim {axis} is {n}, expected {d} = {want} "
+                            f"(shape {list(feeds[v].shape)}, declared {shape_str(shape)})")
+    return bindings
+
+
+def concretize(attrs: Attrs, bindings: Mapping[str, int]) -> Attrs:
+    """Attributes with every symbolic dim replaced by its value under `bindings`."""
+
+    def conc(v):
+        if isinstance(v, tuple):
+            return tuple(conc(x) for x in v)
+        if isinstance(v, sympy.Basic):
+            return evaluate_dim(v, bindings)
+        return v
+
+    return Attrs({k: conc(v) for k, v in attrs.items()})
 
 
 def _last_uses(graph: Graph, keep: Sequence[str]) -> dict[int, list[str]]:
