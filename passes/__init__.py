@@ -21,14 +21,17 @@ PASSES: dict[str, Pass] = {}
 PIPELINES: dict[str, list[str]] = {
     "canonicalize": [
         "infer_shapes", "fold_constants", "eliminate_common_subexpressions",
-        "eliminate_dead_code", "recognize_transformer", "eliminate_dead_code",
+        "eliminate_dead_code", "recognize_linear", "recognize_norms", "recognize_activations",
+        "recognize_rotary", "eliminate_dead_code", "recognize_attention", "eliminate_dead_code",
+        "eliminate_common_subexpressions", "eliminate_dead_code",
     ],
 }
 
 #: modules that register passes (one pass per file)
 _PASS_MODULES = [
     "infer_shapes", "fold_constants", "eliminate_common_subexpressions", "eliminate_dead_code",
-    "recognize_transformer",
+    "recognize_linear", "recognize_norms", "recognize_activations", "recognize_rotary",
+    "recognize_attention",
 ]
 
 

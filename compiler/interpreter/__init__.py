@@ -52,17 +52,19 @@ def run_node(node: Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray
 
 def run(graph: Graph, feeds: Mapping[str, np.ndarray], *,
         outputs: Sequence[str] | None = None,
-        params: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        params: Mapping[str, np.ndarray] | None = None,
+        bindings: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Evaluate `graph` on `feeds`; returns the requested outputs (default: the graph's).
 
-    `params` may hold already-loaded parameter arrays (to avoid reloading across calls).
+    `params` may hold already-loaded parameter arrays (to avoid reloading across calls);
+    `bindings` gives symbolic dims that the input shapes do not determine.
     """
     wanted = list(outputs if outputs is not None else graph.outputs)
     missing = [v for v in graph.inputs if v not in feeds]
     if missing:
         raise KilnError(f"interpreter: missing graph inputs {missing}")
     env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()}
-    bindings = bind_symbols(graph, env)
+    bindings = {**(bindings or {}), **bind_symbols(graph, env)}
     last_use = _last_uses(graph, wanted)
     loaded = params or {}
     for i, node in enumerate(graph.nodes):

@@ -15,7 +15,8 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
                 mask?[b, P+s] (nonzero: may attend), bias?[.., s, P+s] (added to scores)
                 num_heads, num_kv_heads, head_dim, scale, causal
                 -> out[b, s, H*D], present_k[b, KV, P+s, D], present_v[b, KV, P+s, D]
-Norms and softmax accumulate in float32 whatever the storage dtype.
+Norms and softmax accumulate in float32 whatever the storage dtype. A query row that may attend
+to no key at all (a padded position) outputs zeros.
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ def attention(inputs, attrs):
         allowed &= (np.arange(total)[None, :] <= past + np.arange(s)[:, None])[None, None]
     if mask is not None:
         allowed &= (mask != 0)[:, None, None, :]
-    scores = np.where(allowed, scores, np.finfo(np.float32).min)
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True)
+    scores = np.where(allowed, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0))
+    total_p = p.sum(axis=-1, keepdims=True)
+    p = np.divide(p, total_p, out=np.zeros_like(p), where=total_p > 0)  # no key: output 0
     out = np.matmul(p, vf).transpose(0, 2, 1, 3).reshape(b, s, h * d)
     return [out.astype(q.dtype), present_k, present_v]

@@ -1,0 +1,57 @@
+"""Seeded random feeds for a decoder graph: prefill on an empty past, or decode on a past."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import BATCH, PAST, SEQ, Graph, Shape, evaluate_dim, shape_str
+
+_PAST_KV = re.compile(r"^past.*(key|value)")
+
+
+def make_feeds(graph: Graph, *, batch: int, seq: int, past: int, rng: np.random.Generator,
+               vocab: int) -> dict[str, np.ndarray]:
+    """One array per graph input, shaped by binding batch/seq/past.
+
+    input_ids: random ids < vocab; attention_mask: ones over past+seq; position_ids and
+    cache_position: past..past+seq-1; past key/values: standard normal; token_type_ids and
+    other integer inputs: zeros; other float inputs: standard normal; bool inputs: True.
+    """
+    bindings = {BATCH: batch, SEQ: seq, PAST: past}
+    feeds: dict[str, np.ndarray] = {}
+    for name in graph.inputs:
+        t = graph.types[name]
+        shape = _concrete(name, t.shape, bindings)
+        feeds[name] = _feed(name, shape, t.dtype.numpy, rng, vocab, past, seq).astype(
+            t.dtype.numpy, copy=False)
+    return feeds
+
+
+def _concrete(name: str, shape: Shape | None, bindings: dict[str, int]) -> tuple[int, ...]:
+    if shape is None:
+        raise KilnError(f"input {name} has unknown rank; cannot make a feed for it")
+    try:
+        return tuple(evaluate_dim(d, bindings) for d in shape)
+    except KeyError as e:
+        raise KilnError(f"input {name} {shape_str(shape)}: dim symbol {e.args[0]} is not one "
+                        "of batch, seq, past; cannot make a feed for it") from e
+
+
+def _feed(name: str, shape: tuple[int, ...], dt: np.dtype, rng: np.random.Generator,
+          vocab: int, past: int, seq: int) -> np.ndarray:
+    if name == "input_ids":
+        return rng.integers(0, vocab, size=shape)
+    if "mask" in name:
+        return np.ones(shape, dt)
+    if name in ("position_ids", "cache_position"):
+        return np.broadcast_to(np.arange(past, past + seq), shape).copy()
+    if np.issubdtype(dt, np.bool_):
+        return np.ones(shape, np.bool_)
+    if np.issubdtype(dt, np.integer):
+        return np.zeros(shape, dt)
+    if _PAST_KV.search(name) or np.issubdtype(dt, np.floating) or dt.kind == "V":
+        return rng.standard_normal(shape, np.float32)
+    raise KilnError(f"input {name}: cannot make a feed of dtype {dt}")

@@ -1,0 +1,119 @@
+"""Recognize rotary position embeddings applied to attention heads -> rotary.
+
+    x*cos + rotate_half(x)*sin,  rotate_half(x) = concat(-x[..., h:2h], x[..., :h])
+
+where x is a projection split into heads, [b, H, s, D] (Reshape then Transpose) or [b, s, H, D]
+(Reshape only), and cos/sin broadcast over heads from [b|1, s, R]. R < D (partial rotary) is
+recognized when the unrotated tail is concatenated back. The canonical rotary works on the flat
+projection [b, s, H*D]; the head split is re-emitted after it, for attention recognition to absorb.
+
+Requires: constants folded, linear recognized. Preserves: types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.compiler.ir import Graph, inline_param
+from kiln.passes import register
+from kiln.passes.patterns import Matcher, Op, Var
+from kiln.passes.queries import int_list, last_axis_slice, perm_is, shape_of
+from kiln.passes.rewrite import GraphEditor, rewrite
+
+X = Var("x")
+ROTATE_HALF = Op("Concat", Op("Neg", Op("Slice", X, name="hi")), Op("Slice", X, name="lo"),
+                 name="cat")
+ROPE = Op("Add", Op("Mul", X, Var("cos")), Op("Mul", ROTATE_HALF, Var("sin")))
+PARTIAL_ROPE = Op("Concat", ROPE, Op("Slice", Var("full"), name="tail"), name="outer")
+
+HEADS_BHSD = Op("Transpose", Op("Reshape", Var("flat"), name="split"), where=perm_is(0, 2, 1, 3))
+HEADS_BSHD = Op("Reshape", Var("flat"), name="split")
+
+
+def _halves(m: Matcher, b: dict) -> int | None:
+    """The rotary dim R when `lo` is x[..., :R/2] and `hi` is x[..., R/2:R] (else None)."""
+    lo, hi = last_axis_slice(m, b["lo"]), last_axis_slice(m, b["hi"])
+    if lo is None or hi is None or lo[2] != 1 or hi[2] != 1 or lo[0] != 0:
+        return None
+    half = lo[1]
+    if hi[0] != half or hi[1] - half != half:
+        return None
+    return 2 * half
+
+
+def _table_3d(ed: GraphEditor, m: Matcher, v: str, head_axis: int, r: int) -> str | None:
+    """cos/sin as [b|1, s, R]: strip the Unsqueeze that broadcast it over heads."""
+    node = m.producer.get(v)
+    if node is not None and node.op == "Unsqueeze":
+        axes = int_list(m, node, "axes", 1)
+        src = node.inputs[0]
+        if axes in ((head_axis,), (head_axis - 4,)) and (shape_of(m, src) or (0,))[-1] == r:
+            return src
+    shape = shape_of(m, v)
+    if shape is not None and len(shape) == 4 and shape[head_axis] == 1 and shape[-1] == r:
+        axes = ed.add_param(inline_param(f"{v}.squeeze_axes", np.array([head_axis], np.int64)))
+        return ed.emit("Squeeze", [v, axes], name=f"{v}.squeeze")[0]
+    return None
+
+
+def split_heads(m: Matcher, x: str) -> tuple[str, int, int, int] | None:
+    """(flat projection, H, D, head axis) when x splits [b, s, H*D] into heads."""
+    for pattern, head_axis in ((HEADS_BHSD, 1), (HEADS_BSHD, 2)):
+        b = m.first(pattern, x)
+        if b is None:
+            continue
+        shape, flat = shape_of(m, x), shape_of(m, b["flat"])
+        if shape is None or flat is None or len(shape) != 4 or len(flat) != 3:
+            continue
+        h, d = shape[head_axis], shape[3]
+        if isinstance(h, int) and isinstance(d, int) and flat[2] == h * d:
+            return b["flat"], h, d, head_axis
+    return None
+
+
+def _emit_rotary(ed: GraphEditor, m: Matcher, node, b: dict, x: str, r: int) -> bool:
+    heads = split_heads(m, x)
+    if heads is None:
+        return False
+    flat, h, d, head_axis = heads
+    cos, sin = (_table_3d(ed, m, b[k], head_axis, r) for k in ("cos", "sin"))
+    if cos is None or sin is None or ed.types[cos].dtype != ed.types[flat].dtype:
+        return False
+    rotated = ed.emit("rotary", [flat, cos, sin], {"num_heads": h, "head_dim": d,
+                                                   "interleaved": False}, name=node.name)[0]
+    shape = ed.add_param(inline_param(f"{node.name}.heads", np.array([0, 0, h, d], np.int64)))
+    if head_axis == 2:
+        ed.emit("Reshape", [rotated, shape], name=f"{node.name}.split",
+                outputs=[node.outputs[0]])
+        return True
+    split = ed.emit("Reshape", [rotated, shape], name=f"{node.name}.split")[0]
+    ed.emit("Transpose", [split], {"perm": (0, 2, 1, 3)}, name=f"{node.name}.heads",
+            outputs=[node.outputs[0]])
+    return True
+
+
+def _full(ed: GraphEditor, node, b) -> bool:
+    m = ed.matcher
+    r = _halves(m, b)
+    if r is None or (shape_of(m, b["x"]) or (None,))[-1] != r:
+        return False
+    return _emit_rotary(ed, m, node, b, b["x"], r)
+
+
+def _partial(ed: GraphEditor, node, b) -> bool:
+    m = ed.matcher
+    r = _halves(m, b)
+    x_node, tail = m.producer.get(b["x"]), last_axis_slice(m, b["tail"])
+    if r is None or x_node is None or x_node.op != "Slice" or tail is None:
+        return False
+    head = last_axis_slice(m, x_node)
+    d = (shape_of(m, b["full"]) or (None,))[-1]
+    if x_node.inputs[0] != b["full"] or head != (0, r, 1) or tail[:2] != (r, d):
+        return False
+    return _emit_rotary(ed, m, node, b, b["full"], r)
+
+
+@register("recognize_rotary")
+def recognize_rotary(graph: Graph) -> Graph:
+    return rewrite(graph, [(PARTIAL_ROPE, _partial), (ROPE, _full)],
+                   ops=("Add", "Concat"))
