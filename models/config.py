@@ -1,4 +1,4 @@
-"""Architecture config shared by the ONNX graph builders, synthetic models and the SmolLM2 export."""
+"""Architecture config shared by the ONNX graph builders, synthetic models and SmolLM2."""
 
 from __future__ import annotations
 

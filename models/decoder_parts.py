@@ -19,6 +19,13 @@ TOTAL = "past_sequence_length + sequence_length"
 MASK_MIN = float(np.finfo(np.float32).min)
 
 
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """optimum's input and output names, in its order for Llama-like models."""
+    past = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    present = [f"present.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
 def decoder_inputs(cfg: DecoderConfig) -> list[onnx.ValueInfoProto]:
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
     ios = [tensor_input("input_ids", i64, [BATCH, SEQ]),

@@ -14,8 +14,7 @@ import onnx
 import torch
 from transformers import DynamicCache
 
-from kiln.models.decoder_parts import BATCH, PAST, SEQ, TOTAL
-from kiln.models.fixtures import io_names
+from kiln.models.decoder_parts import BATCH, PAST, SEQ, TOTAL, io_names
 
 
 class FlatPastDecoder(torch.nn.Module):
@@ -64,8 +63,8 @@ def rename_dims(model: onnx.ModelProto) -> None:
         return io[name].type.tensor_type.shape.dim[axis]
 
     wanted = {(v.name, 0): BATCH for v in model.graph.input}
-    wanted |= {("input_ids", 1): SEQ, ("attention_mask", 1): TOTAL,
-               ("past_key_values.0.key", 2): PAST}
+    wanted |= {(v.name, 2): PAST for v in model.graph.input if v.name.startswith("past_")}
+    wanted |= {("input_ids", 1): SEQ, ("attention_mask", 1): TOTAL}
     symbols = {dim(n, a).dim_param: new for (n, a), new in wanted.items() if dim(n, a).dim_param}
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for d in vi.type.tensor_type.shape.dim:

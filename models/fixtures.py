@@ -42,12 +42,6 @@ def tiny_model(family: str, seed: int = SEED) -> Any:
     return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    present = [f"present.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
-
-
 def export_optimum(hf_dir: Path, out: Path) -> Path:
     from optimum.exporters.onnx import main_export
 

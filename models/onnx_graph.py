@@ -42,6 +42,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[TensorProto] = []
         self.weights: list[WeightSpec] = []
+        self._const_names: dict[tuple[str, tuple[int, ...], bytes], str] = {}
         self._end = 0
         self._count = 0
 
@@ -59,13 +60,15 @@ class GraphBuilder:
         return outs
 
     def const(self, value: np.ndarray | Sequence[int] | float, hint: str = "const") -> str:
-        """Small embedded initializer (shape tensors, scalars, inv_freq)."""
+        """Small embedded initializer (shape tensors, scalars, inv_freq); equal values shared."""
         arr = np.asarray(value)
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
-        name = self._fresh(hint)
-        self.constants.append(numpy_helper.from_array(arr, name))
-        return name
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._const_names:
+            self._const_names[key] = name = self._fresh(hint)
+            self.constants.append(numpy_helper.from_array(arr, name))
+        return self._const_names[key]
 
     def ints(self, *values: int) -> str:
         return self.const(np.array(values, dtype=np.int64), "ints")

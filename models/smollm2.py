@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,3 +47,7 @@ def export_smollm2(out_dir: Path | str, *, progress: Callable[[str], None] | Non
     builder.write_weights(out / DATA_FILE, model.graph_weights(), progress=say)
     say("done")
     return path
+
+
+if __name__ == "__main__":
+    print(export_smollm2(sys.argv[1] if len(sys.argv) > 1 else "smollm2-onnx", progress=None))

@@ -21,7 +21,8 @@ import numpy as np
 
 from kiln.compiler.errors import KilnError
 from kiln.compiler.interpreter import run
-from kiln.compiler.ir import Graph
+from kiln.compiler.ir import Graph, evaluate_dim
+from kiln.compiler.shapes import dims_equal
 from kiln.passes import register
 from kiln.passes.patterns import Const, Matcher, Op, Skip, Var
 from kiln.passes.queries import axis_is_last, int_list, perm_is, scalar, shape_of
@@ -34,7 +35,16 @@ def _scaled(p, tag: str):
             Op("Div", p, Const(f"div_{tag}", scalar=True)) | p)
 
 
-K_T = Op("Transpose", Var("kx"), where=perm_is(0, 1, 3, 2))
+def _merged_batch_heads(m: Matcher, node) -> bool:
+    """A Reshape [b, H, T, D] -> [b*H, T, D] (torch's bmm form of a 4-D matmul)."""
+    src, out = shape_of(m, node.inputs[0]), shape_of(m, node.outputs[0])
+    return bool(src and out and len(src) == 4 and len(out) == 3 and
+                dims_equal(out[0], src[0] * src[1]) and tuple(out[1:]) == tuple(src[2:]))
+
+
+K_T = (Op("Transpose", Var("kx"), where=perm_is(0, 1, 3, 2))
+       | Op("Reshape", Op("Transpose", Op("Reshape", Var("kx"), where=_merged_batch_heads),
+                          where=perm_is(0, 2, 1))))
 SCORES = _scaled(Op("MatMul", _scaled(Var("q4"), "q"), _scaled(K_T, "k")), "s")
 BIASED = Op("Add", SCORES, Var("bias")) | SCORES
 PROBS = Op("Softmax", Skip("Cast", BIASED), where=axis_is_last())
@@ -85,7 +95,7 @@ def classify_bias(graph: Graph, bias: str) -> tuple[str | None, bool] | None:
     """(mask input or None, causal) when the additive bias is exactly a causal and/or padding
     mask over one 2-D integer input; None when it is anything else."""
     producer = graph.producers()
-    cone, inputs = _cone(graph, producer, bias)
+    cone, inputs, shape_only = _cone(graph, producer, bias)
     if len(inputs) > 1:
         return None
     mask = next(iter(inputs), None)
@@ -94,11 +104,20 @@ def classify_bias(graph: Graph, bias: str) -> tuple[str | None, bool] | None:
         if t.rank != 2 or not (t.dtype.is_int or t.dtype.name == "bool"):
             return None
     sub = graph.replace(nodes=tuple(n for n in graph.nodes if id(n) in cone),
-                        inputs=tuple(inputs), outputs=(bias,))
+                        inputs=tuple(inputs | shape_only), outputs=(bias,))
     hypotheses = [(mask, True), (mask, False)] + ([(None, True)] if mask else [])
     rng = np.random.default_rng(0)
     for probe in PROBES:
         feeds = {mask: _probe_mask(rng, probe)} if mask else {}
+        for v in shape_only - inputs:  # read through Shape only: any data of the right shape
+            shape = graph.types[v].shape
+            if shape is None:
+                return None
+            try:
+                dims = [evaluate_dim(d, probe) for d in shape]
+            except KeyError:
+                return None
+            feeds[v] = np.zeros(dims, graph.types[v].dtype.numpy)
         try:
             got = run(sub, feeds, bindings=probe)[bias]
         except (KilnError, KeyError, ValueError):
@@ -107,22 +126,25 @@ def classify_bias(graph: Graph, bias: str) -> tuple[str | None, bool] | None:
     return hypotheses[0] if hypotheses else None
 
 
-def _cone(graph: Graph, producer, value: str) -> tuple[set[int], set[str]]:
+def _cone(graph: Graph, producer, value: str) -> tuple[set[int], set[str], set[str]]:
+    """(nodes computing `value`, graph inputs whose data they read, inputs read by Shape only)."""
     nodes: set[int] = set()
     inputs: set[str] = set()
+    shape_only: set[str] = set()
     stack = [value]
     graph_inputs = set(graph.inputs)
     while stack:
         v = stack.pop()
-        if v in graph_inputs:
-            inputs.add(v)
-            continue
         n = producer.get(v)
         if n is None or id(n) in nodes:
             continue
         nodes.add(id(n))
-        stack.extend(i for i in n.inputs if i)
-    return nodes, inputs
+        for i in n.inputs:
+            if i in graph_inputs:
+                (shape_only if n.op == "Shape" else inputs).add(i)
+            elif i:
+                stack.append(i)
+    return nodes, inputs, shape_only
 
 
 def _probe_mask(rng: np.random.Generator, probe: dict) -> np.ndarray:

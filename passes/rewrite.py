@@ -50,7 +50,7 @@ class GraphEditor:
         node = Node(op, tuple(inputs), tuple(outs), Attrs(attrs or {}), node_name)
         if types is None:
             in_types = [self.types.get(v) if v else None for v in node.inputs]
-            inferred = shapes.infer(node, in_types)
+            inferred = shapes.infer(node, in_types, [self._small_const(v) for v in node.inputs])
             if inferred is None:
                 raise KilnError(f"pass emitted {op} (node {node_name}) with no type rule")
             types = inferred
@@ -59,6 +59,12 @@ class GraphEditor:
                 self.types[o] = t
         self._inserts.setdefault(self._cursor, []).append(node)
         return outs
+
+    def _small_const(self, v: str):
+        p = self.params.get(v)
+        if p is None or not p.type.dtype.is_int or p.nbytes > 1024 or not p.source.available:
+            return None
+        return p.load()
 
     def add_param(self, param: Param) -> str:
         name = param.name if param.name not in self.types else self.fresh(param.name)

@@ -160,8 +160,11 @@ def _convert_nodes(g: onnx.GraphProto, params: dict[str, Param],
             params[p.name], types[p.name] = p, p.type
             continue
         op = op_name(n)
-        nodes.append(Node(op, tuple(n.input), tuple(n.output),
-                          attrs(n, op, f"node {name} ({op})"), name))
+        node_attrs = attrs(n, op, f"node {name} ({op})")
+        if op == "Split" and not (n.input[1:2] and n.input[1]) and "num_outputs" not in \
+                node_attrs:
+            node_attrs["num_outputs"] = len(n.output)  # opset 13: the arity sets the parts
+        nodes.append(Node(op, tuple(n.input), tuple(n.output), node_attrs, name))
     return nodes
 
 

@@ -188,7 +188,7 @@ def _binary(op: str) -> None:
         a, b = inputs
         with np.errstate(all="ignore"):
             y = fn(a, b)
-        if is_symbolic(y):
+        if is_symbolic(a) or is_symbolic(b):  # 0-d object results come back unwrapped
             return [normalize(y)]
         return [y.astype(a.dtype, copy=False)]
 
@@ -204,7 +204,9 @@ def mod(inputs, attrs):
     a, b = inputs
     with np.errstate(all="ignore"):
         y = np.fmod(a, b) if attrs.get("fmod", 0) else np.mod(a, b)
-    return [normalize(y) if is_symbolic(y) else y.astype(a.dtype, copy=False)]
+    if is_symbolic(a) or is_symbolic(b):
+        return [normalize(y)]
+    return [y.astype(a.dtype, copy=False)]
 
 
 _COMPARE: dict[str, Callable] = {

@@ -8,8 +8,8 @@ from kiln.compiler.ir import TensorType
 from kiln.compiler.shapes import broadcast, dims_equal, fail, rule
 
 
-def _same(node, types, *, at: int = 0):
-    return [types[at]]
+def _same(node, types, values):
+    return [types[0]]
 
 
 rule("rms_norm", "layer_norm", "gelu", "silu")(_same)

@@ -138,6 +138,19 @@ def test_initializer_listed_as_input_is_a_param(rng):
     assert g.inputs == ("x",) and "W" in g.params
 
 
+def test_local_functions_are_inlined(tmp_path, rng):
+    fn = helper.make_function("local", "Double", ["a"], ["b"],
+                              [helper.make_node("Add", ["a", "a"], ["b"])],
+                              [helper.make_opsetid("", 18)])
+    nodes = [helper.make_node("Double", ["x"], ["y"], name="dbl", domain="local")]
+    m = model(nodes, [tensor("x", F32, ["n"])], [tensor("y", F32, ["n"])])
+    m.opset_import.append(helper.make_opsetid("local", 1))
+    m.functions.append(fn)
+    g = load_onnx_model(m)
+    assert [n.op for n in g.nodes] == ["Add"]
+    _compare(tmp_path, m, {"x": rng.standard_normal(3).astype(np.float32)})
+
+
 # --- interpreter vs onnxruntime --------------------------------------------------------------
 
 
@@ -225,3 +238,17 @@ def test_exported_fixture_matches_onnxruntime(path, seq, past, rng):
     got = interpreter.run(g, feeds)
     for name in g.outputs:
         assert_close(got[name], want[name], rtol=1e-3, atol=1e-4, name=name)
+
+
+@pytest.mark.skipif(not (DATA / "llama-dynamo.onnx").exists(), reason="fixture not exported")
+def test_fixture_with_external_data_matches_onnxruntime(tmp_path, rng):
+    m = onnx.load(str(DATA / "llama-dynamo.onnx"))
+    path = tmp_path / "model.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=1024)
+    g = load_onnx(path)
+    assert any(isinstance(p.source, ExternalData) for p in g.params.values())
+    feeds = make_feeds(g, batch=2, seq=1, past=5, rng=rng, vocab=32)
+    want = run_onnxruntime(path, feeds, threads=1)
+    got = interpreter.run(g, feeds)
+    assert_close(got["logits"], want["logits"], rtol=1e-3, atol=1e-4, name="logits")

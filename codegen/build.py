@@ -1,0 +1,152 @@
+"""Build a Relax IRModule with `prefill` and `decode` entry points from a canonical kiln graph.
+
+Entry-point signature (both), in this order:
+    past: R.Shape([past])                      tokens already in the KV cache
+    <graph inputs>                             except past_k/past_v, in graph order; in decode
+                                               the `seq` symbol is 1
+    kv_cache: R.Tuple(k_0, v_0, k_1, v_1 ...)  each (batch, kv_heads, capacity, head_dim),
+                                               written in place at rows past..past+seq-1
+    params: R.Tuple(...)                       graph parameters, in `ModuleSignature.params` order
+and returns the graph outputs except the present_k/v ones (a tuple when there are several).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tvm import relax, tirx
+
+from kiln.codegen.lower import PHASE_CONFIGS, KernelConfigs, LowerContext, lower_node, to_prim
+from kiln.codegen.targets import CpuTarget, KilnTarget
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
+
+ENTRY_POINTS = ("prefill", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """One KV cache buffer: (batch, kv_heads, capacity, head_dim) of dtype."""
+
+    name: str  # the graph input (past_k/past_v) it replaces
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleSignature:
+    """How to call the compiled entry points (what the runtime needs besides the library)."""
+
+    inputs: tuple[str, ...]
+    caches: tuple[CacheSpec, ...]
+    params: tuple[str, ...]
+    outputs: tuple[str, ...]
+    entry_points: tuple[str, ...]
+
+
+def build_module(graph: Graph, target: KilnTarget, *,
+                 entry_points: Sequence[str] = ENTRY_POINTS,
+                 configs: dict[str, KernelConfigs] | None = None,
+                 ) -> tuple[object, ModuleSignature]:
+    """The Relax IRModule (kernels included) and its calling convention."""
+    if not isinstance(target, CpuTarget):
+        raise KilnError(f"target {target.name}: no kernels yet (only cpu)")
+    sig = signature(graph, entry_points)
+    bb = relax.BlockBuilder()
+    kernels: dict = {}
+    for entry in entry_points:
+        cfg = (configs or {}).get(entry, PHASE_CONFIGS[entry])
+        _emit_entry(bb, graph, target, sig, entry, cfg, kernels)
+    return bb.get(), sig
+
+
+def compile_module(mod: object, target: KilnTarget):  # noqa: ANN201 - tvm Executable
+    """tvm.compile with kiln's kernels already scheduled (the default pipeline adds VM lowering)."""
+    import tvm
+
+    with target.tvm_target():
+        return tvm.compile(mod, target=target.tvm_target())
+
+
+def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, **kw) -> ModuleSignature:
+    """Build, compile and export the shared library at `path`; returns its calling convention."""
+    mod, sig = build_module(graph, target, **kw)
+    compile_module(mod, target).export_library(os.fspath(path))
+    return sig
+
+
+def signature(graph: Graph, entry_points: Sequence[str] = ENTRY_POINTS) -> ModuleSignature:
+    caches = _cache_specs(graph)
+    cache_names = {c.name for c in caches}
+    presents = _present_outputs(graph)
+    unknown = [e for e in entry_points if e not in ENTRY_POINTS]
+    if unknown:
+        raise KilnError(f"unknown entry points {unknown} (expected {list(ENTRY_POINTS)})")
+    return ModuleSignature(
+        inputs=tuple(v for v in graph.inputs if v not in cache_names),
+        caches=caches,
+        params=tuple(graph.params),
+        outputs=tuple(v for v in graph.outputs if v not in presents),
+        entry_points=tuple(entry_points))
+
+
+def _cache_specs(graph: Graph) -> tuple[CacheSpec, ...]:
+    specs = []
+    for node in graph.nodes:
+        if node.op != "attention":
+            continue
+        for i in (3, 4):
+            name = node.inputs[i] if len(node.inputs) > i else ""
+            if not name or name not in graph.inputs:
+                raise KilnError(f"node {node.name} (attention): input {i} must be a graph "
+                                "input (past_k/past_v), it becomes the KV cache")
+            t = graph.types[name]
+            specs.append(CacheSpec(name, int(node.attrs["num_kv_heads"]),
+                                   int(node.attrs["head_dim"]), t.dtype.value))
+    return tuple(specs)
+
+
+def _present_outputs(graph: Graph) -> set[str]:
+    return {o for n in graph.nodes if n.op == "attention" for o in n.outputs[1:3] if o}
+
+
+def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
+                sig: ModuleSignature, entry: str, cfg: KernelConfigs, kernels: dict) -> None:
+    b, past, cap = (tirx.Var(n, "int64") for n in ("batch", "past", "capacity"))
+    seq = tirx.const(1, "int64") if entry == "decode" else tirx.Var("seq", "int64")
+    symbols = {BATCH: b, SEQ: seq, PAST: past}
+    past_arg = relax.Var("past", relax.ShapeType([past]))
+    inputs = [_input_var(graph, v, symbols) for v in sig.inputs]
+    cache_ty = [relax.TensorType([b, c.kv_heads, cap, c.head_dim], c.dtype) for c in sig.caches]
+    caches = relax.Var("kv_cache", relax.TupleType(cache_ty))
+    params = relax.Var("params", relax.TupleType(
+        [relax.TensorType([int(d) for d in graph.params[p].type.shape],
+                          graph.params[p].type.dtype.value) for p in sig.params]))
+    with bb.function(entry, [past_arg, *inputs, caches, params]):
+        with bb.dataflow():
+            ctx = LowerContext(bb, graph, target, cfg, past, kernels=kernels)
+            ctx.values.update(zip(sig.inputs, inputs, strict=True))
+            for i, p in enumerate(sig.params):
+                ctx.values[p] = bb.emit(relax.TupleGetItem(params, i))
+            for i, c in enumerate(sig.caches):
+                ctx.caches[c.name] = bb.emit(relax.TupleGetItem(caches, i))
+            for node in graph.nodes:
+                lower_node(ctx, node)
+            outs = [ctx.values[o] for o in sig.outputs]
+            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(result)
+
+
+def _input_var(graph: Graph, name: str, symbols: dict) -> relax.Var:
+    t = graph.types[name]
+    if t.shape is None:
+        raise KilnError(f"graph input {name} has unknown rank")
+    try:
+        shape = [to_prim(d, symbols) for d in t.shape]
+    except KeyError as e:
+        raise KilnError(f"graph input {name}: symbolic dim {e} is not one of "
+                        f"{BATCH}, {SEQ}, {PAST}") from e
+    return relax.Var(name, relax.TensorType(shape, t.dtype.value))

@@ -1,0 +1,154 @@
+"""KV-cache append (in place) and causal GQA attention with online softmax, as TIR kernels.
+
+KV cache, one buffer per layer and per K/V:  # (batch, kv_heads, capacity, head_dim)
+`kv_append` writes the new rows k/v[b, s, KV*D] at positions past..past+s-1 of both caches; the
+Relax side calls it with `call_tir_inplace`, so the caches are mutated, never copied.
+`attention` reads keys 0..past+s-1 from the caches. One parallel task per (batch, query head,
+query): keys stream in blocks of `block` rows; each block's scores live in a small local buffer
+(never a score matrix), the running max/sum are rescaled once per block (online softmax).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from kiln.codegen.kernels.fastmath import fast_exp
+
+F32_MIN = -3.4028234663852886e38  # np.finfo(float32).min: the interpreter's masked score
+
+
+def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc(k_cache, v_cache, k[b, s, KV*D], v[b, s, KV*D], past): caches updated in place."""
+    d = head_dim
+
+    @T.prim_func(private=True)
+    def kv_append(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, past: T.int64):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        k = T.match_buffer(k_h, (b, s, kv_heads * d), dtype)
+        v = T.match_buffer(v_h, (b, s, kv_heads * d), dtype)
+        T.Assert(past + s <= cap, "kv_append: past + seq exceeds the KV cache capacity")
+        for bs in T.parallel(b * s):
+            for g in range(kv_heads):
+                for c in T.vectorized(d):
+                    kc[bs // s, g, past + bs % s, c] = k[bs // s, bs % s, g * d + c]
+                    vc[bs // s, g, past + bs % s, c] = v[bs // s, bs % s, g * d + c]
+
+    return kv_append
+
+
+def attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
+                     causal: bool = True, masked: bool = False, block: int = 32,
+                     dtype: str = "float32", mask_dtype: str = "int64") -> tirx.PrimFunc:
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, (mask[b, past+s],) out[b, s, H*D], past)."""
+    body = _attention_body(heads, kv_heads, head_dim, scale, causal, masked, block, dtype)
+    hd = heads * head_dim
+
+    if masked:
+
+        @T.prim_func(private=True)
+        def attention_masked(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, mask_h: T.handle,
+                             o_h: T.handle, past: T.int64):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            b, s, cap = T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (b, s, hd), dtype)
+            kc = T.match_buffer(kc_h, (b, kv_heads, cap, head_dim), dtype)
+            vc = T.match_buffer(vc_h, (b, kv_heads, cap, head_dim), dtype)
+            mask = T.match_buffer(mask_h, (b, past + s), mask_dtype)
+            o = T.match_buffer(o_h, (b, s, hd), dtype)
+            body(q, kc, vc, mask, o, b, s, past)
+
+        return attention_masked
+
+    @T.prim_func(private=True)
+    def attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, o_h: T.handle,
+                  past: T.int64):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, s, hd), dtype)
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, head_dim), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, head_dim), dtype)
+        o = T.match_buffer(o_h, (b, s, hd), dtype)
+        body(q, kc, vc, None, o, b, s, past)
+
+    return attention
+
+
+def _lanes(head_dim: int) -> int:
+    """The widest power of two <= 16 dividing head_dim: dot products then need no tail loop."""
+    lanes = 16
+    while head_dim % lanes:
+        lanes //= 2
+    return lanes
+
+
+def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: bool,
+                    masked: bool, block: int, dtype: str):  # noqa: ANN202 - a T.macro
+    group, lanes = heads // kv_heads, _lanes(d)
+    f32 = "float32"
+
+    @T.macro
+    def halve(part, h):
+        for lane in T.vectorized(h):
+            part[lane] += part[lane + h]
+
+    @T.macro
+    def dot(qv, kb, bi, g, j, out, at):
+        part = T.decl_buffer((lanes,), f32, scope="local")
+        for lane in T.vectorized(lanes):
+            part[lane] = T.float32(0)
+        for c in range(d // lanes):
+            for lane in T.vectorized(lanes):
+                part[lane] += qv[c * lanes + lane] * T.Cast(f32, kb[bi, g, j, c * lanes + lane])
+        if lanes >= 16:
+            halve(part, 8)
+        if lanes >= 8:
+            halve(part, 4)
+        if lanes >= 4:
+            halve(part, 2)
+        if lanes >= 2:
+            halve(part, 1)
+        out[at] = part[0]
+
+    @T.macro
+    def body(q, kc, vc, mask, o, b, s, past):
+        for task in T.parallel(b * heads * s):
+            bi: T.let[T.int64] = task // (heads * s)
+            hq: T.let[T.int64] = task // s % heads
+            si: T.let[T.int64] = task % s
+            g: T.let[T.int64] = hq // group
+            kend: T.let[T.int64] = past + si + 1 if causal else past + s
+            qv = T.decl_buffer((d,), f32, scope="local")
+            acc = T.decl_buffer((d,), f32, scope="local")
+            sc = T.decl_buffer((block,), f32, scope="local")
+            st = T.decl_buffer((4,), f32, scope="local")  # running max, sum, block max, rescale
+            for c in T.vectorized(d):
+                qv[c] = T.Cast(f32, q[bi, si, hq * d + c]) * T.float32(scale)
+                acc[c] = T.float32(0)
+            st[0] = T.float32(F32_MIN)
+            st[1] = T.float32(0)
+            for blk in range((kend + block - 1) // block):
+                st[2] = T.float32(F32_MIN)
+                for jj in range(T.min(block, kend - blk * block)):
+                    dot(qv, kc, bi, g, blk * block + jj, sc, jj)
+                    if masked:
+                        if mask[bi, blk * block + jj] == 0:
+                            sc[jj] = T.float32(F32_MIN)
+                    st[2] = T.max(st[2], sc[jj])
+                st[3] = fast_exp(st[0] - T.max(st[0], st[2]))
+                st[0] = T.max(st[0], st[2])
+                st[1] = st[1] * st[3]
+                for c in T.vectorized(d):
+                    acc[c] = acc[c] * st[3]
+                for jj in range(T.min(block, kend - blk * block)):
+                    sc[jj] = fast_exp(sc[jj] - st[0])
+                    st[1] += sc[jj]
+                    for c in T.vectorized(d):
+                        acc[c] += sc[jj] * T.Cast(f32, vc[bi, g, blk * block + jj, c])
+            for c in T.vectorized(d):
+                o[bi, si, hq * d + c] = T.Cast(dtype, acc[c] / st[1])
+
+    return body

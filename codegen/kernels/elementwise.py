@@ -1,0 +1,174 @@
+"""Row-wise and element-wise TIR kernels: rms_norm, binary/unary maps, silu, embedding, rotary.
+
+Tensors arrive flattened to 2-D rows [m, E] or 1-D [n] (m, n symbolic int64). Row kernels run one
+row per parallel task; flat kernels split the data into `CHUNK`-element tasks vectorized by `lanes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tvm import tirx
+from tvm.ir.expr import Expr as PrimExpr
+from tvm.script import tirx as T
+
+from kiln.codegen.kernels.fastmath import fast_exp, sigmoid_times
+
+CHUNK = 8192  # elements per parallel task of a flat map: big enough to amortize the launch
+
+Unary = Callable[[PrimExpr], PrimExpr]
+Binary = Callable[[PrimExpr, PrimExpr], PrimExpr]
+
+BINARY: dict[str, Binary] = {
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: a / b,
+}
+UNARY: dict[str, Unary] = {
+    "silu": sigmoid_times,
+    "Sigmoid": lambda x: tirx.const(1.0, "float32") / (tirx.const(1.0, "float32") +
+                                                       fast_exp(-x)),
+    "Neg": lambda x: -x,
+}
+
+
+def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc(a[n], b[n], out[n]): out = fn(a, b) element-wise (same shapes)."""
+
+    @T.prim_func(private=True)
+    def binary(a_h: T.handle, b_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        a = T.match_buffer(a_h, (n,), dtype)
+        b = T.match_buffer(b_h, (n,), dtype)
+        o = T.match_buffer(o_h, (n,), dtype)
+        for c in T.parallel((n + CHUNK - 1) // CHUNK):
+            for v in range(T.min(CHUNK, n - c * CHUNK) // lanes):
+                for lane in T.vectorized(lanes):
+                    o[c * CHUNK + v * lanes + lane] = fn(a[c * CHUNK + v * lanes + lane],
+                                                         b[c * CHUNK + v * lanes + lane])
+            for t in range(c * CHUNK + T.min(CHUNK, n - c * CHUNK) // lanes * lanes,
+                           c * CHUNK + T.min(CHUNK, n - c * CHUNK)):
+                o[t] = fn(a[t], b[t])
+
+    return binary
+
+
+def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc(a[n], out[n]): out = fn(a) element-wise."""
+
+    @T.prim_func(private=True)
+    def unary(a_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        a = T.match_buffer(a_h, (n,), dtype)
+        o = T.match_buffer(o_h, (n,), dtype)
+        for c in T.parallel((n + CHUNK - 1) // CHUNK):
+            for v in range(T.min(CHUNK, n - c * CHUNK) // lanes):
+                for lane in T.vectorized(lanes):
+                    o[c * CHUNK + v * lanes + lane] = fn(a[c * CHUNK + v * lanes + lane])
+            for t in range(c * CHUNK + T.min(CHUNK, n - c * CHUNK) // lanes * lanes,
+                           c * CHUNK + T.min(CHUNK, n - c * CHUNK)):
+                o[t] = fn(a[t])
+
+    return unary
+
+
+def rms_norm_kernel(e: int, eps: float, *, lanes: int = 16,
+                    dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc(x[m, e], w[e], y[m, e]): y = x / sqrt(mean(x^2) + eps) * w, per row."""
+    ev, et = e // lanes, e % lanes
+
+    @T.prim_func(private=True)
+    def rms_norm(x_h: T.handle, w: T.Buffer((e,), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, e), dtype)
+        y = T.match_buffer(y_h, (m, e), dtype)
+        for r in T.parallel(m):
+            acc = T.decl_buffer((lanes,), "float32", scope="local")
+            total = T.decl_buffer((1,), "float32", scope="local")
+            for lane in T.vectorized(lanes):
+                acc[lane] = T.float32(0)
+            for v in range(ev):
+                for lane in T.vectorized(lanes):
+                    acc[lane] += x[r, v * lanes + lane] * x[r, v * lanes + lane]
+            total[0] = T.float32(0)
+            for lane in range(lanes):
+                total[0] += acc[lane]
+            for t in range(et):
+                total[0] += x[r, ev * lanes + t] * x[r, ev * lanes + t]
+            total[0] = T.float32(1) / T.sqrt(total[0] / T.float32(e) + T.float32(eps))
+            for v in range(ev):
+                for lane in T.vectorized(lanes):
+                    y[r, v * lanes + lane] = x[r, v * lanes + lane] * total[0] * w[
+                        v * lanes + lane]
+            for t in range(et):
+                y[r, ev * lanes + t] = x[r, ev * lanes + t] * total[0] * w[ev * lanes + t]
+
+    return rms_norm
+
+
+def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
+                     index_dtype: str = "int64") -> tirx.PrimFunc:
+    """PrimFunc(table[v, e], ids[m], y[m, e]): y[i] = table[ids[i]] (ids clamped into range)."""
+
+    @T.prim_func(private=True)
+    def embedding(table: T.Buffer((v, e), dtype), ids_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        ids = T.match_buffer(ids_h, (m,), index_dtype)
+        y = T.match_buffer(y_h, (m, e), dtype)
+        for r in T.parallel(m):
+            row: T.let[T.int64] = T.max(T.min(T.Cast("int64", ids[r]), v - 1), 0)
+            for c in range(e // lanes):
+                for lane in T.vectorized(lanes):
+                    y[r, c * lanes + lane] = table[row, c * lanes + lane]
+            for t in range(e // lanes * lanes, e):
+                y[r, t] = table[row, t]
+
+    return embedding
+
+
+def rotary_kernel(heads: int, head_dim: int, rot: int, *, interleaved: bool = False,
+                  dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc(x[b, s, H*D], cos[cb, s, R], sin[cb, s, R], y[b, s, H*D]); cb is b or 1.
+
+    The first R dims of each head rotate (split halves, or interleaved pairs); the rest copy.
+    """
+    hd, half = heads * head_dim, rot // 2
+
+    @T.prim_func(private=True)
+    def rotary(x_h: T.handle, cos_h: T.handle, sin_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cb = T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_h, (b, s, hd), dtype)
+        cos = T.match_buffer(cos_h, (cb, s, rot), dtype)
+        sin = T.match_buffer(sin_h, (cb, s, rot), dtype)
+        y = T.match_buffer(y_h, (b, s, hd), dtype)
+        for bs in T.parallel(b * s):
+            bi: T.let[T.int64] = bs // s
+            si: T.let[T.int64] = bs % s
+            ci: T.let[T.int64] = T.min(bi, cb - 1)
+            for h in range(heads):
+                if interleaved:
+                    for p in T.vectorized(half):
+                        y[bi, si, h * head_dim + 2 * p] = (
+                            x[bi, si, h * head_dim + 2 * p] * cos[ci, si, 2 * p]
+                            - x[bi, si, h * head_dim + 2 * p + 1] * sin[ci, si, 2 * p])
+                        y[bi, si, h * head_dim + 2 * p + 1] = (
+                            x[bi, si, h * head_dim + 2 * p + 1] * cos[ci, si, 2 * p + 1]
+                            + x[bi, si, h * head_dim + 2 * p] * sin[ci, si, 2 * p + 1])
+                else:
+                    for p in T.vectorized(half):
+                        y[bi, si, h * head_dim + p] = (
+                            x[bi, si, h * head_dim + p] * cos[ci, si, p]
+                            - x[bi, si, h * head_dim + p + half] * sin[ci, si, p])
+                        y[bi, si, h * head_dim + p + half] = (
+                            x[bi, si, h * head_dim + p + half] * cos[ci, si, p + half]
+                            + x[bi, si, h * head_dim + p] * sin[ci, si, p + half])
+                for t in range(rot, head_dim):
+                    y[bi, si, h * head_dim + t] = x[bi, si, h * head_dim + t]
+
+    return rotary

@@ -1,0 +1,256 @@
+"""The lowering table: canonical kiln IR op -> Relax calls into kiln's TIR kernels (CPU).
+
+A lowering takes the LowerContext and the node, reads its inputs' Relax expressions from
+`ctx.values` and returns one Relax expression per node output (None for outputs nobody may read).
+Kernels are created once per distinct shape/attribute key and shared by every node and entry point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import sympy
+from tvm import relax, tirx
+from tvm.relax import op as R
+
+from kiln.codegen.kernels import attention as attn_k
+from kiln.codegen.kernels import elementwise as ew
+from kiln.codegen.kernels import linear as lin
+from kiln.codegen.targets import KilnTarget
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Graph, Node
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfigs:
+    """Per-entry-point kernel choices (what `kiln tune` will fill in per shape)."""
+
+    linear: lin.LinearConfig
+    attention_block: int = 32
+
+
+PHASE_CONFIGS = {
+    "prefill": KernelConfigs(linear=lin.PREFILL),
+    "decode": KernelConfigs(linear=lin.DECODE),
+}
+
+
+@dataclass
+class LowerContext:
+    """State shared by the lowerings while one entry point is emitted."""
+
+    bb: relax.BlockBuilder
+    graph: Graph
+    target: KilnTarget
+    configs: KernelConfigs
+    past: tirx.Var  # tokens already in the KV cache
+    values: dict[str, relax.Expr] = field(default_factory=dict)
+    caches: dict[str, relax.Expr] = field(default_factory=dict)  # past_k/v input -> cache
+    kernels: dict[tuple, relax.GlobalVar] = field(default_factory=dict)
+
+    def kernel(self, key: tuple, make: Callable[[], tirx.PrimFunc]) -> relax.GlobalVar:
+        """The GlobalVar of the kernel for `key`, adding it to the module on first use."""
+        if key not in self.kernels:
+            name = "_".join(str(k).replace(".", "p").replace("-", "m") for k in key)
+            self.kernels[key] = self.bb.add_func(make(), name)
+        return self.kernels[key]
+
+    def input(self, node: Node, i: int) -> relax.Expr | None:
+        if i >= len(node.inputs) or not node.inputs[i]:
+            return None
+        return self.values[node.inputs[i]]
+
+    @property
+    def lanes(self) -> int:
+        return self.target.lanes(4) if hasattr(self.target, "lanes") else 16
+
+
+Lowering = Callable[[LowerContext, Node], Sequence[relax.Expr | None]]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+
+    return register
+
+
+def lower_node(ctx: LowerContext, node: Node) -> None:
+    """Emit `node` into ctx.bb and bind its outputs in ctx.values."""
+    fn = LOWERINGS.get(node.op)
+    if fn is None:
+        raise KilnError(f"no lowering for op {node.op} (node {node.name}) on target "
+                        f"{ctx.target.name}")
+    outs = fn(ctx, node)
+    for name, expr in zip(node.outputs, outs, strict=False):
+        if name and expr is not None:
+            ctx.values[name] = expr
+
+
+# ---------------------------------------------------------------------------------------------
+# shape helpers
+
+
+def shape_of(expr: relax.Expr) -> list[tirx.PrimExpr]:
+    return list(expr.ty.shape.values)
+
+
+def dtype_of(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _numel(dims: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
+    total = tirx.const(1, "int64")
+    for d in dims:
+        total = total * d
+    return total
+
+
+def _static(d: tirx.PrimExpr, what: str, node: Node) -> int:
+    if isinstance(d, tirx.IntImm):
+        return int(d.value)
+    raise KilnError(f"node {node.name} ({node.op}): {what} must be static, got {d}")
+
+
+def reshape(ctx: LowerContext, x: relax.Expr, dims: Sequence[tirx.PrimExpr]) -> relax.Expr:
+    return ctx.bb.emit(R.reshape(x, list(dims)))
+
+
+def call(ctx: LowerContext, gv: relax.GlobalVar, args: Sequence[relax.Expr],
+         shape: Sequence[tirx.PrimExpr], dtype: str) -> relax.Expr:
+    return ctx.bb.emit(R.call_tir(gv, list(args), relax.TensorType(list(shape), dtype)))
+
+
+def to_prim(d: sympy.Expr | int, symbols: dict[str, tirx.PrimExpr]) -> tirx.PrimExpr:
+    """A kiln dim (int or sympy expression over named symbols) as a TIR int64 expression."""
+    if isinstance(d, int) or (isinstance(d, sympy.Basic) and d.is_Integer):
+        return tirx.const(int(d), "int64")
+    if isinstance(d, sympy.Symbol):
+        return symbols[d.name]
+    if isinstance(d, sympy.Add | sympy.Mul):
+        parts = [to_prim(a, symbols) for a in d.args]
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p if isinstance(d, sympy.Add) else out * p
+        return out
+    raise KilnError(f"cannot lower symbolic dim {d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# canonical ops
+
+
+@lowering("linear")
+def _linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    xs, (n, k) = shape_of(x), shape_of(w)
+    n, k = _static(n, "out features", node), _static(k, "in features", node)
+    cfg, dtype = ctx.configs.linear, dtype_of(x)
+    gv = ctx.kernel(("linear", n, k, cfg.mr, cfg.nr, cfg.mb, b is not None, dtype),
+                    lambda: lin.linear_kernel(n, k, cfg, bias=b is not None, lanes=ctx.lanes,
+                                              dtype=dtype))
+    m = _numel(xs[:-1])
+    x2 = reshape(ctx, x, [m, k])
+    y = call(ctx, gv, [x2, w] + ([b] if b is not None else []), [m, n], dtype)
+    return [reshape(ctx, y, [*xs[:-1], n])]
+
+
+@lowering("rms_norm")
+def _rms_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    x, w = ctx.input(node, 0), ctx.input(node, 1)
+    xs, dtype = shape_of(x), dtype_of(x)
+    e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
+    gv = ctx.kernel(("rms_norm", e, eps, dtype),
+                    lambda: ew.rms_norm_kernel(e, eps, lanes=ctx.lanes, dtype=dtype))
+    m = _numel(xs[:-1])
+    y = call(ctx, gv, [reshape(ctx, x, [m, e]), w], [m, e], dtype)
+    return [reshape(ctx, y, xs)]
+
+
+@lowering("embedding")
+def _embedding(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    table, ids = ctx.input(node, 0), ctx.input(node, 1)
+    (v, e), ids_shape, dtype = shape_of(table), shape_of(ids), dtype_of(table)
+    v, e = _static(v, "vocabulary", node), _static(e, "embedding size", node)
+    idt = dtype_of(ids)
+    gv = ctx.kernel(("embedding", v, e, dtype, idt),
+                    lambda: ew.embedding_kernel(v, e, lanes=ctx.lanes, dtype=dtype,
+                                                index_dtype=idt))
+    m = _numel(ids_shape)
+    y = call(ctx, gv, [table, reshape(ctx, ids, [m])], [m, e], dtype)
+    return [reshape(ctx, y, [*ids_shape, e])]
+
+
+@lowering("rotary")
+def _rotary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    x, cos, sin = (ctx.input(node, i) for i in range(3))
+    h, d = int(node.attrs["num_heads"]), int(node.attrs["head_dim"])
+    r = _static(shape_of(cos)[-1], "rotary dim", node)
+    inter, dtype = bool(node.attrs.get("interleaved", False)), dtype_of(x)
+    gv = ctx.kernel(("rotary", h, d, r, inter, dtype),
+                    lambda: ew.rotary_kernel(h, d, r, interleaved=inter, dtype=dtype))
+    return [call(ctx, gv, [x, cos, sin], shape_of(x), dtype)]
+
+
+@lowering("silu")
+def _silu(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    return [_flat_map(ctx, ("unary", "silu"), [ctx.input(node, 0)],
+                      lambda dt: ew.unary_kernel(ew.UNARY["silu"], lanes=ctx.lanes, dtype=dt))]
+
+
+@lowering(*ew.BINARY)
+def _binary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    a, b = ctx.input(node, 0), ctx.input(node, 1)
+    ta, tb = (ctx.graph.types.get(v) for v in node.inputs[:2])
+    if ta is None or tb is None or ta.shape != tb.shape or ta.dtype != tb.dtype:
+        fallback = {"Add": R.add, "Sub": R.subtract, "Mul": R.multiply, "Div": R.divide}
+        return [ctx.bb.emit(fallback[node.op](a, b))]  # broadcasting: TVM's legalized op
+    fn = ew.BINARY[node.op]
+    return [_flat_map(ctx, ("binary", node.op), [a, b],
+                      lambda dt: ew.binary_kernel(fn, lanes=ctx.lanes, dtype=dt))]
+
+
+def _flat_map(ctx: LowerContext, key: tuple, args: list[relax.Expr],
+              make: Callable[[str], tirx.PrimFunc]) -> relax.Expr:
+    shape, dtype = shape_of(args[0]), dtype_of(args[0])
+    gv = ctx.kernel((*key, dtype), lambda: make(dtype))
+    n = _numel(shape)
+    flat = [reshape(ctx, a, [n]) for a in args]
+    return reshape(ctx, call(ctx, gv, flat, [n], dtype), shape)
+
+
+@lowering("attention")
+def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
+    q, k, v = (ctx.input(node, i) for i in range(3))
+    mask, bias = ctx.input(node, 5), ctx.input(node, 6)
+    if bias is not None:
+        raise KilnError(f"node {node.name} (attention): an additive bias has no CPU kernel yet")
+    past_k, past_v = (node.inputs[i] if len(node.inputs) > i else "" for i in (3, 4))
+    if past_k not in ctx.caches or past_v not in ctx.caches:
+        raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
+                        "(they become the in-place KV cache)")
+    a = node.attrs
+    h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    dtype, causal = dtype_of(q), bool(a.get("causal", False))
+    kc, vc = ctx.caches[past_k], ctx.caches[past_v]
+    append = ctx.kernel(("kv_append", kvh, d, dtype),
+                        lambda: attn_k.kv_append_kernel(kvh, d, dtype=dtype))
+    past = relax.prim_value(ctx.past)
+    upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, past], [0, 1], [kc.ty, vc.ty]))
+    kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))
+    blk = ctx.configs.attention_block
+    scale = float(a.get("scale", 1.0 / math.sqrt(d)))
+    mdt = dtype_of(mask) if mask is not None else "int64"
+    gv = ctx.kernel(("attention", h, kvh, d, scale, causal, mask is not None, blk, dtype, mdt),
+                    lambda: attn_k.attention_kernel(h, kvh, d, scale, causal=causal,
+                                                    masked=mask is not None, block=blk,
+                                                    dtype=dtype, mask_dtype=mdt))
+    args = [q, kc2, vc2] + ([mask] if mask is not None else []) + [past]
+    out = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType(shape_of(q), dtype)))
+    ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
+    return [out, kc2, vc2]
