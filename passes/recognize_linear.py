@@ -9,6 +9,7 @@ stored [N, K] (output rows contiguous: what GEMV kernels stream), derived lazily
 from __future__ import annotations
 
 from kiln.compiler.ir import Attrs, Derived, Graph, Param, TensorType
+from kiln.compiler.shapes import dims_equal
 from kiln.passes import register
 from kiln.passes.patterns import Op, Var
 from kiln.passes.rewrite import GraphEditor, rewrite
@@ -76,8 +77,42 @@ def _embedding(ed: GraphEditor, node, b) -> bool:
     return True
 
 
+# torch's 2-D addmm form: Reshape [..., K] -> [M, K], linear, Reshape [M, N] -> [..., N]
+FLATTENED = Op("Reshape", Op("linear", Op("Reshape", Var("t"), name="flat"), name="lin"),
+               name="unflat")
+
+
+def _unflatten(ed: GraphEditor, node, b) -> bool:
+    """linear over the original leading dims, instead of over their flattened product."""
+    t, lin = ed.types[b["t"]], b["lin"]
+    flat, out = ed.types[b["flat"].outputs[0]], ed.types[node.outputs[0]]
+    if t.shape is None or flat.shape is None or out.shape is None or len(flat.shape) != 2:
+        return False
+    lead = tuple(out.shape[:-1])
+    if dims_equal(flat.shape[0], _product(lead)) is not True:
+        return False
+    x = b["t"]
+    if tuple(t.shape[:-1]) != lead or t.shape[-1] != flat.shape[1]:
+        x = ed.emit("Reshape", [x], {"shape": (*lead, flat.shape[1])},
+                    name=f"{b['flat'].name}.unflat")[0]
+    ed.emit("linear", [x, *lin.inputs[1:]], name=lin.name, outputs=[node.outputs[0]])
+    return True
+
+
+def _product(dims):
+    p = 1
+    for d in dims:
+        p = p * d
+    return p
+
+
 @register("recognize_linear")
 def recognize_linear(graph: Graph) -> Graph:
+    graph = _recognize(graph)
+    return rewrite(graph, [(FLATTENED, _unflatten)], ops=("Reshape",))
+
+
+def _recognize(graph: Graph) -> Graph:
     return rewrite(graph, [
         (LINEAR_BIAS, lambda ed, n, b: _linear(ed, n, b, transposed=False)),
         (MATMUL, lambda ed, n, b: _linear(ed, n, b, transposed=False)),
