@@ -1,4 +1,4 @@
-"""kiln IR: typed tensors with symbolic dims, SSA nodes with named attributes, a lazy parameter table.
+"""kiln IR: typed tensors with symbolic dims, SSA nodes with named attributes, lazy parameters.
 
 A Graph is immutable. Values are named by strings (SSA); every value that a node reads is a graph
 input, a parameter or an output of an earlier node. Weights never live in nodes: they are Params,
@@ -415,7 +415,7 @@ class Graph:
     def param_bytes(self) -> int:
         return sum(p.nbytes for p in self.params.values())
 
-    def to_networkx(self):  # noqa: ANN201 - networkx is an optional view
+    def to_networkx(self):
         """A DiGraph over node indices (edges follow values), for reachability and ordering."""
         import networkx as nx
 

@@ -23,7 +23,7 @@ PIPELINES: dict[str, list[str]] = {
         "infer_shapes", "fold_constants", "eliminate_common_subexpressions",
         "eliminate_dead_code", "recognize_linear", "recognize_norms", "recognize_activations",
         "recognize_rotary", "eliminate_dead_code", "recognize_attention", "eliminate_dead_code",
-        "eliminate_common_subexpressions", "eliminate_dead_code",
+        "fuse_projections", "eliminate_common_subexpressions", "eliminate_dead_code",
     ],
 }
 
@@ -31,7 +31,7 @@ PIPELINES: dict[str, list[str]] = {
 _PASS_MODULES = [
     "infer_shapes", "fold_constants", "eliminate_common_subexpressions", "eliminate_dead_code",
     "recognize_linear", "recognize_norms", "recognize_activations", "recognize_rotary",
-    "recognize_attention",
+    "recognize_attention", "fuse_projections",
 ]
 
 

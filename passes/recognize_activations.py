@@ -1,4 +1,5 @@
-"""Recognize activations: x * sigmoid(x) -> silu; erf and tanh GELU formulas (and ONNX's Gelu,
+"""Recognize activations: x * sigmoid(x) -> silu, silu(g) * u -> silu_mul (SwiGLU's gating),
+erf and tanh GELU formulas (and ONNX's Gelu,
 FastGelu-style contrib ops) -> gelu.
 
 Requires: constants folded. Preserves: types. The constants of each formula are checked by value
@@ -17,6 +18,7 @@ from kiln.passes.rewrite import GraphEditor, rewrite
 
 X = Var("x")
 SILU = Op("Mul", X, Op("Sigmoid", X))
+SILU_MUL = Op("Mul", SILU, Var("up")) | Op("Mul", Op("silu", X), Var("up"))  # SwiGLU
 
 # erf GELU: 0.5 * x * (1 + erf(x / sqrt(2)))
 ERF_ARG = Op("Div", X, Const(value=math.sqrt(2.0), rtol=1e-4)) | \
@@ -49,7 +51,10 @@ def _act(op: str, **attrs):
         a = dict(attrs)
         if "gelu" in b:
             a["approximate"] = b["gelu"].attrs.get("approximate", "none")
-        ed.emit(op, [b["x"]], a, name=node.name, outputs=[node.outputs[0]])
+        inputs = [b["x"], b["up"]] if "up" in b else [b["x"]]
+        if "up" in b and ed.types[b["up"]].shape != ed.types[node.outputs[0]].shape:
+            return False  # silu_mul is elementwise: no broadcasting of either side
+        ed.emit(op, inputs, a, name=node.name, outputs=[node.outputs[0]])
         return True
 
     return build
@@ -58,6 +63,7 @@ def _act(op: str, **attrs):
 @register("recognize_activations")
 def recognize_activations(graph: Graph) -> Graph:
     return rewrite(graph, [
+        (SILU_MUL, _act("silu_mul")),
         (SILU, _act("silu")),
         (GELU_ERF, _act("gelu", approximate="none")),
         (GELU_TANH, _act("gelu", approximate="tanh")),

@@ -43,7 +43,10 @@ def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32") ->
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
                      causal: bool = True, masked: bool = False, block: int = 32,
                      dtype: str = "float32", mask_dtype: str = "int64") -> tirx.PrimFunc:
-    """PrimFunc(q[b, s, H*D], k_cache, v_cache, (mask[b, past+s],) out[b, s, H*D], past)."""
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, (mask[b, past+s],) past, out[b, s, H*D]).
+
+    Scalars precede the output: Relax call_tir appends the output after all arguments.
+    """
     body = _attention_body(heads, kv_heads, head_dim, scale, causal, masked, block, dtype)
     hd = heads * head_dim
 
@@ -51,7 +54,7 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
 
         @T.prim_func(private=True)
         def attention_masked(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, mask_h: T.handle,
-                             o_h: T.handle, past: T.int64):
+                             past: T.int64, o_h: T.handle):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
             b, s, cap = T.int64(), T.int64(), T.int64()
             q = T.match_buffer(q_h, (b, s, hd), dtype)
@@ -64,8 +67,8 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
         return attention_masked
 
     @T.prim_func(private=True)
-    def attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, o_h: T.handle,
-                  past: T.int64):
+    def attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, past: T.int64,
+                  o_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, s, hd), dtype)

@@ -8,7 +8,6 @@ interpreter is the specification the compiled kernels are checked against.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-
 from dataclasses import replace
 
 import numpy as np

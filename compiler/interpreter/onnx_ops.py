@@ -446,7 +446,8 @@ def reshape(inputs, attrs):
 @kernel("Flatten")
 def flatten(inputs, attrs):
     (x,) = inputs
-    axis = _pos(attrs.get("axis", 1), x.ndim + 1) if x.ndim else 0
+    axis = attrs.get("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
     return [x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))]
 
 
@@ -840,7 +841,7 @@ def _heads(x: np.ndarray, n: int | None) -> np.ndarray:
     return x.reshape(b, s, n, hidden // n).transpose(0, 2, 1, 3)
 
 
-def _attention_bias(mask: np.ndarray | None, causal: bool, q_len: int, total: int,
+def _attention_bias(mask: np.ndarray | None, causal: bool, q_len: int, total: int, past: int,
                     dtype: np.dtype) -> np.ndarray:
     """The additive bias [.., q_len, total]: bool masks select (True: attend), floats add."""
     bias = np.zeros((q_len, total), dtype)
@@ -851,8 +852,8 @@ def _attention_bias(mask: np.ndarray | None, causal: bool, q_len: int, total: in
             mask = np.pad(mask, widths, constant_values=fill)
         bias = bias + (np.where(mask, 0, -np.inf).astype(dtype) if mask.dtype == np.bool_
                        else mask.astype(dtype))
-    if causal:  # bottom-right aligned: query i sees keys j <= i + past
-        allowed = np.arange(total)[None, :] <= np.arange(q_len)[:, None] + (total - q_len)
+    if causal:  # aligned after the past: query i sees keys j <= i + past
+        allowed = np.arange(total)[None, :] <= np.arange(q_len)[:, None] + past
         bias = bias + np.where(allowed, 0, -np.inf).astype(dtype)
     return bias
 
@@ -875,8 +876,9 @@ def attention(inputs, attrs):
     softcap = attrs.get("softcap", 0.0)  # 2: with the mask bias, 3: softmax probabilities
     if softcap and softcap > 0:
         scores = np.tanh(scores / np.float32(softcap)) * np.float32(softcap)
+    past = 0 if past_k is None else past_k.shape[2]
     bias = _attention_bias(mask, bool(attrs.get("is_causal", 0)), qh.shape[2], kh.shape[2],
-                           scores.dtype)
+                           past, scores.dtype)
     p = _softmax32(scores + bias, -1)
     p = np.where(np.isneginf(np.max(bias, axis=-1, keepdims=True)), 0, p)
     stages += [scores, scores + bias, p]

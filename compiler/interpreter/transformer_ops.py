@@ -7,6 +7,7 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
     layer_norm  x[..., E], w[E], b?[E]     eps                          -> like x
     gelu        x                          approximate: "none" | "tanh" -> like x
     silu        x                                                       -> like x
+    silu_mul    gate, up (same shape)                                   -> silu(gate) * up
     rotary      x[b, s, H*D], cos[b|1, s, R], sin[b|1, s, R]
                 num_heads, head_dim, interleaved                         -> like x
                 (the first R dims of each head rotate; the rest pass through)
@@ -30,7 +31,7 @@ from kiln.compiler.interpreter import kernel
 
 @kernel("linear")
 def linear(inputs, attrs):
-    x, w, b = (list(inputs) + [None])[:3]
+    x, w, b = (*inputs, None)[:3]
     y = np.matmul(x, w.T.astype(x.dtype, copy=False))
     if b is not None:
         y = y + b
@@ -53,7 +54,7 @@ def rms_norm(inputs, attrs):
 
 @kernel("layer_norm")
 def layer_norm(inputs, attrs):
-    x, w, b = (list(inputs) + [None])[:3]
+    x, w, b = (*inputs, None)[:3]
     x32 = x.astype(np.float32)
     mean = x32.mean(axis=-1, keepdims=True)
     var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -84,6 +85,13 @@ def silu(inputs, attrs):
     return [(x32 / (1.0 + np.exp(-x32))).astype(x.dtype)]
 
 
+@kernel("silu_mul")
+def silu_mul(inputs, attrs):
+    gate, up = inputs
+    g32 = gate.astype(np.float32)
+    return [(g32 / (1.0 + np.exp(-g32)) * up.astype(np.float32)).astype(gate.dtype)]
+
+
 @kernel("rotary")
 def rotary(inputs, attrs):
     x, cos, sin = inputs
@@ -105,7 +113,7 @@ def rotary(inputs, attrs):
 
 @kernel("attention")
 def attention(inputs, attrs):
-    q, k, v, past_k, past_v, mask, bias = (list(inputs) + [None] * 7)[:7]
+    q, k, v, past_k, past_v, mask, bias = (*inputs, *[None] * 7)[:7]
     h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
     b, s = q.shape[0], q.shape[1]
     qh = q.reshape(b, s, h, d).transpose(0, 2, 1, 3)

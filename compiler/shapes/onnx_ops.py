@@ -254,7 +254,8 @@ def flatten(node, types, values):
     x = types[0]
     if x.shape is None:
         return [_t(x.dtype, unknown_shape(2))]
-    axis = _pos(node, node.attrs.get("axis", 1), len(x.shape) + 1)
+    axis = node.attrs.get("axis", 1)
+    axis = axis + len(x.shape) if axis < 0 else axis
     return [_t(x.dtype, (_prod(x.shape[:axis]), _prod(x.shape[axis:])))]
 
 

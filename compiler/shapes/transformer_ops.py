@@ -1,4 +1,4 @@
-"""Type rules for the canonical transformer ops (layouts in kiln.compiler.interpreter.transformer_ops)."""
+"""Type rules for the canonical transformer ops (layouts: compiler/interpreter/transformer_ops)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _same(node, types, values):
     return [types[0]]
 
 
-rule("rms_norm", "layer_norm", "gelu", "silu")(_same)
+rule("rms_norm", "layer_norm", "gelu", "silu", "silu_mul")(_same)
 
 
 @rule("linear")
@@ -37,7 +37,7 @@ def embedding(node, types, values):
 
 @rule("rotary")
 def rotary(node, types, values):
-    x, cos, sin = types
+    x, cos, _sin = types
     h, d = node.attrs["num_heads"], node.attrs["head_dim"]
     if x.shape is not None and dims_equal(x.shape[-1], h * d) is False:
         raise fail(node, f"last dim must be num_heads*head_dim = {h * d}", x)

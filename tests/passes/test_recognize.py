@@ -208,7 +208,7 @@ def test_attention_block_with_hf_mask(rng, rot):
     g0 = _attention_model(rng, rot=rot)
     g1 = canonicalize(g0)
     hist = g1.op_histogram()
-    assert hist == {"linear": 3, "rotary": 2, "attention": 1}, hist
+    assert hist == {"linear": 1, "Split": 1, "rotary": 2, "attention": 1}, hist  # fused q/k/v
     att = next(n for n in g1.nodes if n.op == "attention")
     assert att.attrs["causal"] is True and att.inputs[5] == "attention_mask"
     assert (att.attrs["num_heads"], att.attrs["num_kv_heads"], att.attrs["head_dim"]) == (H, KV, D)
