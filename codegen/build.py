@@ -64,35 +64,11 @@ def build_module(graph: Graph, target: KilnTarget, *,
 
 
 def compile_module(mod: object, target: KilnTarget):  # noqa: ANN201 - tvm Executable
-    """tvm.compile with kiln's kernels already scheduled: only VM lowering is left to do."""
+    """tvm.compile: kiln's kernels are already scheduled, the default pipeline lowers to the VM."""
     import tvm
 
     with target.tvm_target():
-        return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=_vm_pipeline())
-
-
-def _vm_pipeline():  # noqa: ANN202 - a tvm module pass
-    """TVM's default Relax build pipeline minus RewriteDataflowReshape, which only understands
-    block-form TIR (it asserts on kiln's loop-form kernels); kiln emits its reshapes as R.reshape,
-    which the VM lowers to zero-copy views."""
-    import tvm
-    from tvm.relax import backend, transform
-
-    return tvm.transform.Sequential([
-        backend.DispatchSampling(),
-        backend.DispatchSortScan(),
-        transform.LegalizeOps(),
-        transform.ToNonDataflow(),
-        transform.RemovePurityChecking(),
-        transform.CallTIRRewrite(),
-        transform.StaticPlanBlockMemory(),
-        transform.LowerAllocTensor(),
-        transform.KillAfterLastUse(),
-        transform.LowerRuntimeBuiltin(),
-        transform.ComputePrimValue(),
-        transform.VMShapeLower(),
-        transform.AttachGlobalSymbol(),
-    ])
+        return tvm.compile(mod, target=target.tvm_target())
 
 
 def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, **kw) -> ModuleSignature:

@@ -18,6 +18,7 @@ from tvm.relax import op as R
 from kiln.codegen.kernels import attention as attn_k
 from kiln.codegen.kernels import elementwise as ew
 from kiln.codegen.kernels import linear as lin
+from kiln.codegen.kernels import with_root_block
 from kiln.codegen.targets import KilnTarget
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Graph, Node
@@ -54,7 +55,7 @@ class LowerContext:
         """The GlobalVar of the kernel for `key`, adding it to the module on first use."""
         if key not in self.kernels:
             name = "_".join(str(k).replace(".", "p").replace("-", "m") for k in key)
-            self.kernels[key] = self.bb.add_func(make(), name)
+            self.kernels[key] = self.bb.add_func(with_root_block(make()), name)
         return self.kernels[key]
 
     def input(self, node: Node, i: int) -> relax.Expr | None:

@@ -174,4 +174,4 @@ def models_synth(name: str, out: Path, seed: int, weights: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # `python -m kiln.compiler.cli`

@@ -10,6 +10,8 @@ query): keys stream in blocks of `block` rows; each block's scores live in a sma
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -18,6 +20,7 @@ from kiln.codegen.kernels.fastmath import fast_exp
 F32_MIN = -3.4028234663852886e38  # np.finfo(float32).min: the interpreter's masked score
 
 
+@functools.cache
 def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(k_cache, v_cache, k[b, s, KV*D], v[b, s, KV*D], past): caches updated in place."""
     d = head_dim
@@ -40,6 +43,7 @@ def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32") ->
     return kv_append
 
 
+@functools.cache
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
                      causal: bool = True, masked: bool = False, block: int = 32,
                      dtype: str = "float32", mask_dtype: str = "int64") -> tirx.PrimFunc:

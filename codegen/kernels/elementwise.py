@@ -6,6 +6,8 @@ row per parallel task; flat kernels split the data into `CHUNK`-element tasks ve
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 
 from tvm import tirx
@@ -33,6 +35,7 @@ UNARY: dict[str, Unary] = {
 }
 
 
+@functools.cache
 def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(a[n], b[n], out[n]): out = fn(a, b) element-wise (same shapes)."""
 
@@ -55,6 +58,7 @@ def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32") -> tir
     return binary
 
 
+@functools.cache
 def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(a[n], out[n]): out = fn(a) element-wise."""
 
@@ -75,6 +79,7 @@ def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32") -> tirx.
     return unary
 
 
+@functools.cache
 def rms_norm_kernel(e: int, eps: float, *, lanes: int = 16,
                     dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(x[m, e], w[e], y[m, e]): y = x / sqrt(mean(x^2) + eps) * w, per row."""
@@ -110,6 +115,7 @@ def rms_norm_kernel(e: int, eps: float, *, lanes: int = 16,
     return rms_norm
 
 
+@functools.cache
 def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
                      index_dtype: str = "int64") -> tirx.PrimFunc:
     """PrimFunc(table[v, e], ids[m], y[m, e]): y[i] = table[ids[i]] (ids clamped into range)."""
@@ -131,6 +137,7 @@ def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
     return embedding
 
 
+@functools.cache
 def rotary_kernel(heads: int, head_dim: int, rot: int, *, interleaved: bool = False,
                   dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(x[b, s, H*D], cos[cb, s, R], sin[cb, s, R], y[b, s, H*D]); cb is b or 1.

@@ -10,6 +10,8 @@ The same kernel serves decode (mr=1: a bandwidth-bound GEMV) and prefill (a comp
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -37,6 +39,7 @@ DECODE = LinearConfig(mr=1, nr=8)
 PREFILL = LinearConfig(mr=4, nr=4)
 
 
+@functools.cache
 def linear_kernel(n: int, k: int, cfg: LinearConfig, *, bias: bool = False, lanes: int = 16,
                   dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(x[m, k], w[n, k], (b[n],) y[m, n]) with m symbolic (int64)."""

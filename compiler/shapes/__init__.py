@@ -50,6 +50,8 @@ def dims_equal(a: Dim, b: Dim) -> bool | None:
     """True/False when provably equal/unequal, None when it depends on symbol values."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if a == b:
+        return True
     diff = sympy.simplify(sympy.sympify(a) - sympy.sympify(b))
     if diff == 0:
         return True
