@@ -25,10 +25,13 @@ class LinearConfig:
     mr: int = 4  # rows of x per register tile
     nr: int = 4  # weight rows per register tile (and per unit of parallel work)
     mb: int = 0  # rows of x per cache block (0: no blocking)
+    prefetch: int = 0  # software-prefetch the weight tile this many tiles ahead (0: none)
 
     def __post_init__(self) -> None:
         if self.mr < 1 or self.nr < 1 or self.mb < 0 or (self.mb and self.mb % self.mr):
             raise ValueError(f"bad linear tiling {self}")
+        if self.prefetch < 0:
+            raise ValueError(f"bad linear prefetch distance {self}")
 
 
 #: tilings the tuner may choose from; the defaults below are the best measured on Zen 4
@@ -45,7 +48,7 @@ def linear_kernel(n: int, k: int, cfg: LinearConfig, *, bias: bool = False, lane
     """PrimFunc(x[m, k], w[n, k], (b[n],) y[m, n]) with m symbolic (int64)."""
     if lanes & (lanes - 1) or lanes < 2:
         raise ValueError(f"lanes must be a power of two >= 2, got {lanes}")
-    micro = _microkernel(k, lanes, dtype, bias)
+    micro = _microkernel(k, lanes, dtype, bias, cfg.prefetch * cfg.nr)
     mr, nr, mb = cfg.mr, cfg.nr, cfg.mb
     n_main = n // nr * nr
 
@@ -83,7 +86,8 @@ def linear_kernel(n: int, k: int, cfg: LinearConfig, *, bias: bool = False, lane
     return linear
 
 
-def _microkernel(k: int, lanes: int, dtype: str, bias: bool):  # noqa: ANN202 - a T.macro
+def _microkernel(k: int, lanes: int, dtype: str, bias: bool,
+                 ahead: int):  # noqa: ANN202 - a T.macro
     kv, kt = k // lanes, k % lanes
 
     @T.macro
@@ -98,6 +102,11 @@ def _microkernel(k: int, lanes: int, dtype: str, bias: bool):  # noqa: ANN202 - 
             for lane in T.vectorized(lanes):
                 acc[t * lanes + lane] = T.cast(0, dtype)
         for ko in range(kv):
+            if ahead > 0:  # one cache line per weight row, `ahead` rows further on
+                for j in T.unroll(nr):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.prefetch.p0", T.address_of(wb[n0 + j + ahead, ko * lanes]),
+                        T.uint32(0), T.uint32(3), T.uint32(1)))
             for i in T.unroll(mr):
                 for j in T.unroll(nr):
                     for lane in T.vectorized(lanes):

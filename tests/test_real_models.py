@@ -1,0 +1,68 @@
+"""Acceptance on the real SmolLM2-135M-Instruct: kiln's export and optimum's export of it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tokenizers import Tokenizer
+
+from kiln.compiler.cli import main
+from kiln.compiler.driver import canonicalize
+from kiln.compiler.frontend.feeds import make_feeds
+from kiln.compiler.interpreter import run
+
+pytestmark = pytest.mark.slow
+
+
+def _kiln(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _assert_check_passes(model):
+    r = _kiln("check", model, "--json")
+    report = json.loads(r.stdout)
+    assert r.exit_code == 0 and report["ok"], r.stdout
+    for case in report["cases"]:
+        assert case["top1_agreement"] == 1.0
+        assert len(case["outputs"]) == 61  # logits + 30 layers x (key, value)
+        assert max(o["rel"] for o in case["outputs"]) <= 1e-4
+
+
+def _assert_recognized(model):
+    r = _kiln("inspect", model, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    arch = report["architecture"]
+    assert (arch["layers"], arch["hidden"], arch["heads"], arch["kv_heads"], arch["head_dim"],
+            arch["vocab"]) == (30, 576, 9, 3, 64, 49152)
+    assert arch["attention_mask"] == "recognized" and arch["kv_cache"] and arch["causal"]
+    assert report["ops_after"]["attention"] == 30
+    assert report["ops_per_layer"] <= 15
+    return report
+
+
+def test_kiln_export_checks_and_is_recognized(smollm2_dir):
+    _assert_check_passes(smollm2_dir / "model.onnx")
+    _assert_recognized(smollm2_dir / "model.onnx")
+
+
+def test_optimum_export_checks_and_is_recognized(smollm2_optimum):
+    report = _assert_recognized(smollm2_optimum)
+    assert report["nodes_before"] + report["ops_before"].get("Constant", 0) >= 4700
+    _assert_check_passes(smollm2_optimum)
+
+
+def test_capital_of_france_through_the_interpreter(smollm2_dir):
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    ids = np.array([tok.encode("The capital of France is").ids], np.int64)
+    graph = canonicalize(smollm2_dir / "model.onnx").canonical
+    feeds = make_feeds(graph, batch=1, seq=ids.shape[1], past=0,
+                       rng=np.random.default_rng(0), vocab=49152)
+    feeds["input_ids"] = ids
+    logits = run(graph, feeds, outputs=["logits"])["logits"][0, -1]
+    top5 = [tok.decode([int(i)]) for i in np.argsort(-logits)[:5]]
+    assert top5[0] == " Paris", top5
+    assert set(top5) >= {" Paris", " the"}
