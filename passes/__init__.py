@@ -26,12 +26,14 @@ PIPELINES: dict[str, list[str]] = {
         "fuse_projections", "eliminate_common_subexpressions", "eliminate_dead_code",
     ],
 }
+#: what `kiln compile` runs: the canonical graph, specialized to a context of max_positions
+PIPELINES["compile"] = [*PIPELINES["canonicalize"], "tabulate_positions", "eliminate_dead_code"]
 
 #: modules that register passes (one pass per file)
 _PASS_MODULES = [
     "infer_shapes", "fold_constants", "eliminate_common_subexpressions", "eliminate_dead_code",
     "recognize_linear", "recognize_norms", "recognize_activations", "recognize_rotary",
-    "recognize_attention", "fuse_projections",
+    "recognize_attention", "fuse_projections", "tabulate_positions",
 ]
 
 
