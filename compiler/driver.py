@@ -26,9 +26,10 @@ def load_model(path: str | Path, *, weights_optional: bool = False) -> Graph:
 def canonicalize(path: str | Path, *, pipeline: str = "canonicalize",
                  dump_ir: Path | None = None, verify: bool = True,
                  weights_optional: bool = False,
-                 on_pass: Callable[[str, Graph, float], None] | None = None) -> Canonicalized:
-    """Import a model and run the canonicalization pipeline on it."""
+                 on_pass: Callable[[str, Graph, float], None] | None = None,
+                 options: dict[str, dict] | None = None) -> Canonicalized:
+    """Import a model and run a pipeline on it (`options[pass]`: that pass's keywords)."""
     original = load_model(path, weights_optional=weights_optional)
     ctx = PassContext(verify=verify, dump_dir=dump_ir, on_pass=on_pass)
-    canonical = run_pipeline(original, pipeline, ctx)
+    canonical = run_pipeline(original, pipeline, ctx, **(options or {}))
     return Canonicalized(original, canonical, tuple(ctx.timings))

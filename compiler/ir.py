@@ -256,15 +256,18 @@ class ParamSource:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Inline(ParamSource):
-    """Data held in memory (small constants, folded values, test fixtures)."""
+    """Data held in memory: the model's embedded initializers, folded values, or (computed=True)
+    constants kiln computed itself (precomputed tables, split sizes), which ship with the
+    kernels even when the weights do not."""
 
     array: np.ndarray
+    computed: bool = False
 
     def load(self) -> np.ndarray:
         return self.array
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "inline"}
+        return {"kind": "computed" if self.computed else "inline"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,10 +368,11 @@ class Param:
         return int(np.prod(self.type.shape or (), dtype=np.int64) * self.type.dtype.itemsize)
 
 
-def inline_param(name: str, array: np.ndarray) -> Param:
+def inline_param(name: str, array: np.ndarray, *, computed: bool = True) -> Param:
+    """A parameter holding `array`; by default a constant kiln computed (see Inline)."""
     array = np.asarray(array)
     return Param(name, TensorType(DType.of(array), tuple(int(d) for d in array.shape)),
-                 Inline(array))
+                 Inline(array, computed))
 
 
 # ---------------------------------------------------------------------------------------------

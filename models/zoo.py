@@ -28,9 +28,10 @@ IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 #: name -> transformers config (model_type first); architecture notes in comments
 ZOO: dict[str, dict[str, Any]] = {
     "mistral": dict(model_type="mistral", **DECODER, **IDS),
-    # partial rotary, parallel attention + MLP, biases, gelu_new
-    "phi": dict(model_type="phi", **DECODER, partial_rotary_factor=0.5, hidden_act="gelu_new",
-                **IDS),
+    # partial rotary, parallel attention + MLP, biases, gelu_new; no GQA: optimum's dummy past
+    # for phi has num_attention_heads heads ("Sizes of tensors must match" in the cache update)
+    "phi": dict(model_type="phi", **{**DECODER, "num_key_value_heads": 4},
+                partial_rotary_factor=0.5, hidden_act="gelu_new", **IDS),
     # fused qkv_proj and gate_up_proj
     "phi3": dict(model_type="phi3", **DECODER, **IDS),
     # partial rotary, parallel residual; no GQA

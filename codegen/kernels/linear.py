@@ -24,11 +24,12 @@ class LinearConfig:
 
     mr: int = 4  # rows of x per register tile
     nr: int = 4  # weight rows per register tile (and per unit of parallel work)
-    mb: int = 0  # rows of x per cache block (0: no blocking)
+    mb: int = 0  # rows of x per cache block (0: all rows)
+    nb: int = 0  # weight rows per parallel task, kept in L2 across an x block (0: nr)
     prefetch: int = 0  # software-prefetch the weight tile this many tiles ahead (0: none)
 
     def __post_init__(self) -> None:
-        if self.mr < 1 or self.nr < 1 or self.mb < 0 or (self.mb and self.mb % self.mr):
+        if self.mr < 1 or self.nr < 1 or self.mb < 0 or self.nb < 0:
             raise ValueError(f"bad linear tiling {self}")
         if self.prefetch < 0:
             raise ValueError(f"bad linear prefetch distance {self}")
@@ -52,22 +53,26 @@ def linear_kernel(n: int, k: int, cfg: LinearConfig, *, bias: bool = False, lane
     mr, nr, mb = cfg.mr, cfg.nr, cfg.mb
     n_main = n // nr * nr
 
+    tiles_n = n // nr  # full nr-row weight tiles
+    tb = max(1, cfg.nb // nr)  # weight tiles per parallel block (kept in L2 while x streams)
+
+    @T.macro
+    def row_block(xb, wb, bb, yb, r0, rows, pb):
+        for mt in range(rows // mr):  # an mr-row x tile stays in L1 across the weight block
+            for nt in range(T.min(tb, tiles_n - pb * tb)):
+                micro(xb, wb, bb, yb, r0 + mt * mr, (pb * tb + nt) * nr, mr, nr)
+        for mm in range(r0 + rows // mr * mr, r0 + rows):
+            for nt in range(T.min(tb, tiles_n - pb * tb)):
+                micro(xb, wb, bb, yb, mm, (pb * tb + nt) * nr, 1, nr)
+
     @T.macro
     def tiles(xb, wb, bb, yb, m):
-        if mb > 0:
-            for blk in range((m + mb - 1) // mb):
-                for nt in T.parallel(n // nr):
-                    for mt in range(T.min(mb, m - blk * mb) // mr):
-                        micro(xb, wb, bb, yb, blk * mb + mt * mr, nt * nr, mr, nr)
-                    for mm in range(blk * mb + T.min(mb, m - blk * mb) // mr * mr,
-                                    blk * mb + T.min(mb, m - blk * mb)):
-                        micro(xb, wb, bb, yb, mm, nt * nr, 1, nr)
-        else:
-            for nt in T.parallel(n // nr):
-                for mt in range(m // mr):
-                    micro(xb, wb, bb, yb, mt * mr, nt * nr, mr, nr)
-                for mm in range(m // mr * mr, m):
-                    micro(xb, wb, bb, yb, mm, nt * nr, 1, nr)
+        for pb in T.parallel((tiles_n + tb - 1) // tb):
+            if mb > 0:
+                for blk in range((m + mb - 1) // mb):
+                    row_block(xb, wb, bb, yb, blk * mb, T.min(mb, m - blk * mb), pb)
+            else:
+                row_block(xb, wb, bb, yb, 0, m, pb)
         for nn in range(n_main, n):  # weight rows left over by the nr tiling
             for mm in range(m):
                 micro(xb, wb, bb, yb, mm, nn, 1, 1)

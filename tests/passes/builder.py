@@ -23,7 +23,7 @@ class GraphBuilder:
 
     def const(self, value, dtype=np.float32, name: str | None = None) -> str:
         name = name or f"c{len(self.params)}"
-        p = inline_param(name, np.asarray(value, dtype))
+        p = inline_param(name, np.asarray(value, dtype), computed=False)
         self.params[name] = p
         self.types[name] = p.type
         return name

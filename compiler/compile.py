@@ -1,0 +1,169 @@
+"""`kiln compile` and `kiln convert`: canonical graph -> kernels + parameters -> artifact."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.compiler.analysis import describe
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Graph, Inline, Param
+from kiln.runtime import artifact as af
+
+Progress = Callable[[str], None]
+
+#: the constants kiln computes (tables, split sizes) ship beside the kernels, always
+CONSTANTS = "constants.safetensors"
+
+
+def _kiln_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kiln")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def compile_graph(model: Path, *, max_seq: int, progress: Progress,
+                  weights_optional: bool) -> Graph:
+    from kiln.compiler.driver import canonicalize
+
+    result = canonicalize(model, pipeline="compile", weights_optional=weights_optional,
+                          on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes"),
+                          options={"tabulate_positions": {"max_positions": max_seq}})
+    return result.canonical
+
+
+def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
+                  max_seq: int = 2048, weights: bool = True,
+                  progress: Progress = lambda msg: None) -> Path:
+    """Compile an ONNX decoder into an artifact directory (written atomically)."""
+    from kiln.codegen.build import build
+    from kiln.codegen.targets import resolve
+
+    model, start = Path(model), time.perf_counter()
+    tgt = resolve(target)
+    graph = compile_graph(model, max_seq=max_seq, progress=progress,
+                          weights_optional=not weights)
+    with af.ArtifactWriter(out) as w:
+        progress(f"generating and compiling kernels for {tgt.name}")
+        sig = build(graph, tgt, w.path(af.KERNELS))
+        w.add(af.KERNELS)
+        table = param_table(graph, sig.params)
+        progress("writing parameters")
+        _save(graph, [p for p in table if p["file"] == CONSTANTS], w.path(CONSTANTS))
+        w.add(CONSTANTS)
+        if weights:
+            _save(graph, [p for p in table if p["file"] == af.PARAMS], w.path(af.PARAMS))
+            w.add(af.PARAMS)
+        _copy_tokenizer(model, w)
+        manifest = _manifest(model, graph, tgt, sig, table, max_seq)
+        manifest["compile_seconds"] = round(time.perf_counter() - start, 2)
+        return w.commit(manifest)
+
+
+def convert(model: str | Path, artifact_dir: str | Path, *,
+            progress: Progress = lambda msg: None) -> Path:
+    """Produce the parameter file of an artifact compiled --no-weights, from the model."""
+    art = af.open_artifact(artifact_dir, verify=False)
+    graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
+                          weights_optional=False)
+    want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
+    have = {p["name"]: p for p in param_table(graph, list(graph.params)) if p["file"] ==
+            af.PARAMS}
+    for name, p in want.items():
+        q = have.get(name)
+        if q is None or (q["shape"], q["dtype"]) != (p["shape"], p["dtype"]):
+            got = "absent" if q is None else f"{q['dtype']}{q['shape']}"
+            raise KilnError(f"{model}: parameter {name} is {got}, the artifact expects "
+                            f"{p['dtype']}{p['shape']} (a different model?)")
+    tmp = art.path / (af.PARAMS + ".partial")
+    _save(graph, list(want.values()), tmp)
+    af.add_params_file(art, tmp)
+    return art.path / af.PARAMS
+
+
+def param_table(graph: Graph, names: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
+    roles = _roles(graph)
+    table = []
+    for name in names:
+        p: Param = graph.params[name]
+        computed = isinstance(p.source, Inline) and p.source.computed
+        table.append({"name": name, "shape": [int(d) for d in p.type.shape],
+                      "dtype": p.type.dtype.value, "role": roles.get(name, "constant"),
+                      "file": CONSTANTS if computed else af.PARAMS,
+                      "derivation": p.source.describe()})
+    return table
+
+
+def _roles(graph: Graph) -> dict[str, str]:
+    slots = {"linear": ("x", "weight", "bias"), "embedding": ("table", "ids"),
+             "rms_norm": ("x", "norm.weight"), "layer_norm": ("x", "norm.weight", "norm.bias")}
+    roles = {}
+    for n in graph.nodes:
+        for i, v in enumerate(n.inputs):
+            if v in graph.params and n.op in slots and i < len(slots[n.op]):
+                roles.setdefault(v, f"{n.op}.{slots[n.op][i]}" if n.op != "embedding" or
+                                 n.inputs[1] != "position_ids" else "table")
+    return roles
+
+
+def _save(graph: Graph, entries: list[dict], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = {e["name"]: np.ascontiguousarray(graph.params[e["name"]].load()) for e in entries}
+    save_file(arrays, str(path))
+
+
+def _copy_tokenizer(model: Path, w: af.ArtifactWriter) -> None:
+    for name in (af.TOKENIZER, "tokenizer_config.json"):
+        src = model.parent / name
+        if src.is_file():
+            w.copy(src, name)
+
+
+def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[str, Any]:
+    def io(name: str) -> dict[str, Any]:
+        t = graph.types[name]
+        return {"name": name, "dtype": t.dtype.value, "shape": [str(d) for d in t.shape]}
+
+    return {
+        "kiln_version": _kiln_version(),
+        "target": {"name": tgt.name, **tgt.tvm_dict(), **_target_requirements(tgt)},
+        "architecture": describe(graph),
+        "source": {"model": str(model), "sha256": af.sha256(model)},
+        "entry_points": list(sig.entry_points),
+        "signature": {
+            "inputs": [io(v) for v in sig.inputs],
+            "outputs": [io(v) for v in sig.outputs],
+            "caches": [{"name": c.name, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
+                        "dtype": c.dtype} for c in sig.caches],
+            "params": list(sig.params),
+        },
+        "kv_cache": {"capacity": max_seq, "layout": "(batch, kv_heads, capacity, head_dim)",
+                     "per_layer": ["key", "value"]},
+        "params": table,
+        "special_tokens": _special_tokens(model),
+    }
+
+
+def _target_requirements(tgt) -> dict[str, Any]:
+    if tgt.kind == "cpu":
+        flags = {512: ["avx512f"], 256: ["avx2"]}.get(tgt.vector_bits, [])
+        return {"cpu_flags": flags, "threads": tgt.threads}
+    return {}
+
+
+def _special_tokens(model: Path) -> dict[str, Any]:
+    cfg = model.parent / "tokenizer_config.json"
+    if not cfg.is_file():
+        return {}
+    data = json.loads(cfg.read_text())
+    return {k: data[k] for k in ("bos_token_id", "eos_token_id", "bos_token", "eos_token",
+                                  "chat_template") if k in data}
