@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 LINEAR_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (N, K)
 
@@ -52,7 +52,7 @@ def measure_bandwidth(threads: int, repeat: int) -> dict[str, float]:
 # linear kernels
 
 
-def _ort_matmul(w: np.ndarray, threads: int):  # noqa: ANN202 - an onnxruntime session
+def _ort_matmul(w: np.ndarray, threads: int):
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -71,8 +71,6 @@ def _ort_matmul(w: np.ndarray, threads: int):  # noqa: ANN202 - an onnxruntime s
 
 
 def bench_linear(threads: int, repeat: int, bandwidth: float) -> None:
-    import tvm
-
     from kiln.codegen.kernels import linear as lin
     from kiln.codegen.targets import host_cpu
 
@@ -89,24 +87,35 @@ def bench_linear(threads: int, repeat: int, bandwidth: float) -> None:
             if n > 20000 and m > 1:
                 continue  # the LM head runs on the last position only in a generation loop
             x = rng.standard_normal((m, k), dtype=np.float32)
-            f = lin.linear_kernel(n, k, cfg, lanes=target.lanes(4))
-            lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
-                              target=target.tvm_target())
-            xt, wt = tvm.runtime.tensor(x), tvm.runtime.tensor(w)
-            yt = tvm.runtime.tensor(np.empty((m, n), np.float32))
-            lib["main"](xt, wt, yt)
-            err = np.abs(yt.numpy() - x @ w.T).max() / np.abs(x @ w.T).max()
-            assert err < 1e-5, f"linear {n}x{k} m={m}: rel err {err}"
-            inner = 20 if m == 1 and n * k < 1e6 else 3
-            times = {
-                "kiln": median_time(lambda: lib["main"](xt, wt, yt), repeat, inner=inner),
-                "numpy": median_time(lambda: x @ w.T, repeat, inner=inner),
-                "ort": median_time(lambda: sess.run(None, {"x": x}), repeat, inner=inner)}
+            times = _time_linear(target, cfg, x, w, sess, repeat)
             cells = [_cell(t, m, n, k) for t in times.values()]
             bw = n * k * 4 / times["kiln"] / 1e9
-            tag = f"{cfg.mr}x{cfg.nr}" + (f"/{cfg.mb}" if cfg.mb else "")
+            tag = f"{cfg.mr}x{cfg.nr}" + (f"/{cfg.mb}x{cfg.nb}" if cfg.mb else "")
             print(f"{n:>6} x{k:>5} {m:>4} {tag:>10} | " + " | ".join(cells) +
                   f" | {100 * bw / bandwidth:>7.0f}%")
+
+
+def _time_linear(target, cfg, x: np.ndarray, w: np.ndarray, sess,
+                 repeat: int) -> dict[str, float]:
+    """Median seconds of kiln's kernel, numpy and onnxruntime on y = x @ w.T (checked first)."""
+    import tvm
+
+    from kiln.codegen.kernels import linear as lin
+
+    (m, k), n = x.shape, w.shape[0]
+    f = lin.linear_kernel(n, k, cfg, lanes=target.lanes(4))
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target=target.tvm_target())
+    xt, wt = tvm.runtime.tensor(x), tvm.runtime.tensor(w)
+    yt = tvm.runtime.tensor(np.empty((m, n), np.float32))
+    lib["main"](xt, wt, yt)
+    ref = x @ w.T
+    err = np.abs(yt.numpy() - ref).max() / np.abs(ref).max()
+    assert err < 1e-5, f"linear {n}x{k} m={m}: rel err {err}"
+    inner = 20 if m == 1 and n * k < 1e6 else 3
+    return {"kiln": median_time(lambda: lib["main"](xt, wt, yt), repeat, inner=inner),
+            "numpy": median_time(lambda: x @ w.T, repeat, inner=inner),
+            "ort": median_time(lambda: sess.run(None, {"x": x}), repeat, inner=inner)}
 
 
 def _cell(t: float, m: int, n: int, k: int) -> str:
@@ -123,8 +132,8 @@ def bench_model(threads: int, repeat: int, bandwidth: float, prompt: int, steps:
     import tvm
 
     from kiln.codegen.build import build_module, compile_module
-    from kiln.codegen.testing import SMOLLM2_135M, canonical_llama_graph
     from kiln.codegen.targets import host_cpu
+    from kiln.codegen.testing import SMOLLM2_135M, canonical_llama_graph
 
     cfg, target = SMOLLM2_135M, host_cpu(threads)
     graph = canonical_llama_graph(cfg, seed=0)

@@ -63,7 +63,7 @@ def build_module(graph: Graph, target: KilnTarget, *,
     return bb.get(), sig
 
 
-def compile_module(mod: object, target: KilnTarget):  # noqa: ANN201 - tvm Executable
+def compile_module(mod: object, target: KilnTarget):
     """tvm.compile: kiln's kernels are already scheduled, the default pipeline lowers to the VM."""
     import tvm
 

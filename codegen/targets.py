@@ -1,4 +1,4 @@
-"""Target facts, one frozen dataclass per target: what the kernels and the TVM Target need to know."""
+"""Target facts, one frozen dataclass per target: what kernels and the TVM Target need."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class CpuTarget:
             spec["mtriple"] = self.triple
         return spec
 
-    def tvm_target(self):  # noqa: ANN201 - tvm.target.Target, imported lazily
+    def tvm_target(self):
         from tvm.target import Target
 
         return Target(self.tvm_dict())
@@ -58,7 +58,7 @@ class CudaTarget:
     def tvm_dict(self) -> dict[str, Any]:
         return {"kind": "cuda", "arch": self.arch}
 
-    def tvm_target(self):  # noqa: ANN201
+    def tvm_target(self):
         from tvm.target import Target
 
         return Target(self.tvm_dict(), host={"kind": "llvm"})

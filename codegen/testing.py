@@ -11,8 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiln.compiler.ir import (BATCH, PAST, SEQ, DType, Graph, Node, Param, TensorType,
-                              inline_param, sym)
+from kiln.compiler.ir import (
+    BATCH,
+    PAST,
+    SEQ,
+    DType,
+    Graph,
+    Node,
+    Param,
+    TensorType,
+    inline_param,
+    sym,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +85,7 @@ def canonical_llama_graph(cfg: LlamaConfig = TINY, seed: int = 0) -> Graph:
     past_k_i/past_v_i [batch, kv_heads, past, head_dim]; outputs logits and present_k/v_i."""
     g = _Builder(cfg, seed)
     b, s, p = sym(BATCH), sym(SEQ), sym(PAST)
-    e, hd, kvd = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    e = cfg.hidden
     inputs = ["input_ids", "position_ids", "attention_mask"]
     g.types.update({"input_ids": TensorType(DType.i64, (b, s)),
                     "position_ids": TensorType(DType.i64, (b, s)),

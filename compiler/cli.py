@@ -142,6 +142,112 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float) -
     sys.exit(0 if ok else 1)
 
 
+@main.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option("--target", default="cpu", show_default=True,
+              help="cpu (this host), cpu:<mcpu>, cuda or cuda:<sm_XX>")
+@click.option("--max-seq", default=2048, show_default=True, help="context length (KV cache)")
+@click.option("--no-weights", is_flag=True, help="kernels only; `kiln convert` adds weights")
+def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool) -> None:
+    """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
+    from kiln.compiler.compile import compile_model
+
+    console = _console()
+    with console.status(f"compiling {model.name}") as status:
+        path = compile_model(model, out, target=target, max_seq=max_seq,
+                             weights=not no_weights, progress=status.update)
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--artifact", type=click.Path(path_type=Path), required=True)
+def convert(model: Path, artifact: Path) -> None:
+    """Write the parameters of MODEL into an ARTIFACT compiled with --no-weights."""
+    from kiln.compiler.compile import convert as convert_params
+
+    with _console().status("converting parameters") as status:
+        click.echo(str(convert_params(model, artifact, progress=status.update)))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", help="text, tokenized with the artifact's tokenizer.json")
+@click.option("--prompt-ids", help="comma-separated token ids")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--greedy", is_flag=True, help="argmax decoding (the default when no --temperature)")
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
+@click.option("--synthetic-weights", type=int, metavar="SEED",
+              help="seeded random weights of the right shapes (benchmarking)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
+def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
+        greedy: bool, temperature: float, top_k: int, top_p: float, seed: int,
+        threads: int | None, synthetic_weights: int | None, as_json: bool) -> None:
+    """Generate from a compiled ARTIFACT: streams text, prints speed to stderr."""
+    from kiln.runtime.cli import run_generation
+
+    run_generation(artifact, prompt=prompt, prompt_ids=prompt_ids,
+                   max_new_tokens=max_new_tokens,
+                   temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, threads=threads, synthetic_weights=synthetic_weights,
+                   as_json=as_json)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--vs-onnx", type=click.Path(path_type=Path), help="the ONNX file, run by onnxruntime")
+@click.option("--prompt-lens", default="128,512", show_default=True)
+@click.option("--decode-len", default=64, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--repeat", default=5, show_default=True)
+@click.option("--synthetic-weights", type=int, metavar="SEED")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write results here")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="write a PNG chart")
+def bench(artifact: Path, vs_onnx: Path | None, prompt_lens: str, decode_len: int, threads: int,
+          repeat: int, synthetic_weights: int | None, json_path: Path | None,
+          plot_path: Path | None) -> None:
+    """Benchmark ARTIFACT (prefill, decode) against onnxruntime on the same ONNX."""
+    from kiln.compiler import bench as b
+
+    lens = [int(x) for x in prompt_lens.split(",") if x]
+    with _console().status("benchmarking") as status:
+        report = b.bench(artifact, vs_onnx, prompt_lens=lens, decode_len=decode_len,
+                         threads=threads, repeat=repeat, progress=status.update,
+                         synthetic_weights=synthetic_weights)
+    _print_bench(report)
+    if json_path:
+        json_path.write_text(json.dumps(report.to_dict(), indent=2))
+    if plot_path:
+        b.plot(report, plot_path)
+
+
+def _print_bench(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("phase", "tokens", "kiln tok/s", "onnxruntime tok/s", "kiln / ort",
+              title=f"median of runs, {report.threads} threads")
+    for r in (r for r in report.rows if r.engine == "kiln"):
+        o = next((x for x in report.rows if x.engine == "onnxruntime" and
+                  (x.phase, x.tokens) == (r.phase, r.tokens)), None)
+        ratio = report.ratio(r.phase, r.tokens)
+        t.add_row(r.phase, str(r.tokens), f"{r.tok_s:.1f}", f"{o.tok_s:.1f}" if o else "-",
+                  f"{ratio:.2f}x" if ratio else "-")
+    con = Console()
+    con.print(t)
+    dec = next((r for r in report.rows if r.engine == "kiln" and r.phase == "decode"), None)
+    con.print(f"memory read bandwidth {report.bandwidth_gb_s:.1f} GB/s; weights "
+              f"{report.weight_bytes / 1e6:.0f} MB/token -> decode roofline "
+              f"{report.roofline_tok_s:.1f} tok/s" + (
+                  f"; kiln decode at {100 * dec.tok_s / report.roofline_tok_s:.0f}% of it"
+                  if dec else ""))
+
+
 @main.group()
 def models() -> None:
     """Model sources: the real SmolLM2 and seeded synthetic configs."""

@@ -7,7 +7,6 @@ row per parallel task; flat kernels split the data into `CHUNK`-element tasks ve
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 
 from tvm import tirx

@@ -1,0 +1,71 @@
+"""Text generation over a Session: prefill the prompt, then decode token by token, timed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.compiler.errors import KilnError
+from kiln.runtime.sampling import Sampler
+from kiln.runtime.session import Session
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    first_token_s: float = 0.0  # prefill + sampling of the first token
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    timing: Timing = field(default_factory=Timing)
+    stopped: str = "length"  # "length" | "stop token"
+
+
+def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
+             sampler: Sampler = Sampler(), stop: Sequence[int] = (),
+             result: Generation | None = None) -> Iterator[int]:
+    """Yield generated token ids for one prompt; fills `result` with tokens and timing."""
+    result = result if result is not None else Generation()
+    n = len(prompt)
+    if n == 0:
+        raise KilnError("the prompt is empty")
+    if n + max_new_tokens > session.capacity:
+        raise KilnError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the "
+                        f"context of {session.capacity} (compiled with --max-seq "
+                        f"{session.capacity})")
+    rng = sampler.generator()
+    t = result.timing
+    start = time.perf_counter()
+    logits = session.prefill(np.asarray(prompt, np.int64)[None])[:, -1]
+    t.prefill_s, t.prompt_tokens = time.perf_counter() - start, n
+    token = int(sampler(logits, rng)[0])
+    t.first_token_s = time.perf_counter() - start
+    for i in range(max_new_tokens):
+        result.tokens.append(token)
+        yield token
+        if token in stop:
+            result.stopped = "stop token"
+            return
+        if i == max_new_tokens - 1:
+            return
+        step = time.perf_counter()
+        logits = session.decode([token])[:, -1]
+        token = int(sampler(logits, rng)[0])
+        t.decode_s += time.perf_counter() - step
+        t.decode_tokens += 1

@@ -1,0 +1,164 @@
+"""A loaded artifact on a device: prefill and decode over a KV cache that lives with the session.
+
+    session = Session.load("out/smollm2")
+    logits = session.prefill([[1, 2, 3]])    # (batch, seq, vocab); the cache now holds 3 tokens
+    logits = session.decode([4])             # (batch, 1, vocab); one token per sequence
+
+The KV cache is one preallocated buffer per layer and per key/value, (batch, kv_heads,
+capacity, head_dim), which the compiled kernels write in place; `past` counts the tokens in it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from kiln.compiler.errors import KilnError
+from kiln.runtime import artifact as af
+from kiln.runtime.params import read_safetensors, synthetic_params
+from kiln.runtime.tvm_runtime import import_tvm, load_cuda_runtime
+
+CONSTANTS = "constants.safetensors"
+
+
+class Session:
+    def __init__(self, art: af.Artifact, vm, device, params: tuple, tvm):  # noqa: ANN001
+        self.artifact, self._vm, self._dev, self._params, self._tvm = art, vm, device, params, tvm
+        sig = art.signature
+        self.inputs = [i["name"] for i in sig["inputs"]]
+        self.caches_spec = sig["caches"]
+        self.capacity = art.max_seq
+        self.past = 0
+        self.batch = 0
+        self._caches: tuple = ()
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", *, synthetic_weights: int | None = None,
+             threads: int | None = None, verify: bool = True) -> Session:
+        art = af.open_artifact(path, verify=verify, check_target=can_run)
+        tvm = import_tvm(threads)
+        if art.manifest["target"]["kind"] == "cuda":
+            load_cuda_runtime(tvm)
+            device = "cuda"
+        dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        try:
+            lib = tvm.runtime.load_module(str(art.file(af.KERNELS)))
+            vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        except Exception as e:  # noqa: BLE001 - TVM raises many types; one line for the user
+            raise KilnError(f"{art.file(af.KERNELS)}: cannot load kernels: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        arrays = _param_arrays(art, synthetic_weights)
+        params = tuple(tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), dev)
+                       for n in art.signature["params"])
+        return cls(art, vm, dev, params, tvm)
+
+    @property
+    def vocab(self) -> int | None:
+        return self.artifact.manifest["architecture"].get("vocab")
+
+    # -- running --------------------------------------------------------------------------
+    def reset(self, batch: int | None = None) -> None:
+        """Forget the cache contents (and resize it to `batch` rows)."""
+        self.past = 0
+        if batch is not None and batch != self.batch:
+            self.batch = batch
+            self._caches = tuple(
+                self._tvm.runtime.tensor(np.zeros((batch, c["kv_heads"], self.capacity,
+                                                   c["head_dim"]), c["dtype"]), self._dev)
+                for c in self.caches_spec)
+
+    def prefill(self, tokens) -> np.ndarray:  # noqa: ANN001 - (batch, seq) ids
+        """Run a prompt from an empty cache; returns logits (batch, seq, vocab)."""
+        ids = np.atleast_2d(np.asarray(tokens, np.int64))
+        self.reset(ids.shape[0])
+        return self._step("prefill", ids)
+
+    def extend(self, tokens) -> np.ndarray:  # noqa: ANN001
+        """Append several tokens per sequence to a non-empty cache (chunked prefill)."""
+        return self._step("prefill", np.atleast_2d(np.asarray(tokens, np.int64)))
+
+    def decode(self, tokens) -> np.ndarray:  # noqa: ANN001 - (batch,) ids
+        """One token per sequence; returns logits (batch, 1, vocab)."""
+        ids = np.asarray(tokens, np.int64).reshape(-1, 1)
+        return self._step("decode", ids)
+
+    def _step(self, entry: str, ids: np.ndarray) -> np.ndarray:
+        b, s = ids.shape
+        if not self._caches or b != self.batch:
+            raise KilnError(f"{entry}: batch {b} does not match the cache's {self.batch} "
+                            "(call prefill first)")
+        if self.past + s > self.capacity:
+            raise KilnError(f"context exceeded: {self.past} cached + {s} new tokens > "
+                            f"{self.capacity} (compiled with --max-seq {self.capacity})")
+        vocab = self.vocab
+        if vocab and (ids.min() < 0 or ids.max() >= vocab):
+            raise KilnError(f"token id {int(ids.max())} out of range for a vocab of {vocab}")
+        tvm = self._tvm
+        args = [tvm.runtime.ShapeTuple([self.past])]
+        args += [tvm.runtime.tensor(self._feed(name, ids), self._dev) for name in self.inputs]
+        out = self._vm[entry](*args, self._caches, self._params)
+        self.past += s
+        out = out[0] if isinstance(out, tvm.ffi.Array | tuple | list) else out
+        return out.numpy()
+
+    def _feed(self, name: str, ids: np.ndarray) -> np.ndarray:
+        b, s = ids.shape
+        if name == "input_ids":
+            return ids
+        if name == "attention_mask":
+            return np.ones((b, self.past + s), np.int64)
+        if name == "position_ids":
+            return np.broadcast_to(np.arange(self.past, self.past + s), (b, s)).copy()
+        raise KilnError(f"the runtime cannot feed graph input {name}")
+
+
+def _param_arrays(art: af.Artifact, synthetic: int | None) -> dict[str, np.ndarray]:
+    table = art.manifest["params"]
+    arrays = read_safetensors(art.file(CONSTANTS)) if CONSTANTS in art.manifest["files"] else {}
+    weights = [p for p in table if p["file"] == af.PARAMS]
+    if synthetic is not None:
+        arrays.update(synthetic_params(weights, synthetic))
+    elif weights:
+        if not art.has_params:
+            raise KilnError(f"{art.path}: compiled without weights; run `kiln convert` or pass "
+                            "--synthetic-weights SEED")
+        arrays.update(read_safetensors(art.file(af.PARAMS)))
+    missing = [p["name"] for p in table if p["name"] not in arrays]
+    if missing:
+        raise KilnError(f"{art.path}: parameter file lacks {missing[0]} "
+                        f"({len(missing)} missing; mismatched artifact?)")
+    for p in table:
+        a = arrays[p["name"]]
+        if list(a.shape) != p["shape"] or str(a.dtype) != p["dtype"]:
+            raise KilnError(f"{art.path}: parameter {p['name']} is {a.dtype}{list(a.shape)}, "
+                            f"the manifest says {p['dtype']}{p['shape']}")
+    return arrays
+
+
+def can_run(target: dict) -> str | None:
+    """Why this machine cannot run kernels built for `target` (None when it can)."""
+    if target.get("kind") == "cuda":
+        if not any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl")):
+            return "no NVIDIA GPU here"
+        return None
+    if target.get("kind") not in ("llvm", "cpu"):
+        return f"unknown target kind {target.get('kind')!r}"
+    flags = _cpu_flags()
+    missing = [f for f in target.get("cpu_flags", []) if f not in flags]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^(flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    return set(m.group(2).split()) if m else set()
+
+

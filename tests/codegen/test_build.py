@@ -1,0 +1,159 @@
+"""The compiled prefill/decode module of a tiny canonical Llama vs the numpy interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kiln.codegen.testing import TINY, canonical_llama_graph
+from kiln.compiler.errors import KilnError
+from kiln.compiler.interpreter import run
+from kiln.compiler.ir import Node
+from tests.helpers import assert_close
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from kiln.codegen.build import build, build_module, compile_module  # noqa: E402
+from kiln.codegen.targets import CudaTarget, host_cpu  # noqa: E402
+
+CAPACITY = 80
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return canonical_llama_graph(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def compiled(graph, tmp_path_factory):
+    path = tmp_path_factory.mktemp("build") / "tiny.so"
+    sig = build(graph, host_cpu(), path)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    params = tuple(tvm.runtime.tensor(graph.params[p].load()) for p in sig.params)
+    return path, sig, vm, params
+
+
+def _caches(sig, b: int):
+    return tuple(tvm.runtime.tensor(np.zeros((b, c.kv_heads, CAPACITY, c.head_dim), np.float32))
+                 for c in sig.caches)
+
+
+def _feeds(ids: np.ndarray, past: int, mask: np.ndarray | None = None) -> list[np.ndarray]:
+    b, s = ids.shape
+    mask = np.ones((b, past + s), np.int64) if mask is None else mask
+    pos = np.maximum(np.cumsum(mask, axis=1)[:, past:] - 1, 0)  # left padding shifts positions
+    return [ids, pos, mask]
+
+
+def _call(vm, entry: str, sig, past: int, feeds, caches, params) -> np.ndarray:
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in feeds]
+    return vm[entry](tvm.runtime.ShapeTuple([past]), *args, caches, params).numpy()
+
+
+def _reference(graph, sig, feeds) -> np.ndarray:
+    b = feeds[0].shape[0]
+    env = dict(zip(("input_ids", "position_ids", "attention_mask"), feeds, strict=True))
+    for c in sig.caches:
+        env[c.name] = np.zeros((b, c.kv_heads, 0, c.head_dim), np.float32)
+    return run(graph, env, outputs=["logits"])["logits"]
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_prefill_matches_interpreter(graph, compiled, rng, n):
+    _, sig, vm, params = compiled
+    feeds = _feeds(rng.integers(0, TINY.vocab, (2, n)), 0)
+    got = _call(vm, "prefill", sig, 0, feeds, _caches(sig, 2), params)
+    assert_close(got, _reference(graph, sig, feeds), name=f"prefill({n}) logits")
+
+
+def test_prefill_then_decode_matches_longer_prefill(graph, compiled, rng):
+    _, sig, vm, params = compiled
+    n, k = 6, 4
+    ids = rng.integers(0, TINY.vocab, (2, n + k))
+    want = _reference(graph, sig, _feeds(ids, 0))
+    caches = _caches(sig, 2)
+    got = [_call(vm, "prefill", sig, 0, _feeds(ids[:, :n], 0), caches, params)]
+    for p in range(n, n + k):
+        got.append(_call(vm, "decode", sig, p, _feeds(ids[:, p:p + 1], p), caches, params))
+    assert_close(np.concatenate(got, axis=1), want, name="prefill(n)+decode logits")
+
+
+def test_left_padded_batch(graph, compiled, rng):
+    _, sig, vm, params = compiled
+    ids = rng.integers(0, TINY.vocab, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :3] = 0
+    feeds = _feeds(ids, 0, mask)
+    got = _call(vm, "prefill", sig, 0, feeds, _caches(sig, 2), params)
+    want = _reference(graph, sig, feeds)
+    # rows of padding tokens attend to nothing: only real tokens' logits are defined
+    assert_close(got[0], want[0], name="unpadded row")
+    assert_close(got[1, 3:], want[1, 3:], name="padded row, real tokens")
+
+
+def test_runtime_only_vm_loads_artifact(graph, compiled, rng):
+    """The exported library runs with libtvm_runtime alone (TVM_USE_RUNTIME_LIB=1)."""
+    path, sig, vm, params = compiled
+    ids = rng.integers(0, TINY.vocab, (1, 5))
+    want = _call(vm, "prefill", sig, 0, _feeds(ids, 0), _caches(sig, 1), params)
+    script = f"""
+import json, sys, numpy as np, tvm
+from tvm.runtime.vm import VirtualMachine
+assert not hasattr(tvm, "relax") or "relax" not in sys.modules
+vm = VirtualMachine(tvm.runtime.load_module({str(path)!r}), tvm.cpu())
+spec = json.loads(sys.stdin.read())
+caches = tuple(tvm.runtime.tensor(np.zeros(s, np.float32)) for s in spec["caches"])
+params = tuple(tvm.runtime.tensor(np.load(p)) for p in spec["params"])
+feeds = [tvm.runtime.tensor(np.array(a, np.int64)) for a in spec["feeds"]]
+out = vm["prefill"](tvm.runtime.ShapeTuple([0]), *feeds, caches, params).numpy()
+np.save(spec["out"], out)
+"""
+    tmp = path.parent
+    files = []
+    for i, p in enumerate(params):
+        files.append(str(tmp / f"p{i}.npy"))
+        np.save(files[-1], p.numpy())
+    spec = {"caches": [[1, c.kv_heads, CAPACITY, c.head_dim] for c in sig.caches],
+            "params": files, "feeds": [a.tolist() for a in _feeds(ids, 0)],
+            "out": str(tmp / "out.npy")}
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(spec), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_close(np.load(tmp / "out.npy"), want, name="runtime-only prefill")
+
+
+def test_kv_cache_written_in_place(compiled, rng):
+    _, sig, vm, params = compiled
+    caches = _caches(sig, 1)
+    _call(vm, "prefill", sig, 0, _feeds(rng.integers(0, TINY.vocab, (1, 3)), 0), caches, params)
+    k0 = caches[0].numpy()
+    assert np.abs(k0[:, :, :3]).min() > 0, "rows 0..2 of the passed cache were not written"
+    assert not k0[:, :, 3:].any(), "rows past the prompt must stay untouched"
+
+
+def test_missing_lowering_names_op_node_target(graph):
+    bad = graph.replace(nodes=(*graph.nodes[:-1], Node("Frobnicate", graph.nodes[-1].inputs,
+                                                        graph.nodes[-1].outputs,
+                                                        name="frob_1")))
+    with pytest.raises(KilnError, match=r"no lowering for op Frobnicate \(node frob_1\) on "
+                                        r"target cpu"):
+        build_module(bad, host_cpu(), entry_points=("decode",))
+
+
+def test_cuda_target_is_not_built_yet(graph):
+    with pytest.raises(KilnError, match="cuda"):
+        build_module(graph, CudaTarget())
+
+
+def test_compile_module_returns_loadable_executable(graph):
+    mod, sig = build_module(graph, host_cpu(), entry_points=("decode",))
+    assert sig.entry_points == ("decode",)
+    assert {"decode"} <= {gv.name_hint for gv in mod.functions}
+    assert compile_module(mod, host_cpu()) is not None

@@ -1,0 +1,133 @@
+"""Each TIR kernel (and each tiling configuration tried here) against the numpy interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.compiler.interpreter import transformer_ops as ref
+from kiln.compiler.ir import Attrs
+from tests.helpers import assert_close
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from kiln.codegen.kernels import attention as attn_k  # noqa: E402
+from kiln.codegen.kernels import elementwise as ew  # noqa: E402
+from kiln.codegen.kernels import linear as lin  # noqa: E402
+from kiln.codegen.targets import host_cpu  # noqa: E402
+
+
+def compile_funcs(**funcs):  # noqa: ANN201 - a tvm Executable
+    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+    return tvm.compile(mod, target=host_cpu().tvm_target())
+
+
+def t(a: np.ndarray):  # noqa: ANN201 - a tvm Tensor
+    return tvm.runtime.tensor(np.ascontiguousarray(a))
+
+
+LINEAR_CASES = [  # (n, k, m, config, bias): odd sizes exercise the K, M and N tails
+    (37, 53, 5, lin.LinearConfig(4, 4), False),
+    (64, 64, 8, lin.LinearConfig(2, 4), True),
+    (33, 17, 1, lin.DECODE, True),
+    (40, 100, 1, lin.LinearConfig(1, 16, prefetch=1), False),
+    (52, 48, 23, lin.PREFILL, False),
+    (30, 35, 13, lin.LinearConfig(6, 4, mb=8, nb=8), True),
+    (20, 40, 7, lin.LinearConfig(2, 3, mb=4, nb=6), False),
+]
+
+
+@pytest.mark.parametrize(("n", "k", "m", "cfg", "bias"), LINEAR_CASES)
+def test_linear(rng, n, k, m, cfg, bias):
+    lib = compile_funcs(f=lin.linear_kernel(n, k, cfg, bias=bias))
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y = t(np.zeros((m, n), np.float32))
+    lib["f"](t(x), t(w), *([t(b)] if bias else []), y)
+    want = ref.linear([x, w, b if bias else None], Attrs())[0]
+    assert_close(y.numpy(), want, name=f"linear {cfg}")
+
+
+def test_linear_search_space_is_valid():
+    assert lin.DECODE in lin.SEARCH_SPACE or lin.DECODE.mr == 1
+    assert all(c.mr * c.nr + c.mr + c.nr <= 32 for c in lin.SEARCH_SPACE)
+    with pytest.raises(ValueError, match="bad linear tiling"):
+        lin.LinearConfig(mr=0)
+
+
+def test_elementwise_kernels(rng):
+    lib = compile_funcs(add=ew.binary_kernel(ew.BINARY["Add"]),
+                        mul=ew.binary_kernel(ew.BINARY["Mul"]),
+                        silu=ew.unary_kernel(ew.UNARY["silu"]),
+                        rms=ew.rms_norm_kernel(37, 1e-5),
+                        emb=ew.embedding_kernel(50, 37))
+    a = rng.standard_normal(20011, dtype=np.float32) * 6
+    b = rng.standard_normal(20011, dtype=np.float32)
+    out = t(np.zeros_like(a))
+    lib["add"](t(a), t(b), out)
+    assert_close(out.numpy(), a + b, name="Add")
+    lib["mul"](t(a), t(b), out)
+    assert_close(out.numpy(), a * b, name="Mul")
+    lib["silu"](t(a), out)
+    assert_close(out.numpy(), ref.silu([a], Attrs())[0], atol=1e-6, name="silu")
+    x = rng.standard_normal((5, 37), dtype=np.float32)
+    w = rng.standard_normal(37, dtype=np.float32)
+    y = t(np.zeros_like(x))
+    lib["rms"](t(x), t(w), y)
+    assert_close(y.numpy(), ref.rms_norm([x, w], Attrs({"eps": 1e-5}))[0], name="rms_norm")
+    table = rng.standard_normal((50, 37), dtype=np.float32)
+    ids = rng.integers(0, 50, 6)
+    y = t(np.zeros((6, 37), np.float32))
+    lib["emb"](t(table), t(ids), y)
+    assert_close(y.numpy(), ref.embedding([table, ids], Attrs())[0], name="embedding")
+
+
+@pytest.mark.parametrize(("rot", "interleaved", "cos_batch"), [(8, False, 2), (6, False, 1),
+                                                               (8, True, 1)])
+def test_rotary(rng, rot, interleaved, cos_batch):
+    lib = compile_funcs(f=ew.rotary_kernel(3, 8, rot, interleaved=interleaved))
+    x = rng.standard_normal((2, 5, 24), dtype=np.float32)
+    cos, sin = (rng.standard_normal((cos_batch, 5, rot), dtype=np.float32) for _ in range(2))
+    y = t(np.zeros_like(x))
+    lib["f"](t(x), t(cos), t(sin), y)
+    attrs = Attrs({"num_heads": 3, "head_dim": 8, "interleaved": interleaved})
+    assert_close(y.numpy(), ref.rotary([x, cos, sin], attrs)[0], name="rotary")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("b", "past", "s", "block"), [(2, 0, 7, 4), (1, 5, 1, 32),
+                                                        (2, 13, 20, 8)])
+def test_kv_append_and_attention(rng, masked, b, past, s, block):
+    h, kvh, d, cap, scale = 6, 2, 24, 40, 0.3
+    lib = compile_funcs(append=attn_k.kv_append_kernel(kvh, d),
+                        attn=attn_k.attention_kernel(h, kvh, d, scale, masked=masked,
+                                                     block=block))
+    pk, pv = (rng.standard_normal((b, kvh, past, d), dtype=np.float32) for _ in range(2))
+    q = rng.standard_normal((b, s, h * d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, s, kvh * d), dtype=np.float32) for _ in range(2))
+    mask = (rng.random((b, past + s)) > 0.25).astype(np.int64)
+    mask[:, -1] = 1  # every query sees at least itself: padded rows are compared elsewhere
+    caches = []
+    for p in (pk, pv):
+        c = rng.standard_normal((b, kvh, cap, d), dtype=np.float32)  # stale rows: never read
+        c[:, :, :past] = p
+        caches.append(t(c))
+    lib["append"](*caches, t(k), t(v), past)
+    out = t(np.zeros_like(q))
+    lib["attn"](t(q), *caches, *([t(mask)] if masked else []), past, out)
+    attrs = Attrs({"num_heads": h, "num_kv_heads": kvh, "head_dim": d, "scale": scale,
+                   "causal": True})
+    want = ref.attention([q, k, v, pk, pv, mask if masked else None], attrs)
+    assert_close(out.numpy(), want[0], name="attention")
+    assert_close(caches[0].numpy()[:, :, :past + s], want[1], name="present_k")
+    assert_close(caches[1].numpy()[:, :, :past + s], want[2], name="present_v")
+
+
+def test_kv_append_refuses_overflow(rng):
+    lib = compile_funcs(append=attn_k.kv_append_kernel(1, 4))
+    caches = [t(np.zeros((1, 1, 3, 4), np.float32)) for _ in range(2)]
+    new = t(rng.standard_normal((1, 2, 4), dtype=np.float32))
+    with pytest.raises(Exception, match="capacity"):
+        lib["append"](*caches, new, new, 2)
