@@ -131,7 +131,7 @@ def bench(artifact: Path, onnx_model: Path | None, *, prompt_lens: list[int], de
     prompt = rng.integers(0, vocab, (1, 16))
     rates = {e: [] for e, _ in engines}
     for i in range(repeat + 1):
-        for e, eng in engines:
+        for e, _ in engines:
             progress(f"decode {decode_len}: {e} run {i}")
             r = (_kiln_decode(session, prompt, decode_len) if e == "kiln" else
                  ort.decode(prompt, decode_len))

@@ -200,7 +200,8 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--vs-onnx", type=click.Path(path_type=Path), help="the ONNX file, run by onnxruntime")
+@click.option("--vs-onnx", type=click.Path(path_type=Path),
+              help="the ONNX file, run by onnxruntime")
 @click.option("--prompt-lens", default="128,512", show_default=True)
 @click.option("--decode-len", default=64, show_default=True)
 @click.option("--threads", default=2, show_default=True)

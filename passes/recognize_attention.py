@@ -204,8 +204,8 @@ def _build(ed: GraphEditor, node, b: dict) -> bool:
             bias = b["bias"]
         else:
             mask, attrs["causal"] = kind[0] or "", kind[1]
-    presents = [k_all if k_cat else "", v_all if v_cat else ""]
-    presents = [p or ed.fresh(f"{node.name}:present_{kv}") for p, kv in zip(presents, "kv", strict=True)]
+    presents = [k_all if k_cat else ed.fresh(f"{node.name}:present_k"),
+                v_all if v_cat else ed.fresh(f"{node.name}:present_v")]
     ed.emit("attention", [q_flat, k_flat, v_flat, k_past or "", v_past or "", mask, bias], attrs,
             name=node.name, outputs=[node.outputs[0], *presents])
     ed.remove([n for n in (k_cat, v_cat) if n is not None])

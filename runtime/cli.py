@@ -14,7 +14,7 @@ from kiln.runtime.sampling import Sampler
 from kiln.runtime.session import Session
 
 
-def load_tokenizer(artifact: Path):  # noqa: ANN201 - tokenizers.Tokenizer or None
+def load_tokenizer(artifact: Path):
     path = Path(artifact) / af.TOKENIZER
     if not path.is_file():
         return None

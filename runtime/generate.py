@@ -38,7 +38,7 @@ class Generation:
 
 
 def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
-             sampler: Sampler = Sampler(), stop: Sequence[int] = (),
+             sampler: Sampler | None = None, stop: Sequence[int] = (),
              result: Generation | None = None) -> Iterator[int]:
     """Yield generated token ids for one prompt; fills `result` with tokens and timing."""
     result = result if result is not None else Generation()
@@ -49,6 +49,7 @@ def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
         raise KilnError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the "
                         f"context of {session.capacity} (compiled with --max-seq "
                         f"{session.capacity})")
+    sampler = sampler or Sampler()
     rng = sampler.generator()
     t = result.timing
     start = time.perf_counter()

@@ -24,7 +24,7 @@ CONSTANTS = "constants.safetensors"
 
 
 class Session:
-    def __init__(self, art: af.Artifact, vm, device, params: tuple, tvm):  # noqa: ANN001
+    def __init__(self, art: af.Artifact, vm, device, params: tuple, tvm):
         self.artifact, self._vm, self._dev, self._params, self._tvm = art, vm, device, params, tvm
         sig = art.signature
         self.inputs = [i["name"] for i in sig["inputs"]]
@@ -47,7 +47,7 @@ class Session:
         try:
             lib = tvm.runtime.load_module(str(art.file(af.KERNELS)))
             vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-        except Exception as e:  # noqa: BLE001 - TVM raises many types; one line for the user
+        except Exception as e:
             raise KilnError(f"{art.file(af.KERNELS)}: cannot load kernels: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         arrays = _param_arrays(art, synthetic_weights)
@@ -70,17 +70,17 @@ class Session:
                                                    c["head_dim"]), c["dtype"]), self._dev)
                 for c in self.caches_spec)
 
-    def prefill(self, tokens) -> np.ndarray:  # noqa: ANN001 - (batch, seq) ids
+    def prefill(self, tokens) -> np.ndarray:
         """Run a prompt from an empty cache; returns logits (batch, seq, vocab)."""
         ids = np.atleast_2d(np.asarray(tokens, np.int64))
         self.reset(ids.shape[0])
         return self._step("prefill", ids)
 
-    def extend(self, tokens) -> np.ndarray:  # noqa: ANN001
+    def extend(self, tokens) -> np.ndarray:
         """Append several tokens per sequence to a non-empty cache (chunked prefill)."""
         return self._step("prefill", np.atleast_2d(np.asarray(tokens, np.int64)))
 
-    def decode(self, tokens) -> np.ndarray:  # noqa: ANN001 - (batch,) ids
+    def decode(self, tokens) -> np.ndarray:
         """One token per sequence; returns logits (batch, 1, vocab)."""
         ids = np.asarray(tokens, np.int64).reshape(-1, 1)
         return self._step("decode", ids)

@@ -18,12 +18,12 @@ from kiln.codegen.kernels import linear as lin  # noqa: E402
 from kiln.codegen.targets import host_cpu  # noqa: E402
 
 
-def compile_funcs(**funcs):  # noqa: ANN201 - a tvm Executable
+def compile_funcs(**funcs):
     mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
     return tvm.compile(mod, target=host_cpu().tvm_target())
 
 
-def t(a: np.ndarray):  # noqa: ANN201 - a tvm Tensor
+def t(a: np.ndarray):
     return tvm.runtime.tensor(np.ascontiguousarray(a))
 
 
