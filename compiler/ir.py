@@ -59,7 +59,7 @@ class DType(enum.Enum):
     def of(x: np.dtype | np.ndarray | str) -> DType:
         dt = np.dtype(x.dtype if isinstance(x, np.ndarray) else x)
         for k, v in _NUMPY.items():
-            if v == dt and k not in (DType.i4, DType.u4):
+            if v == dt:  # int4/uint4 arrays hold one unpacked value per element
                 return k
         raise TypeError(f"no kiln dtype for numpy dtype {dt}")
 

@@ -61,17 +61,16 @@ class Const(Pattern):
     scalar: bool = False  # exactly one element
 
     def match(self, m, value, b):
-        if value not in m.graph.params:
+        p = m.graph.params.get(value)
+        if p is None:
             return
-        arr = m.const(value)
-        if arr is None:
+        if self.scalar and int(np.prod(p.type.shape or (), dtype=np.int64)) != 1:
             return
-        if self.scalar and arr.size != 1:
-            return
-        if self.value is not None and not (
-                arr.size > 0 and np.allclose(arr.astype(np.float64), self.value, rtol=self.rtol,
-                                             atol=1e-12)):
-            return
+        if self.value is not None:  # only a value check needs the data
+            arr = m.const(value)
+            if arr is None or arr.size == 0 or not np.allclose(
+                    arr.astype(np.float64), self.value, rtol=self.rtol, atol=1e-12):
+                return
         if self.name is None:
             yield b
         elif self.name not in b or b[self.name] == value:

@@ -363,7 +363,10 @@ def gemm(inputs, attrs):
 @kernel("Einsum")
 def einsum(inputs, attrs):
     eq = attrs["equation"].replace(" ", "")
-    return [np.einsum(eq, *inputs).astype(inputs[0].dtype, copy=False)]
+    dt = inputs[0].dtype
+    if dt.kind == "V" or dt == np.float16:  # bfloat16 (a numpy "void" kind) and fp16: in fp32
+        inputs = [_f32(x) for x in inputs]
+    return [np.einsum(eq, *inputs).astype(dt, copy=False)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,11 +714,26 @@ def _reduce(fn: Callable, *, square: bool = False, post: Callable | None = None)
             axes = tuple(range(x.ndim))
         axes = tuple(_pos(a, x.ndim) for a in axes)
         v = x * x if square else x
-        y = fn(v, axis=axes, keepdims=keep)
+        empty = {"initial": _identity(fn, x.dtype)} if v.size == 0 and fn in _EXTREMA else {}
+        y = fn(v, axis=axes, keepdims=keep, **empty)
         y = post(y) if post is not None else y
         return [normalize(y) if is_symbolic(x) else np.asarray(y).astype(x.dtype, copy=False)]
 
     return run
+
+
+_EXTREMA = (np.max, np.min)
+
+
+def _identity(fn: Callable, dt: np.dtype) -> object:
+    """The value ReduceMax (np.max) / ReduceMin (np.min) give over an empty set."""
+    low = fn is np.max
+    if dt == np.bool_:
+        return not low
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return info.min if low else info.max
+    return -np.inf if low else np.inf
 
 
 kernel("ReduceSum")(_reduce(np.sum))

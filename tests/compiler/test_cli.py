@@ -123,3 +123,16 @@ def test_missing_external_data_exits_2(tmp_path):
     p = _run_cli("check", tmp_path / "ext.onnx")
     assert p.returncode == 2 and "ext.data" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_graph_only_synthetic_model_is_recognized(tmp_path):
+    """A 1B-shaped graph written without its weights: recognized from shapes alone."""
+    r = kiln("models", "synth", "llama-3.2-1b", "-o", tmp_path / "m", "--no-weights")
+    assert r.exit_code == 0, r.output
+    assert not any(p.suffix == ".data" for p in (tmp_path / "m").iterdir())
+    report = json.loads(kiln("inspect", tmp_path / "m" / "model.onnx", "--json").stdout)
+    arch = report["architecture"]
+    assert (arch["layers"], arch["hidden"], arch["heads"], arch["kv_heads"], arch["vocab"]) == (
+        16, 2048, 32, 8, 128256)
+    assert report["ops_per_layer"] <= 15
+    assert report["parameters"] > 1.2e9
