@@ -26,15 +26,21 @@ from kiln.compiler.ir import Graph, Node
 
 @dataclass(frozen=True, slots=True)
 class KernelConfigs:
-    """Per-entry-point kernel choices (what `kiln tune` will fill in per shape)."""
+    """Per-entry-point kernel choices; `kiln tune` fills `linear_by_shape` per (N, K)."""
 
     linear: lin.LinearConfig
     attention_block: int = 32
+    parallel_small: bool = True  # element-wise/row kernels on the thread pool
+    linear_by_shape: tuple[tuple[tuple[int, int], lin.LinearConfig], ...] = ()
+
+    def linear_for(self, n: int, k: int) -> lin.LinearConfig:
+        return dict(self.linear_by_shape).get((n, k), self.linear)
 
 
 PHASE_CONFIGS = {
     "prefill": KernelConfigs(linear=lin.PREFILL),
-    "decode": KernelConfigs(linear=lin.DECODE),
+    # one token: launching the thread pool costs more than the element-wise work itself
+    "decode": KernelConfigs(linear=lin.DECODE, parallel_small=False),
 }
 
 
@@ -62,6 +68,10 @@ class LowerContext:
         if i >= len(node.inputs) or not node.inputs[i]:
             return None
         return self.values[node.inputs[i]]
+
+    @property
+    def par(self) -> bool:
+        return self.configs.parallel_small
 
     @property
     def lanes(self) -> int:
@@ -151,8 +161,9 @@ def _linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
     xs, (n, k) = shape_of(x), shape_of(w)
     n, k = _static(n, "out features", node), _static(k, "in features", node)
-    cfg, dtype = ctx.configs.linear, dtype_of(x)
-    gv = ctx.kernel(("linear", n, k, cfg.mr, cfg.nr, cfg.mb, b is not None, dtype),
+    cfg, dtype = ctx.configs.linear_for(n, k), dtype_of(x)
+    tiling = (cfg.mr, cfg.nr, cfg.mb, cfg.nb, cfg.prefetch)
+    gv = ctx.kernel(("linear", n, k, *tiling, b is not None, dtype),
                     lambda: lin.linear_kernel(n, k, cfg, bias=b is not None, lanes=ctx.lanes,
                                               dtype=dtype))
     m = _numel(xs[:-1])
@@ -166,8 +177,9 @@ def _rms_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     x, w = ctx.input(node, 0), ctx.input(node, 1)
     xs, dtype = shape_of(x), dtype_of(x)
     e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
-    gv = ctx.kernel(("rms_norm", e, eps, dtype),
-                    lambda: ew.rms_norm_kernel(e, eps, lanes=ctx.lanes, dtype=dtype))
+    gv = ctx.kernel(("rms_norm", e, eps, dtype, ctx.par),
+                    lambda: ew.rms_norm_kernel(e, eps, lanes=ctx.lanes, dtype=dtype,
+                                               parallel=ctx.par))
     m = _numel(xs[:-1])
     y = call(ctx, gv, [reshape(ctx, x, [m, e]), w], [m, e], dtype)
     return [reshape(ctx, y, xs)]
@@ -179,9 +191,9 @@ def _embedding(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     (v, e), ids_shape, dtype = shape_of(table), shape_of(ids), dtype_of(table)
     v, e = _static(v, "vocabulary", node), _static(e, "embedding size", node)
     idt = dtype_of(ids)
-    gv = ctx.kernel(("embedding", v, e, dtype, idt),
+    gv = ctx.kernel(("embedding", v, e, dtype, idt, ctx.par),
                     lambda: ew.embedding_kernel(v, e, lanes=ctx.lanes, dtype=dtype,
-                                                index_dtype=idt))
+                                                index_dtype=idt, parallel=ctx.par))
     m = _numel(ids_shape)
     y = call(ctx, gv, [table, reshape(ctx, ids, [m])], [m, e], dtype)
     return [reshape(ctx, y, [*ids_shape, e])]
@@ -193,33 +205,94 @@ def _rotary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     h, d = int(node.attrs["num_heads"]), int(node.attrs["head_dim"])
     r = _static(shape_of(cos)[-1], "rotary dim", node)
     inter, dtype = bool(node.attrs.get("interleaved", False)), dtype_of(x)
-    gv = ctx.kernel(("rotary", h, d, r, inter, dtype),
-                    lambda: ew.rotary_kernel(h, d, r, interleaved=inter, dtype=dtype))
+    gv = ctx.kernel(("rotary", h, d, r, inter, dtype, ctx.par),
+                    lambda: ew.rotary_kernel(h, d, r, interleaved=inter, dtype=dtype,
+                                             parallel=ctx.par))
     return [call(ctx, gv, [x, cos, sin], shape_of(x), dtype)]
 
 
 @lowering("silu")
 def _silu(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     return [_flat_map(ctx, ("unary", "silu"), [ctx.input(node, 0)],
-                      lambda dt: ew.unary_kernel(ew.UNARY["silu"], lanes=ctx.lanes, dtype=dt))]
+                      lambda dt: ew.unary_kernel(ew.UNARY["silu"], lanes=ctx.lanes, dtype=dt,
+                                                 parallel=ctx.par))]
+
+
+@lowering("gelu")
+def _gelu(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    name = "gelu_tanh" if node.attrs.get("approximate", "none") == "tanh" else "gelu"
+    return [_flat_map(ctx, ("unary", name), [ctx.input(node, 0)],
+                      lambda dt: ew.unary_kernel(ew.UNARY[name], lanes=ctx.lanes, dtype=dt,
+                                                 parallel=ctx.par))]
+
+
+@lowering("layer_norm")
+def _layer_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    xs, dtype = shape_of(x), dtype_of(x)
+    e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
+    gv = ctx.kernel(("layer_norm", e, eps, b is not None, dtype, ctx.par),
+                    lambda: ew.layer_norm_kernel(e, eps, bias=b is not None, dtype=dtype,
+                                                 parallel=ctx.par))
+    m = _numel(xs[:-1])
+    args = [reshape(ctx, x, [m, e]), w] + ([b] if b is not None else [])
+    return [reshape(ctx, call(ctx, gv, args, [m, e], dtype), xs)]
+
+
+@lowering("Split")
+def _split(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    """A split of the last axis (fused q/k/v or gate/up projections): one column copy each."""
+    x = ctx.input(node, 0)
+    xs, dtype = shape_of(x), dtype_of(x)
+    axis = int(node.attrs.get("axis", 0))
+    if axis not in (-1, len(xs) - 1):
+        raise KilnError(f"node {node.name} (Split): only the last axis has a CPU kernel, "
+                        f"got axis {axis}")
+    n = _static(xs[-1], "split axis", node)
+    sizes = _split_sizes(ctx, node, n)
+    m = _numel(xs[:-1])
+    x2, outs, start = reshape(ctx, x, [m, n]), [], 0
+    for width in sizes:
+        gv = ctx.kernel(("columns", n, start, width, dtype, ctx.par),
+                        lambda s=start, w=width: ew.columns_kernel(n, s, w, dtype=dtype,
+                                                                   parallel=ctx.par))
+        outs.append(reshape(ctx, call(ctx, gv, [x2], [m, width], dtype), [*xs[:-1], width]))
+        start += width
+    return outs
+
+
+def _split_sizes(ctx: LowerContext, node: Node, n: int) -> list[int]:
+    if len(node.inputs) > 1 and node.inputs[1]:
+        if node.inputs[1] not in ctx.graph.params:
+            raise KilnError(f"node {node.name} (Split): split sizes must be constant")
+        return [int(v) for v in ctx.graph.params[node.inputs[1]].load().reshape(-1)]
+    if node.attrs.get("split") is not None:
+        return [int(v) for v in node.attrs["split"]]
+    count = len(node.outputs)
+    chunk = -(-n // count)
+    return [chunk] * (count - 1) + [n - chunk * (count - 1)]
 
 
 @lowering(*ew.BINARY)
 def _binary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     a, b = ctx.input(node, 0), ctx.input(node, 1)
     ta, tb = (ctx.graph.types.get(v) for v in node.inputs[:2])
-    if ta is None or tb is None or ta.shape != tb.shape or ta.dtype != tb.dtype:
+    same = ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype
+    if not same and node.op == "silu_mul":
+        raise KilnError(f"node {node.name} (silu_mul): gate and up must have the same shape")
+    if not same:
         fallback = {"Add": R.add, "Sub": R.subtract, "Mul": R.multiply, "Div": R.divide}
         return [ctx.bb.emit(fallback[node.op](a, b))]  # broadcasting: TVM's legalized op
     fn = ew.BINARY[node.op]
     return [_flat_map(ctx, ("binary", node.op), [a, b],
-                      lambda dt: ew.binary_kernel(fn, lanes=ctx.lanes, dtype=dt))]
+                      lambda dt: ew.binary_kernel(fn, lanes=ctx.lanes, dtype=dt,
+                                                  parallel=ctx.par))]
 
 
 def _flat_map(ctx: LowerContext, key: tuple, args: list[relax.Expr],
               make: Callable[[str], tirx.PrimFunc]) -> relax.Expr:
     shape, dtype = shape_of(args[0]), dtype_of(args[0])
-    gv = ctx.kernel((*key, dtype), lambda: make(dtype))
+    gv = ctx.kernel((*key, dtype, ctx.par), lambda: make(dtype))
     n = _numel(shape)
     flat = [reshape(ctx, a, [n]) for a in args]
     return reshape(ctx, call(ctx, gv, flat, [n], dtype), shape)
@@ -239,8 +312,8 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     dtype, causal = dtype_of(q), bool(a.get("causal", False))
     kc, vc = ctx.caches[past_k], ctx.caches[past_v]
-    append = ctx.kernel(("kv_append", kvh, d, dtype),
-                        lambda: attn_k.kv_append_kernel(kvh, d, dtype=dtype))
+    append = ctx.kernel(("kv_append", kvh, d, dtype, ctx.par),
+                        lambda: attn_k.kv_append_kernel(kvh, d, dtype=dtype, parallel=ctx.par))
     past = relax.prim_value(ctx.past)
     upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, past], [0, 1], [kc.ty, vc.ty]))
     kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))

@@ -280,5 +280,25 @@ def models_synth(name: str, out: Path, seed: int, weights: bool) -> None:
     click.echo(str(write_synthetic(name, out, seed=seed, weights=weights)))
 
 
+@main.command("package")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="the bundle folder to write")
+@click.option("--python", default="3.12", show_default=True,
+              help="the target host's Python (major.minor): picks the tvm-ffi wheel")
+@click.option("--params/--no-params", default=True, show_default=True,
+              help="ship the weights (without them: run with --synthetic-weights)")
+def package_cmd(artifact: Path, out: Path, python: str, params: bool) -> None:
+    """Bundle ARTIFACT with TVM's runtime, tvm-ffi and kiln's runtime into OUT, for a host with
+    only Python and numpy: `python OUT/kiln_run.py run|bench|info`."""
+    from kiln.compiler.package import package
+
+    with _console().status("packaging") as status:
+        bundle = package(artifact, out, python=python, params=params, progress=status.update)
+    for part, size in bundle.sizes.items():
+        click.echo(f"{part:24s} {size / 1e6:8.2f} MB")
+    click.echo(f"{'total':24s} {bundle.total / 1e6:8.2f} MB  {bundle.path}")
+
+
 if __name__ == "__main__":
     main()  # `python -m kiln.compiler.cli`

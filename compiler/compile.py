@@ -51,6 +51,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     tgt = resolve(target)
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights)
+    _check_positions(graph, max_seq)
     with af.ArtifactWriter(out) as w:
         progress(f"generating and compiling kernels for {tgt.name}")
         sig = build(graph, tgt, w.path(af.KERNELS))
@@ -87,6 +88,17 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
     _save(graph, list(want.values()), tmp)
     af.add_params_file(art, tmp)
     return art.path / af.PARAMS
+
+
+def _check_positions(graph: Graph, max_seq: int) -> None:
+    """A learned position table bounds the context: refuse a longer --max-seq."""
+    for n in graph.nodes:
+        if n.op == "embedding" and n.inputs[1] == "position_ids" and \
+                not n.inputs[0].endswith(".table"):
+            rows = graph.types[n.inputs[0]].shape[0]
+            if isinstance(rows, int) and rows < max_seq:
+                raise KilnError(f"--max-seq {max_seq} exceeds the model's {rows} positions "
+                                f"(learned position table {n.inputs[0]})")
 
 
 def param_table(graph: Graph, names: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:

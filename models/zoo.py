@@ -74,9 +74,48 @@ ZOO: dict[str, dict[str, Any]] = {
     "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, **COMMON, type_vocab_size=2, pad_token_id=0),
 }
+#: more families optimum exports (beyond the list the acceptance names)
+ZOO |= {
+    # multi-query attention with a fused c_attn, GPT-2 style otherwise
+    "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                        n_positions=128, vocab_size=128, initializer_range=0.1,
+                        multi_query=True, bos_token_id=1, eos_token_id=2),
+    # alternating global / local (windowed) attention, unscaled scores
+    "gpt_neo": dict(model_type="gpt_neo", hidden_size=32, num_layers=2, num_heads=4,
+                    attention_types=[[["global", "local"], 1]], window_size=4,
+                    intermediate_size=64, **COMMON, bos_token_id=1, eos_token_id=2),
+    # fused qkv in an mp_num-blocked layout, interleaved partial rotary, parallel residual
+    "codegen": dict(model_type="codegen", n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                    n_inner=64, n_positions=128, n_ctx=128, vocab_size=128,
+                    initializer_range=0.1, bos_token_id=1, eos_token_id=2),
+    # ALiBi, no biases, LayerNorm without bias
+    "mpt": dict(model_type="mpt", d_model=32, n_heads=4, n_layers=2, expansion_ratio=2,
+                max_seq_len=128, vocab_size=128, initializer_range=0.1),
+    # parallel attention + MLP, LayerNorm without bias, logit scale, interleaved rotary
+    "cohere": dict(model_type="cohere", **DECODER, logit_scale=0.5, **IDS),
+    # sliding + full layers, q/k norms, four norms per layer
+    "gemma3_text": dict(model_type="gemma3_text", **DECODER, head_dim=16,
+                        query_pre_attn_scalar=16, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"], **IDS),
+    # q/k norms over all heads, post-norms
+    "olmo2": dict(model_type="olmo2", **DECODER, **IDS),
+    # relu^2 MLP without gate, LayerNorm with 1 + w, partial rotary
+    "nemotron": dict(model_type="nemotron", **DECODER, partial_rotary_factor=0.5,
+                     head_dim=8, **IDS),
+    # mixture of experts (4 experts, top-2) with q/k norms
+    "qwen3_moe": dict(model_type="qwen3_moe", **DECODER, head_dim=8, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, **IDS),
+    # some layers without rotary (NoPE)
+    "smollm3": dict(model_type="smollm3", **DECODER, no_rope_layer_interval=2, **IDS),
+    "helium": dict(model_type="helium", **DECODER, head_dim=8, **IDS),
+    # interleaved partial rotary, fused gate_up
+    "glm": dict(model_type="glm", **DECODER, head_dim=8, partial_rotary_factor=0.5, **IDS),
+    # up/down MLP with ReLU^2
+    "arcee": dict(model_type="arcee", **DECODER, **IDS),
+}
 ENCODERS = {"bert"}
 #: families also exported with torch.onnx (dynamo)
-DYNAMO = ("mistral", "phi3", "gemma", "qwen3")
+DYNAMO = ("mistral", "phi3", "gemma", "qwen3", "bloom")
 
 
 def tiny_model(name: str, seed: int = SEED) -> Any:

@@ -18,7 +18,10 @@ def load_tokenizer(artifact: Path):
     path = Path(artifact) / af.TOKENIZER
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # a numpy-only host: token ids in and out
+        return None
 
     return Tokenizer.from_file(str(path))
 

@@ -56,6 +56,14 @@ class Session:
         return cls(art, vm, dev, params, tvm)
 
     @property
+    def device(self):  # noqa: ANN201 - tvm Device
+        return self._dev
+
+    @property
+    def tvm(self):  # noqa: ANN201 - the tvm module (runtime-only)
+        return self._tvm
+
+    @property
     def vocab(self) -> int | None:
         return self.artifact.manifest["architecture"].get("vocab")
 
@@ -101,7 +109,8 @@ class Session:
         args += [tvm.runtime.tensor(self._feed(name, ids), self._dev) for name in self.inputs]
         out = self._vm[entry](*args, self._caches, self._params)
         self.past += s
-        out = out[0] if isinstance(out, tvm.ffi.Array | tuple | list) else out
+        if not hasattr(out, "numpy"):  # several outputs come back as an array of tensors
+            out = out[0]
         return out.numpy()
 
     def _feed(self, name: str, ids: np.ndarray) -> np.ndarray:

@@ -3,8 +3,9 @@
 KV cache, one buffer per layer and per K/V:  # (batch, kv_heads, capacity, head_dim)
 `kv_append` writes the new rows k/v[b, s, KV*D] at positions past..past+s-1 of both caches; the
 Relax side calls it with `call_tir_inplace`, so the caches are mutated, never copied.
-`attention` reads keys 0..past+s-1 from the caches. One parallel task per (batch, query head,
-query): keys stream in blocks of `block` rows; each block's scores live in a small local buffer
+`attention` reads keys 0..past+s-1 from the caches. One parallel task per (batch, KV head,
+query) serves the whole GQA group of query heads, so each K/V row is loaded once per group.
+Keys stream in blocks of `block` rows; each block's scores live in a small local buffer
 (never a score matrix), the running max/sum are rescaled once per block (online softmax).
 """
 
@@ -21,9 +22,10 @@ F32_MIN = -3.4028234663852886e38  # np.finfo(float32).min: the interpreter's mas
 
 
 @functools.cache
-def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32") -> tirx.PrimFunc:
+def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32",
+                     parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(k_cache, v_cache, k[b, s, KV*D], v[b, s, KV*D], past): caches updated in place."""
-    d = head_dim
+    d, rows = head_dim, T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def kv_append(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, past: T.int64):
@@ -34,7 +36,7 @@ def kv_append_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32") ->
         k = T.match_buffer(k_h, (b, s, kv_heads * d), dtype)
         v = T.match_buffer(v_h, (b, s, kv_heads * d), dtype)
         T.Assert(past + s <= cap, "kv_append: past + seq exceeds the KV cache capacity")
-        for bs in T.parallel(b * s):
+        for bs in rows(b * s):
             for g in range(kv_heads):
                 for c in T.vectorized(d):
                     kc[bs // s, g, past + bs % s, c] = k[bs // s, bs % s, g * d + c]
@@ -98,64 +100,79 @@ def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: boo
     f32 = "float32"
 
     @T.macro
-    def halve(part, h):
+    def halve(part, base, h):
         for lane in T.vectorized(h):
-            part[lane] += part[lane + h]
+            part[base + lane] += part[base + lane + h]
 
     @T.macro
-    def dot(qv, kb, bi, g, j, out, at):
-        part = T.decl_buffer((lanes,), f32, scope="local")
-        for lane in T.vectorized(lanes):
-            part[lane] = T.float32(0)
-        for c in range(d // lanes):
+    def scores(qv, kb, bi, g, j, sc, jj):
+        """sc[gi, jj] = q_gi . k_j for every head gi of the group: k_j is loaded once."""
+        part = T.decl_buffer((group * lanes,), f32, scope="local")
+        for t in T.unroll(group):
             for lane in T.vectorized(lanes):
-                part[lane] += qv[c * lanes + lane] * T.Cast(f32, kb[bi, g, j, c * lanes + lane])
-        if lanes >= 16:
-            halve(part, 8)
-        if lanes >= 8:
-            halve(part, 4)
-        if lanes >= 4:
-            halve(part, 2)
-        if lanes >= 2:
-            halve(part, 1)
-        out[at] = part[0]
+                part[t * lanes + lane] = T.float32(0)
+        for c in range(d // lanes):
+            for t in T.unroll(group):
+                for lane in T.vectorized(lanes):
+                    part[t * lanes + lane] += qv[t * d + c * lanes + lane] * T.Cast(
+                        f32, kb[bi, g, j, c * lanes + lane])
+        for t in T.unroll(group):
+            if lanes >= 16:
+                halve(part, t * lanes, 8)
+            if lanes >= 8:
+                halve(part, t * lanes, 4)
+            if lanes >= 4:
+                halve(part, t * lanes, 2)
+            if lanes >= 2:
+                halve(part, t * lanes, 1)
+            sc[t * block + jj] = part[t * lanes]
 
     @T.macro
     def body(q, kc, vc, mask, o, b, s, past):
-        for task in T.parallel(b * heads * s):
-            bi: T.let[T.int64] = task // (heads * s)
-            hq: T.let[T.int64] = task // s % heads
+        for task in T.parallel(b * kv_heads * s):
+            bi: T.let[T.int64] = task // (kv_heads * s)
+            g: T.let[T.int64] = task // s % kv_heads
             si: T.let[T.int64] = task % s
-            g: T.let[T.int64] = hq // group
             kend: T.let[T.int64] = past + si + 1 if causal else past + s
-            qv = T.decl_buffer((d,), f32, scope="local")
-            acc = T.decl_buffer((d,), f32, scope="local")
-            sc = T.decl_buffer((block,), f32, scope="local")
-            st = T.decl_buffer((4,), f32, scope="local")  # running max, sum, block max, rescale
-            for c in T.vectorized(d):
-                qv[c] = T.Cast(f32, q[bi, si, hq * d + c]) * T.float32(scale)
-                acc[c] = T.float32(0)
-            st[0] = T.float32(F32_MIN)
-            st[1] = T.float32(0)
-            for blk in range((kend + block - 1) // block):
-                st[2] = T.float32(F32_MIN)
-                for jj in range(T.min(block, kend - blk * block)):
-                    dot(qv, kc, bi, g, blk * block + jj, sc, jj)
-                    if masked:  # noqa: SIM102 - a parse-time `if` around a runtime one
-                        if mask[bi, blk * block + jj] == 0:
-                            sc[jj] = T.float32(F32_MIN)
-                    st[2] = T.max(st[2], sc[jj])
-                st[3] = fast_exp(st[0] - T.max(st[0], st[2]))
-                st[0] = T.max(st[0], st[2])
-                st[1] = st[1] * st[3]
+            qv = T.decl_buffer((group * d,), f32, scope="local")
+            acc = T.decl_buffer((group * d,), f32, scope="local")
+            sc = T.decl_buffer((group * block,), f32, scope="local")
+            # per head: running max, running sum, block max, rescale factor
+            st = T.decl_buffer((group * 4,), f32, scope="local")
+            for t in range(group):
                 for c in T.vectorized(d):
-                    acc[c] = acc[c] * st[3]
+                    qv[t * d + c] = T.Cast(f32, q[bi, si, (g * group + t) * d + c]) * T.float32(
+                        scale)
+                    acc[t * d + c] = T.float32(0)
+                st[t * 4] = T.float32(F32_MIN)
+                st[t * 4 + 1] = T.float32(0)
+            for blk in range((kend + block - 1) // block):
+                for t in range(group):
+                    st[t * 4 + 2] = T.float32(F32_MIN)
                 for jj in range(T.min(block, kend - blk * block)):
-                    sc[jj] = fast_exp(sc[jj] - st[0])
-                    st[1] += sc[jj]
+                    scores(qv, kc, bi, g, blk * block + jj, sc, jj)
+                    for t in range(group):
+                        if masked:  # noqa: SIM102 - a parse-time `if` around a runtime one
+                            if mask[bi, blk * block + jj] == 0:
+                                sc[t * block + jj] = T.float32(F32_MIN)
+                        st[t * 4 + 2] = T.max(st[t * 4 + 2], sc[t * block + jj])
+                for t in range(group):
+                    st[t * 4 + 3] = fast_exp(st[t * 4] - T.max(st[t * 4], st[t * 4 + 2]))
+                    st[t * 4] = T.max(st[t * 4], st[t * 4 + 2])
+                    st[t * 4 + 1] = st[t * 4 + 1] * st[t * 4 + 3]
                     for c in T.vectorized(d):
-                        acc[c] += sc[jj] * T.Cast(f32, vc[bi, g, blk * block + jj, c])
-            for c in T.vectorized(d):
-                o[bi, si, hq * d + c] = T.Cast(dtype, acc[c] / st[1])
+                        acc[t * d + c] = acc[t * d + c] * st[t * 4 + 3]
+                for jj in range(T.min(block, kend - blk * block)):
+                    for t in range(group):
+                        sc[t * block + jj] = fast_exp(sc[t * block + jj] - st[t * 4])
+                        st[t * 4 + 1] += sc[t * block + jj]
+                    for t in T.unroll(group):  # LLVM loads v_j once for the group
+                        for c in T.vectorized(d):
+                            acc[t * d + c] += sc[t * block + jj] * T.Cast(
+                                f32, vc[bi, g, blk * block + jj, c])
+            for t in range(group):
+                for c in T.vectorized(d):
+                    o[bi, si, (g * group + t) * d + c] = T.Cast(dtype, acc[t * d + c] /
+                                                                st[t * 4 + 1])
 
     return body

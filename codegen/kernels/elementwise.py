@@ -2,6 +2,8 @@
 
 Tensors arrive flattened to 2-D rows [m, E] or 1-D [n] (m, n symbolic int64). Row kernels run one
 row per parallel task; flat kernels split the data into `CHUNK`-element tasks vectorized by `lanes`.
+`parallel=False` makes the outer loop serial: decode's one-token kernels are too small to pay for
+waking the thread pool (about 5 us a launch here).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from tvm import tirx
 from tvm.ir.expr import Expr as PrimExpr
 from tvm.script import tirx as T
 
-from kiln.codegen.kernels.fastmath import fast_exp, sigmoid_times
+from kiln.codegen.kernels.fastmath import fast_exp, gelu_erf, gelu_tanh, sigmoid_times
 
 CHUNK = 8192  # elements per parallel task of a flat map: big enough to amortize the launch
 
@@ -21,6 +23,7 @@ Unary = Callable[[PrimExpr], PrimExpr]
 Binary = Callable[[PrimExpr, PrimExpr], PrimExpr]
 
 BINARY: dict[str, Binary] = {
+    "silu_mul": lambda gate, up: sigmoid_times(gate) * up,  # SwiGLU: silu(gate) * up
     "Add": lambda a, b: a + b,
     "Sub": lambda a, b: a - b,
     "Mul": lambda a, b: a * b,
@@ -31,12 +34,16 @@ UNARY: dict[str, Unary] = {
     "Sigmoid": lambda x: tirx.const(1.0, "float32") / (tirx.const(1.0, "float32") +
                                                        fast_exp(-x)),
     "Neg": lambda x: -x,
+    "gelu": gelu_erf,
+    "gelu_tanh": gelu_tanh,
 }
 
 
 @functools.cache
-def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
+def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32",
+                  parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(a[n], b[n], out[n]): out = fn(a, b) element-wise (same shapes)."""
+    loop = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def binary(a_h: T.handle, b_h: T.handle, o_h: T.handle):
@@ -45,7 +52,7 @@ def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32") -> tir
         a = T.match_buffer(a_h, (n,), dtype)
         b = T.match_buffer(b_h, (n,), dtype)
         o = T.match_buffer(o_h, (n,), dtype)
-        for c in T.parallel((n + CHUNK - 1) // CHUNK):
+        for c in loop((n + CHUNK - 1) // CHUNK):
             for v in range(T.min(CHUNK, n - c * CHUNK) // lanes):
                 for lane in T.vectorized(lanes):
                     o[c * CHUNK + v * lanes + lane] = fn(a[c * CHUNK + v * lanes + lane],
@@ -58,8 +65,10 @@ def binary_kernel(fn: Binary, *, lanes: int = 16, dtype: str = "float32") -> tir
 
 
 @functools.cache
-def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
+def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32",
+                 parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(a[n], out[n]): out = fn(a) element-wise."""
+    loop = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def unary(a_h: T.handle, o_h: T.handle):
@@ -67,7 +76,7 @@ def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32") -> tirx.
         n = T.int64()
         a = T.match_buffer(a_h, (n,), dtype)
         o = T.match_buffer(o_h, (n,), dtype)
-        for c in T.parallel((n + CHUNK - 1) // CHUNK):
+        for c in loop((n + CHUNK - 1) // CHUNK):
             for v in range(T.min(CHUNK, n - c * CHUNK) // lanes):
                 for lane in T.vectorized(lanes):
                     o[c * CHUNK + v * lanes + lane] = fn(a[c * CHUNK + v * lanes + lane])
@@ -80,8 +89,9 @@ def unary_kernel(fn: Unary, *, lanes: int = 16, dtype: str = "float32") -> tirx.
 
 @functools.cache
 def rms_norm_kernel(e: int, eps: float, *, lanes: int = 16,
-                    dtype: str = "float32") -> tirx.PrimFunc:
+                    dtype: str = "float32", parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(x[m, e], w[e], y[m, e]): y = x / sqrt(mean(x^2) + eps) * w, per row."""
+    loop = T.parallel if parallel else T.serial
     ev, et = e // lanes, e % lanes
 
     @T.prim_func(private=True)
@@ -90,7 +100,7 @@ def rms_norm_kernel(e: int, eps: float, *, lanes: int = 16,
         m = T.int64()
         x = T.match_buffer(x_h, (m, e), dtype)
         y = T.match_buffer(y_h, (m, e), dtype)
-        for r in T.parallel(m):
+        for r in loop(m):
             acc = T.decl_buffer((lanes,), "float32", scope="local")
             total = T.decl_buffer((1,), "float32", scope="local")
             for lane in T.vectorized(lanes):
@@ -116,8 +126,9 @@ def rms_norm_kernel(e: int, eps: float, *, lanes: int = 16,
 
 @functools.cache
 def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
-                     index_dtype: str = "int64") -> tirx.PrimFunc:
+                     index_dtype: str = "int64", parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(table[v, e], ids[m], y[m, e]): y[i] = table[ids[i]] (ids clamped into range)."""
+    loop = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def embedding(table: T.Buffer((v, e), dtype), ids_h: T.handle, y_h: T.handle):
@@ -125,7 +136,7 @@ def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
         m = T.int64()
         ids = T.match_buffer(ids_h, (m,), index_dtype)
         y = T.match_buffer(y_h, (m, e), dtype)
-        for r in T.parallel(m):
+        for r in loop(m):
             row: T.let[T.int64] = T.max(T.min(T.Cast("int64", ids[r]), v - 1), 0)
             for c in range(e // lanes):
                 for lane in T.vectorized(lanes):
@@ -138,11 +149,12 @@ def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
 
 @functools.cache
 def rotary_kernel(heads: int, head_dim: int, rot: int, *, interleaved: bool = False,
-                  dtype: str = "float32") -> tirx.PrimFunc:
+                  dtype: str = "float32", parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(x[b, s, H*D], cos[cb, s, R], sin[cb, s, R], y[b, s, H*D]); cb is b or 1.
 
     The first R dims of each head rotate (split halves, or interleaved pairs); the rest copy.
     """
+    loop = T.parallel if parallel else T.serial
     hd, half = heads * head_dim, rot // 2
 
     @T.prim_func(private=True)
@@ -153,7 +165,7 @@ def rotary_kernel(heads: int, head_dim: int, rot: int, *, interleaved: bool = Fa
         cos = T.match_buffer(cos_h, (cb, s, rot), dtype)
         sin = T.match_buffer(sin_h, (cb, s, rot), dtype)
         y = T.match_buffer(y_h, (b, s, hd), dtype)
-        for bs in T.parallel(b * s):
+        for bs in loop(b * s):
             bi: T.let[T.int64] = bs // s
             si: T.let[T.int64] = bs % s
             ci: T.let[T.int64] = T.min(bi, cb - 1)
@@ -178,3 +190,72 @@ def rotary_kernel(heads: int, head_dim: int, rot: int, *, interleaved: bool = Fa
                     y[bi, si, h * head_dim + t] = x[bi, si, h * head_dim + t]
 
     return rotary
+
+
+@functools.cache
+def layer_norm_kernel(e: int, eps: float, *, bias: bool, dtype: str = "float32",
+                      parallel: bool = True) -> tirx.PrimFunc:
+    """PrimFunc(x[m, e], w[e], (b[e],) y[m, e]): (x - mean) / sqrt(var + eps) * w (+ b)."""
+    loop = T.parallel if parallel else T.serial
+
+    @T.macro
+    def rows(x, w, b, y, m):
+        for r in loop(m):
+            st = T.decl_buffer((2,), "float32", scope="local")
+            st[0] = T.float32(0)
+            for c in range(e):
+                st[0] += T.Cast("float32", x[r, c])
+            st[0] = st[0] / T.float32(e)
+            st[1] = T.float32(0)
+            for c in range(e):
+                st[1] += (T.Cast("float32", x[r, c]) - st[0]) * (T.Cast("float32", x[r, c]) -
+                                                                 st[0])
+            st[1] = T.float32(1) / T.sqrt(st[1] / T.float32(e) + T.float32(eps))
+            for c in T.vectorized(e):
+                if bias:
+                    y[r, c] = T.Cast(dtype, (T.Cast("float32", x[r, c]) - st[0]) * st[1] * w[c]
+                                     + b[c])
+                else:
+                    y[r, c] = T.Cast(dtype, (T.Cast("float32", x[r, c]) - st[0]) * st[1] * w[c])
+
+    if bias:
+
+        @T.prim_func(private=True)
+        def layer_norm_bias(x_h: T.handle, w: T.Buffer((e,), dtype), b: T.Buffer((e,), dtype),
+                            y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, e), dtype)
+            y = T.match_buffer(y_h, (m, e), dtype)
+            rows(x, w, b, y, m)
+
+        return layer_norm_bias
+
+    @T.prim_func(private=True)
+    def layer_norm(x_h: T.handle, w: T.Buffer((e,), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, e), dtype)
+        y = T.match_buffer(y_h, (m, e), dtype)
+        rows(x, w, None, y, m)
+
+    return layer_norm
+
+
+@functools.cache
+def columns_kernel(n: int, start: int, width: int, *, dtype: str = "float32",
+                   parallel: bool = True) -> tirx.PrimFunc:
+    """PrimFunc(x[m, n], y[m, width]): y = x[:, start:start+width] (one output of a Split)."""
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True)
+    def columns(x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, n), dtype)
+        y = T.match_buffer(y_h, (m, width), dtype)
+        for r in loop(m):
+            for c in T.vectorized(width):
+                y[r, c] = x[r, start + c]
+
+    return columns

@@ -32,3 +32,23 @@ def fast_exp(x: PrimExpr) -> PrimExpr:
 def sigmoid_times(x: PrimExpr) -> PrimExpr:
     """x * sigmoid(x) = x / (1 + e^-x): SiLU."""
     return x / (tirx.const(1.0, "float32") + fast_exp(-x))
+
+
+def tanh(x: PrimExpr) -> PrimExpr:
+    """tanh(x) = 1 - 2 / (e^2x + 1): exact at the extremes, vectorizable."""
+    one = tirx.const(1.0, "float32")
+    return one - tirx.const(2.0, "float32") / (fast_exp(x + x) + one)
+
+
+def gelu_tanh(x: PrimExpr) -> PrimExpr:
+    c, k = math.sqrt(2.0 / math.pi), 0.044715
+    half = tirx.const(0.5, "float32")
+    inner = tirx.const(c, "float32") * (x + tirx.const(k, "float32") * x * x * x)
+    return half * x * (tirx.const(1.0, "float32") + tanh(inner))
+
+
+def gelu_erf(x: PrimExpr) -> PrimExpr:
+    """Exact GELU through libm's erf (scalar calls: GPT-2 style models only)."""
+    half = tirx.const(0.5, "float32")
+    return half * x * (tirx.const(1.0, "float32") +
+                       tirx.erf(x * tirx.const(1.0 / math.sqrt(2.0), "float32")))

@@ -38,7 +38,7 @@ SEARCH_SPACE: tuple[LinearConfig, ...] = tuple(
     LinearConfig(mr, nr, mb, nb) for mr in (1, 2, 4, 6) for nr in (1, 2, 4, 8, 16)
     for mb, nb in ((0, 0), (96, 64), (192, 128)) if mr * nr + mr + nr <= 32)
 #: decode: one row of x, the weights stream once (bandwidth-bound)
-DECODE = LinearConfig(mr=1, nr=8)
+DECODE = LinearConfig(mr=1, nr=16)
 #: prefill: measured best-or-tied on Zen 4 for the SmolLM2 shapes at m = 512
 PREFILL = LinearConfig(mr=6, nr=4, mb=96, nb=64)
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from kiln.compiler.errors import KilnError
-from kiln.compiler.ir import BATCH, PAST, SEQ, Graph, Shape, evaluate_dim, shape_str
+from kiln.compiler.ir import BATCH, PAST, SEQ, Graph, Shape, dim, evaluate_dim, shape_str
 
 _PAST_KV = re.compile(r"^past.*(key|value)")
 
@@ -30,12 +30,22 @@ def make_feeds(graph: Graph, *, batch: int, seq: int, past: int, rng: np.random.
     return feeds
 
 
+#: the layout of well-known inputs, for exports that give them dims of their own (torch names
+#: an input's dims independently when the model ignores it, e.g. position_ids under ALiBi)
+_LAYOUTS = {"input_ids": (BATCH, SEQ), "position_ids": (BATCH, SEQ),
+            "token_type_ids": (BATCH, SEQ), "attention_mask": (BATCH, f"{PAST} + {SEQ}"),
+            "cache_position": (SEQ,)}
+
+
 def _concrete(name: str, shape: Shape | None, bindings: dict[str, int]) -> tuple[int, ...]:
     if shape is None:
         raise KilnError(f"input {name} has unknown rank; cannot make a feed for it")
     try:
         return tuple(evaluate_dim(d, bindings) for d in shape)
     except KeyError as e:
+        layout = _LAYOUTS.get(name)
+        if layout is not None and len(layout) == len(shape):
+            return tuple(evaluate_dim(dim(d), bindings) for d in layout)
         raise KilnError(f"input {name} {shape_str(shape)}: dim symbol {e.args[0]} is not one "
                         "of batch, seq, past; cannot make a feed for it") from e
 

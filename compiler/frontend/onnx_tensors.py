@@ -26,7 +26,7 @@ DTYPE_ATTRS = {
     ("Cast", "to"), ("EyeLike", "dtype"), ("RandomNormal", "dtype"), ("RandomUniform", "dtype"),
     ("RandomNormalLike", "dtype"), ("RandomUniformLike", "dtype"), ("Multinomial", "dtype"),
     ("Bernoulli", "dtype"), ("QuantizeLinear", "output_dtype"),
-    ("DequantizeLinear", "output_dtype"),
+    ("DequantizeLinear", "output_dtype"), ("Attention", "softmax_precision"),
 }
 
 

@@ -772,10 +772,21 @@ def _softmax32(x: np.ndarray, axis: int) -> np.ndarray:
         return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def _softmax_at(x: np.ndarray, dt: np.dtype, axis: int) -> np.ndarray:
+    """Softmax computed in dtype dt (exp, sum and divide each rounded to it), as Attention's
+    softmax_precision asks; fp32 and wider go through _softmax32."""
+    if dt.itemsize >= 4:
+        return _softmax32(x.astype(dt, copy=False), axis)
+    x = x.astype(dt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(x - np.max(x, axis=axis, keepdims=True)).astype(dt)
+        return (e / np.sum(e, axis=axis, keepdims=True).astype(dt)).astype(dt)
+
+
 @kernel("Softmax")
 def softmax(inputs, attrs):
-    (x,) = inputs
-    return [_softmax32(x, attrs.get("axis", -1)).astype(x.dtype)]
+    (x,) = inputs  # in the input's own precision, like ONNX's reference
+    return [_softmax_at(x, x.dtype, attrs.get("axis", -1)).astype(x.dtype)]
 
 
 @kernel("LogSoftmax")
@@ -836,6 +847,17 @@ def cum_sum(inputs, attrs):
     return [np.flip(y, axis) if attrs.get("reverse", 0) else y]
 
 
+@kernel("OneHot")
+def one_hot(inputs, attrs):
+    idx, depth, values = inputs
+    n = int(np.asarray(depth).reshape(-1)[0])
+    axis = _pos(attrs.get("axis", -1), idx.ndim + 1)
+    i = np.asarray(idx).astype(np.int64)
+    i = np.where(i < 0, i + n, i)  # [-depth, -1] counts from the end; others stay off
+    hot = np.expand_dims(i, axis) == np.arange(n).reshape([-1] + [1] * (idx.ndim - axis))
+    return [np.where(hot, values[1], values[0]).astype(values.dtype)]
+
+
 @kernel("TopK")
 def top_k(inputs, attrs):
     x, k = inputs[0], _opt(inputs, 1)
@@ -876,6 +898,13 @@ def _attention_bias(mask: np.ndarray | None, causal: bool, q_len: int, total: in
     return bias
 
 
+def _scores(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """Q K^T * scale as the spec's function body computes it: Q and K each scaled by
+    sqrt(scale) in their own type, the product accumulated in fp32 and rounded to that type."""
+    root = np.asarray(math.sqrt(scale), q.dtype)
+    return np.matmul(_f32(q * root), _f32(k * root).transpose(0, 1, 3, 2)).astype(q.dtype)
+
+
 @kernel("Attention")
 def attention(inputs, attrs):
     q, k, v = inputs[:3]
@@ -887,9 +916,9 @@ def attention(inputs, attrs):
         kh, vh = np.concatenate([past_k, kh], axis=2), np.concatenate([past_v, vh], axis=2)
     present_k, present_v = kh, vh
     group = qh.shape[1] // kh.shape[1]
-    kf, vf = np.repeat(_f32(kh), group, axis=1), np.repeat(_f32(vh), group, axis=1)
+    kf, vf = np.repeat(kh, group, axis=1), np.repeat(_f32(vh), group, axis=1)
     scale = attrs.get("scale") or 1 / math.sqrt(qh.shape[-1])
-    scores = np.matmul(_f32(qh), kf.transpose(0, 1, 3, 2)) * np.float32(scale)
+    scores = _scores(qh, kf, scale)
     stages = [scores]  # qk_matmul_output_mode 0: raw scaled scores, 1: softcapped,
     softcap = attrs.get("softcap", 0.0)  # 2: with the mask bias, 3: softmax probabilities
     if softcap and softcap > 0:
@@ -897,7 +926,8 @@ def attention(inputs, attrs):
     past = 0 if past_k is None else past_k.shape[2]
     bias = _attention_bias(mask, bool(attrs.get("is_causal", 0)), qh.shape[2], kh.shape[2],
                            past, scores.dtype)
-    p = _softmax32(scores + bias, -1)
+    precision = attrs.get("softmax_precision")  # default: the inputs' own precision
+    p = _softmax_at(scores + bias, precision.numpy if precision else q.dtype, -1)
     p = np.where(np.isneginf(np.max(bias, axis=-1, keepdims=True)), 0, p)
     stages += [scores, scores + bias, p]
     out = np.matmul(p.astype(q.dtype).astype(np.float32), vf).astype(q.dtype)

@@ -511,6 +511,16 @@ def arg(node, types, values):
     return [_t(DType.i64, _reduced(node, types[0], (node.attrs.get("axis", 0),), keep))]
 
 
+@rule("OneHot")
+def one_hot(node, types, values):
+    idx, values_type = types[0], types[2]
+    depth = _ints(values[1])[0] if values[1] is not None else unknown_dim()
+    if idx.shape is None:
+        return [_t(values_type.dtype, None)]
+    axis = _pos(node, node.attrs.get("axis", -1), len(idx.shape) + 1)
+    return [_t(values_type.dtype, (*idx.shape[:axis], depth, *idx.shape[axis:]))]
+
+
 @rule("TopK")
 def top_k(node, types, values):
     x = types[0]

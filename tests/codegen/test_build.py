@@ -157,3 +157,48 @@ def test_compile_module_returns_loadable_executable(graph):
     assert sig.entry_points == ("decode",)
     assert {"decode"} <= {gv.name_hint for gv in mod.functions}
     assert compile_module(mod, host_cpu()) is not None
+
+
+@pytest.mark.parametrize("fixture", ["llama-optimum.onnx", "gpt2-optimum.onnx"])
+def test_recognized_fixture_matches_interpreter(rng, fixture):
+    """Graphs from the real pipeline (fused q/k/v + Split, silu_mul, layer_norm, gelu, biases)."""
+    from pathlib import Path
+
+    from kiln.compiler.compile import compile_graph
+
+    model = Path(__file__).parents[1] / "data" / fixture
+    g = compile_graph(model, max_seq=64, progress=lambda msg: None, weights_optional=False)
+    mod, sig = build_module(g, host_cpu())
+    vm = tvm.runtime.vm.VirtualMachine(compile_module(mod, host_cpu()), tvm.cpu())
+    params = tuple(tvm.runtime.tensor(np.ascontiguousarray(g.params[p].load()))
+                   for p in sig.params)
+    vocab = g.types[sig.outputs[0]].shape[-1]
+    ids = rng.integers(0, vocab, (2, 6))
+    full = dict(zip(("input_ids", "position_ids", "attention_mask"), _feeds(ids, 0),
+                    strict=True))
+    env = {v: full[v] for v in sig.inputs}
+    for c in sig.caches:
+        env[c.name] = np.zeros((2, c.kv_heads, 0, c.head_dim), np.float32)
+    want = run(g, env, outputs=[sig.outputs[0]])[sig.outputs[0]]
+    caches = _caches(sig, 2)
+    got = [vm["prefill"](tvm.runtime.ShapeTuple([0]), *_named(sig, ids[:, :5], 0), caches,
+                         params).numpy()]
+    got.append(vm["decode"](tvm.runtime.ShapeTuple([5]), *_named(sig, ids[:, 5:], 5), caches,
+                            params).numpy())
+    assert_close(np.concatenate(got, axis=1), want, name=f"{fixture} logits")
+
+
+def _named(sig, ids: np.ndarray, past: int) -> list:
+    full = dict(zip(("input_ids", "position_ids", "attention_mask"), _feeds(ids, past),
+                    strict=True))
+    return [tvm.runtime.tensor(np.ascontiguousarray(full[v])) for v in sig.inputs]
+
+
+def test_linear_tiling_per_shape_override():
+    from kiln.codegen.kernels.linear import DECODE, LinearConfig
+    from kiln.codegen.lower import KernelConfigs
+
+    tuned = LinearConfig(mr=1, nr=8, prefetch=1)
+    cfg = KernelConfigs(linear=DECODE, linear_by_shape=(((576, 576), tuned),))
+    assert cfg.linear_for(576, 576) == tuned
+    assert cfg.linear_for(192, 576) == DECODE

@@ -84,6 +84,32 @@ def test_elementwise_kernels(rng):
     assert_close(y.numpy(), ref.embedding([table, ids], Attrs())[0], name="embedding")
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_norm_gelu_silu_mul_columns(rng, bias):
+    lib = compile_funcs(ln=ew.layer_norm_kernel(37, 1e-5, bias=bias),
+                        gelu=ew.unary_kernel(ew.UNARY["gelu"]),
+                        gelu_tanh=ew.unary_kernel(ew.UNARY["gelu_tanh"]),
+                        silu_mul=ew.binary_kernel(ew.BINARY["silu_mul"]),
+                        cols=ew.columns_kernel(37, 5, 19))
+    x = rng.standard_normal((6, 37), dtype=np.float32) * 3
+    w, b = (rng.standard_normal(37, dtype=np.float32) for _ in range(2))
+    y = t(np.zeros_like(x))
+    lib["ln"](t(x), t(w), *([t(b)] if bias else []), y)
+    want = ref.layer_norm([x, w, b if bias else None], Attrs({"eps": 1e-5}))[0]
+    assert_close(y.numpy(), want, name="layer_norm")
+    flat, up = x.reshape(-1), rng.standard_normal(x.size, dtype=np.float32)
+    out = t(np.zeros_like(flat))
+    for name, approx in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        lib[name](t(flat), out)
+        want = ref.gelu([flat], Attrs({"approximate": approx}))[0]
+        assert_close(out.numpy(), want, atol=1e-6, name=name)
+    lib["silu_mul"](t(flat), t(up), out)
+    assert_close(out.numpy(), ref.silu_mul([flat, up], Attrs())[0], atol=1e-6, name="silu_mul")
+    cols = t(np.zeros((6, 19), np.float32))
+    lib["cols"](t(x), cols)
+    assert_close(cols.numpy(), x[:, 5:24], name="Split columns")
+
+
 @pytest.mark.parametrize(("rot", "interleaved", "cos_batch"), [(8, False, 2), (6, False, 1),
                                                                (8, True, 1)])
 def test_rotary(rng, rot, interleaved, cos_batch):

@@ -1,0 +1,1 @@
+"""What `kiln package` ships into a bundle beside the runtime: the launcher and its bench."""

@@ -1,0 +1,104 @@
+"""`kiln_run.py bench`: prefill and decode tokens/s of an artifact on its device, runtime only.
+
+Medians over repetitions after one warm-up; every step returns logits to the host, so a timing
+includes the device work and one small copy. The device's copy bandwidth (read + write) is
+measured in the same run, to put decode against the weights-streaming roofline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from kiln.runtime.session import Session
+
+
+@dataclass(frozen=True)
+class Row:
+    phase: str  # "prefill" | "decode"
+    tokens: int  # prompt length (prefill) or decoded tokens (decode)
+    tok_s: float  # median
+    runs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    device: str
+    weight_bytes: int
+    copy_gb_s: float
+    rows: tuple[Row, ...]
+
+    @property
+    def roofline_tok_s(self) -> float:
+        """Decode upper bound: weights read once per token at the measured copy bandwidth
+        (a copy reads and writes each byte, so half its counted rate is the read rate)."""
+        return self.copy_gb_s / 2 * 1e9 / self.weight_bytes if self.weight_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "roofline_tok_s": self.roofline_tok_s}
+
+
+def bench(artifact, *, prompt_lens: list[int], decode_len: int, repeat: int,
+          synthetic_weights: int | None, threads: int | None = None) -> Report:
+    session = Session.load(artifact, threads=threads, synthetic_weights=synthetic_weights)
+    rng = np.random.default_rng(0)
+    vocab = session.vocab or 2
+    rows = [_prefill(session, rng.integers(0, vocab, (1, n)), repeat) for n in prompt_lens]
+    rows.append(_decode(session, rng.integers(0, vocab, (1, 16)), decode_len, repeat))
+    return Report(str(session.device), _weight_bytes(session), copy_bandwidth(session),
+                  tuple(rows))
+
+
+def _prefill(session: Session, ids: np.ndarray, repeat: int) -> Row:
+    runs = []
+    for i in range(repeat + 1):
+        t = time.perf_counter()
+        session.prefill(ids)
+        if i:  # the first run warms up
+            runs.append(ids.shape[1] / (time.perf_counter() - t))
+    return Row("prefill", ids.shape[1], statistics.median(runs), tuple(runs))
+
+
+def _decode(session: Session, prompt: np.ndarray, steps: int, repeat: int) -> Row:
+    runs = []
+    for i in range(repeat + 1):
+        tok = session.prefill(prompt)[:, -1].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = session.decode(tok)[:, -1].argmax(-1)
+        if i:
+            runs.append(steps / (time.perf_counter() - t))
+    return Row("decode", steps, statistics.median(runs), tuple(runs))
+
+
+def copy_bandwidth(session: Session, mbytes: int = 1024, copies: int = 20) -> float:
+    """GB/s of a device-to-device copy through the TVM runtime, bytes read plus written."""
+    tvm, dev = session.tvm, session.device
+    n = mbytes * (1 << 20) // 4
+    a = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(n, np.float32), dev)
+    b = tvm.runtime.empty((n,), "float32", dev)
+    a.copyto(b)
+    dev.sync()
+    t = time.perf_counter()
+    for _ in range(copies):
+        a.copyto(b)
+    dev.sync()
+    return 2 * 4 * n * copies / (time.perf_counter() - t) / 1e9
+
+
+def _weight_bytes(session: Session) -> int:
+    return sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+               for p in session.artifact.manifest["params"] if p.get("role") != "table")
+
+
+def format_report(report: Report) -> str:
+    lines = [f"device {report.device}: copy {report.copy_gb_s:.0f} GB/s (read + write); "
+             f"weights {report.weight_bytes / 1e6:.1f} MB -> decode roofline "
+             f"{report.roofline_tok_s:.0f} tok/s",
+             f"{'phase':8s} {'tokens':>6s} {'tok/s':>10s}  runs"]
+    lines += [f"{r.phase:8s} {r.tokens:6d} {r.tok_s:10.1f}  "
+              + " ".join(f"{x:.0f}" for x in r.runs) for r in report.rows]
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|bench|info ...` on a host with only
+Python and numpy (tokenizers too, for text prompts).
+
+The bundle holds (see kiln.compiler.package):
+    kiln_run.py    this file
+    bundle.json    what is inside, and the Python it was made for
+    artifact/      the compiled artifact
+    lib/           tvm (runtime only), kiln's runtime, typing_extensions
+    wheels/        the apache-tvm-ffi wheel for that Python
+    site/          that wheel unzipped, on the first run (elsewhere if the bundle is read-only)
+
+Only the standard library is imported until the bundle's folders are on the import path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import ClassVar
+
+HERE = Path(__file__).resolve().parent
+LIB = HERE / "lib"
+#: what the launcher's wheel extraction leaves out: C sources of a vendored library
+_SKIP_IN_WHEEL = ("tvm_ffi/3rdparty/",)
+
+
+class _BundleFinder:
+    """Imports `kiln`, `tvm` and `tvm_ffi` from the bundle even where others are installed
+    (an editable kiln's finder, or a full tvm, would otherwise win), and keeps torch out:
+    tvm-ffi imports it wherever it is installed, which costs seconds, may build an extension,
+    and loads torch's libcudart in place of the bundled one. kiln's runtime never uses it."""
+
+    roots: ClassVar[dict[str, Path]] = {}
+    blocked: ClassVar[frozenset[str]] = frozenset({"torch"})
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in cls.blocked:
+            raise ModuleNotFoundError(f"{name} is not used by kiln bundles", name=name)
+        root = cls.roots.get(top)
+        if root is None:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path or [str(root)])
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"kiln_run: error: {message}\n")
+    sys.exit(2)
+
+
+def unpack_wheel(wheel: Path) -> Path:
+    """The wheel unzipped (once) into BUNDLE/site, or into a user cache if the bundle is
+    read-only; an interrupted unzip is never taken for a complete one."""
+    for site in (HERE / "site", Path.home() / ".cache" / "kiln" / "bundle-site" / wheel.stem):
+        done = site / ".complete"
+        if done.is_file() and done.read_text() == wheel.name:
+            return site
+        try:
+            site.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".site-", dir=site.parent))
+        except OSError:
+            continue
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(tmp, [n for n in z.namelist() if not n.startswith(_SKIP_IN_WHEEL)])
+        (tmp / ".complete").write_text(wheel.name)
+        if site.exists():
+            import shutil
+
+            shutil.rmtree(site)
+        os.replace(tmp, site)
+        return site
+    fail(f"cannot unzip {wheel.name}: neither {HERE} nor ~/.cache is writable")
+    raise AssertionError  # unreachable
+
+
+def setup() -> dict:
+    """Check the Python version, unzip the wheel, and route imports into the bundle."""
+    info = json.loads((HERE / "bundle.json").read_text())
+    want = info["python"]
+    have = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if have != want:
+        fail(f"this bundle was made for Python {want} (its tvm-ffi wheel is {info['ffi_wheel']}); "
+             f"this is Python {have}: run it with python{want}, or repackage with "
+             f"--python {have}")
+    site = unpack_wheel(HERE / "wheels" / info["ffi_wheel"])
+    sys.path[:0] = [str(site), str(LIB)]
+    _BundleFinder.roots = {"kiln": LIB, "tvm": LIB, "tvm_ffi": site}
+    sys.meta_path.insert(0, _BundleFinder)
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # never look for the compiler library
+    os.environ.pop("TVM_LIBRARY_PATH", None)
+    return info
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kiln_run.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate from the bundled artifact (as `kiln run`)")
+    run.add_argument("--prompt", help="text, tokenized with the artifact's tokenizer.json")
+    run.add_argument("--prompt-ids", help="comma-separated token ids")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    run.add_argument("--temperature", type=float, default=0.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="prefill and decode tok/s on the artifact's device")
+    bench.add_argument("--prompt-lens", default="128,512")
+    bench.add_argument("--decode-len", type=int, default=64)
+    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("--json", dest="json_path", type=Path, help="write the results here")
+    for cmd in (run, bench):
+        cmd.add_argument("--artifact", type=Path, default=HERE / "artifact")
+        cmd.add_argument("--threads", type=int, help="CPU threads (CPU artifacts)")
+        cmd.add_argument("--synthetic-weights", type=int, metavar="SEED",
+                         help="seeded random weights of the right shapes")
+    run.add_argument("--json", dest="as_json", action="store_true",
+                     help="print one JSON object at the end")
+    sub.add_parser("info", help="what the bundle holds, and where its imports come from")
+    return p.parse_args(argv)
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from kiln.runtime.cli import run_generation
+
+    run_generation(a.artifact, prompt=a.prompt, prompt_ids=a.prompt_ids,
+                   max_new_tokens=a.max_new_tokens,
+                   temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k,
+                   top_p=a.top_p, seed=a.seed, threads=a.threads,
+                   synthetic_weights=a.synthetic_weights, as_json=a.as_json)
+
+
+def cmd_bench(a: argparse.Namespace, info: dict) -> None:
+    from kiln.runtime.bundle.bench import bench, format_report
+
+    seed = a.synthetic_weights
+    if seed is None and not info.get("params", True):
+        seed = 0  # the bundle ships no weights: synthesize them
+    report = bench(a.artifact, prompt_lens=[int(x) for x in a.prompt_lens.split(",") if x],
+                   decode_len=a.decode_len, repeat=a.repeat, synthetic_weights=seed,
+                   threads=a.threads)
+    print(format_report(report))
+    if a.json_path:
+        a.json_path.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def cmd_info(info: dict) -> None:
+    from kiln.runtime.tvm_runtime import import_tvm
+
+    tvm = import_tvm()
+    import kiln.runtime
+
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    print(json.dumps({**info, "tvm": tvm.__file__, "kiln": kiln.runtime.__file__,
+                      "tvm_ffi": sys.modules["tvm_ffi"].__file__,
+                      "compiler_loaded": "libtvm_compiler" in maps}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    info = setup()
+    from kiln.compiler.errors import KilnError
+
+    try:
+        if args.command == "run":
+            cmd_run(args)
+        elif args.command == "bench":
+            cmd_bench(args, info)
+        else:
+            cmd_info(info)
+    except KilnError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
