@@ -8,6 +8,8 @@ Entry-point signature (both), in this order:
                                                written in place at rows past..past+seq-1
     params: R.Tuple(...)                       graph parameters, in `ModuleSignature.params` order
 and returns the graph outputs except the present_k/v ones (a tuple when there are several).
+`prefill_last` is `prefill` whose output linear (the LM head) runs on the last position of each
+row only: logits (batch, 1, vocab), all a generation loop needs, at a fraction of the work.
 """
 
 from __future__ import annotations
@@ -18,12 +20,21 @@ from dataclasses import dataclass
 
 from tvm import relax, tirx
 
-from kiln.codegen.lower import PHASE_CONFIGS, KernelConfigs, LowerContext, lower_node, to_prim
+from kiln.codegen.lower import (
+    PHASE_CONFIGS,
+    KernelConfigs,
+    LowerContext,
+    last_position,
+    lower_node,
+    to_prim,
+)
 from kiln.codegen.targets import CpuTarget, KilnTarget
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
 
-ENTRY_POINTS = ("prefill", "decode")
+ENTRY_POINTS = ("prefill", "decode", "prefill_last")
+#: the kernel configurations each entry point uses
+_PHASE = {"prefill": "prefill", "decode": "decode", "prefill_last": "prefill"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +69,7 @@ def build_module(graph: Graph, target: KilnTarget, *,
     bb = relax.BlockBuilder()
     kernels: dict = {}
     for entry in entry_points:
-        cfg = (configs or {}).get(entry, PHASE_CONFIGS[entry])
+        cfg = (configs or {}).get(entry, PHASE_CONFIGS[_PHASE[entry]])
         _emit_entry(bb, graph, target, sig, entry, cfg, kernels)
     return bb.get(), sig
 
@@ -133,11 +144,23 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
                 ctx.values[p] = bb.emit(relax.TupleGetItem(params, i))
             for i, c in enumerate(sig.caches):
                 ctx.caches[c.name] = bb.emit(relax.TupleGetItem(caches, i))
+            heads = _output_linears(graph, sig) if entry == "prefill_last" else set()
             for node in graph.nodes:
+                if node.name in heads:
+                    ctx.values[node.inputs[0]] = last_position(ctx, ctx.values[node.inputs[0]])
                 lower_node(ctx, node)
             outs = [ctx.values[o] for o in sig.outputs]
             result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(result)
+
+
+def _output_linears(graph: Graph, sig: ModuleSignature) -> set[str]:
+    """Names of the linear nodes producing graph outputs (the LM head) from their own input."""
+    outs = set(sig.outputs)
+    users = graph.consumers()
+    return {n.name for n in graph.nodes if n.op == "linear" and n.outputs[0] in outs
+            and len(users.get(n.inputs[0], [])) == 1
+            and len(graph.types[n.inputs[0]].shape or ()) == 3}
 
 
 def _input_var(graph: Graph, name: str, symbols: dict) -> relax.Var:

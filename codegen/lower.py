@@ -18,6 +18,7 @@ from tvm.relax import op as R
 from kiln.codegen.kernels import attention as attn_k
 from kiln.codegen.kernels import elementwise as ew
 from kiln.codegen.kernels import linear as lin
+from kiln.codegen.kernels import packed_linear as plin
 from kiln.codegen.kernels import with_root_block
 from kiln.codegen.targets import KilnTarget
 from kiln.compiler.errors import KilnError
@@ -29,6 +30,7 @@ class KernelConfigs:
     """Per-entry-point kernel choices; `kiln tune` fills `linear_by_shape` per (N, K)."""
 
     linear: lin.LinearConfig
+    packed: plin.PackedConfig = plin.PREFILL
     attention_block: int = 32
     parallel_small: bool = True  # element-wise/row kernels on the thread pool
     linear_by_shape: tuple[tuple[tuple[int, int], lin.LinearConfig], ...] = ()
@@ -40,7 +42,7 @@ class KernelConfigs:
 PHASE_CONFIGS = {
     "prefill": KernelConfigs(linear=lin.PREFILL),
     # one token: launching the thread pool costs more than the element-wise work itself
-    "decode": KernelConfigs(linear=lin.DECODE, parallel_small=False),
+    "decode": KernelConfigs(linear=lin.DECODE, packed=plin.DECODE, parallel_small=False),
 }
 
 
@@ -122,10 +124,11 @@ def _numel(dims: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
     return total
 
 
-def _static(d: tirx.PrimExpr, what: str, node: Node) -> int:
+def _static(d: tirx.PrimExpr, what: str, node: Node | None) -> int:
     if isinstance(d, tirx.IntImm):
         return int(d.value)
-    raise KilnError(f"node {node.name} ({node.op}): {what} must be static, got {d}")
+    where = f"node {node.name} ({node.op})" if node is not None else "kiln"
+    raise KilnError(f"{where}: {what} must be static, got {d}")
 
 
 def reshape(ctx: LowerContext, x: relax.Expr, dims: Sequence[tirx.PrimExpr]) -> relax.Expr:
@@ -152,6 +155,14 @@ def to_prim(d: sympy.Expr | int, symbols: dict[str, tirx.PrimExpr]) -> tirx.Prim
     raise KilnError(f"cannot lower symbolic dim {d}")
 
 
+def last_position(ctx: LowerContext, x: relax.Expr) -> relax.Expr:
+    """x[b, s, e] -> x[b, s-1 : s, e]: the one position whose logits a generation loop reads."""
+    b, _, e = shape_of(x)
+    e, dtype = _static(e, "hidden size", None), dtype_of(x)
+    gv = ctx.kernel(("last_position", e, dtype), lambda: ew.last_position_kernel(e, dtype=dtype))
+    return call(ctx, gv, [x], [b, 1, e], dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # canonical ops
 
@@ -159,6 +170,8 @@ def to_prim(d: sympy.Expr | int, symbols: dict[str, tirx.PrimExpr]) -> tirx.Prim
 @lowering("linear")
 def _linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    if node.attrs.get("packed"):
+        return [_packed_linear(ctx, node, x, w, b)]
     xs, (n, k) = shape_of(x), shape_of(w)
     n, k = _static(n, "out features", node), _static(k, "in features", node)
     cfg, dtype = ctx.configs.linear_for(n, k), dtype_of(x)
@@ -170,6 +183,21 @@ def _linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     x2 = reshape(ctx, x, [m, k])
     y = call(ctx, gv, [x2, w] + ([b] if b is not None else []), [m, n], dtype)
     return [reshape(ctx, y, [*xs[:-1], n])]
+
+
+def _packed_linear(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr,
+                   b: relax.Expr | None) -> relax.Expr:
+    """A linear whose weight pack_linear_weights laid out as [N / block, K, block]."""
+    xs, (nb, k, block) = shape_of(x), shape_of(w)
+    k, block = _static(k, "in features", node), _static(block, "pack block", node)
+    n, cfg, dtype = _static(nb, "weight blocks", node) * block, ctx.configs.packed, dtype_of(x)
+    gv = ctx.kernel(("plinear", n, k, block, cfg.mr, cfg.nv, b is not None, dtype),
+                    lambda: plin.packed_linear_kernel(n, k, cfg, bias=b is not None,
+                                                      lanes=block, dtype=dtype))
+    m = _numel(xs[:-1])
+    y = call(ctx, gv, [reshape(ctx, x, [m, k]), w] + ([b] if b is not None else []), [m, n],
+             dtype)
+    return reshape(ctx, y, [*xs[:-1], n])
 
 
 @lowering("rms_norm")
@@ -188,12 +216,19 @@ def _rms_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
 @lowering("embedding")
 def _embedding(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     table, ids = ctx.input(node, 0), ctx.input(node, 1)
-    (v, e), ids_shape, dtype = shape_of(table), shape_of(ids), dtype_of(table)
-    v, e = _static(v, "vocabulary", node), _static(e, "embedding size", node)
-    idt = dtype_of(ids)
-    gv = ctx.kernel(("embedding", v, e, dtype, idt, ctx.par),
-                    lambda: ew.embedding_kernel(v, e, lanes=ctx.lanes, dtype=dtype,
-                                                index_dtype=idt, parallel=ctx.par))
+    ids_shape, dtype, idt = shape_of(ids), dtype_of(table), dtype_of(ids)
+    block = int(node.attrs.get("packed", 0))
+    if block:  # a tied table packed for the LM head: [V / block, E, block]
+        nb, e, _ = (_static(d, "table dims", node) for d in shape_of(table))
+        v = nb * block
+        gv = ctx.kernel(("pembedding", v, e, block, dtype, idt, ctx.par),
+                        lambda: ew.packed_embedding_kernel(v, e, block, dtype=dtype,
+                                                           index_dtype=idt, parallel=ctx.par))
+    else:
+        v, e = (_static(d, "table dims", node) for d in shape_of(table))
+        gv = ctx.kernel(("embedding", v, e, dtype, idt, ctx.par),
+                        lambda: ew.embedding_kernel(v, e, lanes=ctx.lanes, dtype=dtype,
+                                                    index_dtype=idt, parallel=ctx.par))
     m = _numel(ids_shape)
     y = call(ctx, gv, [table, reshape(ctx, ids, [m])], [m, e], dtype)
     return [reshape(ctx, y, [*ids_shape, e])]

@@ -50,7 +50,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     model, start = Path(model), time.perf_counter()
     tgt = resolve(target)
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
-                          weights_optional=not weights)
+                          weights_optional=not weights,
+                          pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}))
     _check_positions(graph, max_seq)
     with af.ArtifactWriter(out) as w:
         progress(f"generating and compiling kernels for {tgt.name}")
@@ -74,7 +75,7 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
     """Produce the parameter file of an artifact compiled --no-weights, from the model."""
     art = af.open_artifact(artifact_dir, verify=False)
     graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
-                          weights_optional=False)
+                          weights_optional=False, pack_block=_pack_block(art.manifest["target"]))
     want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
     have = {p["name"]: p for p in param_table(graph, list(graph.params)) if p["file"] ==
             af.PARAMS}

@@ -1,5 +1,10 @@
 """Recognize projections and lookups: MatMul/Gemm with a constant weight (+ bias) -> linear,
-Gather from a constant table -> embedding.
+Gather from a constant table -> embedding, and a Slice of a projection's output features ->
+a projection onto the selected rows (phi3's fused qkv_proj/gate_up_proj cut by Slice), which
+fuse_projections fuses back into one linear and a Split that attention and activation
+recognition see through. `cut_head_slices` does the same for a slice of the head dim after the
+head split (GPT-NeoX's per-head [q|k|v] layout); recognize_rotary calls it once rotary has had
+its chance at the partial-rotary slices (which are head-dim slices too).
 
 Requires: constants folded into parameters. Preserves: every value's type. The linear weight is
 stored [N, K] (output rows contiguous: what GEMV kernels stream), derived lazily from ONNX's
@@ -8,10 +13,13 @@ stored [N, K] (output rows contiguous: what GEMV kernels stream), derived lazily
 
 from __future__ import annotations
 
-from kiln.compiler.ir import Attrs, Derived, Graph, Param, TensorType
+import numpy as np
+
+from kiln.compiler.ir import Attrs, Derived, Graph, Node, Param, TensorType, inline_param
 from kiln.compiler.shapes import dims_equal
 from kiln.passes import register
-from kiln.passes.patterns import Op, Var
+from kiln.passes.patterns import Matcher, Op, Var
+from kiln.passes.queries import last_axis_slice, perm_is, shape_of
 from kiln.passes.rewrite import GraphEditor, rewrite
 
 
@@ -106,10 +114,113 @@ def _product(dims):
     return p
 
 
+# -- slices of projections ----------------------------------------------------------------
+
+PROJ = Op("linear", Var("x"), name="lin")
+CUT = Op("Slice", PROJ, name="cut")
+HEAD_CUT = Op("Slice", Op("Transpose", Op("Reshape", PROJ, name="split"), name="perm",
+                          where=perm_is(0, 2, 1, 3)) | Op("Reshape", PROJ, name="split"),
+              name="cut")
+
+
+def _rows(ed: GraphEditor, v: str, groups: int, start: int, stop: int) -> str:
+    """Rows [g*width + start, g*width + stop) for each of `groups` groups of the [N, ...]
+    parameter `v` (a linear's weight or bias), as a lazily derived parameter."""
+    p = ed.params[v]
+    n, rest = p.type.shape[0], tuple(p.type.shape[1:])
+    width = n // groups
+    name = f"{v}[{start}:{stop}]" if groups == 1 else f"{v}[{groups}x{width}][{start}:{stop}]"
+    if name in ed.params:
+        return name
+    src = Derived("reshape", (p.source,), Attrs({"shape": (groups, width, *rest)}))
+    src = Derived("slice", (src,), Attrs({"axis": 1, "start": start, "stop": stop}))
+    rows = groups * (stop - start)
+    src = Derived("reshape", (src,), Attrs({"shape": (rows, *rest)}))
+    return ed.add_param(Param(name, TensorType(p.type.dtype, (rows, *rest)), src))
+
+
+def _cut_bounds(m: Matcher, cut: Node, width) -> tuple[int, int] | None:
+    bounds = last_axis_slice(m, cut)
+    if bounds is None or bounds[2] != 1 or not isinstance(width, int) or \
+            not 0 <= bounds[0] < bounds[1] <= width:
+        return None
+    return bounds[0], bounds[1]
+
+
+def _only_used_by(consumers: dict, outputs, value: str, ops: tuple[str, ...]) -> bool:
+    users = consumers.get(value, [])
+    return value not in outputs and bool(users) and all(u.op in ops for u in users)
+
+
+def _project(ed: GraphEditor, lin: Node, groups: int, start: int, stop: int, **kw) -> str:
+    inputs = [lin.inputs[0]] + [_rows(ed, v, groups, start, stop) for v in lin.inputs[1:] if v]
+    return ed.emit("linear", inputs, name=f"{lin.name}[{start}:{stop}]", **kw)[0]
+
+
+def _sliced(consumers: dict):
+    def build(ed: GraphEditor, node, b) -> bool:
+        lin = b["lin"]
+        if not _only_used_by(consumers, ed.graph.outputs, lin.outputs[0], ("Slice",)) or \
+                any(v and v not in ed.params for v in lin.inputs[1:]):
+            return False
+        cut = _cut_bounds(ed.matcher, b["cut"], (shape_of(ed.matcher, lin.outputs[0]) or
+                                                  (None,))[-1])
+        if cut is None:
+            return False
+        _project(ed, lin, 1, *cut, outputs=[node.outputs[0]])
+        return True
+
+    return build
+
+
+def _sole_path(consumers: dict, outputs, b: dict) -> bool:
+    """Whether the projection feeds only the head split, and the split only the slices."""
+    lin, split = b["lin"], b["split"]
+    last = b["perm"].outputs[0] if "perm" in b else split.outputs[0]
+    used = (lin.outputs[0], ("Reshape",)), (last, ("Slice",))
+    if "perm" in b:
+        used = (*used, (split.outputs[0], ("Transpose",)))
+    return all(_only_used_by(consumers, outputs, v, ops) for v, ops in used)
+
+
+def _head_sliced(consumers: dict):
+    def build(ed: GraphEditor, node, b) -> bool:
+        m, lin = ed.matcher, b["lin"]
+        heads, flat = shape_of(m, b["split"].outputs[0]), shape_of(m, lin.outputs[0])
+        if heads is None or flat is None or len(heads) != 4 or len(flat) != 3 or \
+                tuple(heads[:2]) != tuple(flat[:2]) or not isinstance(heads[2], int) or \
+                any(v and v not in ed.params for v in lin.inputs[1:]) or \
+                not _sole_path(consumers, ed.graph.outputs, b):
+            return False
+        cut = _cut_bounds(m, b["cut"], heads[3])
+        if cut is None or cut == (0, heads[3]):
+            return False
+        h = heads[2]
+        shape = ed.add_param(inline_param(f"{node.name}.heads",
+                                          np.array([0, 0, h, cut[1] - cut[0]], np.int64)))
+        flat_cut = _project(ed, lin, h, *cut)
+        if "perm" not in b:
+            ed.emit("Reshape", [flat_cut, shape], name=f"{node.name}.split",
+                    outputs=[node.outputs[0]])
+            return True
+        split = ed.emit("Reshape", [flat_cut, shape], name=f"{node.name}.split")[0]
+        ed.emit("Transpose", [split], {"perm": (0, 2, 1, 3)}, name=f"{node.name}.heads",
+                outputs=[node.outputs[0]])
+        return True
+
+    return build
+
+
+def cut_head_slices(graph: Graph) -> Graph:
+    """Slice(heads(linear(x)))[..., a:b] -> heads(linear(x, rows a:b of every head))."""
+    return rewrite(graph, [(HEAD_CUT, _head_sliced(graph.consumers()))], ops=("Slice",))
+
+
 @register("recognize_linear")
 def recognize_linear(graph: Graph) -> Graph:
     graph = _recognize(graph)
-    return rewrite(graph, [(FLATTENED, _unflatten)], ops=("Reshape",))
+    graph = rewrite(graph, [(FLATTENED, _unflatten)], ops=("Reshape",))
+    return rewrite(graph, [(CUT, _sliced(graph.consumers()))], ops=("Slice",))
 
 
 def _recognize(graph: Graph) -> Graph:

@@ -5,6 +5,9 @@ Requires: constants folded (eps, exponents and weights are parameters; reduction
 attributes). Preserves: types. Variants recognized by structure: x / sqrt(ms + eps),
 x * rsqrt (as 1/sqrt, Reciprocal or Pow -0.5), the square as Pow(x, 2) or x * x, the weight on
 either side, optional Casts around the fp32 computation, a missing weight (scale 1) and a bias.
+A per-head RMSNorm (Qwen3/Gemma3 q_norm, k_norm: rms_norm over D of the [.., H, D] head view)
+becomes rms_norm {group_size=D} on the flat [.., H*D] projection, with the head split re-emitted
+after it, so rotary and attention recognition see a plain head split of a flat tensor.
 """
 
 from __future__ import annotations
@@ -98,8 +101,34 @@ def _norm_op(op: str):
     return build
 
 
+HEAD_NORM = Op("rms_norm", Op("Reshape", Var("flat"), name="split"), Var("w"), name="norm")
+
+
+def _head_norm(ed: GraphEditor, node, b) -> bool:
+    """rms_norm(Reshape(flat -> [.., H, D])) -> Reshape(rms_norm(flat) {group_size=D})."""
+    split, norm = b["split"], b["norm"]
+    flat, heads = ed.types[b["flat"]].shape, ed.types[split.outputs[0]].shape
+    if "group_size" in norm.attrs or flat is None or heads is None:
+        return False
+    d = heads[-1]
+    if len(heads) != len(flat) + 1 or tuple(heads[:-2]) != tuple(flat[:-1]) or \
+            not isinstance(d, int) or not isinstance(heads[-2], int) or \
+            flat[-1] != heads[-2] * d or ed.types[b["w"]].shape != (d,):
+        return False
+    normed = ed.emit("rms_norm", [b["flat"], b["w"]], norm.attrs.updated(group_size=d),
+                     name=norm.name)[0]
+    ed.emit("Reshape", [normed, *split.inputs[1:]], dict(split.attrs), name=split.name,
+            outputs=[node.outputs[0]])
+    return True
+
+
 @register("recognize_norms")
 def recognize_norms(graph: Graph) -> Graph:
+    graph = _recognize(graph)
+    return rewrite(graph, [(HEAD_NORM, _head_norm)], ops=("rms_norm",))
+
+
+def _recognize(graph: Graph) -> Graph:
     return rewrite(graph, [
         (RMS_NORM, _norm("rms_norm")),
         (LAYER_NORM, _norm("layer_norm")),

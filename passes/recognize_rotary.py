@@ -1,11 +1,15 @@
 """Recognize rotary position embeddings applied to attention heads -> rotary.
 
     x*cos + rotate_half(x)*sin,  rotate_half(x) = concat(-x[..., h:2h], x[..., :h])
+    x*cos + rotate_pairs(x)*sin, rotate_pairs(x) = stack(-x[..., 1::2], x[..., ::2]) flattened
+                                 (GPT-J's interleaved rotary; cos/sin repeat each frequency twice)
 
 where x is a projection split into heads, [b, H, s, D] (Reshape then Transpose) or [b, s, H, D]
 (Reshape only), and cos/sin broadcast over heads from [b|1, s, R]. R < D (partial rotary) is
 recognized when the unrotated tail is concatenated back. The canonical rotary works on the flat
 projection [b, s, H*D]; the head split is re-emitted after it, for attention recognition to absorb.
+Once rotary has matched, head-dim slices of a projection that remain (GPT-NeoX's per-head
+[q|k|v] layout) become projections of their own, and rotary is matched again on them.
 
 Requires: constants folded, linear recognized. Preserves: types.
 """
@@ -17,7 +21,8 @@ import numpy as np
 from kiln.compiler.ir import Graph, inline_param
 from kiln.passes import register
 from kiln.passes.patterns import Matcher, Op, Var
-from kiln.passes.queries import int_list, last_axis_slice, perm_is, shape_of
+from kiln.passes.queries import axis_is_last, int_list, last_axis_slice, perm_is, shape_of
+from kiln.passes.recognize_linear import cut_head_slices
 from kiln.passes.rewrite import GraphEditor, rewrite
 
 X = Var("x")
@@ -25,6 +30,15 @@ ROTATE_HALF = Op("Concat", Op("Neg", Op("Slice", X, name="hi")), Op("Slice", X, 
                  name="cat")
 ROPE = Op("Add", Op("Mul", X, Var("cos")), Op("Mul", ROTATE_HALF, Var("sin")))
 PARTIAL_ROPE = Op("Concat", ROPE, Op("Slice", Var("full"), name="tail"), name="outer")
+
+_LAST = axis_is_last("axes")
+ROTATE_PAIRS = Op("Reshape", Op("Concat", Op("Unsqueeze", Op("Neg", Op("Slice", X, name="odd")),
+                                             where=_LAST),
+                                Op("Unsqueeze", Op("Slice", X, name="even"), where=_LAST),
+                                name="cat"), name="pairs")
+ROPE_PAIRS = Op("Add", Op("Mul", X, Var("cos")), Op("Mul", ROTATE_PAIRS, Var("sin")))
+PARTIAL_ROPE_PAIRS = Op("Concat", ROPE_PAIRS, Op("Slice", Var("full"), name="tail"),
+                        name="outer")
 
 HEADS_BHSD = Op("Transpose", Op("Reshape", Var("flat"), name="split"), where=perm_is(0, 2, 1, 3))
 HEADS_BSHD = Op("Reshape", Var("flat"), name="split")
@@ -39,6 +53,22 @@ def _halves(m: Matcher, b: dict) -> int | None:
     if hi[0] != half or hi[1] - half != half:
         return None
     return 2 * half
+
+
+def _pairs(m: Matcher, b: dict) -> int | None:
+    """The rotary dim R when `even`/`odd` are x[..., 0::2], x[..., 1::2], stacked on a new last
+    axis and flattened back to x's shape."""
+    x = shape_of(m, b["x"])
+    even, odd = last_axis_slice(m, b["even"]), last_axis_slice(m, b["odd"])
+    cat_out, out = shape_of(m, b["cat"].outputs[0]), shape_of(m, b["pairs"].outputs[0])
+    if x is None or even is None or odd is None or cat_out is None or out is None or \
+            not isinstance(x[-1], int) or x[-1] % 2:
+        return None
+    r = x[-1]
+    if even != (0, r, 2) or odd != (1, r, 2) or tuple(out) != tuple(x) or \
+            tuple(cat_out) != (*x[:-1], r // 2, 2):
+        return None
+    return r
 
 
 def _table_3d(ed: GraphEditor, m: Matcher, v: str, head_axis: int, r: int) -> str | None:
@@ -71,7 +101,8 @@ def split_heads(m: Matcher, x: str) -> tuple[str, int, int, int] | None:
     return None
 
 
-def _emit_rotary(ed: GraphEditor, m: Matcher, node, b: dict, x: str, r: int) -> bool:
+def _emit_rotary(ed: GraphEditor, m: Matcher, node, b: dict, x: str, r: int,
+                 interleaved: bool) -> bool:
     heads = split_heads(m, x)
     if heads is None:
         return False
@@ -80,7 +111,8 @@ def _emit_rotary(ed: GraphEditor, m: Matcher, node, b: dict, x: str, r: int) -> 
     if cos is None or sin is None or ed.types[cos].dtype != ed.types[flat].dtype:
         return False
     rotated = ed.emit("rotary", [flat, cos, sin], {"num_heads": h, "head_dim": d,
-                                                   "interleaved": False}, name=node.name)[0]
+                                                   "interleaved": interleaved},
+                      name=node.name)[0]
     shape = ed.add_param(inline_param(f"{node.name}.heads", np.array([0, 0, h, d], np.int64)))
     if head_axis == 2:
         ed.emit("Reshape", [rotated, shape], name=f"{node.name}.split",
@@ -92,28 +124,39 @@ def _emit_rotary(ed: GraphEditor, m: Matcher, node, b: dict, x: str, r: int) -> 
     return True
 
 
+def _rotary_dim(m: Matcher, b: dict) -> tuple[int | None, bool]:
+    """(R, interleaved) of the rotation matched in `b`."""
+    if "pairs" in b:
+        return _pairs(m, b), True
+    return _halves(m, b), False
+
+
 def _full(ed: GraphEditor, node, b) -> bool:
     m = ed.matcher
-    r = _halves(m, b)
+    r, interleaved = _rotary_dim(m, b)
     if r is None or (shape_of(m, b["x"]) or (None,))[-1] != r:
         return False
-    return _emit_rotary(ed, m, node, b, b["x"], r)
+    return _emit_rotary(ed, m, node, b, b["x"], r, interleaved)
 
 
 def _partial(ed: GraphEditor, node, b) -> bool:
     m = ed.matcher
-    r = _halves(m, b)
+    r, interleaved = _rotary_dim(m, b)
     x_node, tail = m.producer.get(b["x"]), last_axis_slice(m, b["tail"])
     if r is None or x_node is None or x_node.op != "Slice" or tail is None:
         return False
     head = last_axis_slice(m, x_node)
     d = (shape_of(m, b["full"]) or (None,))[-1]
-    if x_node.inputs[0] != b["full"] or head != (0, r, 1) or tail[:2] != (r, d):
+    if x_node.inputs[0] != b["full"] or head != (0, r, 1) or tail != (r, d, 1):
         return False
-    return _emit_rotary(ed, m, node, b, b["full"], r)
+    return _emit_rotary(ed, m, node, b, b["full"], r, interleaved)
+
+
+RULES = [(PARTIAL_ROPE, _partial), (PARTIAL_ROPE_PAIRS, _partial), (ROPE, _full),
+         (ROPE_PAIRS, _full)]
 
 
 @register("recognize_rotary")
 def recognize_rotary(graph: Graph) -> Graph:
-    return rewrite(graph, [(PARTIAL_ROPE, _partial), (ROPE, _full)],
-                   ops=("Add", "Concat"))
+    graph = rewrite(graph, RULES, ops=("Add", "Concat"))
+    return rewrite(cut_head_slices(graph), RULES, ops=("Add", "Concat"))

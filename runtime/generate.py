@@ -53,7 +53,7 @@ def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
     rng = sampler.generator()
     t = result.timing
     start = time.perf_counter()
-    logits = session.prefill(np.asarray(prompt, np.int64)[None])[:, -1]
+    logits = session.prefill(np.asarray(prompt, np.int64)[None], last_only=True)[:, -1]
     t.prefill_s, t.prompt_tokens = time.perf_counter() - start, n
     token = int(sampler(logits, rng)[0])
     t.first_token_s = time.perf_counter() - start

@@ -78,11 +78,14 @@ class Session:
                                                    c["head_dim"]), c["dtype"]), self._dev)
                 for c in self.caches_spec)
 
-    def prefill(self, tokens) -> np.ndarray:
-        """Run a prompt from an empty cache; returns logits (batch, seq, vocab)."""
+    def prefill(self, tokens, *, last_only: bool = False) -> np.ndarray:
+        """Run a prompt from an empty cache; returns logits (batch, seq, vocab), or with
+        `last_only` (batch, 1, vocab) for the last position, computed for it alone."""
         ids = np.atleast_2d(np.asarray(tokens, np.int64))
         self.reset(ids.shape[0])
-        return self._step("prefill", ids)
+        last = last_only and "prefill_last" in self.artifact.manifest["entry_points"]
+        logits = self._step("prefill_last" if last else "prefill", ids)
+        return logits[:, -1:] if last_only else logits
 
     def extend(self, tokens) -> np.ndarray:
         """Append several tokens per sequence to a non-empty cache (chunked prefill)."""

@@ -66,3 +66,46 @@ def test_capital_of_france_through_the_interpreter(smollm2_dir):
     top5 = [tok.decode([int(i)]) for i in np.argsort(-logits)[:5]]
     assert top5[0] == " Paris", top5
     assert set(top5) >= {" Paris", " the"}
+
+
+# -- compiled (CPU) -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_artifact(smollm2_dir, tmp_path_factory):
+    from kiln.compiler.compile import compile_model
+
+    return compile_model(smollm2_dir / "model.onnx", tmp_path_factory.mktemp("art") / "smollm2",
+                         max_seq=512)
+
+
+@pytest.mark.tvm
+def test_compiled_smollm2_matches_onnxruntime(smollm2_dir, smollm2_artifact):
+    from kiln.runtime.session import Session
+    from tests.runtime.test_runtime import ort_greedy, ort_logits
+
+    model = smollm2_dir / "model.onnx"
+    session = Session.load(smollm2_artifact)
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 64, 300):
+        ids = rng.integers(0, 49152, (1, n))
+        got = session.prefill(ids)
+        want = ort_logits(model, ids)["logits"]
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert err <= 1e-4, f"prompt length {n}: relative error {err:.2e}"
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    prompt = tok.encode("The capital of France is").ids
+    from kiln.runtime.generate import generate
+
+    got = list(generate(Session.load(smollm2_artifact), prompt, max_new_tokens=32))
+    assert got == ort_greedy(model, np.array([prompt]), 32)
+    assert tok.decode(got).startswith(" Paris")
+
+
+@pytest.mark.tvm
+def test_kiln_run_streams_paris(smollm2_artifact):
+    r = _kiln("run", smollm2_artifact, "--prompt", "The capital of France is",
+              "--max-new-tokens", "8", "--greedy", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["text"].startswith(" Paris") and len(out["tokens"]) == 8
+    assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0

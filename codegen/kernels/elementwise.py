@@ -148,6 +148,31 @@ def embedding_kernel(v: int, e: int, *, lanes: int = 16, dtype: str = "float32",
 
 
 @functools.cache
+def packed_embedding_kernel(v: int, e: int, block: int, *, dtype: str = "float32",
+                            index_dtype: str = "int64", parallel: bool = True) -> tirx.PrimFunc:
+    """PrimFunc(table[v / block, e, block], ids[m], y[m, e]): rows of a packed (tied) table.
+
+    The table is a linear weight packed for the GEMM (see packed_linear); a row is a strided
+    gather, which costs nothing next to keeping a second, unpacked copy of the weights.
+    """
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True)
+    def packed_embedding(table: T.Buffer((v // block, e, block), dtype), ids_h: T.handle,
+                         y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        ids = T.match_buffer(ids_h, (m,), index_dtype)
+        y = T.match_buffer(y_h, (m, e), dtype)
+        for r in loop(m):
+            row: T.let[T.int64] = T.max(T.min(T.Cast("int64", ids[r]), v - 1), 0)
+            for c in range(e):
+                y[r, c] = table[row // block, c, row % block]
+
+    return packed_embedding
+
+
+@functools.cache
 def rotary_kernel(heads: int, head_dim: int, rot: int, *, interleaved: bool = False,
                   dtype: str = "float32", parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc(x[b, s, H*D], cos[cb, s, R], sin[cb, s, R], y[b, s, H*D]); cb is b or 1.
@@ -240,6 +265,23 @@ def layer_norm_kernel(e: int, eps: float, *, bias: bool, dtype: str = "float32",
         rows(x, w, None, y, m)
 
     return layer_norm
+
+
+@functools.cache
+def last_position_kernel(e: int, *, dtype: str = "float32") -> tirx.PrimFunc:
+    """PrimFunc(x[b, s, e], y[b, 1, e]): y[i, 0] = x[i, s - 1]."""
+
+    @T.prim_func(private=True)
+    def last_position(x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s = T.int64(), T.int64()
+        x = T.match_buffer(x_h, (b, s, e), dtype)
+        y = T.match_buffer(y_h, (b, 1, e), dtype)
+        for r in range(b):
+            for c in T.vectorized(e):
+                y[r, 0, c] = x[r, s - 1, c]
+
+    return last_position
 
 
 @functools.cache

@@ -4,10 +4,13 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
     linear      x[..., K], w[N, K], b?[N]                              -> [..., N]
     embedding   table[V, E], ids[...]                                   -> [..., E]
     rms_norm    x[..., E], w[E]            eps                          -> like x
+                group_size? G: x[..., E] with E = n*G, w[G]: each run of G consecutive
+                features (a head) normalized on its own: x.reshape(..., n, G) normed over G
     layer_norm  x[..., E], w[E], b?[E]     eps                          -> like x
     gelu        x                          approximate: "none" | "tanh" -> like x
     silu        x                                                       -> like x
     silu_mul    gate, up (same shape)                                   -> silu(gate) * up
+    gelu_mul    gate, up (same shape)      approximate: "none" | "tanh" -> gelu(gate) * up
     rotary      x[b, s, H*D], cos[b|1, s, R], sin[b|1, s, R]
                 num_heads, head_dim, interleaved                         -> like x
                 (the first R dims of each head rotate; the rest pass through)
@@ -47,9 +50,12 @@ def embedding(inputs, attrs):
 @kernel("rms_norm")
 def rms_norm(inputs, attrs):
     x, w = inputs
+    group = attrs.get("group_size")
     x32 = x.astype(np.float32)
+    if group is not None:  # per-head norm (q_norm/k_norm) on the flat projection
+        x32 = x32.reshape(*x.shape[:-1], x.shape[-1] // group, group)
     inv = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(attrs["eps"]))
-    return [(x32 * inv * w.astype(np.float32)).astype(x.dtype)]
+    return [(x32 * inv * w.astype(np.float32)).reshape(x.shape).astype(x.dtype)]
 
 
 @kernel("layer_norm")
@@ -64,18 +70,27 @@ def layer_norm(inputs, attrs):
     return [y.astype(x.dtype)]
 
 
+def _gelu32(x: np.ndarray, approximate: str) -> np.ndarray:
+    x32 = x.astype(np.float32)
+    if approximate == "tanh":
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        return 0.5 * x32 * (1.0 + np.tanh(c * (x32 + np.float32(0.044715) * x32 ** 3)))
+    from kiln.compiler.interpreter.onnx_ops import erf
+
+    return 0.5 * x32 * (1.0 + erf(x32 / np.float32(math.sqrt(2.0))))
+
+
 @kernel("gelu")
 def gelu(inputs, attrs):
     (x,) = inputs
-    x32 = x.astype(np.float32)
-    if attrs.get("approximate", "none") == "tanh":
-        c = np.float32(math.sqrt(2.0 / math.pi))
-        y = 0.5 * x32 * (1.0 + np.tanh(c * (x32 + np.float32(0.044715) * x32 ** 3)))
-    else:
-        from kiln.compiler.interpreter.onnx_ops import erf
+    return [_gelu32(x, attrs.get("approximate", "none")).astype(x.dtype)]
 
-        y = 0.5 * x32 * (1.0 + erf(x32 / np.float32(math.sqrt(2.0))))
-    return [y.astype(x.dtype)]
+
+@kernel("gelu_mul")
+def gelu_mul(inputs, attrs):
+    gate, up = inputs
+    y = _gelu32(gate, attrs.get("approximate", "none")) * up.astype(np.float32)
+    return [y.astype(gate.dtype)]
 
 
 @kernel("silu")

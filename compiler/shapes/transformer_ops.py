@@ -12,7 +12,20 @@ def _same(node, types, values):
     return [types[0]]
 
 
-rule("rms_norm", "layer_norm", "gelu", "silu", "silu_mul")(_same)
+rule("layer_norm", "gelu", "silu", "silu_mul", "gelu_mul")(_same)
+
+
+@rule("rms_norm")
+def rms_norm(node, types, values):
+    x, w = types[0], types[1]
+    group = node.attrs.get("group_size")
+    features = group if group is not None else (x.shape[-1] if x.shape else None)
+    if x.shape is not None and group is not None and (
+            not isinstance(x.shape[-1], int) or x.shape[-1] % group):
+        raise fail(node, f"last dim is not a multiple of group_size {group}", x)
+    if w.shape and features is not None and dims_equal(w.shape[-1], features) is False:
+        raise fail(node, "weight does not match the normalized features", x, w)
+    return [x]
 
 
 @rule("linear")

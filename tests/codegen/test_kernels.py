@@ -15,6 +15,7 @@ pytestmark = pytest.mark.tvm
 from kiln.codegen.kernels import attention as attn_k  # noqa: E402
 from kiln.codegen.kernels import elementwise as ew  # noqa: E402
 from kiln.codegen.kernels import linear as lin  # noqa: E402
+from kiln.codegen.kernels import packed_linear as plin  # noqa: E402
 from kiln.codegen.targets import host_cpu  # noqa: E402
 
 
@@ -157,3 +158,45 @@ def test_kv_append_refuses_overflow(rng):
     new = t(rng.standard_normal((1, 2, 4), dtype=np.float32))
     with pytest.raises(Exception, match="capacity"):
         lib["append"](*caches, new, new, 2)
+
+
+PACKED_CASES = [  # (n, k, m, config, bias): N = 16 * blocks; odd K, M and panel tails
+    (48, 53, 5, plin.PackedConfig(4, 4), False),
+    (64, 64, 8, plin.PREFILL, True),
+    (80, 17, 1, plin.DECODE, True),
+    (112, 100, 23, plin.PackedConfig(6, 4), False),
+    (32, 35, 13, plin.PackedConfig(12, 2), True),
+] + [(16 * 7, 29, 19, cfg, False) for cfg in plin.SEARCH_SPACE]
+
+
+@pytest.mark.parametrize(("n", "k", "m", "cfg", "bias"), PACKED_CASES)
+def test_packed_linear(rng, n, k, m, cfg, bias):
+    lib = compile_funcs(f=plin.packed_linear_kernel(n, k, cfg, bias=bias))
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y = t(np.zeros((m, n), np.float32))
+    lib["f"](t(x), t(plin.pack(w, 16)), *([t(b)] if bias else []), y)
+    want = ref.linear([x, w, b if bias else None], Attrs())[0]
+    assert_close(y.numpy(), want, name=f"packed linear {cfg}")
+
+
+def test_packed_linear_refuses_ragged_n():
+    with pytest.raises(ValueError, match="multiple"):
+        plin.packed_linear_kernel(40, 8, plin.PREFILL)
+    with pytest.raises(ValueError, match="bad packed"):
+        plin.PackedConfig(mr=8, nv=4)
+
+
+def test_packed_embedding_and_last_position(rng):
+    lib = compile_funcs(emb=ew.packed_embedding_kernel(48, 37, 16),
+                        last=ew.last_position_kernel(37))
+    table = rng.standard_normal((48, 37), dtype=np.float32)
+    ids = rng.integers(0, 48, 9)
+    y = t(np.zeros((9, 37), np.float32))
+    lib["emb"](t(plin.pack(table, 16)), t(ids), y)
+    assert_close(y.numpy(), table[ids], name="packed embedding")
+    x = rng.standard_normal((3, 5, 37), dtype=np.float32)
+    last = t(np.zeros((3, 1, 37), np.float32))
+    lib["last"](t(x), last)
+    assert_close(last.numpy(), x[:, -1:], name="last position")
