@@ -86,31 +86,40 @@ def _ort_matmul(w: np.ndarray, threads: int):
 
 def bench_linear(threads: int, repeat: int, bandwidth: float) -> None:
     from kiln.codegen.kernels import linear as lin
+    from kiln.codegen.kernels import packed_linear as plin
     from kiln.codegen.targets import host_cpu
 
     target = host_cpu(threads)
     rng = np.random.default_rng(0)
-    print(f"\nlinear y = x @ W^T (W [N, K] fp32), {threads} threads, median of {repeat}; M=1 "
-          f"cycles through weight copies > L3 (DRAM-cold); roofline {bandwidth:.1f} GB/s")
+    print(f"\nlinear y = x @ W^T (W [N, K] fp32; pMRxNV: packed [N/16, K, 16]), {threads} "
+          f"threads, median of {repeat}; M=1 cycles through weight copies > L3 (DRAM-cold); "
+          f"roofline {bandwidth:.1f} GB/s")
     print(f"{'N x K':>12} {'M':>4} {'cfg':>10} | {'kiln':>17} | {'numpy':>17} | "
           f"{'onnxruntime':>17} | {'kiln %bw':>8}")
     for n, k in LINEAR_SHAPES:
         copies = max(1, min(48, -(-(80 << 20) // (n * k * 4))))
         ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(copies)]
         sessions = [_ort_matmul(w, threads)[0] for w in ws]
-        for m, cfg in ((1, lin.DECODE), (512, lin.PREFILL)):
-            if n > 20000 and m > 1:
+        for m, cfg in ((1, plin.DECODE), (1, lin.DECODE), (128, plin.PREFILL),
+                       (512, plin.PREFILL), (512, lin.PREFILL)):
+            if n > 20000 and m > 128:
                 continue  # the LM head runs on the last position only in a generation loop
             x = rng.standard_normal((m, k), dtype=np.float32)
             times = _time_linear(target, cfg, x, ws if m == 1 else ws[:1],
                                  sessions if m == 1 else sessions[:1], repeat)
             cells = [_cell(t, m, n, k) for t in times.values()]
             bw = n * k * 4 / times["kiln"] / 1e9
-            tag = f"{cfg.mr}x{cfg.nr}" + (f"/{cfg.mb}x{cfg.nb}" if cfg.mb else "")
+            tag = _tag(cfg)
             hot = "  (copies fit the L3: cache-hot)" if m == 1 and copies * n * k * 4 < (
                 48 << 20) else ""
             print(f"{n:>6} x{k:>5} {m:>4} {tag:>10} | " + " | ".join(cells) +
                   (f" | {100 * bw / bandwidth:>7.0f}%{hot}" if m == 1 else " |"))
+
+
+def _tag(cfg) -> str:
+    if hasattr(cfg, "nv"):  # packed weights [N/16, K, 16]
+        return f"p{cfg.mr}x{cfg.nv}"
+    return f"{cfg.mr}x{cfg.nr}" + (f"/{cfg.mb}x{cfg.nb}" if cfg.mb else "")
 
 
 def _time_linear(target, cfg, x: np.ndarray, ws: list[np.ndarray], sessions: list,
@@ -119,13 +128,16 @@ def _time_linear(target, cfg, x: np.ndarray, ws: list[np.ndarray], sessions: lis
     import tvm
 
     from kiln.codegen.kernels import linear as lin
+    from kiln.codegen.kernels import packed_linear as plin
 
     (m, k), n = x.shape, ws[0].shape[0]
-    f = lin.linear_kernel(n, k, cfg, lanes=target.lanes(4))
+    packed = isinstance(cfg, plin.PackedConfig)
+    f = (plin.packed_linear_kernel(n, k, cfg) if packed else
+         lin.linear_kernel(n, k, cfg, lanes=target.lanes(4)))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                       target=target.tvm_target())
     xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty((m, n), np.float32))
-    wts = [tvm.runtime.tensor(w) for w in ws]
+    wts = [tvm.runtime.tensor(plin.pack(w, 16) if packed else w) for w in ws]
     lib["main"](xt, wts[0], yt)
     ref = x @ ws[0].T
     err = np.abs(yt.numpy() - ref).max() / np.abs(ref).max()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from tvm import relax, tirx
 
+from kiln.codegen import lower_elementwise  # noqa: F401 - registers the generic op lowerings
 from kiln.codegen.lower import (
     PHASE_CONFIGS,
     KernelConfigs,

@@ -19,6 +19,7 @@ from kiln.codegen.kernels import attention as attn_k
 from kiln.codegen.kernels import elementwise as ew
 from kiln.codegen.kernels import linear as lin
 from kiln.codegen.kernels import packed_linear as plin
+from kiln.codegen.kernels import prefill_attention as pattn
 from kiln.codegen.kernels import with_root_block
 from kiln.codegen.targets import KilnTarget
 from kiln.compiler.errors import KilnError
@@ -32,6 +33,7 @@ class KernelConfigs:
     linear: lin.LinearConfig
     packed: plin.PackedConfig = plin.PREFILL
     attention_block: int = 32
+    query_tiles: bool = True  # prefill attention: several queries per task share K/V loads
     parallel_small: bool = True  # element-wise/row kernels on the thread pool
     linear_by_shape: tuple[tuple[tuple[int, int], lin.LinearConfig], ...] = ()
 
@@ -42,7 +44,8 @@ class KernelConfigs:
 PHASE_CONFIGS = {
     "prefill": KernelConfigs(linear=lin.PREFILL),
     # one token: launching the thread pool costs more than the element-wise work itself
-    "decode": KernelConfigs(linear=lin.DECODE, packed=plin.DECODE, parallel_small=False),
+    "decode": KernelConfigs(linear=lin.DECODE, packed=plin.DECODE, parallel_small=False,
+                            query_tiles=False),
 }
 
 
@@ -325,12 +328,13 @@ def _binary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
 
 
 def _flat_map(ctx: LowerContext, key: tuple, args: list[relax.Expr],
-              make: Callable[[str], tirx.PrimFunc]) -> relax.Expr:
+              make: Callable[[str], tirx.PrimFunc], *, out_dtype: str | None = None,
+              ) -> relax.Expr:
     shape, dtype = shape_of(args[0]), dtype_of(args[0])
     gv = ctx.kernel((*key, dtype, ctx.par), lambda: make(dtype))
     n = _numel(shape)
     flat = [reshape(ctx, a, [n]) for a in args]
-    return reshape(ctx, call(ctx, gv, flat, [n], dtype), shape)
+    return reshape(ctx, call(ctx, gv, flat, [n], out_dtype or dtype), shape)
 
 
 @lowering("attention")
@@ -352,14 +356,26 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     past = relax.prim_value(ctx.past)
     upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, past], [0, 1], [kc.ty, vc.ty]))
     kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))
-    blk = ctx.configs.attention_block
     scale = float(a.get("scale", 1.0 / math.sqrt(d)))
     mdt = dtype_of(mask) if mask is not None else "int64"
-    gv = ctx.kernel(("attention", h, kvh, d, scale, causal, mask is not None, blk, dtype, mdt),
-                    lambda: attn_k.attention_kernel(h, kvh, d, scale, causal=causal,
-                                                    masked=mask is not None, block=blk,
-                                                    dtype=dtype, mask_dtype=mdt))
+    gv = _attention_kernel(ctx, h, kvh, d, scale, causal, mask is not None, dtype, mdt)
     args = [q, kc2, vc2] + ([mask] if mask is not None else []) + [past]
     out = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType(shape_of(q), dtype)))
     ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
     return [out, kc2, vc2]
+
+
+def _attention_kernel(ctx: LowerContext, h: int, kvh: int, d: int, scale: float, causal: bool,
+                      masked: bool, dtype: str, mdt: str) -> relax.GlobalVar:
+    """Query-tiled kernel for prefill (when D fills whole vectors), one query per task else."""
+    if ctx.configs.query_tiles and d % pattn.B == 0 and dtype == "float32":
+        qt = pattn.tile_queries(h, kvh)
+        return ctx.kernel(("pattention", h, kvh, d, scale, causal, masked, qt, mdt),
+                          lambda: pattn.prefill_attention_kernel(
+                              h, kvh, d, scale, queries=qt, causal=causal, masked=masked,
+                              dtype=dtype, mask_dtype=mdt))
+    blk = ctx.configs.attention_block
+    return ctx.kernel(("attention", h, kvh, d, scale, causal, masked, blk, dtype, mdt),
+                      lambda: attn_k.attention_kernel(h, kvh, d, scale, causal=causal,
+                                                      masked=masked, block=blk, dtype=dtype,
+                                                      mask_dtype=mdt))

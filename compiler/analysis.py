@@ -7,7 +7,7 @@ from typing import Any
 from kiln.compiler.ir import Graph
 
 CANONICAL_OPS = frozenset({"linear", "embedding", "rms_norm", "layer_norm", "gelu", "silu",
-                           "silu_mul", "rotary", "attention"})
+                           "silu_mul", "gelu_mul", "rotary", "attention"})
 
 
 def describe(graph: Graph) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def describe(graph: Graph) -> dict[str, Any]:
     norms = [n for n in graph.nodes if n.op in ("rms_norm", "layer_norm")]
     rot = [n for n in graph.nodes if n.op == "rotary"]
     emb = [n for n in graph.nodes if n.op == "embedding"]
-    acts = {n.op for n in graph.nodes if n.op in ("silu", "silu_mul", "gelu")}
+    acts = {n.op for n in graph.nodes if n.op in ("silu", "silu_mul", "gelu", "gelu_mul")}
     first = attn[0].attrs if attn else {}
     info: dict[str, Any] = {
         "family": _family(attn, norms, rot, acts),

@@ -31,13 +31,22 @@ def _kiln_version() -> str:
 
 
 def compile_graph(model: Path, *, max_seq: int, progress: Progress,
-                  weights_optional: bool) -> Graph:
+                  weights_optional: bool, pack_block: int = 0) -> Graph:
+    """The canonical graph; with `pack_block`, linear weights in the CPU kernels' layout."""
     from kiln.compiler.driver import canonicalize
+    from kiln.passes import get_pass
 
     result = canonicalize(model, pipeline="compile", weights_optional=weights_optional,
                           on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes"),
                           options={"tabulate_positions": {"max_positions": max_seq}})
-    return result.canonical
+    if not pack_block:
+        return result.canonical
+    return get_pass("pack_linear_weights")(result.canonical, block=pack_block)
+
+
+def _pack_block(target: dict[str, Any]) -> int:
+    """Weights are packed for the CPU kernels (one SIMD vector of fp32 per block)."""
+    return 16 if target.get("kind") == "llvm" and target.get("name") == "cpu" else 0
 
 
 def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",

@@ -152,6 +152,7 @@ class Matcher:
     graph: Graph
     producer: dict[str, Node] = field(init=False)
     _consts: dict[str, np.ndarray | None] = field(init=False, default_factory=dict)
+    _consumers: dict[str, list[Node]] | None = field(init=False, default=None)
     max_const_elements: int = 1 << 16
 
     def __post_init__(self) -> None:
@@ -165,6 +166,12 @@ class Matcher:
                 self.max_const_elements
             self._consts[value] = p.load() if small and p.source.available else None
         return self._consts[value]
+
+    def users(self, value: str) -> list[Node]:
+        """The nodes that read `value` (the consumer map is built on first use)."""
+        if self._consumers is None:
+            self._consumers = self.graph.consumers()
+        return self._consumers.get(value, [])
 
     def first(self, pattern: Pattern, value: str) -> dict | None:
         return next(iter(pattern.match(self, value, {})), None)

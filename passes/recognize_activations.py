@@ -1,6 +1,6 @@
 """Recognize activations: x * sigmoid(x) -> silu, silu(g) * u -> silu_mul (SwiGLU's gating),
-erf and tanh GELU formulas (and ONNX's Gelu,
-FastGelu-style contrib ops) -> gelu.
+erf and tanh GELU formulas (and ONNX's Gelu, FastGelu-style contrib ops) -> gelu, and
+gelu(g) * u -> gelu_mul (GeGLU: Gemma's gated MLP).
 
 Requires: constants folded. Preserves: types. The constants of each formula are checked by value
 (0.5, sqrt(2), sqrt(2/pi), 0.044715), in any association and multiplication order that the
@@ -45,6 +45,13 @@ GELU_OP = Op("Gelu", X, name="gelu")
 FAST_GELU = Op("com.microsoft.FastGelu", X)
 MS_GELU = Op("com.microsoft.Gelu", X)
 
+UP = Var("up")
+GELU_MUL_ERF = Op("Mul", GELU_ERF, UP) | Op("Mul", Op("gelu", X, where=lambda m, n: n.attrs.get(
+    "approximate", "none") == "none"), UP)
+GELU_MUL_TANH = Op("Mul", GELU_TANH, UP) | Op("Mul", Op("gelu", X, where=lambda m, n: n.attrs.get(
+    "approximate", "none") == "tanh"), UP)
+GELU_MUL_OP = Op("Mul", GELU_OP, UP)
+
 
 def _act(op: str, **attrs):
     def build(ed: GraphEditor, node, b) -> bool:
@@ -52,8 +59,9 @@ def _act(op: str, **attrs):
         if "gelu" in b:
             a["approximate"] = b["gelu"].attrs.get("approximate", "none")
         inputs = [b["x"], b["up"]] if "up" in b else [b["x"]]
-        if "up" in b and ed.types[b["up"]].shape != ed.types[node.outputs[0]].shape:
-            return False  # silu_mul is elementwise: no broadcasting of either side
+        out = ed.types[node.outputs[0]]
+        if any(ed.types[v].shape != out.shape or ed.types[v].dtype != out.dtype for v in inputs):
+            return False  # elementwise: no broadcasting, no mixed types
         ed.emit(op, inputs, a, name=node.name, outputs=[node.outputs[0]])
         return True
 
@@ -65,6 +73,9 @@ def recognize_activations(graph: Graph) -> Graph:
     return rewrite(graph, [
         (SILU_MUL, _act("silu_mul")),
         (SILU, _act("silu")),
+        (GELU_MUL_ERF, _act("gelu_mul", approximate="none")),
+        (GELU_MUL_TANH, _act("gelu_mul", approximate="tanh")),
+        (GELU_MUL_OP, _act("gelu_mul")),
         (GELU_ERF, _act("gelu", approximate="none")),
         (GELU_TANH, _act("gelu", approximate="tanh")),
         (GELU_OP, _act("gelu")),

@@ -19,7 +19,14 @@ from kiln.compiler.ir import Attrs, Derived, Graph, Node, Param, TensorType, inl
 from kiln.compiler.shapes import dims_equal
 from kiln.passes import register
 from kiln.passes.patterns import Matcher, Op, Var
-from kiln.passes.queries import last_axis_slice, perm_is, shape_of
+from kiln.passes.queries import (
+    axis_is_last,
+    int_list,
+    last_axis_slice,
+    perm_is,
+    shape_of,
+    slice_bounds,
+)
 from kiln.passes.rewrite import GraphEditor, rewrite
 
 
@@ -118,9 +125,13 @@ def _product(dims):
 
 PROJ = Op("linear", Var("x"), name="lin")
 CUT = Op("Slice", PROJ, name="cut")
-HEAD_CUT = Op("Slice", Op("Transpose", Op("Reshape", PROJ, name="split"), name="perm",
-                          where=perm_is(0, 2, 1, 3)) | Op("Reshape", PROJ, name="split"),
-              name="cut")
+HEADS = Op("Transpose", Op("Reshape", PROJ, name="split"), name="perm",
+           where=perm_is(0, 2, 1, 3)) | Op("Reshape", PROJ, name="split")
+HEAD_CUT = Op("Slice", HEADS, name="cut") | Op("Split", HEADS, name="cut", where=axis_is_last())
+# Falcon's multi-query layout: [b, s, H + 2, D] cut along the head axis (Slice, or Gather of one)
+HEAD_PICK = Op("Slice", Op("Reshape", PROJ, name="split"), name="pick") | \
+    Op("Gather", Op("Reshape", PROJ, name="split"), Var("index"), name="pick",
+       where=lambda m, n: n.attrs.get("axis", 0) in (2, -2))
 
 
 def _rows(ed: GraphEditor, v: str, groups: int, start: int, stop: int) -> str:
@@ -174,13 +185,40 @@ def _sliced(consumers: dict):
 
 
 def _sole_path(consumers: dict, outputs, b: dict) -> bool:
-    """Whether the projection feeds only the head split, and the split only the slices."""
+    """Whether the projection feeds only the head split, and the split only the cuts."""
     lin, split = b["lin"], b["split"]
     last = b["perm"].outputs[0] if "perm" in b else split.outputs[0]
-    used = (lin.outputs[0], ("Reshape",)), (last, ("Slice",))
+    used = (lin.outputs[0], ("Reshape",)), (last, ("Slice", "Split"))
     if "perm" in b:
         used = (*used, (split.outputs[0], ("Transpose",)))
     return all(_only_used_by(consumers, outputs, v, ops) for v, ops in used)
+
+
+def _head_cuts(m: Matcher, cut: Node, width) -> list[tuple[int, int]] | None:
+    """[(start, stop)] of each output of a Slice or Split of the last (head) axis."""
+    if cut.op == "Slice":
+        bounds = _cut_bounds(m, cut, width)
+        return None if bounds is None else [bounds]
+    sizes = int_list(m, cut, "split", 1)
+    if sizes is None and isinstance(width, int) and width % len(cut.outputs) == 0:
+        sizes = (width // len(cut.outputs),) * len(cut.outputs)
+    if sizes is None or len(sizes) != len(cut.outputs) or sum(sizes) != width:
+        return None
+    ends = np.cumsum(sizes).tolist()
+    return [(e - n, e) for n, e in zip(sizes, ends, strict=True)]
+
+
+def _emit_head_cut(ed: GraphEditor, b: dict, heads: int, cut: tuple[int, int], out: str) -> None:
+    """heads(linear(x, the rows of `cut` in every head)) as the value `out`."""
+    name = f"{b['cut'].name}[{cut[0]}:{cut[1]}]"
+    shape = ed.add_param(inline_param(f"{name}.heads",
+                                      np.array([0, 0, heads, cut[1] - cut[0]], np.int64)))
+    flat = _project(ed, b["lin"], heads, *cut)
+    if "perm" not in b:
+        ed.emit("Reshape", [flat, shape], name=f"{name}.split", outputs=[out])
+        return
+    split = ed.emit("Reshape", [flat, shape], name=f"{name}.split")[0]
+    ed.emit("Transpose", [split], {"perm": (0, 2, 1, 3)}, name=f"{name}.heads", outputs=[out])
 
 
 def _head_sliced(consumers: dict):
@@ -192,28 +230,94 @@ def _head_sliced(consumers: dict):
                 any(v and v not in ed.params for v in lin.inputs[1:]) or \
                 not _sole_path(consumers, ed.graph.outputs, b):
             return False
-        cut = _cut_bounds(m, b["cut"], heads[3])
-        if cut is None or cut == (0, heads[3]):
+        cuts = _head_cuts(m, b["cut"], heads[3])
+        if cuts is None or cuts == [(0, heads[3])]:
             return False
-        h = heads[2]
-        shape = ed.add_param(inline_param(f"{node.name}.heads",
-                                          np.array([0, 0, h, cut[1] - cut[0]], np.int64)))
-        flat_cut = _project(ed, lin, h, *cut)
-        if "perm" not in b:
-            ed.emit("Reshape", [flat_cut, shape], name=f"{node.name}.split",
-                    outputs=[node.outputs[0]])
-            return True
-        split = ed.emit("Reshape", [flat_cut, shape], name=f"{node.name}.split")[0]
-        ed.emit("Transpose", [split], {"perm": (0, 2, 1, 3)}, name=f"{node.name}.heads",
-                outputs=[node.outputs[0]])
+        for cut, out in zip(cuts, node.outputs, strict=True):
+            _emit_head_cut(ed, b, heads[2], cut, out)
+        return True
+
+    return build
+
+
+def _picked_heads(m: Matcher, b: dict, heads: int) -> tuple[int, int] | None:
+    """(first, stop) of the heads a Slice or a one-element Gather takes from axis 2."""
+    pick = b["pick"]
+    if pick.op == "Gather":
+        index, shape = m.const(b["index"]), shape_of(m, b["index"])
+        if index is None or shape is None or tuple(shape) != (1,):
+            return None
+        i = int(index.reshape(-1)[0])
+        i = i + heads if i < 0 else i
+        return (i, i + 1) if 0 <= i < heads else None
+    bounds = slice_bounds(m, pick)
+    if bounds is None or len(bounds) != 1 or bounds[0][0] != 2 or bounds[0][3] != 1:
+        return None
+    start, stop = bounds[0][1:3]
+    return (start, stop) if 0 <= start < stop <= heads else None
+
+
+def _head_picked(consumers: dict):
+    def build(ed: GraphEditor, node, b) -> bool:
+        m, lin, split = ed.matcher, b["lin"], b["split"]
+        heads, flat = shape_of(m, split.outputs[0]), shape_of(m, lin.outputs[0])
+        outputs = ed.graph.outputs
+        if heads is None or flat is None or len(heads) != 4 or len(flat) != 3 or \
+                tuple(heads[:2]) != tuple(flat[:2]) or not isinstance(heads[2], int) or \
+                not isinstance(heads[3], int) or \
+                any(v and v not in ed.params for v in lin.inputs[1:]) or \
+                not _only_used_by(consumers, outputs, lin.outputs[0], ("Reshape",)) or \
+                not _only_used_by(consumers, outputs, split.outputs[0], ("Slice", "Gather")):
+            return False
+        picked = _picked_heads(m, b, heads[2])
+        if picked is None or picked == (0, heads[2]):
+            return False
+        d = heads[3]
+        flat_cut = _project(ed, lin, 1, picked[0] * d, picked[1] * d)
+        shape = ed.add_param(inline_param(f"{node.name}.heads", np.array(
+            [0, 0, picked[1] - picked[0], d], np.int64)))
+        ed.emit("Reshape", [flat_cut, shape], name=f"{node.name}.split", outputs=[node.outputs[0]])
+        return True
+
+    return build
+
+
+UNSQUEEZED_CUT = Op("Split", Op("Unsqueeze", PROJ, name="unsq"), name="cut",
+                    where=axis_is_last())
+
+
+def _unsqueezed_split(consumers: dict):
+    """Split(Unsqueeze(linear(x)), last axis) -> Unsqueeze(linear(x, rows)) per output
+    (GPT-BigCode's c_attn, cut after a head axis was inserted)."""
+    def build(ed: GraphEditor, node, b) -> bool:
+        m, lin, unsq, outputs = ed.matcher, b["lin"], b["unsq"], ed.graph.outputs
+        width = (shape_of(m, lin.outputs[0]) or (None,))[-1]
+        if int_list(m, unsq, "axes", 1) not in ((0,), (1,)) or \
+                any(v and v not in ed.params for v in lin.inputs[1:]) or \
+                not _only_used_by(consumers, outputs, lin.outputs[0], ("Unsqueeze",)) or \
+                not _only_used_by(consumers, outputs, unsq.outputs[0], ("Split",)):
+            return False
+        cuts = _head_cuts(m, node, width)
+        if cuts is None:
+            return False
+        axes = ed.add_param(inline_param(f"{node.name}.axes", np.array(
+            int_list(m, unsq, "axes", 1), np.int64)))
+        for cut, out in zip(cuts, node.outputs, strict=True):
+            ed.emit("Unsqueeze", [_project(ed, lin, 1, *cut), axes],
+                    name=f"{node.name}[{cut[0]}:{cut[1]}]", outputs=[out])
         return True
 
     return build
 
 
 def cut_head_slices(graph: Graph) -> Graph:
-    """Slice(heads(linear(x)))[..., a:b] -> heads(linear(x, rows a:b of every head))."""
-    return rewrite(graph, [(HEAD_CUT, _head_sliced(graph.consumers()))], ops=("Slice",))
+    """Slice(heads(linear(x)))[..., a:b] -> heads(linear(x, rows a:b of every head)); likewise
+    each output of a Split of the head dim (CodeGen's fused qkv), and a Slice or Gather of whole
+    heads (Falcon's [b, s, H + 2, D] multi-query layout)."""
+    consumers = graph.consumers()
+    rules = [(HEAD_CUT, _head_sliced(consumers)), (HEAD_PICK, _head_picked(consumers)),
+             (UNSQUEEZED_CUT, _unsqueezed_split(consumers))]
+    return rewrite(graph, rules, ops=("Slice", "Split", "Gather"))
 
 
 @register("recognize_linear")

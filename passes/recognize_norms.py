@@ -17,6 +17,7 @@ import numpy as np
 from kiln.compiler.ir import Graph, inline_param
 from kiln.passes import register
 from kiln.passes.patterns import Const, Op, Skip, Var
+from kiln.passes.queries import perm_is
 from kiln.passes.rewrite import GraphEditor, rewrite
 
 
@@ -101,11 +102,14 @@ def _norm_op(op: str):
     return build
 
 
-HEAD_NORM = Op("rms_norm", Op("Reshape", Var("flat"), name="split"), Var("w"), name="norm")
+SPLIT = Op("Reshape", Var("flat"), name="split")
+HEAD_NORM = Op("rms_norm", Op("Transpose", SPLIT, name="perm", where=perm_is(0, 2, 1, 3)) | SPLIT,
+               Var("w"), name="norm")
 
 
 def _head_norm(ed: GraphEditor, node, b) -> bool:
-    """rms_norm(Reshape(flat -> [.., H, D])) -> Reshape(rms_norm(flat) {group_size=D})."""
+    """rms_norm(Reshape(flat -> [.., H, D])) -> Reshape(rms_norm(flat) {group_size=D}), also
+    with the heads transposed first (Gemma3: [b, H, s, D])."""
     split, norm = b["split"], b["norm"]
     flat, heads = ed.types[b["flat"]].shape, ed.types[split.outputs[0]].shape
     if "group_size" in norm.attrs or flat is None or heads is None:
@@ -117,7 +121,13 @@ def _head_norm(ed: GraphEditor, node, b) -> bool:
         return False
     normed = ed.emit("rms_norm", [b["flat"], b["w"]], norm.attrs.updated(group_size=d),
                      name=norm.name)[0]
-    ed.emit("Reshape", [normed, *split.inputs[1:]], dict(split.attrs), name=split.name,
+    if "perm" not in b:
+        ed.emit("Reshape", [normed, *split.inputs[1:]], dict(split.attrs), name=split.name,
+                outputs=[node.outputs[0]])
+        return True
+    split4 = ed.emit("Reshape", [normed, *split.inputs[1:]], dict(split.attrs),
+                     name=split.name)[0]
+    ed.emit("Transpose", [split4], dict(b["perm"].attrs), name=b["perm"].name,
             outputs=[node.outputs[0]])
     return True
 

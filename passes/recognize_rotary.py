@@ -4,12 +4,14 @@
     x*cos + rotate_pairs(x)*sin, rotate_pairs(x) = stack(-x[..., 1::2], x[..., ::2]) flattened
                                  (GPT-J's interleaved rotary; cos/sin repeat each frequency twice)
 
-where x is a projection split into heads, [b, H, s, D] (Reshape then Transpose) or [b, s, H, D]
-(Reshape only), and cos/sin broadcast over heads from [b|1, s, R]. R < D (partial rotary) is
-recognized when the unrotated tail is concatenated back. The canonical rotary works on the flat
-projection [b, s, H*D]; the head split is re-emitted after it, for attention recognition to absorb.
+where x is a projection split into heads, [b, H, s, D] (Reshape then Transpose), [b, s, H, D]
+(Reshape only) or a single head [b, 1, s, D] (Unsqueeze), and cos/sin broadcast over heads from
+[b|1, s, R]. R < D (partial rotary) is recognized when the unrotated tail is concatenated back.
+The canonical rotary works on the flat projection [b, s, H*D]; the head split is re-emitted after
+it, for attention recognition to absorb.
 Once rotary has matched, head-dim slices of a projection that remain (GPT-NeoX's per-head
-[q|k|v] layout) become projections of their own, and rotary is matched again on them.
+[q|k|v] layout, CodeGen's Split) become projections of their own, chains of Reshapes collapse
+into one, and rotary is matched again.
 
 Requires: constants folded, linear recognized. Preserves: types.
 """
@@ -31,17 +33,27 @@ ROTATE_HALF = Op("Concat", Op("Neg", Op("Slice", X, name="hi")), Op("Slice", X, 
 ROPE = Op("Add", Op("Mul", X, Var("cos")), Op("Mul", ROTATE_HALF, Var("sin")))
 PARTIAL_ROPE = Op("Concat", ROPE, Op("Slice", Var("full"), name="tail"), name="outer")
 
-_LAST = axis_is_last("axes")
-ROTATE_PAIRS = Op("Reshape", Op("Concat", Op("Unsqueeze", Op("Neg", Op("Slice", X, name="odd")),
-                                             where=_LAST),
-                                Op("Unsqueeze", Op("Slice", X, name="even"), where=_LAST),
-                                name="cat"), name="pairs")
+
+def _new_last_axis(m: Matcher, n) -> bool:
+    """An Unsqueeze appending one trailing axis (axes == (-1,) or (rank,))."""
+    rank = shape_of(m, n.inputs[0])
+    axes = int_list(m, n, "axes", 1)
+    return rank is not None and axes in ((-1,), (len(rank),))
+
+
+ODD = Op("Unsqueeze", Op("Neg", Op("Slice", X, name="odd")), where=_new_last_axis)
+EVEN = Op("Unsqueeze", Op("Slice", X, name="even"), where=_new_last_axis)
+ROTATE_PAIRS = Op("Reshape", Op("Concat", ODD, EVEN, name="cat", where=axis_is_last()),
+                  name="pairs")
 ROPE_PAIRS = Op("Add", Op("Mul", X, Var("cos")), Op("Mul", ROTATE_PAIRS, Var("sin")))
 PARTIAL_ROPE_PAIRS = Op("Concat", ROPE_PAIRS, Op("Slice", Var("full"), name="tail"),
                         name="outer")
 
 HEADS_BHSD = Op("Transpose", Op("Reshape", Var("flat"), name="split"), where=perm_is(0, 2, 1, 3))
 HEADS_BSHD = Op("Reshape", Var("flat"), name="split")
+# a single head [b, 1, s, D] made by inserting the head axis (GPT-BigCode's multi-query k, v)
+ONE_HEAD = Op("Unsqueeze", Var("flat"), name="split",
+              where=lambda m, n: int_list(m, n, "axes", 1) in ((1,), (-3,)))
 
 
 def _halves(m: Matcher, b: dict) -> int | None:
@@ -88,7 +100,7 @@ def _table_3d(ed: GraphEditor, m: Matcher, v: str, head_axis: int, r: int) -> st
 
 def split_heads(m: Matcher, x: str) -> tuple[str, int, int, int] | None:
     """(flat projection, H, D, head axis) when x splits [b, s, H*D] into heads."""
-    for pattern, head_axis in ((HEADS_BHSD, 1), (HEADS_BSHD, 2)):
+    for pattern, head_axis in ((HEADS_BHSD, 1), (HEADS_BSHD, 2), (ONE_HEAD, 1)):
         b = m.first(pattern, x)
         if b is None:
             continue
@@ -96,7 +108,8 @@ def split_heads(m: Matcher, x: str) -> tuple[str, int, int, int] | None:
         if shape is None or flat is None or len(shape) != 4 or len(flat) != 3:
             continue
         h, d = shape[head_axis], shape[3]
-        if isinstance(h, int) and isinstance(d, int) and flat[2] == h * d:
+        if isinstance(h, int) and isinstance(d, int) and flat[2] == h * d and \
+                tuple(flat[:2]) == (shape[0], shape[3 - head_axis]):
             return b["flat"], h, d, head_axis
     return None
 
@@ -152,6 +165,25 @@ def _partial(ed: GraphEditor, node, b) -> bool:
     return _emit_rotary(ed, m, node, b, b["full"], r, interleaved)
 
 
+CHAIN = Op("Reshape", Op("Reshape", Var("x")) | Op("Unsqueeze", Var("x")))
+
+
+def _collapse(ed: GraphEditor, node, b) -> bool:
+    """Reshape(Reshape(x)) -> Reshape(x) where it splits a flat [b, s, H*D] into heads
+    [b, s, H, D] by a detour (CodeGen's [.., H, 1, D] round trip, GPT-BigCode's Unsqueeze)."""
+    src = b["x"]
+    while (p := ed.matcher.producer.get(src)) is not None and p.op in ("Reshape", "Unsqueeze"):
+        src = p.inputs[0]
+    out, flat = ed.types[node.outputs[0]].shape, ed.types[src].shape
+    if out is None or flat is None or len(out) != 4 or len(flat) != 3 or \
+            tuple(out[:2]) != tuple(flat[:2]) or not all(isinstance(d, int) for d in out[2:]):
+        return False
+    shape = ed.add_param(inline_param(f"{node.name}.heads", np.array([0, 0, *out[2:]],
+                                                                      np.int64)))
+    ed.emit("Reshape", [src, shape], name=node.name, outputs=[node.outputs[0]])
+    return True
+
+
 RULES = [(PARTIAL_ROPE, _partial), (PARTIAL_ROPE_PAIRS, _partial), (ROPE, _full),
          (ROPE_PAIRS, _full)]
 
@@ -159,4 +191,5 @@ RULES = [(PARTIAL_ROPE, _partial), (PARTIAL_ROPE_PAIRS, _partial), (ROPE, _full)
 @register("recognize_rotary")
 def recognize_rotary(graph: Graph) -> Graph:
     graph = rewrite(graph, RULES, ops=("Add", "Concat"))
-    return rewrite(cut_head_slices(graph), RULES, ops=("Add", "Concat"))
+    graph = rewrite(cut_head_slices(graph), [(CHAIN, _collapse)], ops=("Reshape",))
+    return rewrite(graph, RULES, ops=("Add", "Concat"))

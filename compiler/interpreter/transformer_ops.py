@@ -17,8 +17,10 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
     attention   q[b, s, H*D], k[b, s, KV*D], v[b, s, KV*D],
                 past_k?[b, KV, P, D], past_v?[b, KV, P, D],
                 mask?[b, P+s] (nonzero: may attend), bias?[.., s, P+s] (added to scores)
-                num_heads, num_kv_heads, head_dim, scale, causal
+                num_heads, num_kv_heads, head_dim, scale, causal, window?
                 -> out[b, s, H*D], present_k[b, KV, P+s, D], present_v[b, KV, P+s, D]
+                (causal: query i sees keys j <= P+i; window W > 0, only with causal: and
+                j > P+i-W, i.e. the W most recent keys including its own: a sliding window)
 Norms and softmax accumulate in float32 whatever the storage dtype. A query row that may attend
 to no key at all (a padded position) outputs zeros.
 """
@@ -149,7 +151,10 @@ def attention(inputs, attrs):
     allowed = np.ones((b, 1, s, total), dtype=bool)
     if attrs.get("causal", False):
         past = total - s
-        allowed &= (np.arange(total)[None, :] <= past + np.arange(s)[:, None])[None, None]
+        j, i = np.arange(total)[None, :], past + np.arange(s)[:, None]
+        allowed &= (j <= i)[None, None]
+        if attrs.get("window"):
+            allowed &= (j > i - attrs["window"])[None, None]
     if mask is not None:
         allowed &= (mask != 0)[:, None, None, :]
     scores = np.where(allowed, scores, -np.inf)

@@ -202,3 +202,27 @@ def test_linear_tiling_per_shape_override():
     cfg = KernelConfigs(linear=DECODE, linear_by_shape=(((576, 576), tuned),))
     assert cfg.linear_for(576, 576) == tuned
     assert cfg.linear_for(192, 576) == DECODE
+
+
+def test_packed_weights_and_prefill_last(graph, rng, tmp_path):
+    """pack_linear_weights' layout ([N/16, K, 16], tied table included) computes the same logits;
+    prefill_last returns the last position's alone."""
+    from kiln.codegen.testing import LlamaConfig
+    from kiln.passes import get_pass
+
+    cfg = LlamaConfig(vocab=96, hidden=48, layers=1, heads=4, kv_heads=2, head_dim=12, ffn=80,
+                      max_pos=128)
+    plain = canonical_llama_graph(cfg, seed=1)
+    packed = get_pass("pack_linear_weights")(plain, block=16)
+    assert "embed_tokens.packed16" in packed.params and "embed_tokens" not in packed.params
+    sig = build(packed, host_cpu(), tmp_path / "packed.so")
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "packed.so")),
+                                       tvm.cpu())
+    params = tuple(tvm.runtime.tensor(packed.params[p].load()) for p in sig.params)
+    feeds = _feeds(rng.integers(0, cfg.vocab, (2, 11)), 0)
+    want = _reference(plain, sig, feeds)
+    got = _call(vm, "prefill", sig, 0, feeds, _caches(sig, 2), params)
+    assert_close(got, want, name="packed prefill logits")
+    last = _call(vm, "prefill_last", sig, 0, feeds, _caches(sig, 2), params)
+    assert last.shape == (2, 1, cfg.vocab)
+    assert_close(last, want[:, -1:], name="prefill_last logits")

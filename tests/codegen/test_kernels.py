@@ -16,6 +16,7 @@ from kiln.codegen.kernels import attention as attn_k  # noqa: E402
 from kiln.codegen.kernels import elementwise as ew  # noqa: E402
 from kiln.codegen.kernels import linear as lin  # noqa: E402
 from kiln.codegen.kernels import packed_linear as plin  # noqa: E402
+from kiln.codegen.kernels import prefill_attention as pattn  # noqa: E402
 from kiln.codegen.targets import host_cpu  # noqa: E402
 
 
@@ -200,3 +201,29 @@ def test_packed_embedding_and_last_position(rng):
     last = t(np.zeros((3, 1, 37), np.float32))
     lib["last"](t(x), last)
     assert_close(last.numpy(), x[:, -1:], name="last position")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("b", "past", "s", "queries"), [(2, 0, 7, 3), (1, 5, 33, 8),
+                                                          (2, 13, 20, 1), (1, 0, 50, 4)])
+def test_prefill_attention(rng, masked, b, past, s, queries):
+    h, kvh, d, cap, scale = 6, 2, 32, 90, 0.3
+    lib = compile_funcs(attn=pattn.prefill_attention_kernel(h, kvh, d, scale, queries=queries,
+                                                            masked=masked))
+    q = rng.standard_normal((b, s, h * d), dtype=np.float32)
+    k, v = (rng.standard_normal((b, s, kvh * d), dtype=np.float32) for _ in range(2))
+    pk, pv = (rng.standard_normal((b, kvh, past, d), dtype=np.float32) for _ in range(2))
+    mask = (rng.random((b, past + s)) > 0.25).astype(np.int64)
+    mask[0, : past + 3] = 0  # left padding: early queries see no key at all (output 0)
+    caches = []
+    for p, new in ((pk, k), (pv, v)):
+        c = rng.standard_normal((b, kvh, cap, d), dtype=np.float32)  # stale rows: never read
+        c[:, :, :past] = p
+        c[:, :, past:past + s] = new.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+        caches.append(t(c))
+    out = t(np.zeros_like(q))
+    lib["attn"](t(q), *caches, *([t(mask)] if masked else []), past, out)
+    attrs = Attrs({"num_heads": h, "num_kv_heads": kvh, "head_dim": d, "scale": scale,
+                   "causal": True})
+    want = ref.attention([q, k, v, pk, pv, mask if masked else None], attrs)
+    assert_close(out.numpy(), want[0], name=f"prefill attention x{queries}")

@@ -139,8 +139,9 @@ def _rope(g, x4, cos4, sin4, rot=D):
     return g.op("Concat", out, tail, axis=-1)
 
 
-def _mask_bias(g, mask, causal: bool):
-    """An HF-style additive mask built from attention_mask [batch, past+seq] with shape ops."""
+def _mask_bias(g, mask, causal: bool, window: int | None = None):
+    """An HF-style additive mask built from attention_mask [batch, past+seq] with shape ops
+    (keys within `window` of the query only, when given: a sliding window)."""
     total = g.op("Gather", g.op("Shape", mask), g.ints(1), axis=0)
     seq = g.op("Gather", g.op("Shape", "ids"), g.ints(1), axis=0)
     past = g.op("Sub", total, seq)
@@ -152,6 +153,10 @@ def _mask_bias(g, mask, causal: bool):
         tri = g.op("LessOrEqual", g.op("Unsqueeze", keys, g.ints(0)),
                    g.op("Unsqueeze", queries, g.ints(1)))
         allowed = g.op("And", allowed, tri)
+    if window is not None:
+        near = g.op("Greater", g.op("Unsqueeze", keys, g.ints(0)),
+                    g.op("Sub", g.op("Unsqueeze", queries, g.ints(1)), g.const(window, np.int64)))
+        allowed = g.op("And", allowed, near)
     return g.op("Where", allowed, g.const(0.0), g.const(-np.inf))
 
 
