@@ -208,10 +208,14 @@ def _rms_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     x, w = ctx.input(node, 0), ctx.input(node, 1)
     xs, dtype = shape_of(x), dtype_of(x)
     e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
+    groups = 1
+    if node.attrs.get("group_size"):  # per-head norm: each run of group_size features alone
+        group = int(node.attrs["group_size"])
+        groups, e = e // group, group
     gv = ctx.kernel(("rms_norm", e, eps, dtype, ctx.par),
                     lambda: ew.rms_norm_kernel(e, eps, lanes=ctx.lanes, dtype=dtype,
                                                parallel=ctx.par))
-    m = _numel(xs[:-1])
+    m = _numel(xs[:-1]) * groups
     y = call(ctx, gv, [reshape(ctx, x, [m, e]), w], [m, e], dtype)
     return [reshape(ctx, y, xs)]
 
@@ -347,7 +351,7 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     if past_k not in ctx.caches or past_v not in ctx.caches:
         raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
                         "(they become the in-place KV cache)")
-    a = node.attrs
+    a = node.attrs  # a sliding `window` reaches here only when >= the context (compile checks)
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     dtype, causal = dtype_of(q), bool(a.get("causal", False))
     kc, vc = ctx.caches[past_k], ctx.caches[past_v]

@@ -101,8 +101,14 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
 
 
 def _check_positions(graph: Graph, max_seq: int) -> None:
-    """A learned position table bounds the context: refuse a longer --max-seq."""
+    """A learned position table bounds the context: refuse a longer --max-seq. A sliding
+    attention window shorter than the context has no kernel yet (one at least as long as the
+    context never masks anything, so it is compiled as plain causal attention)."""
     for n in graph.nodes:
+        window = n.attrs.get("window") if n.op == "attention" else None
+        if window and window < max_seq:
+            raise KilnError(f"node {n.name} (attention): sliding window {window} < --max-seq "
+                            f"{max_seq} has no kernel yet; compile with --max-seq <= {window}")
         if n.op == "embedding" and n.inputs[1] == "position_ids" and \
                 not n.inputs[0].endswith(".table"):
             rows = graph.types[n.inputs[0]].shape[0]

@@ -217,3 +217,29 @@ def test_context_beyond_learned_positions_is_refused(tmp_path):
     with pytest.raises(KilnError, match="exceeds the model's 256 positions"):
         compile_model(DATA / "gpt2-optimum.onnx", tmp_path / "a", max_seq=512)
     assert not (tmp_path / "a").exists()
+
+
+ZOO_COMPILES = ["falcon-optimum", "gpt_neox-optimum", "gptj-optimum", "mistral-optimum",
+                "phi-optimum", "phi3-optimum", "qwen3-optimum"]
+
+
+@pytest.mark.parametrize("name", ZOO_COMPILES)
+def test_other_architectures_compile_and_match(name, tmp_path, rng):
+    """Multi-query, partial and interleaved rotary, per-head norms, fused projections."""
+    from kiln.compiler.compile import compile_model
+
+    model = DATA / "zoo" / f"{name}.onnx"
+    session = Session.load(compile_model(model, tmp_path / name, max_seq=64))
+    for n in (1, 9):
+        ids = rng.integers(0, 100, (1, n))
+        want = ort_logits(model, ids)["logits"]
+        assert_close(session.prefill(ids), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()),
+                     name=f"{name} logits at prompt length {n}")
+
+
+def test_unsupported_sliding_window_is_refused(tmp_path):
+    from kiln.compiler.compile import compile_model
+
+    with pytest.raises(KilnError, match="sliding window 4 < --max-seq 64"):
+        compile_model(DATA / "zoo" / "gemma2-optimum.onnx", tmp_path / "g", max_seq=64)
+    assert not (tmp_path / "g").exists()
