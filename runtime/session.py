@@ -56,11 +56,11 @@ class Session:
         return cls(art, vm, dev, params, tvm)
 
     @property
-    def device(self):  # noqa: ANN201 - tvm Device
+    def device(self):  # a tvm Device
         return self._dev
 
     @property
-    def tvm(self):  # noqa: ANN201 - the tvm module (runtime-only)
+    def tvm(self):  # the tvm module (runtime-only)
         return self._tvm
 
     @property

@@ -43,7 +43,7 @@ def test_convert_refuses_a_different_model(tmp_path):
     from kiln.compiler.compile import compile_model, convert
 
     bare = compile_model(MODEL, tmp_path / "bare", max_seq=64, weights=False)
-    with pytest.raises(KilnError, match="parameter .* the artifact expects"):
+    with pytest.raises(KilnError, match=r"parameter .* the artifact expects"):
         convert(DATA / "gpt2-optimum.onnx", bare)
 
 
