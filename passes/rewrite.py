@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from kiln.compiler import shapes
 from kiln.compiler.errors import KilnError
+from kiln.compiler.frontend import graph_order
 from kiln.compiler.ir import Attrs, Graph, Node, Param, TensorType
 from kiln.passes.patterns import Matcher, Pattern
 
@@ -86,42 +87,9 @@ class GraphEditor:
             ordered += self._inserts.get(i, [])
             if i < len(self.nodes) and self.nodes[i] is not None:
                 ordered.append(self.nodes[i])
-        g = self.graph.replace(nodes=tuple(toposort(ordered, self.graph)), types=self.types,
-                               params=self.params, **graph_changes)
-        return g
-
-
-def toposort(nodes: Sequence[Node], graph: Graph) -> list[Node]:
-    """Order nodes so every value is defined before use (stable: keeps the given order where
-    possible). Raises naming a node when the nodes form a cycle."""
-    available = set(graph.inputs) | set(graph.params) | {""}
-    producer = {o: i for i, n in enumerate(nodes) for o in n.outputs}
-    waiting: dict[int, set[str]] = {}
-    users: dict[str, list[int]] = {}
-    ready: list[int] = []
-    for i, n in enumerate(nodes):
-        need = {v for v in n.inputs if v not in available and v in producer}
-        waiting[i] = need
-        for v in need:
-            users.setdefault(v, []).append(i)
-        if not need:
-            ready.append(i)
-    import heapq
-
-    heapq.heapify(ready)
-    out: list[Node] = []
-    while ready:
-        i = heapq.heappop(ready)
-        out.append(nodes[i])
-        for v in nodes[i].outputs:
-            for u in users.get(v, ()):
-                waiting[u].discard(v)
-                if not waiting[u]:
-                    heapq.heappush(ready, u)
-    if len(out) != len(nodes):
-        stuck = next(nodes[i] for i, w in waiting.items() if w)
-        raise KilnError(f"node {stuck.name} ({stuck.op}) is on a cycle")
-    return out
+        nodes = graph_order.toposort(ordered, {*self.graph.inputs, *self.params})
+        return self.graph.replace(nodes=tuple(nodes), types=self.types, params=self.params,
+                                  **graph_changes)
 
 
 Rule = tuple[Pattern, Callable[[GraphEditor, Node, dict], bool]]
