@@ -105,19 +105,6 @@ def time_entry(vm, name: str, args, dev, calls: int = 20, batches: int = 7) -> f
     return statistics.median(times)
 
 
-def tvm_copy_gb_s(tvm, dev, mbytes: int = 1024, copies: int = 20) -> float:
-    n = mbytes * (1 << 20) // 4
-    a = tvm.runtime.tensor(np.random.default_rng(1).standard_normal(n, np.float32), dev)
-    b = tvm.runtime.empty((n,), "float32", dev)
-    a.copyto(b)
-    dev.sync()
-    t = time.perf_counter()
-    for _ in range(copies):
-        a.copyto(b)
-    dev.sync()
-    return 2 * 4 * n * copies / (time.perf_counter() - t) / 1e9
-
-
 def torch_numbers(mbytes: int = 1024) -> dict[str, float]:
     """torch's device copy bandwidth (read + write) and fp32 matmul time, by CUDA events."""
     import torch
@@ -148,6 +135,7 @@ def torch_numbers(mbytes: int = 1024) -> dict[str, float]:
 
 def check(bundle: Path) -> None:
     enter_bundle(bundle)
+    from kiln.runtime.bundle.bench import device_copy_gb_s
     from kiln.runtime.tvm_runtime import import_tvm, load_cuda_runtime
 
     tvm = import_tvm()
@@ -166,7 +154,7 @@ def check(bundle: Path) -> None:
         err = rel_error(vm[name](*args).numpy(), np.maximum(x.astype(np.float64) @ w, 0))
         sec = time_entry(vm, name, args, dev)
         rows.append((name, f"{m}x{k}x{n}", err, sec * 1e3, 2 * m * k * n / sec / 1e12))
-    copy = tvm_copy_gb_s(tvm, dev)
+    copy = device_copy_gb_s(tvm, dev)
     child = subprocess.run([sys.executable, __file__, "torch", "-"], capture_output=True,
                            text=True, check=True)
     t = json.loads(child.stdout.strip().splitlines()[-1])

@@ -76,7 +76,11 @@ def _decode(session: Session, prompt: np.ndarray, steps: int, repeat: int) -> Ro
 
 def copy_bandwidth(session: Session, mbytes: int = 1024, copies: int = 20) -> float:
     """GB/s of a device-to-device copy through the TVM runtime, bytes read plus written."""
-    tvm, dev = session.tvm, session.device
+    return device_copy_gb_s(session.tvm, session.device, mbytes, copies)
+
+
+def device_copy_gb_s(tvm, dev, mbytes: int = 1024, copies: int = 20) -> float:
+    """GB/s of `copies` copies of an `mbytes` float32 tensor on `dev` (read plus written)."""
     n = mbytes * (1 << 20) // 4
     a = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(n, np.float32), dev)
     b = tvm.runtime.empty((n,), "float32", dev)
