@@ -14,22 +14,27 @@ row only: logits (batch, 1, vocab), all a generation loop needs, at a fraction o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tvm import relax, tirx
 
-from kiln.codegen import lower_elementwise  # noqa: F401 - registers the generic op lowerings
+from kiln.codegen import (
+    lower_elementwise,  # noqa: F401 - registers the generic op lowerings
+    lower_quant,  # noqa: F401 - registers quant_linear/quant_embedding
+)
 from kiln.codegen.lower import (
     PHASE_CONFIGS,
     KernelConfigs,
     LowerContext,
     last_position,
     lower_node,
+    scale_cache,
     to_prim,
 )
-from kiln.codegen.targets import CpuTarget, KilnTarget
+from kiln.codegen.targets import CpuTarget, CudaTarget, KilnTarget
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
 
@@ -64,9 +69,12 @@ def build_module(graph: Graph, target: KilnTarget, *,
                  configs: dict[str, KernelConfigs] | None = None,
                  ) -> tuple[object, ModuleSignature]:
     """The Relax IRModule (kernels included) and its calling convention."""
-    if not isinstance(target, CpuTarget):
-        raise KilnError(f"target {target.name}: no kernels yet (only cpu)")
+    if not isinstance(target, CpuTarget | CudaTarget):
+        raise KilnError(f"target {target.name}: no kernels (expected cpu or cuda)")
     sig = signature(graph, entry_points)
+    if isinstance(target, CudaTarget):  # the KV cache is stored in the compute dtype
+        sig = dataclasses.replace(sig, caches=tuple(
+            dataclasses.replace(c, dtype=_param_dtype(target, c.dtype)) for c in sig.caches))
     bb = relax.BlockBuilder()
     kernels: dict = {}
     for entry in entry_points:
@@ -79,6 +87,10 @@ def compile_module(mod: object, target: KilnTarget):
     """tvm.compile: kiln's kernels are already scheduled, the default pipeline lowers to the VM."""
     import tvm
 
+    if isinstance(target, CudaTarget):
+        from kiln.codegen.cuda import backend
+
+        return backend.compile_module(mod, target)
     pipeline = tvm.transform.Sequential([tvm.relax.get_pipeline("default"), mark_noalias()])
     with target.tvm_target():
         return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=pipeline)
@@ -107,11 +119,14 @@ def mark_noalias():
     return _mark
 
 
-
 def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, **kw) -> ModuleSignature:
     """Build, compile and export the shared library at `path`; returns its calling convention."""
     mod, sig = build_module(graph, target, **kw)
     compile_module(mod, target).export_library(os.fspath(path))
+    if isinstance(target, CudaTarget):  # machine code, never CUDA source
+        from kiln.codegen.cuda_toolchain import require_fatbin
+
+        require_fatbin(path, target.arch)
     return sig
 
 
@@ -140,9 +155,12 @@ def _cache_specs(graph: Graph) -> tuple[CacheSpec, ...]:
             if not name or name not in graph.inputs:
                 raise KilnError(f"node {node.name} (attention): input {i} must be a graph "
                                 "input (past_k/past_v), it becomes the KV cache")
-            t = graph.types[name]
-            specs.append(CacheSpec(name, int(node.attrs["num_kv_heads"]),
-                                   int(node.attrs["head_dim"]), t.dtype.value))
+            t, kvh = graph.types[name], int(node.attrs["num_kv_heads"])
+            if int(node.attrs.get("kv_bits", 0)) == 8:  # int8 rows, a float32 scale per row
+                specs += [CacheSpec(name, kvh, int(node.attrs["head_dim"]), "int8"),
+                          CacheSpec(scale_cache(name), kvh, 1, "float32")]
+            else:
+                specs.append(CacheSpec(name, kvh, int(node.attrs["head_dim"]), t.dtype.value))
     return tuple(specs)
 
 
@@ -161,10 +179,19 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
     caches = relax.Var("kv_cache", relax.TupleType(cache_ty))
     params = relax.Var("params", relax.TupleType(
         [relax.TensorType([int(d) for d in graph.params[p].type.shape],
-                          graph.params[p].type.dtype.value) for p in sig.params]))
-    with bb.function(entry, [past_arg, *inputs, caches, params]):
+                          _param_dtype(target, graph.params[p].type.dtype.value))
+         for p in sig.params]))
+    cuda = isinstance(target, CudaTarget)
+    if cuda:
+        from kiln.codegen.cuda import backend
+        from kiln.codegen.cuda import lower as cuda_lower
+    attrs = backend.entry_attrs(target, entry, 1 + len(inputs)) if cuda else None
+    lower, last = (cuda_lower.lower_node, cuda_lower.last_position) if cuda else (
+        lower_node, last_position)
+    with bb.function(entry, [past_arg, *inputs, caches, params], attrs=attrs):
         with bb.dataflow():
-            ctx = LowerContext(bb, graph, target, cfg, past, kernels=kernels)
+            ctx = (cuda_lower.CudaLowerContext if cuda else LowerContext)(
+                bb, graph, target, cfg, past, kernels=kernels)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
             for i, p in enumerate(sig.params):
                 ctx.values[p] = bb.emit(relax.TupleGetItem(params, i))
@@ -173,18 +200,27 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
             heads = _output_linears(graph, sig) if entry == "prefill_last" else set()
             for node in graph.nodes:
                 if node.name in heads:
-                    ctx.values[node.inputs[0]] = last_position(ctx, ctx.values[node.inputs[0]])
-                lower_node(ctx, node)
+                    ctx.values[node.inputs[0]] = last(ctx, ctx.values[node.inputs[0]])
+                lower(ctx, node)
             outs = [ctx.values[o] for o in sig.outputs]
             result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(result)
+
+
+def _param_dtype(target: KilnTarget, dtype: str) -> str:
+    if isinstance(target, CudaTarget):
+        from kiln.codegen.cuda.backend import param_dtype
+
+        return param_dtype(target, dtype)
+    return dtype
 
 
 def _output_linears(graph: Graph, sig: ModuleSignature) -> set[str]:
     """Names of the linear nodes producing graph outputs (the LM head) from their own input."""
     outs = set(sig.outputs)
     users = graph.consumers()
-    return {n.name for n in graph.nodes if n.op == "linear" and n.outputs[0] in outs
+    return {n.name for n in graph.nodes if n.op in ("linear", "quant_linear")
+            and n.outputs[0] in outs
             and len(users.get(n.inputs[0], [])) == 1
             and len(graph.types[n.inputs[0]].shape or ()) == 3}
 

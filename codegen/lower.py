@@ -354,32 +354,41 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     a = node.attrs  # a sliding `window` reaches here only when >= the context (compile checks)
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     dtype, causal = dtype_of(q), bool(a.get("causal", False))
-    kc, vc = ctx.caches[past_k], ctx.caches[past_v]
-    append = ctx.kernel(("kv_append", kvh, d, dtype, ctx.par),
-                        lambda: attn_k.kv_append_kernel(kvh, d, dtype=dtype, parallel=ctx.par))
+    q8 = int(a.get("kv_bits", 0)) == 8  # int8 rows + per-row scales (kv8)
+    names = [past_k, past_v] + ([scale_cache(past_k), scale_cache(past_v)] if q8 else [])
+    caches = [ctx.caches[n] for n in names]
+    make = attn_k.kv_append_q8_kernel if q8 else attn_k.kv_append_kernel
+    append = ctx.kernel(("kv_append", q8, kvh, d, dtype, ctx.par),
+                        lambda: make(kvh, d, dtype=dtype, parallel=ctx.par))
     past = relax.prim_value(ctx.past)
-    upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, past], [0, 1], [kc.ty, vc.ty]))
-    kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))
+    upd = ctx.bb.emit(R.call_tir_inplace(append, [*caches, k, v, past], list(range(len(caches))),
+                                         [c.ty for c in caches]))
+    caches = [ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in range(len(caches))]
     scale = float(a.get("scale", 1.0 / math.sqrt(d)))
     mdt = dtype_of(mask) if mask is not None else "int64"
-    gv = _attention_kernel(ctx, h, kvh, d, scale, causal, mask is not None, dtype, mdt)
-    args = [q, kc2, vc2] + ([mask] if mask is not None else []) + [past]
+    gv = _attention_kernel(ctx, h, kvh, d, scale, causal, mask is not None, dtype, mdt, q8)
+    args = [q, *caches] + ([mask] if mask is not None else []) + [past]
     out = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType(shape_of(q), dtype)))
-    ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
-    return [out, kc2, vc2]
+    ctx.caches.update(zip(names, caches, strict=True))
+    return [out, caches[0], caches[1]]
+
+
+def scale_cache(name: str) -> str:
+    """The name of the per-row scale buffer beside an int8 cache buffer."""
+    return f"{name}:scale"
 
 
 def _attention_kernel(ctx: LowerContext, h: int, kvh: int, d: int, scale: float, causal: bool,
-                      masked: bool, dtype: str, mdt: str) -> relax.GlobalVar:
+                      masked: bool, dtype: str, mdt: str, q8: bool) -> relax.GlobalVar:
     """Query-tiled kernel for prefill (when D fills whole vectors), one query per task else."""
     if ctx.configs.query_tiles and d % pattn.B == 0 and dtype == "float32":
         qt = pattn.tile_queries(h, kvh)
-        return ctx.kernel(("pattention", h, kvh, d, scale, causal, masked, qt, mdt),
+        return ctx.kernel(("pattention", h, kvh, d, scale, causal, masked, qt, mdt, q8),
                           lambda: pattn.prefill_attention_kernel(
                               h, kvh, d, scale, queries=qt, causal=causal, masked=masked,
-                              dtype=dtype, mask_dtype=mdt))
+                              dtype=dtype, mask_dtype=mdt, quantized=q8))
     blk = ctx.configs.attention_block
-    return ctx.kernel(("attention", h, kvh, d, scale, causal, masked, blk, dtype, mdt),
+    return ctx.kernel(("attention", h, kvh, d, scale, causal, masked, blk, dtype, mdt, q8),
                       lambda: attn_k.attention_kernel(h, kvh, d, scale, causal=causal,
                                                       masked=masked, block=blk, dtype=dtype,
-                                                      mask_dtype=mdt))
+                                                      mask_dtype=mdt, quantized=q8))

@@ -44,12 +44,25 @@ class CpuTarget:
         return Target(self.tvm_dict())
 
 
+#: compute dtypes a CUDA artifact can be built for (parameters, activations and the KV cache)
+CUDA_DTYPES = ("float16", "bfloat16", "float32")
+
+
 @dataclass(frozen=True, slots=True)
 class CudaTarget:
-    """An NVIDIA GPU target (stub: kernels for it come later)."""
+    """An NVIDIA GPU: its arch, the compute dtype (reductions, softmax and norms accumulate in
+    float32 whatever it is) and the largest batch the decode step's CUDA graph is planned for."""
 
     arch: str = "sm_90"
+    dtype: str = "float16"
+    max_batch: int = 8
     name: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CUDA_DTYPES:
+            raise KilnError(f"cuda: dtype {self.dtype!r} is not one of {', '.join(CUDA_DTYPES)}")
+        if not re.fullmatch(r"sm_\d+a?", self.arch):
+            raise KilnError(f"cuda: arch {self.arch!r} is not of the form sm_XX")
 
     @property
     def kind(self) -> str:

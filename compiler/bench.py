@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.compiler.errors import KilnError
+
 
 @dataclass
 class Row:
@@ -26,27 +28,64 @@ class Row:
 
 
 @dataclass
+class Engine:
+    """One thing measured: a kiln artifact or an ONNX file run by onnxruntime."""
+
+    label: str
+    kind: str  # "kiln" | "onnxruntime"
+    path: str
+    weight_bytes_per_token: int  # parameter bytes read to decode one token
+
+
+@dataclass
 class BenchReport:
     threads: int
     bandwidth_gb_s: float
-    weight_bytes: int
+    weight_bytes: int  # per decoded token, of the first (baseline) engine
     roofline_tok_s: float
     rows: list[Row]
+    engines: list[Engine] = field(default_factory=list)  # the first is the baseline
 
-    def ratio(self, phase: str, tokens: int) -> float | None:
-        k = [r for r in self.rows if r.engine == "kiln" and (r.phase, r.tokens) == (phase, tokens)]
-        o = [r for r in self.rows if r.engine == "onnxruntime" and (r.phase, r.tokens) == (phase,
-                                                                                       tokens)]
-        return k[0].tok_s / o[0].tok_s if k and o and o[0].tok_s else None
+    def tok_s(self, label: str, phase: str, tokens: int) -> float | None:
+        return next((r.tok_s for r in self.rows if (r.engine, r.phase, r.tokens) ==
+                     (label, phase, tokens)), None)
+
+    def ratio(self, phase: str, tokens: int, label: str | None = None,
+              baseline: str | None = None) -> float | None:
+        """tok/s of `label` over `baseline`: by default the first artifact over the first
+        onnxruntime model (kiln / onnxruntime with one of each)."""
+        label = label or next((e.label for e in self.engines if e.kind == "kiln"), "kiln")
+        baseline = baseline or next((e.label for e in self.engines if e.kind == "onnxruntime"),
+                                    "onnxruntime")
+        a, b = self.tok_s(label, phase, tokens), self.tok_s(baseline, phase, tokens)
+        return a / b if a is not None and b else None
+
+    def roofline(self, engine: Engine) -> float:
+        return self.bandwidth_gb_s * 1e9 / engine.weight_bytes_per_token
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        first = next((e.label for e in self.engines if e.kind == "kiln"), "kiln")
         d["ratios"] = {f"{r.phase}@{r.tokens}": self.ratio(r.phase, r.tokens)
-                       for r in self.rows if r.engine == "kiln"}
+                       for r in self.rows if r.engine == first}
         d["decode_fraction_of_roofline"] = next(
             (r.tok_s / self.roofline_tok_s for r in self.rows
-             if r.engine == "kiln" and r.phase == "decode"), None)
+             if r.engine == first and r.phase == "decode"), None)
+        d["baseline"] = self.engines[0].label if self.engines else None
+        d["engines"] = [self._summary(e) for e in self.engines]
         return d
+
+    def _summary(self, e: Engine) -> dict:
+        base = self.engines[0].label
+        decode = next((r.tok_s for r in self.rows if r.engine == e.label and
+                       r.phase == "decode"), None)
+        return {**asdict(e), "roofline_tok_s": self.roofline(e), "decode_tok_s": decode,
+                "decode_fraction_of_roofline": decode / self.roofline(e) if decode else None,
+                "prefill_tok_s": {str(r.tokens): r.tok_s for r in self.rows
+                                  if r.engine == e.label and r.phase == "prefill"},
+                "vs_baseline": {f"{r.phase}@{r.tokens}": self.ratio(r.phase, r.tokens, e.label,
+                                                                   base)
+                                for r in self.rows if r.engine == e.label}}
 
 
 def measure_bandwidth(threads: int, mbytes: int = 512, repeat: int = 5) -> float:
@@ -105,49 +144,85 @@ class _Ort:
         return steps / (time.perf_counter() - t)
 
 
-def bench(artifact: Path, onnx_model: Path | None, *, prompt_lens: list[int], decode_len: int,
-          threads: int, repeat: int = 5, progress: Callable[[str], None] = lambda m: None,
+def bench(artifacts: Path | list[Path], onnx_models: Path | list[Path] | None = None, *,
+          prompt_lens: list[int], decode_len: int, threads: int, repeat: int = 5,
+          labels: list[str] | None = None, progress: Callable[[str], None] = lambda m: None,
           synthetic_weights: int | None = None) -> BenchReport:
+    """Artifacts and ONNX models (onnxruntime) measured in one run, alternating between them in
+    every repetition; the first artifact is the baseline of the ratios."""
     from kiln.runtime.session import Session
 
+    artifacts = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
+    onnx_models = [onnx_models] if isinstance(onnx_models, (str, Path)) else \
+        list(onnx_models or [])
+    names = _labels(artifacts, onnx_models, labels or [])
     progress("measuring memory bandwidth")
     bw = measure_bandwidth(threads)
-    session = Session.load(artifact, threads=threads, synthetic_weights=synthetic_weights)
-    ort = _Ort(onnx_model, threads) if onnx_model is not None else None
-    vocab = session.vocab or 2
+    engines: list[tuple[Engine, object]] = []
+    for path, label in zip(artifacts, names[:len(artifacts)], strict=True):
+        session = Session.load(path, threads=threads, synthetic_weights=synthetic_weights)
+        info = Engine(label, "kiln", str(path), artifact_bytes_per_token(session.artifact.manifest))
+        engines.append((info, session))
+    for path, label in zip(onnx_models, names[len(artifacts):], strict=True):
+        from kiln.compiler.frontend.onnx_traffic import bytes_per_token
+
+        engines.append((Engine(label, "onnxruntime", str(path), bytes_per_token(path)),
+                        _Ort(path, threads)))
+    vocab = min(e.vocab or 2 for _, e in engines if isinstance(e, Session))
     rng = np.random.default_rng(0)
     rows: list[Row] = []
-    engines = [("kiln", session)] + ([("onnxruntime", ort)] if ort else [])
     for n in prompt_lens:
         ids = rng.integers(0, vocab, (1, n))
-        rates = {e: [] for e, _ in engines}
-        for i in range(repeat + 1):  # alternate engines; the first round warms up
-            for e, eng in engines:
-                progress(f"prefill {n}: {e} run {i}")
-                t = time.perf_counter()
-                eng.prefill(ids)
-                r = n / (time.perf_counter() - t)
-                if i:
-                    rates[e].append(r)
-        rows += [Row(e, "prefill", n, statistics.median(v), v) for e, v in rates.items()]
-        last = []  # what `kiln run` does: the LM head on the last position only
-        for _ in range(repeat):
-            t = time.perf_counter()
-            session.prefill(ids, last_only=True)
-            last.append(n / (time.perf_counter() - t))
-        rows.append(Row("kiln", "prefill_last", n, statistics.median(last), last))
+        rows += _alternate(engines, f"prefill {n}", "prefill", n, repeat, progress,
+                           lambda eng, ids=ids, n=n: _timed(n, eng.prefill, ids))
+        for info, eng in engines:  # what `kiln run` does: the LM head on the last position only
+            if info.kind == "kiln":
+                last = [_timed(n, lambda ids=ids, eng=eng: eng.prefill(ids, last_only=True))
+                        for _ in range(repeat)]
+                rows.append(Row(info.label, "prefill_last", n, statistics.median(last), last))
     prompt = rng.integers(0, vocab, (1, 16))
-    rates = {e: [] for e, _ in engines}
+    rows += _alternate(engines, f"decode {decode_len}", "decode", decode_len, repeat, progress,
+                       lambda eng: (eng.decode(prompt, decode_len) if isinstance(eng, _Ort) else
+                                    _kiln_decode(eng, prompt, decode_len)))
+    first = engines[0][0].weight_bytes_per_token
+    return BenchReport(threads, bw, first, bw * 1e9 / first, rows, [e for e, _ in engines])
+
+
+def _labels(artifacts: list[Path], onnx_models: list[Path], given: list[str]) -> list[str]:
+    """Given labels in order (artifacts, then ONNX models), else "kiln" and "onnxruntime" for
+    one of each, else the artifact folder and ONNX file names."""
+    if not artifacts:
+        raise KilnError("give at least one artifact to benchmark")
+    total = len(artifacts) + len(onnx_models)
+    if len(given) > total:
+        raise KilnError(f"{len(given)} --label values for {total} engines")
+    default = (["kiln"] * (len(artifacts) == 1) or [Path(a).name for a in artifacts]) + \
+        (["onnxruntime"] * (len(onnx_models) == 1) or
+         [f"onnxruntime:{Path(m).stem}" for m in onnx_models])
+    names = [*given, *default[len(given):]]
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    if dupes:
+        raise KilnError(f"engine label {dupes[0]!r} is used twice; name them with --label")
+    return names
+
+
+def _timed(tokens: int, fn: Callable, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return tokens / (time.perf_counter() - t)
+
+
+def _alternate(engines, what: str, phase: str, tokens: int, repeat: int,
+               progress: Callable[[str], None], run: Callable[[object], float]) -> list[Row]:
+    """`repeat` rounds over all engines in turn (after one warm-up round): one row each."""
+    rates: dict[str, list[float]] = {info.label: [] for info, _ in engines}
     for i in range(repeat + 1):
-        for e, _ in engines:
-            progress(f"decode {decode_len}: {e} run {i}")
-            r = (_kiln_decode(session, prompt, decode_len) if e == "kiln" else
-                 ort.decode(prompt, decode_len))
+        for info, eng in engines:
+            progress(f"{what}: {info.label} run {i}")
+            r = run(eng)
             if i:
-                rates[e].append(r)
-    rows += [Row(e, "decode", decode_len, statistics.median(v), v) for e, v in rates.items()]
-    weight_bytes = _weight_bytes(session)
-    return BenchReport(threads, bw, weight_bytes, bw * 1e9 / weight_bytes, rows)
+                rates[info.label].append(r)
+    return [Row(label, phase, tokens, statistics.median(v), v) for label, v in rates.items()]
 
 
 def _kiln_decode(session, prompt: np.ndarray, steps: int) -> float:
@@ -159,27 +234,60 @@ def _kiln_decode(session, prompt: np.ndarray, steps: int) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def _weight_bytes(session) -> int:
-    return sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
-               for p in session.artifact.manifest["params"] if p["role"] != "table")
+def artifact_bytes_per_token(manifest: dict) -> int:
+    """Parameter bytes an artifact reads to decode one token, from its parameter table.
+
+    Every parameter is read whole, except position tables and an embedding table, of which one
+    row is read, unless the LM head reads the embedding table too (tied). The table says a
+    parameter's first use only, so tied means: the table is packed for the linear kernels
+    (3-D), or no other parameter has vocab output rows (an LM head of its own).
+    """
+    params = manifest["params"]
+    vocab = manifest.get("architecture", {}).get("vocab")
+
+    def nbytes(p: dict) -> int:
+        return int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+
+    def rows_out(p: dict) -> int | None:
+        shape = p["shape"]
+        return shape[0] if len(shape) == 2 else shape[0] * shape[2] if len(shape) == 3 else None
+
+    total = 0
+    for p in params:
+        one_row = p["role"] == "table"
+        if p["role"] == "embedding.table" and vocab and len(p["shape"]) == 2:
+            one_row = any(q is not p and q["role"] not in ("embedding.table", "table") and
+                          rows_out(q) == vocab for q in params)
+        total += nbytes(p) // p["shape"][0] if one_row and p["shape"] else nbytes(p)
+    return total
 
 
 def plot(report: BenchReport, path: Path) -> None:
+    """One panel per (phase, tokens), one bar per engine; decode panels mark each engine's
+    bandwidth roofline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = sorted({(r.phase, r.tokens) for r in report.rows})
-    engines = sorted({r.engine for r in report.rows})
-    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4))
+    engines = [e.label for e in report.engines] or sorted({r.engine for r in report.rows})
+    palette = ["#d9662b", "#2b7bd9", "#3a9e4f", "#9b59b6", "#c0392b", "#777777"]
+    colors = {e: palette[i % len(palette)] for i, e in enumerate(engines)}
+    fig, axes = plt.subplots(1, len(cases), figsize=(max(3.2, 1.1 * len(engines)) * len(cases),
+                                                    3.6))
     for ax, (phase, n) in zip(np.atleast_1d(axes), cases, strict=True):
-        vals = [next((r.tok_s for r in report.rows if (r.engine, r.phase, r.tokens) ==
-                      (e, phase, n)), 0.0) for e in engines]
-        ax.bar(engines, vals, color=["#d9662b" if e == "kiln" else "#777777" for e in engines])
+        shown = [e for e in engines if report.tok_s(e, phase, n) is not None]
+        ax.bar(range(len(shown)), [report.tok_s(e, phase, n) for e in shown],
+               color=[colors[e] for e in shown])
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
         if phase == "decode":
-            ax.axhline(report.roofline_tok_s, ls="--", c="k", lw=1)
-            ax.text(0, report.roofline_tok_s, " bandwidth roofline", va="bottom", fontsize=8)
+            for i, e in enumerate(report.engines):
+                if e.label in shown:
+                    x = shown.index(e.label)
+                    ax.hlines(report.roofline(e), x - 0.4, x + 0.4, colors="k", linestyles="--",
+                              lw=1, label="bandwidth roofline" if i == 0 else None)
+            ax.legend(fontsize=7)
         ax.set_title(f"{phase} {n} tokens")
         ax.set_ylabel("tokens/s")
     fig.suptitle(f"{report.threads} threads, {report.bandwidth_gb_s:.1f} GB/s measured")

@@ -149,14 +149,24 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float) -
               help="cpu (this host), cpu:<mcpu>, cuda or cuda:<sm_XX>")
 @click.option("--max-seq", default=2048, show_default=True, help="context length (KV cache)")
 @click.option("--no-weights", is_flag=True, help="kernels only; `kiln convert` adds weights")
-def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool) -> None:
+@click.option("--quant", metavar="PRESET",
+              help="weight quantization: w8, w4g32, w4g64, w4g128 (suffix a: asymmetric)")
+@click.option("--quant-keep", "quant_keep", multiple=True, metavar="PATTERN",
+              help="keep matching layers (node/param names, fnmatch; 'lm_head') in fp32")
+@click.option("--arch", help="CUDA arch (sm_90 ...): same as --target cuda:<arch>")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="compute dtype on CUDA (default float16; accumulation stays float32)")
+def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
+                quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
+                dtype: str | None) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
 
     console = _console()
     with console.status(f"compiling {model.name}") as status:
-        path = compile_model(model, out, target=target, max_seq=max_seq,
-                             weights=not no_weights, progress=status.update)
+        path = compile_model(model, out, target=f"{target}:{arch}" if arch else target,
+                             max_seq=max_seq, weights=not no_weights, progress=status.update,
+                             quant=quant, quant_keep=quant_keep, dtype=dtype)
     click.echo(str(path))
 
 
@@ -199,9 +209,11 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--vs-onnx", type=click.Path(path_type=Path),
-              help="the ONNX file, run by onnxruntime")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--vs-onnx", multiple=True, type=click.Path(path_type=Path),
+              help="an ONNX file run by onnxruntime (repeatable)")
+@click.option("--label", "labels", multiple=True,
+              help="a name per engine, in order: artifacts, then --vs-onnx files (repeatable)")
 @click.option("--prompt-lens", default="128,512", show_default=True)
 @click.option("--decode-len", default=64, show_default=True)
 @click.option("--threads", default=2, show_default=True)
@@ -209,16 +221,18 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
 @click.option("--synthetic-weights", type=int, metavar="SEED")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write results here")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="write a PNG chart")
-def bench(artifact: Path, vs_onnx: Path | None, prompt_lens: str, decode_len: int, threads: int,
-          repeat: int, synthetic_weights: int | None, json_path: Path | None,
-          plot_path: Path | None) -> None:
-    """Benchmark ARTIFACT (prefill, decode) against onnxruntime on the same ONNX."""
+def bench(artifacts: tuple[Path, ...], vs_onnx: tuple[Path, ...], labels: tuple[str, ...],
+          prompt_lens: str, decode_len: int, threads: int, repeat: int,
+          synthetic_weights: int | None, json_path: Path | None, plot_path: Path | None) -> None:
+    """Benchmark ARTIFACTS (prefill, decode) side by side, and against onnxruntime on ONNX files,
+    alternating between them; ratios are against the first artifact."""
     from kiln.compiler import bench as b
 
     lens = [int(x) for x in prompt_lens.split(",") if x]
     with _console().status("benchmarking") as status:
-        report = b.bench(artifact, vs_onnx, prompt_lens=lens, decode_len=decode_len,
-                         threads=threads, repeat=repeat, progress=status.update,
+        report = b.bench(list(artifacts), list(vs_onnx), prompt_lens=lens,
+                         decode_len=decode_len, threads=threads, repeat=repeat,
+                         labels=list(labels), progress=status.update,
                          synthetic_weights=synthetic_weights)
     _print_bench(report)
     if json_path:
@@ -231,22 +245,67 @@ def _print_bench(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("phase", "tokens", "kiln tok/s", "onnxruntime tok/s", "kiln / ort",
-              title=f"median of runs, {report.threads} threads")
-    for r in (r for r in report.rows if r.engine == "kiln"):
-        o = next((x for x in report.rows if x.engine == "onnxruntime" and
-                  (x.phase, x.tokens) == (r.phase, r.tokens)), None)
-        ratio = report.ratio(r.phase, r.tokens)
-        t.add_row(r.phase, str(r.tokens), f"{r.tok_s:.1f}", f"{o.tok_s:.1f}" if o else "-",
-                  f"{ratio:.2f}x" if ratio else "-")
+    base = report.engines[0].label
+    cases = list(dict.fromkeys((r.phase, r.tokens) for r in report.rows))
+    t = Table("engine", "MB/token", "roofline", *(f"{p} {n}" for p, n in cases),
+              title=f"tok/s, median of runs, {report.threads} threads (x: vs {base})")
+    for e in report.engines:
+        cells = []
+        for phase, n in cases:
+            rate, ratio = report.tok_s(e.label, phase, n), report.ratio(phase, n, e.label, base)
+            cells.append("-" if rate is None else f"{rate:.1f}" if e.label == base or not ratio
+                         else f"{rate:.1f} ({ratio:.2f}x)")
+        t.add_row(e.label, f"{e.weight_bytes_per_token / 1e6:.1f}",
+                  f"{report.roofline(e):.1f}", *cells)
     con = Console()
     con.print(t)
-    dec = next((r for r in report.rows if r.engine == "kiln" and r.phase == "decode"), None)
-    con.print(f"memory read bandwidth {report.bandwidth_gb_s:.1f} GB/s; weights "
-              f"{report.weight_bytes / 1e6:.0f} MB/token -> decode roofline "
-              f"{report.roofline_tok_s:.1f} tok/s" + (
-                  f"; kiln decode at {100 * dec.tok_s / report.roofline_tok_s:.0f}% of it"
-                  if dec else ""))
+    con.print(f"memory read bandwidth {report.bandwidth_gb_s:.1f} GB/s; roofline = bandwidth / "
+              "weight bytes read per decoded token")
+    for e in report.engines:
+        dec = next((r.tok_s for r in report.rows if r.engine == e.label and r.phase == "decode"),
+                   None)
+        if dec:
+            con.print(f"{e.label}: decode at {100 * dec / report.roofline(e):.0f}% of its roofline")
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path),
+              help="UTF-8 text to score (default: a public-domain passage shipped with kiln)")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="another artifact, or an ONNX file run by onnxruntime")
+@click.option("--max-tokens", type=int, help="score only the first N tokens of the text")
+@click.option("--stride", type=int, help="window step (default: half the context)")
+@click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_cmd(artifact: Path, text: Path | None, reference: Path | None, max_tokens: int | None,
+             stride: int | None, threads: int | None, as_json: bool) -> None:
+    """Perplexity of ARTIFACT over a text (sliding windows over its context) and, with
+    --reference, the mean KL(reference || artifact) and top-1 agreement per position."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from kiln.compiler.evaluation import evaluate_artifact
+
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    console = _console()
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task("scoring tokens", total=None)
+        result = evaluate_artifact(artifact, text=text, reference=reference,
+                                   max_tokens=max_tokens, stride=stride, threads=threads,
+                                   progress=lambda done, total: bar.update(task, completed=done,
+                                                                           total=total))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['tokens']} tokens of {result['text']} (context {result['context']}, "
+               f"stride {result['stride']}): perplexity {result['perplexity']:.4f}")
+    if result["reference"]:
+        click.echo(f"reference {result['reference']}: perplexity "
+                   f"{result['reference_perplexity']:.4f}; KL(reference || artifact) "
+                   f"{result['kl_divergence']:.3e} nats/token; top-1 agreement "
+                   f"{result['top1_agreement']:.4f}")
 
 
 @main.group()
@@ -265,6 +324,36 @@ def models_export(name: str, out: Path) -> None:
     with console.status(f"exporting {name}") as status:
         path = export_smollm2(out, progress=lambda msg: status.update(msg))
     click.echo(str(path))
+
+
+@models.command("quantize-onnx")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option("--bits", default=4, show_default=True)
+@click.option("--block-size", default=32, show_default=True)
+@click.option("--accuracy-level", default=4, show_default=True,
+              help="MatMulNBits accuracy_level (4: int8 activations on CPU; 0: leave unset)")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True)
+@click.option("--tied-head/--no-tied-head", default=False, show_default=True,
+              help="also quantize an LM head tied to the embedding table (a copy of it)")
+def models_quantize_onnx(model: Path, out: Path, bits: int, block_size: int, accuracy_level: int,
+                         symmetric: bool, tied_head: bool) -> None:
+    """Quantize MODEL's MatMul weights with onnxruntime's MatMulNBitsQuantizer (the int4 peer
+    of kiln's quantized artifacts)."""
+    from kiln.compiler.frontend.onnx_quantize import quantize_onnx
+
+    with _console().status(f"quantizing {model.name}"):
+        r = quantize_onnx(model, out, bits=bits, block_size=block_size,
+                          accuracy_level=accuracy_level or None, symmetric=symmetric,
+                          tied_head=tied_head)
+    click.echo(f"{r.quantized} MatMul -> MatMulNBits; {len(r.left_float)} left float"
+               + (f" ({', '.join(r.left_float[:3])}{', ...' if len(r.left_float) > 3 else ''})"
+                  if r.left_float else ""))
+    if r.tied_head:
+        click.echo(f"tied LM head {r.tied_head}: "
+                   + ("quantized (from a copy of the table)" if r.tied_head_quantized else
+                      "left float (it reads the table through a Transpose; see --tied-head)"))
+    click.echo(f"weights {r.bytes_before / 1e6:.1f} MB -> {r.bytes_after / 1e6:.1f} MB  {r.path}")
 
 
 @models.command("synth")

@@ -31,17 +31,24 @@ def _kiln_version() -> str:
 
 
 def compile_graph(model: Path, *, max_seq: int, progress: Progress,
-                  weights_optional: bool, pack_block: int = 0) -> Graph:
-    """The canonical graph; with `pack_block`, linear weights in the CPU kernels' layout."""
+                  weights_optional: bool, pack_block: int = 0, quant=None) -> Graph:
+    """The canonical graph; with `pack_block`, linear weights in the CPU kernels' layout;
+    with `quant` (a kiln.passes.quantize.QuantPreset), weights quantized first."""
     from kiln.compiler.driver import canonicalize
     from kiln.passes import get_pass
 
     result = canonicalize(model, pipeline="compile", weights_optional=weights_optional,
                           on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes"),
                           options={"tabulate_positions": {"max_positions": max_seq}})
+    graph = result.canonical
+    if quant is not None and quant.kv_bits:
+        graph = get_pass("quantize_kv_cache")(graph, bits=quant.kv_bits)
+        quant = quant if quant.keep != ("*",) else None  # kv8 alone: weights stay as they are
+    if quant is not None or any(n.op.startswith("quant_") for n in graph.nodes):
+        graph = get_pass("quantize_weights")(graph, preset=quant, block=pack_block)
     if not pack_block:
-        return result.canonical
-    return get_pass("pack_linear_weights")(result.canonical, block=pack_block)
+        return graph
+    return get_pass("pack_linear_weights")(graph, block=pack_block)
 
 
 def _pack_block(target: dict[str, Any]) -> int:
@@ -51,22 +58,28 @@ def _pack_block(target: dict[str, Any]) -> int:
 
 def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   max_seq: int = 2048, weights: bool = True,
-                  progress: Progress = lambda msg: None) -> Path:
-    """Compile an ONNX decoder into an artifact directory (written atomically)."""
+                  progress: Progress = lambda msg: None, quant: str | None = None,
+                  quant_keep: tuple[str, ...] = (), dtype: str | None = None) -> Path:
+    """Compile an ONNX decoder into an artifact directory (written atomically); `quant` names
+    a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
+    of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
+    a CUDA target (float16, bfloat16 or float32; parameters are stored in it)."""
     from kiln.codegen.build import build
     from kiln.codegen.targets import resolve
 
     model, start = Path(model), time.perf_counter()
-    tgt = resolve(target)
+    tgt = _with_dtype(resolve(target), dtype)
+    preset = _preset(quant, quant_keep)
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
-                          pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}))
+                          pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
+                          quant=preset)
     _check_positions(graph, max_seq)
     with af.ArtifactWriter(out) as w:
         progress(f"generating and compiling kernels for {tgt.name}")
         sig = build(graph, tgt, w.path(af.KERNELS))
         w.add(af.KERNELS)
-        table = param_table(graph, sig.params)
+        table = _in_dtype(param_table(graph, sig.params), _float_dtype(tgt))
         progress("writing parameters")
         _save(graph, [p for p in table if p["file"] == CONSTANTS], w.path(CONSTANTS))
         w.add(CONSTANTS)
@@ -76,6 +89,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
         _copy_tokenizer(model, w)
         manifest = _manifest(model, graph, tgt, sig, table, max_seq)
         manifest["compile_seconds"] = round(time.perf_counter() - start, 2)
+        if preset is not None:
+            manifest["quant"] = preset.to_dict()
         return w.commit(manifest)
 
 
@@ -83,11 +98,14 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
             progress: Progress = lambda msg: None) -> Path:
     """Produce the parameter file of an artifact compiled --no-weights, from the model."""
     art = af.open_artifact(artifact_dir, verify=False)
+    q = art.manifest.get("quant")
     graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
-                          weights_optional=False, pack_block=_pack_block(art.manifest["target"]))
+                          weights_optional=False, pack_block=_pack_block(art.manifest["target"]),
+                          quant=_preset(q["preset"], tuple(q["keep"])) if q else None)
     want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
-    have = {p["name"]: p for p in param_table(graph, list(graph.params)) if p["file"] ==
-            af.PARAMS}
+    have = {p["name"]: p for p in _in_dtype(param_table(graph, list(graph.params)),
+                                            art.manifest["target"].get("dtype"))
+            if p["file"] == af.PARAMS}
     for name, p in want.items():
         q = have.get(name)
         if q is None or (q["shape"], q["dtype"]) != (p["shape"], p["dtype"]):
@@ -98,6 +116,16 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
     _save(graph, list(want.values()), tmp)
     af.add_params_file(art, tmp)
     return art.path / af.PARAMS
+
+
+def _preset(quant: str | None, keep: tuple[str, ...]):
+    if not quant:
+        if keep:
+            raise KilnError("--quant-keep needs --quant PRESET")
+        return None
+    from kiln.passes.quantize import parse_preset
+
+    return parse_preset(quant, keep)
 
 
 def _check_positions(graph: Graph, max_seq: int) -> None:
@@ -132,7 +160,9 @@ def param_table(graph: Graph, names: list[str] | tuple[str, ...]) -> list[dict[s
 
 def _roles(graph: Graph) -> dict[str, str]:
     slots = {"linear": ("x", "weight", "bias"), "embedding": ("table", "ids"),
-             "rms_norm": ("x", "norm.weight"), "layer_norm": ("x", "norm.weight", "norm.bias")}
+             "rms_norm": ("x", "norm.weight"), "layer_norm": ("x", "norm.weight", "norm.bias"),
+             "quant_linear": ("x", "qweight", "scales", "zero_points", "bias"),
+             "quant_embedding": ("qweight", "scales", "zero_points", "ids")}
     roles = {}
     for n in graph.nodes:
         for i, v in enumerate(n.inputs):
@@ -145,7 +175,8 @@ def _roles(graph: Graph) -> dict[str, str]:
 def _save(graph: Graph, entries: list[dict], path: Path) -> None:
     from safetensors.numpy import save_file
 
-    arrays = {e["name"]: np.ascontiguousarray(graph.params[e["name"]].load()) for e in entries}
+    arrays = {e["name"]: np.ascontiguousarray(_as_dtype(graph.params[e["name"]].load(),
+                                                        e["dtype"])) for e in entries}
     save_file(arrays, str(path))
 
 
@@ -181,10 +212,49 @@ def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[
     }
 
 
+def _with_dtype(tgt, dtype: str | None):
+    """The target with compute dtype `dtype` (CUDA only; CPU kernels compute in float32)."""
+    if dtype is None:
+        return tgt
+    if tgt.kind != "cuda":
+        if dtype != "float32":
+            raise KilnError(f"--dtype {dtype}: the {tgt.name} target computes in float32 only")
+        return tgt
+    import dataclasses
+
+    return dataclasses.replace(tgt, dtype=dtype)
+
+
+def _float_dtype(tgt) -> str | None:
+    return getattr(tgt, "dtype", None)
+
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _in_dtype(table: list[dict[str, Any]], dtype: str | None) -> list[dict[str, Any]]:
+    """The parameter table with floating-point parameters stored in `dtype` (when given)."""
+    if dtype is None:
+        return table
+    return [{**p, "dtype": dtype} if p["dtype"] in _FLOATS else p for p in table]
+
+
+def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
+    if str(array.dtype) == dtype:
+        return array
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(ml_dtypes.bfloat16)
+    return array.astype(dtype)
+
+
 def _target_requirements(tgt) -> dict[str, Any]:
     if tgt.kind == "cpu":
         flags = {512: ["avx512f"], 256: ["avx2"]}.get(tgt.vector_bits, [])
         return {"cpu_flags": flags, "threads": tgt.threads}
+    if tgt.kind == "cuda":
+        return {"dtype": tgt.dtype, "max_batch": tgt.max_batch}
     return {}
 
 

@@ -33,6 +33,10 @@ class Session:
         self.past = 0
         self.batch = 0
         self._caches: tuple = ()
+        # CUDA: a captured decode graph holds the addresses of the caches it was captured with,
+        # so caches are made once per batch size and kept (never reallocated)
+        self._cuda = art.manifest["target"].get("kind") == "cuda"
+        self._cache_pool: dict[int, tuple] = {}
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -73,10 +77,24 @@ class Session:
         self.past = 0
         if batch is not None and batch != self.batch:
             self.batch = batch
+            if self._cuda:
+                self._caches = self._cuda_caches(batch)
+                return
             self._caches = tuple(
                 self._tvm.runtime.tensor(np.zeros((batch, c["kv_heads"], self.capacity,
                                                    c["head_dim"]), c["dtype"]), self._dev)
                 for c in self.caches_spec)
+
+    def _cuda_caches(self, batch: int) -> tuple:
+        limit = int(self.artifact.manifest["target"].get("max_batch", 1))
+        if batch > limit:
+            raise KilnError(f"batch {batch} > {limit}, the largest this CUDA artifact's decode "
+                            "step was planned for")
+        if batch not in self._cache_pool:
+            self._cache_pool[batch] = tuple(
+                self._tvm.runtime.empty((batch, c["kv_heads"], self.capacity, c["head_dim"]),
+                                        c["dtype"], self._dev) for c in self.caches_spec)
+        return self._cache_pool[batch]
 
     def prefill(self, tokens, *, last_only: bool = False) -> np.ndarray:
         """Run a prompt from an empty cache; returns logits (batch, seq, vocab), or with

@@ -18,7 +18,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-from kiln.codegen.kernels.attention import F32_MIN
+from kiln.codegen.kernels.attention import F32_MIN, attention_entry
 from kiln.codegen.kernels.fastmath import fast_exp
 
 B = 16  # keys per block: one fp32 AVX-512 vector
@@ -32,45 +32,19 @@ def tile_queries(heads: int, kv_heads: int, rows: int = 24) -> int:
 @functools.cache
 def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
                              queries: int, causal: bool = True, masked: bool = False,
-                             dtype: str = "float32", mask_dtype: str = "int64") -> tirx.PrimFunc:
-    """PrimFunc(q[b, s, H*D], k_cache, v_cache, (mask[b, past+s],) past, out[b, s, H*D])."""
+                             dtype: str = "float32", mask_dtype: str = "int64",
+                             quantized: bool = False) -> tirx.PrimFunc:
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, (k_scale, v_scale,) (mask[b, past+s],) past,
+    out[b, s, H*D]); int8 caches with per-row scales when `quantized`."""
     if head_dim % B:
         raise ValueError(f"prefill attention: head_dim {head_dim} is not a multiple of {B}")
-    body = _body(heads, kv_heads, head_dim, scale, queries, causal, masked)
-    hd, d = heads * head_dim, head_dim
-
-    if masked:
-
-        @T.prim_func(private=True)
-        def prefill_attention_masked(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                                     mask_h: T.handle, past: T.int64, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            b, s, cap = T.int64(), T.int64(), T.int64()
-            q = T.match_buffer(q_h, (b, s, hd), dtype)
-            kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
-            vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
-            mask = T.match_buffer(mask_h, (b, past + s), mask_dtype)
-            o = T.match_buffer(o_h, (b, s, hd), dtype)
-            body(q, kc, vc, mask, o, b, s, past)
-
-        return prefill_attention_masked
-
-    @T.prim_func(private=True)
-    def prefill_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, past: T.int64,
-                          o_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (b, s, hd), dtype)
-        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
-        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
-        o = T.match_buffer(o_h, (b, s, hd), dtype)
-        body(q, kc, vc, None, o, b, s, past)
-
-    return prefill_attention
+    body = _body(heads, kv_heads, head_dim, scale, queries, causal, masked, quantized)
+    return attention_entry(body, heads, kv_heads, head_dim, dtype=dtype, mask_dtype=mask_dtype,
+                           masked=masked, quantized=quantized)
 
 
 def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool,
-          masked: bool):
+          masked: bool, quantized: bool):
     group = heads // kv_heads
     rows, f32 = qt * group, "float32"
 
@@ -121,10 +95,15 @@ def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool
                 acc[r * d + c] = acc[r * d + c] * st[rows * 2 + 1]
 
     @T.macro
-    def scores(qv, kt, sc, kc, bi, g, j0, kend):
-        for jj in range(B):  # transpose the key block once: kt[c, jj]
-            for c in T.vectorized(d):
-                kt[c * B + jj] = kc[bi, g, T.min(j0 + jj, kend - 1), c]
+    def scores(qv, kt, sc, kc, ks, bi, g, j0, kend):
+        for jj in range(B):  # transpose (and dequantize) the key block once: kt[c, jj]
+            if quantized:
+                for c in T.vectorized(d):
+                    kt[c * B + jj] = T.Cast(f32, kc[bi, g, T.min(j0 + jj, kend - 1), c]) * ks[
+                        bi, g, T.min(j0 + jj, kend - 1), 0]
+            else:
+                for c in T.vectorized(d):
+                    kt[c * B + jj] = kc[bi, g, T.min(j0 + jj, kend - 1), c]
         for r in T.unroll(rows):
             for lane in T.vectorized(B):
                 sc[r * B + lane] = T.float32(0)
@@ -134,24 +113,35 @@ def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool
                     sc[r * B + lane] += qv[r * d + c] * kt[c * B + lane]
 
     @T.macro
-    def accumulate(sc, acc, vc, bi, g, j0, kend):
+    def accumulate(sc, acc, vc, vs, bi, g, j0, kend):
         """acc[R, D] += P[R, B] @ V[B, D], one chunk of B output columns in registers."""
         oc = T.decl_buffer((rows * B,), f32, scope="local")
+        if quantized:  # P scaled by each value row's scale (the sums keep the unscaled P)
+            ps = T.decl_buffer((rows * B,), f32, scope="local")
+            for r in range(rows):
+                for lane in T.vectorized(B):
+                    ps[r * B + lane] = sc[r * B + lane] * vs[bi, g, T.min(j0 + lane, kend - 1), 0]
         for cv in range(d // B):
             for r in T.unroll(rows):
                 for lane in T.vectorized(B):
                     oc[r * B + lane] = acc[r * d + cv * B + lane]
             for jj in range(B):
-                for r in T.unroll(rows):
-                    for lane in T.vectorized(B):
-                        oc[r * B + lane] += sc[r * B + jj] * vc[
-                            bi, g, T.min(j0 + jj, kend - 1), cv * B + lane]
+                if quantized:
+                    for r in T.unroll(rows):
+                        for lane in T.vectorized(B):
+                            oc[r * B + lane] += ps[r * B + jj] * T.Cast(f32, vc[
+                                bi, g, T.min(j0 + jj, kend - 1), cv * B + lane])
+                else:
+                    for r in T.unroll(rows):
+                        for lane in T.vectorized(B):
+                            oc[r * B + lane] += sc[r * B + jj] * vc[
+                                bi, g, T.min(j0 + jj, kend - 1), cv * B + lane]
             for r in T.unroll(rows):
                 for lane in T.vectorized(B):
                     acc[r * d + cv * B + lane] = oc[r * B + lane]
 
     @T.macro
-    def body(q, kc, vc, mask, o, b, s, past):
+    def body(q, kc, vc, ks, vs, mask, o, b, s, past):
         ntiles: T.let[T.int64] = (s + qt - 1) // qt
         for task in T.parallel(b * kv_heads * ntiles):
             bi: T.let[T.int64] = task // (kv_heads * ntiles)
@@ -176,9 +166,9 @@ def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool
                 st[r] = T.float32(F32_MIN)
                 st[rows + r] = T.float32(0)
             for blk in range((kend + B - 1) // B):
-                scores(qv, kt, sc, kc, bi, g, blk * B, kend)
+                scores(qv, kt, sc, kc, ks, bi, g, blk * B, kend)
                 softmax_block(sc, st, acc, mask, bi, blk * B, q0, kend, past)
-                accumulate(sc, acc, vc, bi, g, blk * B, kend)
+                accumulate(sc, acc, vc, vs, bi, g, blk * B, kend)
             for r in range(rows):
                 if q0 + r // group < s:
                     for c in T.vectorized(d):

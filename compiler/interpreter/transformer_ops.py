@@ -21,6 +21,13 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
                 -> out[b, s, H*D], present_k[b, KV, P+s, D], present_v[b, KV, P+s, D]
                 (causal: query i sees keys j <= P+i; window W > 0, only with causal: and
                 j > P+i-W, i.e. the W most recent keys including its own: a sliding window)
+    quant_linear    x[..., K], qweight, scales, zero_points?, bias?[N]
+                    bits, group_size, in_features K, out_features N, layout  -> [..., N]
+                    y = x @ dequantize(qweight, scales, zero_points)^T (+ bias), in float32
+    quant_embedding qtable, scales, zero_points?, ids[...]                    -> [..., K]
+                    rows `ids` of the dequantized table (a tied LM head's weight)
+                    (quantized layouts and dequantization: kiln.passes.quantize; see
+                    `dequantize` below)
 Norms and softmax accumulate in float32 whatever the storage dtype. A query row that may attend
 to no key at all (a padded position) outputs zeros.
 """
@@ -128,6 +135,16 @@ def rotary(inputs, attrs):
     return [out.astype(x.dtype).reshape(x.shape)]
 
 
+def kv8_roundtrip(x: np.ndarray) -> np.ndarray:
+    """What an int8 KV cache hands back for rows x[..., D]: each row stored as int8 with one
+    float32 scale, scale = absmax / 127, q = round-half-even(x * 127 / absmax), value q * scale."""
+    x32 = x.astype(np.float32)
+    amax = np.abs(x32).max(axis=-1, keepdims=True)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(x32 * inv).astype(np.int8)
+    return (q.astype(np.float32) * (amax / np.float32(127))).astype(x.dtype)
+
+
 @kernel("attention")
 def attention(inputs, attrs):
     q, k, v, past_k, past_v, mask, bias = (*inputs, *[None] * 7)[:7]
@@ -136,6 +153,8 @@ def attention(inputs, attrs):
     qh = q.reshape(b, s, h, d).transpose(0, 2, 1, 3)
     kh = k.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
     vh = v.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+    if attrs.get("kv_bits", 0) == 8:  # the cache keeps int8 rows: new rows round-trip
+        kh, vh = kv8_roundtrip(kh), kv8_roundtrip(vh)
     if past_k is not None:
         kh = np.concatenate([past_k, kh], axis=2)
         vh = np.concatenate([past_v, vh], axis=2)
@@ -164,3 +183,36 @@ def attention(inputs, attrs):
     p = np.divide(p, total_p, out=np.zeros_like(p), where=total_p > 0)  # no key: output 0
     out = np.matmul(p, vf).transpose(0, 2, 1, 3).reshape(b, s, h * d)
     return [out.astype(q.dtype), present_k, present_v]
+
+
+def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+               attrs) -> np.ndarray:
+    """The float32 weight W[N, K] of a quantized linear (layouts: kiln.passes.quantize):
+    W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g], zp defaulting to 0 for int8 and
+    8 for the unsigned int4 nibbles."""
+    bits, g = int(attrs["bits"]), int(attrs["group_size"])
+    n, k = int(attrs["out_features"]), int(attrs["in_features"])
+    if attrs.get("layout", "nk") == "blocked":  # [Np/B, C, B] -> [Np, C]
+        qweight, scales = (a.transpose(0, 2, 1).reshape(-1, a.shape[1]) for a in (qweight, scales))
+        if zero_points is not None:
+            zero_points = zero_points.transpose(0, 2, 1).reshape(-1, zero_points.shape[1])
+    q = qweight[:n]
+    if bits == 4:
+        q = np.stack([q & 15, q >> 4], axis=-1).reshape(n, -1)
+    zp = np.float32(8 if bits == 4 else 0) if zero_points is None else \
+        np.repeat(zero_points[:n], g, axis=1)
+    w = (q.astype(np.float32) - zp) * np.repeat(scales[:n], g, axis=1)
+    return np.ascontiguousarray(w[:, :k], dtype=np.float32)
+
+
+@kernel("quant_linear")
+def quant_linear(inputs, attrs):
+    x, qweight, scales, zero_points, b = (*inputs, None, None)[:5]
+    w = dequantize(qweight, scales, zero_points, attrs)
+    return linear([x.astype(np.float32), w, b], attrs)
+
+
+@kernel("quant_embedding")
+def quant_embedding(inputs, attrs):
+    qtable, scales, zero_points, ids = inputs
+    return [dequantize(qtable, scales, zero_points, attrs)[ids.astype(np.int64)]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sympy
 
-from kiln.compiler.ir import TensorType
+from kiln.compiler.ir import DType, TensorType
 from kiln.compiler.shapes import broadcast, dims_equal, fail, rule
 
 
@@ -78,3 +78,42 @@ def attention(node, types, values):
         total = s
     present = TensorType(k.dtype, (b, kvh, total, d))
     return [TensorType(q.dtype, q.shape), present, present]
+
+
+def _quant_weight_shapes(node) -> tuple[tuple, tuple]:
+    """The (qweight, scales) shapes quant_linear/quant_embedding attributes imply."""
+    a = node.attrs
+    bits, g, k, n = (int(a[x]) for x in ("bits", "group_size", "in_features", "out_features"))
+    if bits not in (4, 8) or g < 1 or (bits == 4 and g % 2):
+        raise fail(node, f"bad quantization bits={bits} group_size={g}")
+    groups = -(-k // g)
+    cols = groups * g // (2 if bits == 4 else 1)
+    if a.get("layout", "nk") == "blocked":
+        return None, (groups,)  # block count and lanes are checked against each other below
+    return (n, cols), (n, groups)
+
+
+@rule("quant_linear", "quant_embedding")
+def quant_linear(node, types, values):
+    a = node.attrs
+    k, n = int(a["in_features"]), int(a["out_features"])
+    q_slot = 1 if node.op == "quant_linear" else 0
+    qt, st = types[q_slot], types[q_slot + 1]
+    q_shape, s_shape = _quant_weight_shapes(node)
+    if q_shape is not None and (qt.shape != q_shape or st.shape != s_shape):
+        raise fail(node, f"nk layout expects qweight {list(q_shape)} and scales "
+                   f"{list(s_shape)}", qt, st)
+    if q_shape is None and (len(qt.shape or ()) != 3 or len(st.shape or ()) != 3
+                            or qt.shape[0] * qt.shape[2] < n or st.shape[1] != s_shape[0]):
+        raise fail(node, f"blocked layout does not hold {n} x {k} weights", qt, st)
+    if node.op == "quant_embedding":
+        ids = types[3]
+        if not ids.dtype.is_int:
+            raise fail(node, "ids must be integers", ids)
+        return [TensorType(DType.f32, None if ids.shape is None else (*ids.shape, k))]
+    x = types[0]
+    if x.shape is None:
+        return [TensorType(x.dtype, None)]
+    if dims_equal(x.shape[-1], k) is False:
+        raise fail(node, f"input features do not match in_features {k}", x, qt)
+    return [TensorType(x.dtype, (*x.shape[:-1], n))]

@@ -1,0 +1,426 @@
+"""CUDA target end to end: build artifacts here (no GPU), check and time them on the GPU host.
+
+    python benchmarks/gpu/cuda_llm.py build .device smollm2-135m:float16 smollm2-135m:float32 ...
+    python3 benchmarks/gpu/cuda_llm.py check .device      # on the GPU host: vs torch, same weights
+    python3 benchmarks/gpu/cuda_llm.py bench .device      # on the GPU host: vs HF eager, roofline
+
+`build` compiles each CONFIG:DTYPE (kiln.models.synthetic names) with --no-weights into
+.device/arts/NAME, writes its canonical graph as JSON beside it (the torch reference runs it),
+and packages one bundle (.device/bundle: TVM runtime, kiln runtime; the artifacts are passed
+with --artifact). On the GPU host, weights are synthesized from a seed by kiln's runtime
+(`synthetic_params`); the torch reference synthesizes the very same arrays with that function.
+
+`check`: for each artifact, logits of prefill at several prompt lengths and greedy decoding of
+32 tokens (prefill + decode steps through the KV cache and the CUDA graph) against a float64
+torch forward of the same canonical graph on the GPU. kiln runs inside the bundle (runtime-only
+TVM; torch is kept out of that process), torch in a child process.
+`bench`: kiln prefill/decode tok/s (bundle bench), HF transformers eager `generate` on the same
+shapes (random weights, fp16), device copy bandwidth, printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEED = 7
+CHECK_LENS = (1, 9, 64, 300)
+DECODE_STEPS = 32
+HERE = Path(__file__).resolve()
+
+
+# -- here: build --------------------------------------------------------------------------------
+
+def graph_json(graph) -> dict:
+    return {"inputs": list(graph.inputs), "outputs": list(graph.outputs),
+            "nodes": [{"op": n.op, "name": n.name, "inputs": list(n.inputs),
+                       "outputs": list(n.outputs), "attrs": dict(n.attrs)}
+                      for n in graph.nodes]}
+
+
+def build(out: Path, specs: list[str], max_seq: int) -> None:
+    from kiln.compiler.compile import compile_graph, compile_model
+    from kiln.compiler.package import package
+    from kiln.models.synthetic import write_synthetic
+
+    arts = out / "arts"
+    arts.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        name, _, dtype = spec.partition(":")
+        src = write_synthetic(name, out / "models" / name, weights=False)
+        dst = arts / f"{name}-{dtype}"
+        t = time.perf_counter()
+        compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
+                      dtype=dtype)
+        g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
+        (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))
+        size = (dst / "kernels.so").stat().st_size
+        print(f"{dst.name}: compiled in {time.perf_counter() - t:.1f} s, kernels.so "
+              f"{size / 1e6:.2f} MB", flush=True)
+    first = next(p for p in sorted(arts.iterdir()) if not p.name.startswith("."))
+    b = package(first, out / "bundle", python="3.12", params=False)
+    print(f"bundle {b.path}: {b.total / 1e6:.1f} MB")
+
+
+# -- the GPU host -------------------------------------------------------------------------------
+
+def enter_bundle(bundle: Path) -> None:
+    spec = importlib.util.spec_from_file_location("kiln_run", bundle / "kiln_run.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.setup()
+
+
+def prompts(vocab: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    return {n: rng.integers(0, vocab, n) for n in CHECK_LENS}
+
+
+def kiln_outputs(art: Path) -> dict:
+    """Logits (last position and a few others) per prompt length, and greedy tokens."""
+    from kiln.runtime.session import Session
+
+    s = Session.load(art, synthetic_weights=SEED)
+    out = {}
+    for n, ids in prompts(s.vocab).items():
+        logits = s.prefill(ids[None])[0]
+        last = s.prefill(ids[None], last_only=True)[0, -1]
+        out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].astype(np.float32)
+        out[f"last{n}"] = last.astype(np.float32)
+    ids = prompts(s.vocab)[9]
+    toks, steps = [], []
+    tok = int(s.prefill(ids[None], last_only=True)[0, -1].argmax())
+    for _ in range(DECODE_STEPS):
+        toks.append(tok)
+        step = s.decode([tok])[0, -1]
+        steps.append(step.astype(np.float32))
+        tok = int(step.argmax())
+    out["greedy"] = np.array(toks)
+    out["decode_logits"] = np.stack(steps)
+    return out
+
+
+def torch_reference(art: Path, bundle: Path) -> dict:
+    """The canonical graph run by torch in float64 on the GPU, same synthesized weights."""
+    import torch
+
+    sys.path.insert(0, str(bundle / "lib"))
+    from kiln.runtime.params import read_safetensors, synthetic_params
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    graph = json.loads((art / "graph.json").read_text())
+    table = manifest["params"]
+    arrays = dict(read_safetensors(art / "constants.safetensors"))
+    arrays.update(synthetic_params([p for p in table if p["file"] == "params.safetensors"],
+                                   SEED))
+    dev = torch.device("cuda")
+    p = {k: torch.from_numpy(np.asarray(v).astype(np.float64 if v.dtype.kind == "f"
+                                                  else v.dtype)).to(dev)
+         for k, v in arrays.items()}
+
+    def forward(ids: np.ndarray) -> torch.Tensor:
+        n = len(ids)
+        env = dict(p)
+        env["input_ids"] = torch.tensor(ids[None], device=dev)
+        env["position_ids"] = torch.arange(n, device=dev)[None]
+        env["attention_mask"] = torch.ones(1, n, dtype=torch.int64, device=dev)
+        for node in graph["nodes"]:
+            outs = run_node(node, [env.get(i) if i else None for i in node["inputs"]])
+            for name, v in zip(node["outputs"], outs, strict=False):
+                if name:
+                    env[name] = v
+        return env[graph["outputs"][0]][0]
+
+    vocab = manifest["architecture"]["vocab"]
+    out = {}
+    with torch.no_grad():
+        for n, ids in prompts(vocab).items():
+            logits = forward(ids)
+            out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].float().cpu().numpy()
+            out[f"last{n}"] = logits[-1].float().cpu().numpy()
+        ids = list(prompts(vocab)[9])
+        toks, steps = [], []
+        tok = int(forward(np.array(ids))[-1].argmax())
+        for _ in range(DECODE_STEPS):
+            toks.append(tok)
+            ids.append(tok)
+            step = forward(np.array(ids))[-1]
+            steps.append(step.float().cpu().numpy())
+            tok = int(step.argmax())
+        out["greedy"] = np.array(toks)
+        out["decode_logits"] = np.stack(steps)
+    return out
+
+
+def run_node(node: dict, x: list):
+    """One canonical kiln op in torch (batch 1, empty cache: the prompt is the whole context)."""
+    import torch
+    import torch.nn.functional as F
+
+    op, a = node["op"], node["attrs"]
+    if op == "embedding":
+        return [x[0][x[1].long()]]
+    if op == "rms_norm":
+        v = x[0]
+        g = int(a.get("group_size") or v.shape[-1])
+        vv = v.reshape(*v.shape[:-1], -1, g)
+        vv = vv * torch.rsqrt(vv.pow(2).mean(-1, keepdim=True) + float(a["eps"]))
+        return [vv.reshape(v.shape) * x[1]]
+    if op == "linear":
+        y = x[0] @ x[1].T
+        return [y + x[2] if len(x) > 2 and x[2] is not None else y]
+    if op == "Split":
+        sizes = [int(s) for s in x[1].reshape(-1).tolist()]
+        return list(torch.split(x[0], sizes, dim=-1))
+    if op == "rotary":
+        v, cos, sin = x
+        h, d = int(a["num_heads"]), int(a["head_dim"])
+        r = cos.shape[-1]
+        v = v.reshape(*v.shape[:-1], h, d)
+        c, s_ = cos[..., None, :], sin[..., None, :]
+        rot, rest = v[..., :r], v[..., r:]
+        if a.get("interleaved"):
+            pair = torch.stack([-rot[..., 1::2], rot[..., ::2]], -1).reshape(rot.shape)
+        else:
+            pair = torch.cat([-rot[..., r // 2:], rot[..., :r // 2]], -1)
+        out = torch.cat([rot * c + pair * s_, rest], -1)
+        return [out.reshape(*out.shape[:-2], h * d)]
+    if op == "attention":
+        q, k, v = x[0], x[1], x[2]
+        h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+        b, n = q.shape[:2]
+        q = q.reshape(b, n, h, d).transpose(1, 2)
+        k = k.reshape(b, n, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
+        v = v.reshape(b, n, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           scale=float(a.get("scale", d ** -0.5)))
+        return [o.transpose(1, 2).reshape(b, n, h * d), None, None]
+    if op == "silu_mul":
+        return [F.silu(x[0]) * x[1]]
+    if op == "Add":
+        return [x[0] + x[1]]
+    raise NotImplementedError(f"torch reference: op {op}")
+
+
+def compare(art: Path, got: dict, ref: dict, fp32: bool) -> list[str]:
+    lines = []
+    for key in [k for k in ref if k.startswith(("prefill", "last"))]:
+        g, r = got[key], ref[key]
+        rel = float(np.linalg.norm(g - r) / np.linalg.norm(r))
+        top1 = float(np.mean(g.argmax(-1) == r.argmax(-1)))
+        lines.append(f"  {key:11s} rel err {rel:.2e}  max abs {np.abs(g - r).max():.2e}  "
+                     f"top-1 agree {top1:.2f}  nan {bool(np.isnan(g).any())}")
+    same = got["greedy"] == ref["greedy"]
+    first = int(np.argmin(same)) if not same.all() else DECODE_STEPS
+    lines.append(f"  greedy {DECODE_STEPS} steps: {int(same.sum())} equal, first divergence at "
+                 f"{first if first < DECODE_STEPS else '-'}"
+                 + (f" (kiln {got['greedy'][first]} vs torch {ref['greedy'][first]})"
+                    if first < DECODE_STEPS else "") + (" [fp32 mode]" if fp32 else ""))
+    if first > 0:
+        n = min(first, DECODE_STEPS)
+        g, r = got["decode_logits"][:n], ref["decode_logits"][:n]
+        lines.append(f"  decode logits (steps before divergence) rel err "
+                     f"{float(np.linalg.norm(g - r) / np.linalg.norm(r)):.2e}")
+    return lines
+
+
+def check(root: Path) -> None:
+    for art in sorted(p for p in (root / "arts").iterdir() if not p.name.startswith(".")):
+        ref_file = Path("/tmp") / f"ref-{art.name}.npz"
+        t = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE), "torch-ref", str(root), art.name],
+                       check=True)
+        tref = time.perf_counter() - t
+        child = subprocess.run([sys.executable, str(HERE), "kiln-out", str(root), art.name],
+                               capture_output=True, text=True)
+        if child.returncode:
+            print(f"== {art.name}: kiln FAILED\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}")
+            continue
+        got = dict(np.load(Path("/tmp") / f"kiln-{art.name}.npz"))
+        ref = dict(np.load(ref_file))
+        print(f"== {art.name} (torch reference {tref:.1f} s; kiln {child.stdout.strip()})")
+        print("\n".join(compare(art, got, ref, art.name.endswith("float32"))), flush=True)
+
+
+# -- bench -------------------------------------------------------------------------------------
+
+def hf_numbers(config: dict, lens: list[int], decode: int) -> dict:
+    """transformers LlamaForCausalLM, random fp16 weights, eager (no compile), sdpa attention."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=config["vocab"], hidden_size=config["hidden"],
+                      intermediate_size=config["ffn"], num_hidden_layers=config["layers"],
+                      num_attention_heads=config["heads"], num_key_value_heads=config["kv_heads"],
+                      head_dim=config["head_dim"], max_position_embeddings=8192,
+                      rope_theta=config.get("rope_theta", 10000.0),
+                      tie_word_embeddings=config.get("tie_embeddings", True))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).half().eval()
+    res: dict = {"prefill": {}, "decode": None}
+
+    def timed(fn, reps):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    with torch.no_grad():
+        for n in lens:
+            ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+            sec = timed(lambda ids=ids: model(ids, logits_to_keep=1), 5)
+            res["prefill"][n] = n / sec
+        ids = torch.randint(0, cfg.vocab_size, (1, 16), device="cuda")
+
+        def gen(k):
+            return lambda: model.generate(ids, max_new_tokens=k, min_new_tokens=k,
+                                          do_sample=False, pad_token_id=0)
+        t1, tn = timed(gen(1), 3), timed(gen(decode + 1), 3)
+        res["decode"] = decode / (tn - t1)
+    torch_copy = []
+    a = torch.empty(256 << 20, dtype=torch.float32, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        torch_copy.append(2 * a.numel() * 4 / s.elapsed_time(e) / 1e6)
+    res["torch_copy_gb_s"] = statistics.median(torch_copy)
+    res["device"] = torch.cuda.get_device_name()
+    return res
+
+
+def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str) -> None:
+    rows = []
+    for art in sorted((root / "arts").iterdir()):
+        if art.name.startswith(".") or (only and not re.search(only, art.name)):
+            continue
+        cfg_file = root / "models" / art.name.rsplit("-", 1)[0] / "config.json"
+        child = subprocess.run(
+            [sys.executable, str(root / "bundle" / "kiln_run.py"), "bench", "--artifact",
+             str(art), "--synthetic-weights", str(SEED), "--prompt-lens",
+             ",".join(map(str, lens)), "--decode-len", str(decode), "--repeat", str(repeat),
+             "--json", f"/tmp/bench-{art.name}.json"], capture_output=True, text=True)
+        print(f"== kiln {art.name}\n{child.stdout}{child.stderr[-3000:]}", flush=True)
+        if child.returncode:
+            continue
+        k = json.loads(Path(f"/tmp/bench-{art.name}.json").read_text())
+        h = subprocess.run([sys.executable, str(HERE), "hf", str(cfg_file),
+                            ",".join(map(str, lens)), str(decode)], capture_output=True,
+                           text=True)
+        if h.returncode:
+            print(f"HF failed: {h.stderr[-3000:]}")
+            continue
+        hf = json.loads(h.stdout.strip().splitlines()[-1])
+        print(f"HF eager: {hf}", flush=True)
+        rows.append((art.name, k, hf))
+    print("\nmodel dtype | phase tokens | kiln tok/s | HF eager tok/s | kiln/HF | roofline")
+    for name, k, hf in rows:
+        roof = k["roofline_tok_s"]
+        for r in k["rows"]:
+            peer = hf["decode"] if r["phase"] == "decode" else hf["prefill"].get(
+                str(r["tokens"]), hf["prefill"].get(r["tokens"]))
+            extra = f"{100 * r['tok_s'] / roof:.0f}% of {roof:.0f}" if r["phase"] == "decode" \
+                else ""
+            print(f"{name} | {r['phase']} {r['tokens']} | {r['tok_s']:.1f} | "
+                  f"{peer:.1f} | {r['tok_s'] / peer:.2f}x | {extra}")
+        print(f"{name}: copy {k['copy_gb_s']:.0f} GB/s (TVM), torch {hf['torch_copy_gb_s']:.0f}"
+              f" GB/s; weights {k['weight_bytes'] / 1e6:.0f} MB")
+
+
+def profile_run(art: Path, prompt: int, steps: int) -> None:
+    """What `profile` runs under Nsight Compute: a prompt, then `steps` decode steps."""
+    from kiln.runtime.session import Session
+
+    s = Session.load(art, synthetic_weights=SEED)
+    ids = np.random.default_rng(0).integers(0, s.vocab, (1, prompt))
+    tok = s.prefill(ids, last_only=True)[:, -1].argmax(-1)
+    for _ in range(steps):
+        tok = s.decode(tok)[:, -1].argmax(-1)
+
+
+def profile(root: Path, name: str, prompt: int, steps: int) -> None:
+    """Per-kernel GPU time (ncu gpu__time_duration) of a prefill and of one decode step."""
+    import csv
+    import io
+
+    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum", sys.executable, str(HERE),
+           "profile-run", str(root), name, str(prompt), str(steps)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('"')]
+    if not lines:
+        print(f"ncu failed: {p.stdout[-2000:]}{p.stderr[-2000:]}")
+        return
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        unit = r.get("Metric Unit", "ns")
+        v = float(r["Metric Value"].replace(",", ""))
+        v *= {"ns": 1e-3, "usecond": 1, "us": 1, "msecond": 1e3, "ms": 1e3}.get(unit, 1e-3)
+        per.setdefault(r["Kernel Name"], []).append(v)
+    total = sum(sum(v) for v in per.values())
+    print(f"{name}: {len(rows)} kernels, {total:.0f} us in all (prompt {prompt}, "
+          f"{steps} decode steps); per kernel name: calls, total us, mean us")
+    for k, v in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:40]:
+        print(f"  {k[:60]:60s} {len(v):5d} {sum(v):10.1f} {sum(v) / len(v):8.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["build", "check", "bench", "torch-ref", "kiln-out", "hf",
+                                    "profile", "profile-run"])
+    p.add_argument("root", type=Path)
+    p.add_argument("rest", nargs="*")
+    p.add_argument("--max-seq", type=int, default=4096)
+    p.add_argument("--lens", default="128,512,2048")
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--only", default="")
+    a = p.parse_args()
+    if a.mode == "build":
+        build(a.root, a.rest, a.max_seq)
+    elif a.mode == "check":
+        check(a.root)
+    elif a.mode == "bench":
+        bench(a.root, [int(x) for x in a.lens.split(",")], a.decode, a.repeat, a.only)
+    elif a.mode == "torch-ref":
+        art = a.root / "arts" / a.rest[0]
+        np.savez(f"/tmp/ref-{art.name}.npz", **torch_reference(art, a.root / "bundle"))
+    elif a.mode == "kiln-out":
+        enter_bundle(a.root / "bundle")
+        art = a.root / "arts" / a.rest[0]
+        t = time.perf_counter()
+        np.savez(f"/tmp/kiln-{art.name}.npz", **kiln_outputs(art))
+        print(f"{time.perf_counter() - t:.1f} s")
+    elif a.mode == "profile":
+        profile(a.root, a.rest[0], int(a.rest[1]), int(a.rest[2]))
+    elif a.mode == "profile-run":
+        enter_bundle(a.root / "bundle")
+        profile_run(a.root / "arts" / a.rest[0], int(a.rest[1]), int(a.rest[2]))
+    elif a.mode == "hf":
+        cfg = json.loads(a.root.read_text())
+        print(json.dumps(hf_numbers(cfg, [int(x) for x in a.rest[0].split(",")],
+                                    int(a.rest[1]))))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,1 @@
+"""The CUDA target: lowering table (lower.py), kiln's GPU kernels (kernels/), build options."""

@@ -1,0 +1,41 @@
+"""What build.py needs to know about the CUDA target beyond the lowering table: parameter
+dtypes, entry-point attributes for memory planning and CUDA-graph capture, and the compile call.
+
+The decode step runs as a captured CUDA graph (Relax RewriteCUDAGraph): kernels whose arguments
+are all static (parameters, KV cache, statically planned intermediates) are captured once and
+replayed. For that, decode's intermediates are planned for `max_batch` rows (upper bound of the
+batch symbol), and `num_input` marks the arguments after the inputs (KV cache, parameters) as
+static. Kernels reading per-call inputs (token ids, positions, `past`) run outside the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.codegen.targets import CudaTarget
+
+USE_CUDA_GRAPH = "relax.backend.use_cuda_graph"
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def param_dtype(target: CudaTarget, dtype: str) -> str:
+    """Floating-point parameters are stored (and computed) in the target's dtype."""
+    return target.dtype if dtype in _FLOATS else dtype
+
+
+def entry_attrs(target: CudaTarget, entry: str, num_inputs: int) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"num_input": num_inputs}
+    if entry == "decode":
+        attrs["tir_var_upper_bound"] = {"batch": target.max_batch}
+    return attrs
+
+
+def compile_module(mod, target: CudaTarget):
+    """tvm.compile with the default CUDA pipeline (dlight schedules, CUDA-graph rewriting),
+    machine code for the target's arch (see cuda_toolchain)."""
+    import tvm
+
+    from kiln.codegen import cuda_toolchain as ct
+
+    with tvm.transform.PassContext(opt_level=3, config={USE_CUDA_GRAPH: True}):
+        return ct.compile_for_cuda(mod, target.tvm_target())

@@ -1,0 +1,285 @@
+"""CUDA attention over the in-place KV cache, hand-scheduled TIR (explicit thread bindings).
+
+KV cache, one buffer per layer and per K/V:  # (batch, kv_heads, capacity, head_dim)
+q/out: (batch, seq, heads * head_dim). `past` (tokens already cached) is read from a one-element
+int32 device tensor, not passed as a kernel scalar: a CUDA graph captured for the decode step then
+stays valid as `past` grows (a scalar would be baked into the captured launch).
+
+- `past_kernel`: writes `past` into that tensor (runs outside the captured graph).
+- `kv_append_kernel`: new rows k/v[b, s, KV*D] -> caches at past..past+s-1, in place.
+- `decode_attention_kernel`: one block per (batch, query, head), NT threads split the keys;
+  each thread keeps an online-softmax state, the block merges them in shared memory.
+- `prefill_attention_kernel`: flash-attention tiling: one block per (batch, head, BQ queries),
+  one thread per query; K/V tiles of BK rows are staged in shared memory, scores live in
+  registers (never a score matrix), online softmax per tile. Causal.
+All accumulate in float32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+F32_MIN = -3.4028234663852886e38
+NT = 128  # decode: threads per block
+
+
+def _vec(dtype: str, head_dim: int) -> int:
+    """Elements per 16-byte load (fewer when head_dim is not a multiple of that)."""
+    vec = 16 // {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+    while head_dim % vec:
+        vec //= 2
+    return vec
+
+
+@functools.cache
+def past_kernel() -> tirx.PrimFunc:
+    """PrimFunc(past, out[1] int32): out[0] = past."""
+
+    @T.prim_func(private=True)
+    def kv_past(past: T.int64, o: T.Buffer((1,), "int32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for _tx in T.thread_binding(1, thread="threadIdx.x"):
+            o[0] = T.Cast("int32", past)
+
+    return kv_past
+
+
+@functools.cache
+def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
+    """PrimFunc(k_cache, v_cache, k[b, s, KV*D], v[b, s, KV*D], past[1]): caches in place."""
+    d, kvd, threads = head_dim, kv_heads * head_dim, 256
+
+    @T.prim_func(private=True)
+    def kv_append(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle,
+                  pst: T.Buffer((1,), "int32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        k = T.match_buffer(k_h, (b, s, kvd), dtype)
+        v = T.match_buffer(v_h, (b, s, kvd), dtype)
+        for bx in T.thread_binding((b * s * kvd + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                i: T.let[T.int64] = bx * threads + tx
+                if i < b * s * kvd:
+                    bi: T.let[T.int64] = i // (s * kvd)
+                    si: T.let[T.int64] = i // kvd % s
+                    g: T.let[T.int64] = i % kvd // d
+                    row: T.let[T.int64] = T.Cast("int64", pst[0]) + si
+                    kc[bi, g, row, i % d] = k[bi, si, i % kvd]
+                    vc[bi, g, row, i % d] = v[bi, si, i % kvd]
+
+    return kv_append
+
+
+@functools.cache
+def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
+                            dtype: str) -> tirx.PrimFunc:
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal; any s, best
+    for s = 1. Query i (0-based in the new rows) sees keys 0..past+i."""
+    d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
+    if d > NT:
+        raise ValueError(f"decode attention: head_dim {d} > {NT} threads")
+    stride = d + 1  # shared rows padded by one word: no bank conflicts
+
+    @T.prim_func(private=True)
+    def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                         pst: T.Buffer((1,), "int32"), o_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, s, hd), dtype)
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        o = T.match_buffer(o_h, (b, s, hd), dtype)
+        for blk in T.thread_binding(b * s * heads, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                ms = T.decl_buffer((NT,), f32, scope="shared")
+                ls = T.decl_buffer((NT,), f32, scope="shared")
+                os = T.decl_buffer((NT * stride,), f32, scope="shared")
+                qv = T.decl_buffer((d,), f32, scope="local")
+                acc = T.decl_buffer((d,), f32, scope="local")
+                # running max, running sum, score / merged max, new max / merged sum,
+                # rescale of the old state, weight of the new key
+                st = T.decl_buffer((6,), f32, scope="local")
+                bi: T.let[T.int64] = blk // (s * heads)
+                si: T.let[T.int64] = blk // heads % s
+                h: T.let[T.int64] = blk % heads
+                g: T.let[T.int64] = h // group
+                kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                for c in T.unroll(d):
+                    qv[c] = T.Cast(f32, q[bi, si, h * d + c]) * T.float32(scale)
+                    acc[c] = T.float32(0)
+                st[0] = T.float32(F32_MIN)
+                st[1] = T.float32(0)
+                for it in range((kend - tx + NT - 1) // NT):
+                    st[2] = T.float32(0)
+                    for c in T.unroll(d):
+                        st[2] += qv[c] * T.Cast(f32, kc[bi, g, tx + it * NT, c])
+                    st[3] = T.max(st[0], st[2])
+                    st[4] = T.exp(st[0] - st[3])
+                    st[5] = T.exp(st[2] - st[3])
+                    st[1] = st[1] * st[4] + st[5]
+                    for c in T.unroll(d):
+                        acc[c] = acc[c] * st[4] + st[5] * T.Cast(f32, vc[bi, g, tx + it * NT, c])
+                    st[0] = st[3]
+                ms[tx] = st[0]
+                ls[tx] = st[1]
+                T.tvm_storage_sync("shared")
+                st[2] = T.float32(F32_MIN)
+                for t in range(NT):
+                    st[2] = T.max(st[2], ms[t])
+                st[3] = T.float32(0)
+                for t in range(NT):
+                    st[3] += ls[t] * T.exp(ms[t] - st[2])
+                st[4] = T.exp(st[0] - st[2])
+                for c in T.unroll(d):
+                    os[tx * stride + c] = acc[c] * st[4]
+                T.tvm_storage_sync("shared")
+                if tx < d:
+                    st[1] = T.float32(0)
+                    for t in range(NT):
+                        st[1] += os[t * stride + tx]
+                    o[bi, si, h * d + tx] = T.Cast(dtype, st[1] / st[3])
+
+    return decode_attention
+
+
+@functools.cache
+def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
+                             dtype: str, *, bq: int = 64, bk: int = 16) -> tirx.PrimFunc:
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal, tiled."""
+    d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
+    vec = _vec(dtype, d)
+    loads = (bk * d + bq * vec - 1) // (bq * vec)  # vector loads per thread per K (or V) tile
+
+    @T.prim_func(private=True)
+    def prefill_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                          pst: T.Buffer((1,), "int32"), o_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, s, hd), dtype)
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        o = T.match_buffer(o_h, (b, s, hd), dtype)
+        ntiles: T.let[T.int64] = (s + bq - 1) // bq
+        for blk in T.thread_binding(b * heads * ntiles, thread="blockIdx.x"):
+            for tx in T.thread_binding(bq, thread="threadIdx.x"):
+                ks = T.decl_buffer((bk * d,), dtype, scope="shared")
+                vs = T.decl_buffer((bk * d,), dtype, scope="shared")
+                qv = T.decl_buffer((d,), f32, scope="local")
+                acc = T.decl_buffer((d,), f32, scope="local")
+                sc = T.decl_buffer((bk,), f32, scope="local")
+                # running max, running sum, tile max, new max, rescale of the old state
+                st = T.decl_buffer((5,), f32, scope="local")
+                bi: T.let[T.int64] = blk // (heads * ntiles)
+                h: T.let[T.int64] = blk // ntiles % heads
+                tile: T.let[T.int64] = ntiles - 1 - blk % ntiles  # the longest tiles first
+                g: T.let[T.int64] = h // group
+                past: T.let[T.int64] = T.Cast("int64", pst[0])
+                qi: T.let[T.int64] = tile * bq + tx
+                mine: T.let[T.int64] = past + qi + 1  # keys this query sees
+                kend: T.let[T.int64] = past + T.min(tile * bq + bq, s)  # keys the block needs
+                for c in T.unroll(d):
+                    qv[c] = T.Cast(f32, q[bi, T.min(qi, s - 1), h * d + c]) * T.float32(scale)
+                    acc[c] = T.float32(0)
+                st[0] = T.float32(F32_MIN)
+                st[1] = T.float32(0)
+                for kt in range((kend + bk - 1) // bk):
+                    for e in range(loads):
+                        if (e * bq + tx) * vec < bk * d:
+                            for lane in T.vectorized(vec):
+                                ks[(e * bq + tx) * vec + lane] = kc[
+                                    bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
+                                    ((e * bq + tx) * vec + lane) % d]
+                            for lane in T.vectorized(vec):
+                                vs[(e * bq + tx) * vec + lane] = vc[
+                                    bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
+                                    ((e * bq + tx) * vec + lane) % d]
+                    T.tvm_storage_sync("shared")
+                    st[2] = T.float32(F32_MIN)
+                    for j in T.unroll(bk):
+                        sc[j] = T.float32(0)
+                        for c in T.unroll(d):
+                            sc[j] += qv[c] * T.Cast(f32, ks[j * d + c])
+                        sc[j] = T.Select(kt * bk + j < mine, sc[j], T.float32(F32_MIN))
+                        st[2] = T.max(st[2], sc[j])
+                    st[3] = T.max(st[0], st[2])
+                    st[4] = T.exp(st[0] - st[3])
+                    st[1] = st[1] * st[4]
+                    for c in T.unroll(d):
+                        acc[c] = acc[c] * st[4]
+                    for j in T.unroll(bk):
+                        sc[j] = T.exp(sc[j] - st[3])
+                        st[1] += sc[j]
+                        for c in T.unroll(d):
+                            acc[c] += sc[j] * T.Cast(f32, vs[j * d + c])
+                    st[0] = st[3]
+                    T.tvm_storage_sync("shared")
+                if qi < s:
+                    for c in T.unroll(d):
+                        o[bi, qi, h * d + c] = T.Cast(dtype, acc[c] / st[1])
+
+    return prefill_attention
+
+
+@functools.cache
+def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
+                             interleaved: bool, dtype: str) -> tirx.PrimFunc:
+    """PrimFunc(qkv[b, s, (H + 2 KV) * D], cos[cb, s, R], sin[cb, s, R], k_cache, v_cache,
+    past[1], q_out[b, s, H*D]): rotary on q and k, k and v appended to the caches in place.
+
+    One kernel for what is otherwise a split (three copies), two rotary kernels and kv_append:
+    each thread produces one element of q_out or one of a new cache row.
+    """
+    d, hd, kvd, threads, half = head_dim, heads * head_dim, kv_heads * head_dim, 256, rot // 2
+    width, f32 = hd + 2 * kvd, "float32"
+
+    def rotate(qkv, bi, si, base, c, cos, sin, ci):
+        """Element c (< D) of the head starting at qkv[bi, si, base], rotated."""
+        def at(t):
+            return T.Cast(f32, qkv[bi, si, base + t])
+
+        x = at(c)
+        if interleaved:
+            partner = T.Select(c % 2 == 0, -at(T.min(c + 1, d - 1)), at(T.max(c - 1, 0)))
+        else:
+            partner = T.Select(c < half, -at(T.min(c + half, d - 1)), at(T.max(c - half, 0)))
+        cc = T.min(c, rot - 1)
+        y = x * T.Cast(f32, cos[ci, si, cc]) + partner * T.Cast(f32, sin[ci, si, cc])
+        return T.Cast(dtype, T.Select(c < rot, y, x))
+
+    @T.prim_func(private=True)
+    def qkv_rotary_append(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle,
+                          vc_h: T.handle, pst: T.Buffer((1,), "int32"), q_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, s, cap, cb = T.int64(), T.int64(), T.int64(), T.int64()
+        qkv = T.match_buffer(qkv_h, (b, s, width), dtype)
+        cos = T.match_buffer(cos_h, (cb, s, rot), dtype)
+        sin = T.match_buffer(sin_h, (cb, s, rot), dtype)
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        q = T.match_buffer(q_h, (b, s, hd), dtype)
+        for bx in T.thread_binding((b * s * width + threads - 1) // threads,
+                                   thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                i: T.let[T.int64] = bx * threads + tx
+                if i < b * s * width:
+                    bi: T.let[T.int64] = i // (s * width)
+                    si: T.let[T.int64] = i // width % s
+                    j: T.let[T.int64] = i % width
+                    c: T.let[T.int64] = j % d
+                    ci: T.let[T.int64] = T.min(bi, cb - 1)
+                    base: T.let[T.int64] = j - c
+                    row: T.let[T.int64] = T.Cast("int64", pst[0]) + si
+                    if j < hd:
+                        q[bi, si, j] = rotate(qkv, bi, si, base, c, cos, sin, ci)
+                    elif j < hd + kvd:
+                        kc[bi, (j - hd) // d, row, c] = rotate(qkv, bi, si, base, c, cos, sin,
+                                                               ci)
+                    else:
+                        vc[bi, (j - hd - kvd) // d, row, c] = qkv[bi, si, j]
+
+    return qkv_rotary_append

@@ -1,0 +1,269 @@
+"""The CUDA lowering table: canonical kiln IR op -> Relax (TE ops that the CUDA pipeline fuses
+and dlight schedules; hand-scheduled TIR for attention and the KV cache).
+
+Same contract as kiln.codegen.lower (a lowering returns one Relax expression per node output),
+its own table: CUDA_LOWERINGS. Compute dtype is the parameters' (cast at build time); matmuls
+and reductions accumulate in float32; the logits (graph outputs) stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tvm import relax, tirx
+from tvm.relax import op as R
+
+from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import te_ops
+from kiln.codegen.lower import LowerContext, _numel, _static, dtype_of, reshape, shape_of
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Node
+
+Lowering = Callable[["CudaLowerContext", Node], Sequence[relax.Expr | None]]
+CUDA_LOWERINGS: dict[str, Lowering] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class QkvPattern:
+    """split(qkv) -> rotary(q), rotary(k) -> attention(q, k, v): lowered as one fused kernel
+    (rotary + KV append) before the attention kernel."""
+
+    split: Node
+    rot_q: Node
+    rot_k: Node
+
+
+@dataclass
+class CudaLowerContext(LowerContext):
+    """LowerContext plus the device tensor holding `past` (made once per entry point) and the
+    attention nodes whose q/k/v preparation is fused."""
+
+    past_tensor: relax.Expr | None = None
+    qkv: dict[str, QkvPattern] | None = None
+
+    def __post_init__(self) -> None:
+        self.qkv = find_qkv_patterns(self.graph)
+        self.fused_away = {n.name for p in self.qkv.values()
+                           for n in (p.split, p.rot_q, p.rot_k)}
+
+    def past_on_device(self) -> relax.Expr:
+        if self.past_tensor is None:
+            gv = self.kernel(("kv_past",), attn.past_kernel)
+            self.past_tensor = self.bb.emit(R.call_tir(
+                gv, [relax.prim_value(self.past)], relax.TensorType([1], "int32")))
+        return self.past_tensor
+
+
+def find_qkv_patterns(graph) -> dict[str, QkvPattern]:
+    """attention node name -> its fusable split/rotary producers (see QkvPattern)."""
+    prod, users = graph.producers(), graph.consumers()
+    outs = set(graph.outputs)
+
+    def only_user(value: str, node: Node) -> bool:
+        return value not in outs and [u.name for u in users.get(value, [])] == [node.name]
+
+    found = {}
+    for a in (n for n in graph.nodes if n.op == "attention"):
+        q, k, v = a.inputs[:3]
+        rq, rk, sp = prod.get(q), prod.get(k), prod.get(v)
+        if not (rq and rk and sp and rq.op == rk.op == "rotary" and sp.op == "Split"
+                and len(sp.outputs) == 3 and sp.outputs[2] == v
+                and rq.inputs[0] == sp.outputs[0] and rk.inputs[0] == sp.outputs[1]
+                and rq.inputs[1:3] == rk.inputs[1:3]
+                and bool(rq.attrs.get("interleaved", False)) ==
+                bool(rk.attrs.get("interleaved", False))
+                and int(rq.attrs["num_heads"]) == int(a.attrs["num_heads"])
+                and int(rk.attrs["num_heads"]) == int(a.attrs["num_kv_heads"])
+                and int(rq.attrs["head_dim"]) == int(rk.attrs["head_dim"]) ==
+                int(a.attrs["head_dim"])):
+            continue
+        if all(only_user(x, n) for x, n in ((sp.outputs[0], rq), (sp.outputs[1], rk),
+                                            (v, a), (q, a), (k, a))):
+            found[a.name] = QkvPattern(sp, rq, rk)
+    return found
+
+
+def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            CUDA_LOWERINGS[op] = fn
+        return fn
+
+    return register
+
+
+def lower_node(ctx: CudaLowerContext, node: Node) -> None:
+    """Emit `node` into ctx.bb and bind its outputs in ctx.values."""
+    fn = CUDA_LOWERINGS.get(node.op)
+    if fn is None:
+        raise KilnError(f"no lowering for op {node.op} (node {node.name}) on target "
+                        f"{ctx.target.name}")
+    ctx.past_on_device()  # first of all: the kernels after it form one CUDA graph
+    if node.name in ctx.fused_away:  # lowered with its attention node
+        return
+    for name, expr in zip(node.outputs, fn(ctx, node), strict=False):
+        if name and expr is not None:
+            ctx.values[name] = expr
+
+
+def last_position(ctx: CudaLowerContext, x: relax.Expr) -> relax.Expr:
+    return ctx.bb.emit_te(te_ops.last_position, x)
+
+
+def _te(ctx: CudaLowerContext, fn, *args, **kw) -> relax.Expr:
+    return ctx.bb.emit_te(fn, *args, **kw)
+
+
+@lowering("linear")
+def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
+    if node.attrs.get("packed"):
+        raise KilnError(f"node {node.name} (linear): packed weights are for the CPU kernels")
+    xs, (n, k) = shape_of(x), shape_of(w)
+    n, k, dtype = _static(n, "out features", node), _static(k, "in features", node), dtype_of(x)
+    acc = "float32" if dtype in ("float16", "bfloat16") else dtype
+    y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
+    if b is not None:
+        y = ctx.bb.emit(R.add(y, R.astype(b, acc) if dtype_of(b) != acc else b))
+    out_dtype = acc if node.outputs[0] in ctx.graph.outputs else dtype  # logits stay fp32
+    if out_dtype != acc:
+        y = ctx.bb.emit(R.astype(y, out_dtype))
+    return [reshape(ctx, y, [*xs[:-1], n])]
+
+
+@lowering("rms_norm")
+def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    x, w = ctx.input(node, 0), ctx.input(node, 1)
+    xs = shape_of(x)
+    e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
+    groups = 1
+    if node.attrs.get("group_size"):  # per-head norm
+        group = int(node.attrs["group_size"])
+        groups, e = e // group, group
+    y = _te(ctx, te_ops.rms_norm, reshape(ctx, x, [_numel(xs[:-1]) * groups, e]), w, eps)
+    return [reshape(ctx, y, xs)]
+
+
+@lowering("embedding")
+def _embedding(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    table, ids = ctx.input(node, 0), ctx.input(node, 1)
+    if node.attrs.get("packed"):
+        raise KilnError(f"node {node.name} (embedding): packed tables are for the CPU kernels")
+    ids_shape, e = shape_of(ids), shape_of(table)[1]
+    rows = ctx.bb.emit(R.take(table, reshape(ctx, ids, [_numel(ids_shape)]), axis=0,
+                                mode="clip"))
+    return [reshape(ctx, rows, [*ids_shape, e])]
+
+
+@lowering("rotary")
+def _rotary(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    x, cos, sin = (ctx.input(node, i) for i in range(3))
+    h, d = int(node.attrs["num_heads"]), int(node.attrs["head_dim"])
+    inter = bool(node.attrs.get("interleaved", False))
+    if dtype_of(cos) != dtype_of(x):
+        cos, sin = (ctx.bb.emit(R.astype(t, dtype_of(x))) for t in (cos, sin))
+    return [_te(ctx, te_ops.rotary, x, cos, sin, h, d, inter)]
+
+
+@lowering("silu_mul")
+def _silu_mul(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    gate, up = ctx.input(node, 0), ctx.input(node, 1)
+    if [int(d) if isinstance(d, tirx.IntImm) else str(d) for d in shape_of(gate)] != [
+            int(d) if isinstance(d, tirx.IntImm) else str(d) for d in shape_of(up)]:
+        raise KilnError(f"node {node.name} (silu_mul): gate and up must have the same shape")
+    return [_te(ctx, te_ops.silu_mul, gate, up)]
+
+
+_BINARY = {"Add": R.add, "Sub": R.subtract, "Mul": R.multiply, "Div": R.divide}
+
+
+@lowering(*_BINARY)
+def _binary(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    return [ctx.bb.emit(_BINARY[node.op](ctx.input(node, 0), ctx.input(node, 1)))]
+
+
+@lowering("Split")
+def _split(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    """A split of the last axis (fused q/k/v or gate/up projections)."""
+    from kiln.codegen.lower import _split_sizes
+
+    x = ctx.input(node, 0)
+    xs = shape_of(x)
+    if int(node.attrs.get("axis", 0)) not in (-1, len(xs) - 1):
+        raise KilnError(f"node {node.name} (Split): only the last axis is supported on CUDA")
+    sizes = _split_sizes(ctx, node, _static(xs[-1], "split axis", node))
+    cuts = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    parts = ctx.bb.emit(R.split(x, cuts, axis=len(xs) - 1))
+    return [ctx.bb.emit(relax.TupleGetItem(parts, i)) for i in range(len(sizes))]
+
+
+@lowering("attention")
+def _attention(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
+    """KV append in place, then causal attention; the attention mask is not applied (the
+    runtime feeds all ones: no padding on CUDA)."""
+    if ctx.input(node, 6) is not None:
+        raise KilnError(f"node {node.name} (attention): an additive bias has no CUDA kernel")
+    a = node.attrs
+    if not a.get("causal", False):
+        raise KilnError(f"node {node.name} (attention): only causal attention has a CUDA kernel")
+    past_k, past_v = (node.inputs[i] if len(node.inputs) > i else "" for i in (3, 4))
+    if past_k not in ctx.caches or past_v not in ctx.caches:
+        raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
+                        "(they become the in-place KV cache)")
+    kc, vc = ctx.caches[past_k], ctx.caches[past_v]
+    pst = ctx.past_on_device()
+    if node.name in ctx.qkv:
+        q, kc2, vc2 = _fused_qkv(ctx, node, ctx.qkv[node.name], kc, vc, pst)
+        return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)
+    q, k, v = (ctx.input(node, i) for i in range(3))
+    kvh, d, dtype = int(a["num_kv_heads"]), int(a["head_dim"]), dtype_of(q)
+    append = ctx.kernel(("cuda_kv_append", kvh, d, dtype),
+                        lambda: attn.kv_append_kernel(kvh, d, dtype))
+    upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, pst], [0, 1], [kc.ty, vc.ty]))
+    kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))
+    return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)
+
+
+def _fused_qkv(ctx: CudaLowerContext, node: Node, p: QkvPattern, kc: relax.Expr,
+               vc: relax.Expr, pst: relax.Expr) -> tuple[relax.Expr, ...]:
+    from kiln.codegen.lower import _split_sizes
+
+    a = node.attrs
+    h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    qkv = ctx.values[p.split.inputs[0]]
+    xs = shape_of(qkv)
+    if _split_sizes(ctx, p.split, _static(xs[-1], "split axis", p.split)) != [h * d, kvh * d,
+                                                                          kvh * d]:
+        raise KilnError(f"node {p.split.name} (Split): not a q/k/v split of {h}/{kvh} heads")
+    dtype = dtype_of(qkv)
+    cos, sin = (ctx.values[p.rot_q.inputs[i]] for i in (1, 2))
+    if dtype_of(cos) != dtype:
+        cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
+    rot, inter = _static(shape_of(cos)[-1], "rotary dim", p.rot_q), bool(
+        p.rot_q.attrs.get("interleaved", False))
+    gv = ctx.kernel(("cuda_qkv_rotary_append", h, kvh, d, rot, inter, dtype),
+                    lambda: attn.qkv_rotary_append_kernel(h, kvh, d, rot, inter, dtype))
+    q_ty = relax.TensorType([*xs[:-1], h * d], dtype)
+    upd = ctx.bb.emit(R.call_tir_inplace(gv, [qkv, cos, sin, kc, vc, pst], [3, 4, -1],
+                                         [kc.ty, vc.ty, q_ty]))
+    kc2, vc2, q = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1, 2))
+    return q, kc2, vc2
+
+
+def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
+            vc2: relax.Expr, pst: relax.Expr, past_k: str, past_v: str) -> list:
+    a = node.attrs
+    h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    dtype = dtype_of(q)
+    scale = float(a.get("scale", d ** -0.5))
+    seq = shape_of(q)[1]
+    if isinstance(seq, tirx.IntImm) and seq.value == 1:
+        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype),
+                        lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype))
+    else:
+        gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype),
+                        lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype))
+    out = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], relax.TensorType(shape_of(q), dtype)))
+    ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
+    return [out, kc2, vc2]

@@ -1,0 +1,361 @@
+"""`quant_linear` with dequantization fused into the GEMV (decode) and GEMM (prefill) kernels.
+
+Weights are in kiln.passes.quantize's `blocked` layout (B = 16 fp32 lanes of AVX-512):
+    int8  qw[Np/B, Kp, B]       qw[nb, k, l]  = q[nb*B + l, k]
+    int4  qw[Np/B, Kp/2, B]     qw[nb, j, l]  = q[nb*B + l, 2j] | q[nb*B + l, 2j+1] << 4
+    scales, zero points [Np/B, G, B]: the B scales of one group are one vector load.
+W[n, k] = (q - zp) * scale, zp 0 for int8 and 8 for int4 unless zero points are given.
+
+GEMV (m <= GEMV_ROWS; decode): tasks own panels of nv column blocks, as in packed_linear. Per
+group the kernel accumulates `part += x[k] * float(q)` in vectors (separate chains for the low
+and high nibble), with xs = sum of x over the group, then `acc += (part - zp * xs) * scale`:
+the zero point and scale cost one vector op per group, not per weight, and only the quantized
+bytes stream from memory (no fp32 copy of a weight exists at any time).
+GEMM (m > GEMV_ROWS; prefill): each task dequantizes its panel, Kp * nv * B floats (at most a
+few hundred KB: L2-sized), into a scratch buffer once, then runs packed_linear's register-tile
+micro-kernel over every row tile of x. The dequantization is amortized over m rows; the scratch
+is per task, so no fp32 copy of a whole weight is materialized.
+N not a multiple of B: the last block is padded in storage and stored lane by lane.
+K not a multiple of the group: Kp is padded with zero weights; loops stop at K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from kiln.codegen.kernels.packed_linear import PackedConfig
+
+#: scope of the small accumulator buffers: TVM 0.27 gives "global" ones under 1 KB a stack
+#: alloca that LLVM keeps in registers, while "local" ones go through the workspace pool
+SMALL = "global"
+#: at most this many rows run the GEMV path (no scratch); more run the dequantize-panel GEMM
+GEMV_ROWS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class QuantScheme:
+    """What the kernel must know about the weights (compile-time constants)."""
+
+    n: int
+    k: int
+    bits: int
+    group: int
+    zero_points: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or self.group < 1 or (self.bits == 4 and self.group % 2):
+            raise ValueError(f"bad quantization scheme {self}")
+
+    @property
+    def groups(self) -> int:
+        return -(-self.k // self.group)
+
+    @property
+    def kp(self) -> int:  # padded K
+        return self.groups * self.group
+
+    @property
+    def default_zp(self) -> float:
+        return 8.0 if self.bits == 4 else 0.0
+
+
+def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
+                        bias: bool = False, lanes: int = 16) -> tirx.PrimFunc:
+    """PrimFunc(x[m, K], qw, scales, (zp,) (b[N],) y[m, N]) with m symbolic (int64)."""
+    n, k, G = s.n, s.k, s.groups
+    blocks, full = -(-n // lanes), n // lanes
+    qcols = s.kp // 2 if s.bits == 4 else s.kp
+    qdt = "uint8" if s.bits == 4 else "int8"
+    gemv = _gemv_panel(s, lanes, bias)
+    gemm_panel = _gemm_panel(s, gemm.mr, lanes, bias)
+
+    @T.macro
+    def spread(body, xb, wb, sb, zb, bb, yb, m, nv):
+        # parallel panels of nv full blocks, then the leftover full blocks, then a ragged one
+        for p in T.parallel(full // nv):
+            body(xb, wb, sb, zb, bb, yb, m, p * nv, nv, False)
+        if full % nv > 0:
+            body(xb, wb, sb, zb, bb, yb, m, full // nv * nv, full % nv, False)
+        if blocks > full:
+            body(xb, wb, sb, zb, bb, yb, m, full, 1, True)
+
+    @T.macro
+    def dispatch(xb, wb, sb, zb, bb, yb, m):
+        if m <= GEMV_ROWS:
+            spread(gemv, xb, wb, sb, zb, bb, yb, m, gemv_nv)
+        else:
+            spread(gemm_panel, xb, wb, sb, zb, bb, yb, m, gemm.nv)
+
+    W, S = T.Buffer((blocks, qcols, lanes), qdt), T.Buffer((blocks, G, lanes), "float32")
+    Z, Bias = T.Buffer((blocks, G, lanes), "float32"), T.Buffer((n,), "float32")
+
+    if s.zero_points and bias:
+
+        @T.prim_func(private=True)
+        def quant_linear_zp_bias(x_h: T.handle, w: W, sc: S, zp: Z, b: Bias, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            dispatch(x, w, sc, zp, b, y, m)
+
+        return quant_linear_zp_bias
+    if s.zero_points:
+
+        @T.prim_func(private=True)
+        def quant_linear_zp(x_h: T.handle, w: W, sc: S, zp: Z, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            dispatch(x, w, sc, zp, None, y, m)
+
+        return quant_linear_zp
+    if bias:
+
+        @T.prim_func(private=True)
+        def quant_linear_bias(x_h: T.handle, w: W, sc: S, b: Bias, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            dispatch(x, w, sc, None, b, y, m)
+
+        return quant_linear_bias
+
+    @T.prim_func(private=True)
+    def quant_linear(x_h: T.handle, w: W, sc: S, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        dispatch(x, w, sc, None, None, y, m)
+
+    return quant_linear
+
+
+def _dequant(s: QuantScheme, wb, nb, kk, lane):
+    """float(q[k]) of block nb, lane, at k = kk (any k: picks the nibble for int4)."""
+    if s.bits == 8:
+        return T.Cast("float32", wb[nb, kk, lane])
+    byte = wb[nb, kk // 2, lane]
+    return T.Cast("float32", T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (kk % 2) * 4)),
+                                           T.uint8(15)))
+
+
+def _gemv_panel(s: QuantScheme, lanes: int, bias: bool):
+    k, g, full_groups = s.k, s.group, s.k // s.group
+    tail = k - full_groups * g
+    zp_on, zp0 = s.zero_points or s.bits == 4, s.default_zp
+
+    @T.macro
+    def group_end(sb, zb, acc, part, hi, xs, nb0, nv, gi):
+        # acc += (sum x*q - zp * sum x) * scale: zero point and scale once per group
+        for j in T.unroll(nv):
+            for lane in T.vectorized(lanes):
+                if s.zero_points:
+                    acc[j * lanes + lane] += (part[j * lanes + lane] + hi[j * lanes + lane]
+                                              - zb[nb0 + j, gi, lane] * xs[0]
+                                              ) * sb[nb0 + j, gi, lane]
+                elif zp_on:
+                    acc[j * lanes + lane] += (part[j * lanes + lane] + hi[j * lanes + lane]
+                                              - T.float32(zp0) * xs[0]) * sb[nb0 + j, gi, lane]
+                else:
+                    acc[j * lanes + lane] += (part[j * lanes + lane] + hi[j * lanes + lane]
+                                              ) * sb[nb0 + j, gi, lane]
+
+    @T.macro
+    def full_group8(xb, wb, part, xs, r, nb0, nv, gi):
+        for kk in range(g):
+            xv: T.let[T.float32] = xb[r, gi * g + kk]
+            if zp_on:
+                xs[0] += xv
+            for j in T.unroll(nv):
+                for lane in T.vectorized(lanes):
+                    part[j * lanes + lane] += xv * T.Cast("float32", wb[nb0 + j, gi * g + kk,
+                                                                        lane])
+
+    @T.macro
+    def full_group4(xb, wb, part, hi, xs, r, nb0, nv, gi):
+        for kp in range(g // 2):
+            x0: T.let[T.float32] = xb[r, gi * g + 2 * kp]
+            x1: T.let[T.float32] = xb[r, gi * g + 2 * kp + 1]
+            xs[0] += x0 + x1
+            for j in T.unroll(nv):
+                for lane in T.vectorized(lanes):
+                    # widen the byte once; both nibbles come out of the 32-bit lane
+                    part[j * lanes + lane] += x0 * T.Cast("float32", T.bitwise_and(
+                        T.Cast("int32", wb[nb0 + j, gi * (g // 2) + kp, lane]), 15))
+                    hi[j * lanes + lane] += x1 * T.Cast("float32", T.shift_right(
+                        T.Cast("int32", wb[nb0 + j, gi * (g // 2) + kp, lane]), 4))
+
+    @T.macro
+    def panel(xb, wb, sb, zb, bb, yb, m, nb0, nv, ragged):
+        acc = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
+        part = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
+        hi = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
+        xs = T.decl_buffer((1,), "float32", scope=SMALL)
+        for r in range(m):
+            zero(acc, nv, lanes)
+            for gi in range(full_groups):
+                xs[0] = T.float32(0)
+                zero(part, nv, lanes)
+                zero(hi, nv, lanes)
+                if s.bits == 4:
+                    full_group4(xb, wb, part, hi, xs, r, nb0, nv, gi)
+                else:
+                    full_group8(xb, wb, part, xs, r, nb0, nv, gi)
+                group_end(sb, zb, acc, part, hi, xs, nb0, nv, gi)
+            if tail > 0:
+                xs[0] = T.float32(0)
+                zero(part, nv, lanes)
+                zero(hi, nv, lanes)
+                for kk in range(full_groups * g, k):
+                    xv: T.let[T.float32] = xb[r, kk]
+                    xs[0] += xv
+                    for j in T.unroll(nv):
+                        for lane in T.vectorized(lanes):
+                            part[j * lanes + lane] += xv * _dequant(s, wb, nb0 + j, kk, lane)
+                group_end(sb, zb, acc, part, hi, xs, nb0, nv, full_groups)
+            store(bb, yb, acc, r, 1, nb0, nv, ragged, lanes, bias, s.n, nv)
+
+    return panel
+
+
+def _gemm_panel(s: QuantScheme, mr: int, lanes: int, bias: bool):
+    k, kp, g, G = s.k, s.kp, s.group, s.groups
+
+    @T.macro
+    def put(scratch, sb, zb, j, nb0, gi, kk, lane, q):
+        if s.zero_points:
+            scratch[(j * kp + gi * g + kk) * lanes + lane] = (
+                q - zb[nb0 + j, gi, lane]) * sb[nb0 + j, gi, lane]
+        else:
+            scratch[(j * kp + gi * g + kk) * lanes + lane] = (
+                q - T.float32(s.default_zp)) * sb[nb0 + j, gi, lane]
+
+    @T.macro
+    def dequantize(wb, sb, zb, scratch, nb0, nv):
+        # scratch[(j * Kp + k) * lanes + lane] = W[(nb0 + j) * lanes + lane, k]
+        for j in range(nv):
+            for gi in range(G):
+                if s.bits == 4:
+                    for kq in range(g // 2):
+                        for lane in T.vectorized(lanes):
+                            put(scratch, sb, zb, j, nb0, gi, 2 * kq, lane, T.Cast(
+                                "float32", T.bitwise_and(wb[nb0 + j, gi * (g // 2) + kq, lane],
+                                                         T.uint8(15))))
+                            put(scratch, sb, zb, j, nb0, gi, 2 * kq + 1, lane, T.Cast(
+                                "float32", T.shift_right(wb[nb0 + j, gi * (g // 2) + kq, lane],
+                                                         T.uint8(4))))
+                else:
+                    for kk in range(g):
+                        for lane in T.vectorized(lanes):
+                            put(scratch, sb, zb, j, nb0, gi, kk, lane,
+                                T.Cast("float32", wb[nb0 + j, gi * g + kk, lane]))
+
+    @T.macro
+    def micro(xb, scratch, bb, yb, m0, rows, nb0, nv, ragged):
+        acc = T.decl_buffer((rows * nv * lanes,), "float32", scope=SMALL)
+        zero(acc, rows * nv, lanes)
+        for kk in range(k):
+            for i in T.unroll(rows):
+                for j in T.unroll(nv):
+                    for lane in T.vectorized(lanes):
+                        acc[(i * nv + j) * lanes + lane] += xb[m0 + i, kk] * scratch[
+                            (j * kp + kk) * lanes + lane]
+        store(bb, yb, acc, m0, rows, nb0, nv, ragged, lanes, bias, s.n, nv)
+
+    @T.macro
+    def panel(xb, wb, sb, zb, bb, yb, m, nb0, nv, ragged):
+        scratch = T.decl_buffer((nv * kp * lanes,), "float32", scope="global")
+        dequantize(wb, sb, zb, scratch, nb0, nv)
+        for mt in range(m // mr):
+            micro(xb, scratch, bb, yb, mt * mr, mr, nb0, nv, ragged)
+        for mm in range(m // mr * mr, m):
+            micro(xb, scratch, bb, yb, mm, 1, nb0, nv, ragged)
+
+    return panel
+
+
+@T.macro(hygienic=False)
+def store(bb, yb, acc, m0, rows, nb0, nv, ragged, lanes, bias, n, width):
+    for i in T.unroll(rows):
+        for j in T.unroll(width):
+            if ragged:
+                for lane in range(lanes):
+                    if (nb0 + j) * lanes + lane < n:
+                        if bias:
+                            yb[m0 + i, (nb0 + j) * lanes + lane] = (
+                                acc[(i * width + j) * lanes + lane]
+                                + bb[(nb0 + j) * lanes + lane])
+                        else:
+                            yb[m0 + i, (nb0 + j) * lanes + lane] = acc[
+                                (i * width + j) * lanes + lane]
+            else:
+                for lane in T.vectorized(lanes):
+                    if bias:
+                        yb[m0 + i, (nb0 + j) * lanes + lane] = (
+                            acc[(i * width + j) * lanes + lane] + bb[(nb0 + j) * lanes + lane])
+                    else:
+                        yb[m0 + i, (nb0 + j) * lanes + lane] = acc[
+                            (i * width + j) * lanes + lane]
+
+
+def quant_embedding_kernel(s: QuantScheme, *, index_dtype: str = "int64", parallel: bool = True,
+                           lanes: int = 16) -> tirx.PrimFunc:
+    """PrimFunc(qw, scales, (zp,) ids[m], y[m, K]): dequantized rows of a blocked table.
+
+    The table is a tied LM head's quantized weight: row v is output channel v, a strided
+    gather in the blocked layout, dequantized on the fly (a few KB per token)."""
+    n, k, g, G = s.n, s.k, s.group, s.groups
+    blocks = -(-n // lanes)
+    qcols = s.kp // 2 if s.bits == 4 else s.kp
+    qdt = "uint8" if s.bits == 4 else "int8"
+    loop = T.parallel if parallel else T.serial
+    W, S = T.Buffer((blocks, qcols, lanes), qdt), T.Buffer((blocks, G, lanes), "float32")
+
+    @T.macro
+    def rows(wb, sb, zb, ids, y, m):
+        for r in loop(m):
+            v: T.let[T.int64] = T.max(T.min(T.Cast("int64", ids[r]), n - 1), 0)
+            for c in range(k):
+                if s.zero_points:
+                    y[r, c] = (_dequant(s, wb, v // lanes, c, v % lanes)
+                               - zb[v // lanes, c // g, v % lanes]) * sb[v // lanes, c // g,
+                                                                          v % lanes]
+                else:
+                    y[r, c] = (_dequant(s, wb, v // lanes, c, v % lanes)
+                               - T.float32(s.default_zp)) * sb[v // lanes, c // g, v % lanes]
+
+    if s.zero_points:
+
+        @T.prim_func(private=True)
+        def quant_embedding_zp(w: W, sc: S, zp: S, ids_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            ids = T.match_buffer(ids_h, (m,), index_dtype)
+            y = T.match_buffer(y_h, (m, k), "float32")
+            rows(w, sc, zp, ids, y, m)
+
+        return quant_embedding_zp
+
+    @T.prim_func(private=True)
+    def quant_embedding(w: W, sc: S, ids_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        ids = T.match_buffer(ids_h, (m,), index_dtype)
+        y = T.match_buffer(y_h, (m, k), "float32")
+        rows(w, sc, None, ids, y, m)
+
+    return quant_embedding
+
+
+@T.macro
+def zero(buf, vectors, lanes):
+    for t in T.unroll(vectors):
+        for lane in T.vectorized(lanes):
+            buf[t * lanes + lane] = T.float32(0)

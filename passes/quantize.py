@@ -1,0 +1,310 @@
+"""Weight-only quantization: presets, the numpy quantizer and the `quantize_weights` pass.
+
+The op this pass emits (its numpy specification: compiler/interpreter/transformer_ops.py):
+
+    quant_linear(x[..., K], qweight, scales[, zero_points][, bias[N]]) -> [..., N]
+        attrs: bits (8 | 4), group_size g (K for per output channel), in_features K,
+               out_features N, layout ("nk" | "blocked")
+        W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g];  y = x @ W[:N, :K]^T (+ bias)
+    quant_embedding(qtable, scales, zero_points | "", ids[...]) -> [..., K]
+        the same attributes; row ids of W (a tied LM head's table, read without a fp32 copy)
+
+Quantized values: bits 8 are signed int8 (zp default 0); bits 4 are unsigned nibbles 0..15
+(zp default 8, so a symmetric int4 weight is (q - 8) * scale). Zero points, when present, are
+float32 integers (onnxruntime's MatMulNBits and QDQ zero points convert to them exactly).
+K is padded to Kp = ceil(K / g) * g with zero weights, so every group is whole in storage.
+Layouts (G = Kp / g groups; B = 16 lanes, Np = N rounded up to B, padding rows all zero):
+    nk       qweight int8[N, Kp] | uint8[N, Kp/2] (byte j: k = 2j low nibble, 2j+1 high)
+             scales, zero_points float32[N, G]
+    blocked  qweight int8[Np/B, Kp, B] | uint8[Np/B, Kp/2, B] (the byte of lane l at k pair j
+             holds k = 2j in the low nibble, 2j+1 in the high one, of output row nb*B + l)
+             scales, zero_points float32[Np/B, G, B]: one group's B scales are one vector load
+`blocked` mirrors pack_linear_weights (see kiln.codegen.kernels.quant_linear).
+
+The pass quantizes every `linear` whose weight is a 2-D float32 parameter read by nothing but
+linears and (tied) embeddings, the LM head included, unless a `keep` pattern matches it; a
+tied embedding becomes `quant_embedding` over the same quantized table, so the fp32 table is
+no longer shipped. With `block`, quantized weights (its own and imported ones in `nk`) are laid
+out `blocked` for the CPU kernels. Quantized parameters are Derived from the originals by the
+transforms registered here, so `kiln convert` regenerates them from the weights.
+Requires: linear recognized (canonical graph). Preserves: every value name and type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import (
+    PARAM_TRANSFORMS,
+    Attrs,
+    Derived,
+    DType,
+    Graph,
+    Node,
+    Param,
+    ParamSource,
+    TensorType,
+)
+from kiln.passes import register
+
+LANES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class QuantPreset:
+    """A weight quantization scheme; `group_size` 0 means one group per output channel."""
+
+    name: str
+    bits: int = 8
+    group_size: int = 0
+    symmetric: bool = True
+    kv_bits: int = 0  # 8: int8 KV cache (parsed, not implemented yet)
+    keep: tuple[str, ...] = ()  # fnmatch patterns of node/param names kept in fp32
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise KilnError(f"quant preset {self.name}: bits must be 4 or 8, got {self.bits}")
+        if self.group_size and (self.group_size < 2 or self.group_size % 2):
+            raise KilnError(f"quant preset {self.name}: group size {self.group_size} must be "
+                            "even")
+
+    def to_dict(self) -> dict:
+        return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep)}
+
+
+#: named presets: "w4g32a" is asymmetric (zero points); combine with "-": "w4g32-kv8"
+PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
+    QuantPreset("w8", bits=8),
+    QuantPreset("w4g32", bits=4, group_size=32),
+    QuantPreset("w4g64", bits=4, group_size=64),
+    QuantPreset("w4g128", bits=4, group_size=128),
+    QuantPreset("w4g32a", bits=4, group_size=32, symmetric=False),
+    QuantPreset("w4g64a", bits=4, group_size=64, symmetric=False),
+    QuantPreset("w4g128a", bits=4, group_size=128, symmetric=False),
+    QuantPreset("kv8", bits=8, kv_bits=8),
+)}
+
+
+def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPreset:
+    """`w4g32`, `w8`, `w4g32-kv8`, `kv8` ... -> a QuantPreset (keep patterns attached)."""
+    parts = [p for p in spec.strip().lower().split("-") if p]
+    weights = [p for p in parts if p != "kv8"]
+    unknown = [p for p in weights if p not in PRESETS] + (["-"] if len(weights) > 1 else [])
+    if not parts or unknown:
+        raise KilnError(f"unknown quantization preset {spec!r}; known: "
+                        f"{', '.join(sorted(PRESETS))} (combine with -kv8)")
+    base = PRESETS[weights[0]] if weights else dataclasses.replace(PRESETS["kv8"], bits=8)
+    kv = 8 if "kv8" in parts else 0
+    weights_on = bool(weights)
+    return dataclasses.replace(base, name=spec.strip().lower(), kv_bits=kv,
+                               keep=tuple(keep) + (() if weights_on else ("*",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the numpy quantizer and layouts (the compile-time transforms)
+
+
+def groups_of(k: int, group: int) -> tuple[int, int]:
+    """(group size, number of groups) for K; a group size of 0 means per output channel."""
+    g = group or k
+    return g, -(-k // g)
+
+
+def quantize(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """w[N, K] -> (q[N, Kp] unpacked codes, scales[N, G], zero_points[N, G] | None)."""
+    n, k = w.shape
+    g, ng = groups_of(k, group)
+    wp = np.zeros((n, ng * g), np.float32)
+    wp[:, :k] = w
+    wg = wp.reshape(n, ng, g)
+    if symmetric:
+        qmax = 127 if bits == 8 else 7
+        scale = np.abs(wg).max(axis=2) / np.float32(qmax)
+        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+        q = np.clip(np.rint(wg / scale[..., None]), -qmax, qmax)
+        q = q.astype(np.int8) if bits == 8 else (q + 8).astype(np.uint8)
+        return q.reshape(n, -1), scale, None
+    qmax = 255 if bits == 8 else 15
+    lo, hi = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)
+    scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, qmax)
+    q = np.clip(np.rint(wg / scale[..., None]) + zp[..., None], 0, qmax)
+    if bits == 8:  # stored signed: shift codes and zero points by 128 (exact)
+        q, zp = q - 128, zp - 128
+        return q.astype(np.int8).reshape(n, -1), scale, zp.astype(np.float32)
+    return q.astype(np.uint8).reshape(n, -1), scale, zp.astype(np.float32)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """codes[..., 2j] in the low nibble, codes[..., 2j+1] in the high one: [..., Kp / 2]."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] & 15) | ((q[..., 1::2] & 15) << 4)
+
+
+def blocked(a: np.ndarray, block: int = LANES) -> np.ndarray:
+    """a[N, C] (qweight bytes or per-group values) -> [Np / block, C, block], zero-padded rows."""
+    n, c = a.shape
+    np_ = -(-n // block) * block
+    pad = np.zeros((np_, c), a.dtype)
+    pad[:n] = a
+    return np.ascontiguousarray(pad.reshape(np_ // block, block, c).transpose(0, 2, 1))
+
+
+def _quantize_part(w: np.ndarray, *, bits: int, group: int, symmetric: bool, part: str,
+                   ) -> np.ndarray:
+    q, scales, zp = quantize(np.asarray(w, np.float32), bits=bits, group=group,
+                             symmetric=symmetric)
+    if part == "qweight":
+        return pack_nibbles(q) if bits == 4 else q
+    return scales if part == "scales" else zp
+
+
+def _nibble_zero_points(zp: np.ndarray, *, n: int, groups: int) -> np.ndarray:
+    """MatMulNBits' packed uint4 zero points [N * ceil(G / 2)] -> float32[N, G]."""
+    b = np.asarray(zp, np.uint8).reshape(n, -1)
+    both = np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1)
+    return both[:, :groups].astype(np.float32)
+
+
+PARAM_TRANSFORMS["quantize"] = _quantize_part
+PARAM_TRANSFORMS["quant_blocked"] = lambda a, block: blocked(np.asarray(a), block)
+PARAM_TRANSFORMS["nibble_zero_points"] = _nibble_zero_points
+PARAM_TRANSFORMS["astype_float32"] = lambda a: np.asarray(a).astype(np.float32)
+PARAM_TRANSFORMS["uint8_to_int8"] = lambda a: (np.asarray(a).astype(np.int16) - 128).astype(
+    np.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+#: (op, input slot) pairs that may read a weight the pass quantizes
+_READERS = {("linear", 1), ("embedding", 0)}
+
+
+@register("quantize_weights")
+def quantize_weights(graph: Graph, *, preset: QuantPreset | None = None,
+                     block: int = 0) -> Graph:
+    """Quantize linear weights per `preset` (None: only lay out existing quant_linear nodes),
+    then, with `block`, lay every quantized weight out `blocked` for the CPU kernels."""
+    if preset is not None:
+        graph = _quantize_linears(graph, preset)
+    return _to_blocked(graph, block) if block else graph
+
+
+def _quantize_linears(graph: Graph, preset: QuantPreset) -> Graph:
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for n in graph.nodes:
+        for i, v in enumerate(n.inputs):
+            if v in graph.params:
+                uses.setdefault(v, set()).add((n.op, i))
+    heads = {n.name for n in graph.nodes if n.op == "linear" and n.outputs[0] in graph.outputs}
+    kept = {n.inputs[1] for n in graph.nodes if n.op == "linear"
+            and _kept(n, preset.keep, n.name in heads)}
+    chosen = {name for name, u in uses.items() if ("linear", 1) in u and u <= _READERS
+              and name not in kept and _quantizable(graph.params[name])}
+    if not chosen:
+        return graph
+    params, types = dict(graph.params), dict(graph.types)
+    made: dict[str, tuple[str, str, str, Attrs]] = {}
+    for name in sorted(chosen):
+        made[name] = _add_quantized(params, types, graph.params[name], preset)
+    nodes = tuple(_rewrite(n, made) for n in graph.nodes)
+    for name in chosen:
+        del params[name], types[name]
+    return graph.replace(nodes=nodes, params=params, types=types,
+                         meta={**graph.meta, "quant": preset.to_dict()})
+
+
+def _kept(node: Node, patterns: tuple[str, ...], is_head: bool) -> bool:
+    names = (node.name, node.inputs[1])
+    return any((p == "lm_head" and is_head) or any(fnmatch.fnmatchcase(s, p) for s in names)
+               for p in patterns)
+
+
+def _quantizable(p: Param) -> bool:
+    shape = p.type.shape or ()
+    return p.type.dtype is DType.f32 and len(shape) == 2 and all(isinstance(d, int) and d > 0
+                                                                 for d in shape)
+
+
+def _add_quantized(params: dict, types: dict, p: Param, preset: QuantPreset,
+                   ) -> tuple[str, str, str, Attrs]:
+    n, k = p.type.shape
+    g, ng = groups_of(k, preset.group_size)
+    base = dict(bits=preset.bits, group=preset.group_size, symmetric=preset.symmetric)
+    q_shape = (n, ng * g // 2) if preset.bits == 4 else (n, ng * g)
+    q_dtype = DType.u8 if preset.bits == 4 else DType.i8
+    specs = [("qweight", TensorType(q_dtype, q_shape)),
+             ("scales", TensorType(DType.f32, (n, ng)))]
+    if not preset.symmetric:
+        specs.append(("zero_points", TensorType(DType.f32, (n, ng))))
+    names = []
+    for part, t in specs:
+        q = Param(f"{p.name}.{part}", t, Derived("quantize", (p.source,),
+                                                 Attrs({**base, "part": part})))
+        params[q.name], types[q.name] = q, t
+        names.append(q.name)
+    attrs = Attrs({"bits": preset.bits, "group_size": g, "in_features": k, "out_features": n,
+                   "layout": "nk"})
+    return names[0], names[1], names[2] if len(names) > 2 else "", attrs
+
+
+def _rewrite(n: Node, made: dict[str, tuple[str, str, str, Attrs]]) -> Node:
+    if n.op == "linear" and n.inputs[1] in made:
+        q, s, z, attrs = made[n.inputs[1]]
+        bias = n.inputs[2] if len(n.inputs) > 2 else ""
+        inputs = (n.inputs[0], q, s, z, bias) if bias else (n.inputs[0], q, s, z)
+        return dataclasses.replace(n, op="quant_linear", inputs=inputs, attrs=attrs)
+    if n.op == "embedding" and n.inputs[0] in made:
+        q, s, z, attrs = made[n.inputs[0]]
+        return dataclasses.replace(n, op="quant_embedding", inputs=(q, s, z, n.inputs[1]),
+                                   attrs=attrs)
+    return n
+
+
+#: input slots of the quantized tensors per op: (qweight, scales, zero_points)
+_QUANT_SLOTS = {"quant_linear": (1, 2, 3), "quant_embedding": (0, 1, 2)}
+
+
+def _to_blocked(graph: Graph, block: int) -> Graph:
+    """Lay out every `nk` quantized weight `blocked` (one copy, shared by all its readers)."""
+    params, types = dict(graph.params), dict(graph.types)
+    renamed: dict[str, str] = {}
+    nodes = []
+    for n in graph.nodes:
+        if n.op not in _QUANT_SLOTS or n.attrs.get("layout") != "nk":
+            nodes.append(n)
+            continue
+        inputs = list(n.inputs)
+        for slot in _QUANT_SLOTS[n.op]:
+            v = inputs[slot] if slot < len(inputs) else ""
+            if not v:
+                continue
+            if v not in graph.params:
+                raise KilnError(f"node {n.name} ({n.op}): quantized input {v} is not a "
+                                "parameter")
+            if v not in renamed:
+                renamed[v] = _blocked_param(params, types, graph.params[v], block)
+            inputs[slot] = renamed[v]
+        nodes.append(dataclasses.replace(n, inputs=tuple(inputs),
+                                         attrs=n.attrs.updated(layout="blocked")))
+    for v in renamed:
+        del params[v], types[v]
+    return graph.replace(nodes=tuple(nodes), params=params, types=types)
+
+
+def _blocked_param(params: dict, types: dict, p: Param, block: int) -> str:
+    rows, cols = p.type.shape
+    t = TensorType(p.type.dtype, (-(-rows // block), cols, block))
+    src: ParamSource = Derived("quant_blocked", (p.source,), Attrs({"block": block}))
+    q = Param(f"{p.name}.blocked{block}", t, src)
+    params[q.name], types[q.name] = q, t
+    return q.name

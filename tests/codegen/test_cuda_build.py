@@ -1,0 +1,94 @@
+"""The CUDA target end to end on a machine without a GPU: a llama-tiny artifact compiled for sm_90
+carries machine code (fatbin, no CUDA source), stores parameters and KV cache in the compute
+dtype, and its decode step is rewritten into captured CUDA graphs with `past` kept off the
+captured launches. Where a GPU exists, the artifact also runs (tests/runtime/test_cuda_session)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kiln.compiler.errors import KilnError
+
+tvm = pytest.importorskip("tvm")
+pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
+    not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from kiln.models.synthetic import write_synthetic
+
+    return write_synthetic("llama-tiny", tmp_path_factory.mktemp("tiny"), weights=False)
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(tiny_model, tmp_path_factory):
+    from kiln.compiler.compile import compile_model
+
+    out = tmp_path_factory.mktemp("cuda") / "art"
+    return compile_model(tiny_model, out, target="cuda:sm_90", max_seq=64, weights=False,
+                         dtype="float16")
+
+
+def test_kernels_are_sm90_machine_code_not_source(cuda_artifact):
+    from kiln.codegen import cuda_toolchain as ct
+
+    lib = cuda_artifact / "kernels.so"
+    ct.require_fatbin(lib, "sm_90")
+    assert ("cubin", "sm_90") in ct.fatbin_entries(lib)
+    assert ct.CUDA_SOURCE_MARK not in lib.read_bytes()
+
+
+def test_manifest_records_dtype_and_stores_params_and_cache_in_it(cuda_artifact):
+    m = json.loads((cuda_artifact / "manifest.json").read_text())
+    assert m["target"]["kind"] == "cuda" and m["target"]["arch"] == "sm_90"
+    assert m["target"]["dtype"] == "float16" and m["target"]["max_batch"] >= 1
+    floats = [p for p in m["params"] if p["dtype"].startswith(("float", "bfloat"))]
+    assert floats and all(p["dtype"] == "float16" for p in floats)
+    assert all(c["dtype"] == "float16" for c in m["signature"]["caches"])
+    assert {o["dtype"] for o in m["signature"]["outputs"]} == {"float32"}  # logits stay fp32
+    assert set(m["entry_points"]) == {"prefill", "decode", "prefill_last"}
+
+
+def test_decode_is_captured_as_cuda_graphs(tiny_model):
+    """After RewriteCUDAGraph, decode replays captured graphs; kernels needing `past` as a
+    scalar (it changes every step) stay outside them: the captures are keyed on batch and
+    capacity only, so one capture serves every decode step."""
+    from tvm.relax.backend.cuda import pipeline as P
+
+    from kiln.codegen.build import build_module
+    from kiln.codegen.cuda import backend
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_graph
+
+    graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
+                          weights_optional=True)
+    tgt = CudaTarget(dtype="float16")
+    mod, _ = build_module(graph, tgt, entry_points=("decode",))
+    t = tgt.tvm_target()
+    with tvm.transform.PassContext(opt_level=3, config={backend.USE_CUDA_GRAPH: True}), t:
+        passes = (P.library_dispatch_passes(t) + P.legalize_passes(t)
+                  + P.dataflow_lower_passes(t) + P.finalize_passes(t)[:2])
+        mod = tvm.transform.Sequential(passes)(mod)
+    text = mod["decode"].script()
+    assert text.count("vm.builtin.cuda_graph.run_or_capture") >= 1
+    captures = [gv.name_hint for gv in mod.functions if "cuda_graph_capture" in gv.name_hint]
+    assert captures
+    for name in captures:
+        body = mod[name].script()
+        assert "kv_past" not in body and "past" not in str(mod[name].params[-1].ty)
+        assert "cuda_decode_attention" in body or "nt_matmul" in body
+
+
+def test_unknown_dtype_and_cpu_half_are_refused(tiny_model, tmp_path):
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_model
+
+    with pytest.raises(KilnError, match="dtype"):
+        CudaTarget(dtype="int8")
+    with pytest.raises(KilnError, match="float32 only"):
+        compile_model(tiny_model, tmp_path / "x", target="cpu", weights=False,
+                      dtype="float16")

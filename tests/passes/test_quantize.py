@@ -1,0 +1,103 @@
+"""quantize_weights: presets, the numpy scheme, the rewrite (tied LM head included) and layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.codegen.testing import TINY, canonical_llama_graph
+from kiln.compiler.errors import KilnError
+from kiln.compiler.interpreter import run
+from kiln.compiler.interpreter.transformer_ops import dequantize
+from kiln.compiler.ir import Attrs
+from kiln.compiler.verify import verify
+from kiln.passes.quantize import (
+    PRESETS,
+    blocked,
+    pack_nibbles,
+    parse_preset,
+    quantize,
+    quantize_weights,
+)
+from tests.helpers import assert_close
+
+
+def test_presets_parse():
+    assert parse_preset("w4g32") == PRESETS["w4g32"]
+    p = parse_preset("W4G64A", keep=("lm_head",))
+    assert (p.bits, p.group_size, p.symmetric, p.keep) == (4, 64, False, ("lm_head",))
+    combo = parse_preset("w4g32-kv8")
+    assert (combo.bits, combo.group_size, combo.kv_bits) == (4, 32, 8)
+    assert parse_preset("w8").group_size == 0 and parse_preset("kv8").kv_bits == 8
+    for bad in ("w3", "w4g32-w8", "", "w4g32-kv4"):
+        with pytest.raises(KilnError, match="unknown quantization preset"):
+            parse_preset(bad)
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric", "bound"),
+                         [(8, 0, True, 1 / 254), (8, 32, False, 1 / 510), (4, 32, True, 1 / 14),
+                          (4, 16, False, 1 / 30)])
+def test_quantize_roundtrip_error_is_half_a_step(rng, bits, group, symmetric, bound):
+    w = rng.standard_normal((37, 53), dtype=np.float32)
+    q, scales, zp = quantize(w, bits=bits, group=group, symmetric=symmetric)
+    attrs = Attrs({"bits": bits, "group_size": group or 53, "in_features": 53,
+                   "out_features": 37, "layout": "nk"})
+    qw = pack_nibbles(q) if bits == 4 else q
+    back = dequantize(qw, scales, zp, attrs)
+    g = group or 53
+    span = np.repeat(np.abs(np.pad(w, ((0, 0), (0, scales.shape[1] * g - 53)))).reshape(
+        37, -1, g).max(axis=2) if symmetric else np.ptp(np.pad(
+            w, ((0, 0), (0, scales.shape[1] * g - 53))).reshape(37, -1, g), axis=2), g, axis=1)
+    assert np.all(np.abs(back - w) <= span[:, :53] * bound * 1.001 + 1e-7)
+    blk = dequantize(blocked(qw), blocked(scales), None if zp is None else blocked(zp),
+                     attrs.updated(layout="blocked"))
+    np.testing.assert_array_equal(blk, back)  # the layouts hold the same numbers
+
+
+def _reference(graph, ids):
+    b, s = ids.shape
+    feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(s), (b, s)).copy(),
+             "attention_mask": np.ones((b, s), np.int64)}
+    for i in range(TINY.layers):
+        for kv in ("k", "v"):
+            feeds[f"past_{kv}_{i}"] = np.zeros((b, TINY.kv_heads, 0, TINY.head_dim), np.float32)
+    return run(graph, feeds, outputs=["logits"])["logits"]
+
+
+@pytest.mark.parametrize("preset", ["w8", "w4g32", "w4g32a"])
+def test_pass_quantizes_linears_and_tied_embedding(rng, preset):
+    g = canonical_llama_graph(TINY, seed=0)  # tied: the LM head reads the embedding table
+    q = quantize_weights(g, preset=parse_preset(preset))
+    verify(q)
+    hist = q.op_histogram()
+    assert "linear" not in hist and hist["quant_linear"] == 7 * TINY.layers + 1
+    assert hist["quant_embedding"] == 1 and "embed_tokens" not in q.params
+    assert q.param_bytes() < g.param_bytes() / 3  # rope tables and padding K=48 to 64 stay
+    ids = rng.integers(0, TINY.vocab, (2, 9))
+    want, got = _reference(g, ids), _reference(q, ids)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < (0.03 if preset == "w8" else 0.25), f"{preset}: {err:.3g} from fp32"
+    blk = quantize_weights(q, block=16)  # the CPU layout computes the very same numbers
+    assert {n.attrs["layout"] for n in blk.nodes if n.op.startswith("quant_")} == {"blocked"}
+    assert_close(_reference(blk, ids), got, rtol=1e-6, atol=1e-6, name=f"{preset} blocked")
+
+
+def test_keep_patterns_and_kv8():
+    g = canonical_llama_graph(TINY, seed=0)
+    q = quantize_weights(g, preset=parse_preset("w4g32", keep=("lm_head", "l0.*")))
+    lin = {n.name for n in q.nodes if n.op == "linear"}
+    assert "logits" in lin and {"l0.q", "l0.d"} <= lin and "l1.q" not in lin
+    assert "embed_tokens" in q.params and "quant_embedding" not in q.op_histogram()
+    with pytest.raises(KilnError, match="kv8: not implemented yet"):
+        quantize_weights(g, preset=parse_preset("w4g32-kv8"))
+
+
+def test_type_rule_refuses_mismatched_weights():
+    g = quantize_weights(canonical_llama_graph(TINY, seed=0), preset=parse_preset("w8"))
+    node = next(n for n in g.nodes if n.op == "quant_linear")
+    bad = node.attrs.updated(in_features=node.attrs["in_features"] + 1)
+    from kiln.compiler import shapes
+
+    with pytest.raises(KilnError, match=r"quant_linear.*nk layout expects"):
+        shapes.infer(node.__class__(node.op, node.inputs, node.outputs, bad, node.name),
+                     [g.types.get(v) if v else None for v in node.inputs])
