@@ -15,7 +15,7 @@ def describe(graph: Graph) -> dict[str, Any]:
     attn = [n for n in graph.nodes if n.op == "attention"]
     norms = [n for n in graph.nodes if n.op in ("rms_norm", "layer_norm")]
     rot = [n for n in graph.nodes if n.op == "rotary"]
-    emb = [n for n in graph.nodes if n.op == "embedding"]
+    emb = [n for n in graph.nodes if n.op in ("embedding", "quant_embedding")]
     acts = {n.op for n in graph.nodes if n.op in ("silu", "silu_mul", "gelu", "gelu_mul")}
     first = attn[0].attrs if attn else {}
     info: dict[str, Any] = {
@@ -61,8 +61,8 @@ def _family(attn, norms, rot, acts) -> str:
 
 
 def _hidden(graph: Graph, emb) -> int | None:
-    if emb:
-        shape = graph.types[emb[0].inputs[0]].shape
+    if emb:  # the output's last dim: the table may be packed or quantized
+        shape = graph.types[emb[0].outputs[0]].shape
         return shape[-1] if shape else None
     return None
 
