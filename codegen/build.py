@@ -24,6 +24,7 @@ from tvm import relax, tirx
 from kiln.codegen import (
     lower_elementwise,  # noqa: F401 - registers the generic op lowerings
     lower_quant,  # noqa: F401 - registers quant_linear/quant_embedding
+    lower_shapes,  # noqa: F401 - registers shape-op lowerings (Reshape, Range, Concat ...)
 )
 from kiln.codegen.lower import (
     PHASE_CONFIGS,
@@ -192,6 +193,7 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
         with bb.dataflow():
             ctx = (cuda_lower.CudaLowerContext if cuda else LowerContext)(
                 bb, graph, target, cfg, past, kernels=kernels)
+            ctx.symbols.update(symbols)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
             for i, p in enumerate(sig.params):
                 ctx.values[p] = bb.emit(relax.TupleGetItem(params, i))

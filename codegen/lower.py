@@ -61,6 +61,7 @@ class LowerContext:
     values: dict[str, relax.Expr] = field(default_factory=dict)
     caches: dict[str, relax.Expr] = field(default_factory=dict)  # past_k/v input -> cache
     kernels: dict[tuple, relax.GlobalVar] = field(default_factory=dict)
+    symbols: dict[str, tirx.PrimExpr] = field(default_factory=dict)  # batch, seq, past
 
     def kernel(self, key: tuple, make: Callable[[], tirx.PrimFunc]) -> relax.GlobalVar:
         """The GlobalVar of the kernel for `key`, adding it to the module on first use."""

@@ -25,7 +25,7 @@ from kiln.compiler.ir import Node
 
 #: GEMM register tile (prefill) and GEMV panel width (decode, and m <= GEMV_ROWS in prefill)
 GEMM = plin.PREFILL
-GEMV_NV = plin.DECODE.nv
+GEMV_NV = 4  # 12 accumulator chains (acc, low and high nibble sums) hide FMA latency
 
 
 def scheme(node: Node, *, zero_points: bool) -> qk.QuantScheme:

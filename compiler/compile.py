@@ -175,8 +175,9 @@ def _roles(graph: Graph) -> dict[str, str]:
 def _save(graph: Graph, entries: list[dict], path: Path) -> None:
     from safetensors.numpy import save_file
 
-    arrays = {e["name"]: np.ascontiguousarray(_as_dtype(graph.params[e["name"]].load(),
-                                                        e["dtype"])) for e in entries}
+    # np.require keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
+    arrays = {e["name"]: np.require(_as_dtype(graph.params[e["name"]].load(), e["dtype"]),
+                                    requirements="C") for e in entries}
     save_file(arrays, str(path))
 
 

@@ -55,7 +55,7 @@ class Session:
             raise KilnError(f"{art.file(af.KERNELS)}: cannot load kernels: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         arrays = _param_arrays(art, synthetic_weights)
-        params = tuple(tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), dev)
+        params = tuple(tvm.runtime.tensor(np.require(arrays[n], requirements="C"), dev)
                        for n in art.signature["params"])
         return cls(art, vm, dev, params, tvm)
 

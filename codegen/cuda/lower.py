@@ -15,6 +15,7 @@ from tvm import relax, tirx
 from tvm.relax import op as R
 
 from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import te_ops
 from kiln.codegen.lower import LowerContext, _numel, _static, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
@@ -46,6 +47,13 @@ class CudaLowerContext(LowerContext):
         self.qkv = find_qkv_patterns(self.graph)
         self.fused_away = {n.name for p in self.qkv.values()
                            for n in (p.split, p.rot_q, p.rot_k)}
+        self.done: set[str] = set()  # nodes already lowered as part of another
+        users = self.graph.consumers()
+        # linear -> the residual Add that alone consumes it (fused into the decode GEMV)
+        self.residual_adds = {
+            n.name: users[n.outputs[0]][0] for n in self.graph.nodes
+            if n.op == "linear" and n.outputs[0] not in self.graph.outputs
+            and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op == "Add"}
 
     def past_on_device(self) -> relax.Expr:
         if self.past_tensor is None:
@@ -100,7 +108,7 @@ def lower_node(ctx: CudaLowerContext, node: Node) -> None:
         raise KilnError(f"no lowering for op {node.op} (node {node.name}) on target "
                         f"{ctx.target.name}")
     ctx.past_on_device()  # first of all: the kernels after it form one CUDA graph
-    if node.name in ctx.fused_away:  # lowered with its attention node
+    if node.name in ctx.fused_away or node.name in ctx.done:  # lowered with another node
         return
     for name, expr in zip(node.outputs, fn(ctx, node), strict=False):
         if name and expr is not None:
@@ -122,6 +130,8 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         raise KilnError(f"node {node.name} (linear): packed weights are for the CPU kernels")
     xs, (n, k) = shape_of(x), shape_of(w)
     n, k, dtype = _static(n, "out features", node), _static(k, "in features", node), dtype_of(x)
+    if b is None and len(xs) == 3 and isinstance(xs[1], tirx.IntImm) and xs[1].value == 1:
+        return [_gemv(ctx, node, x, w, n, k)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
     y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     if b is not None:
@@ -130,6 +140,34 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     if out_dtype != acc:
         y = ctx.bb.emit(R.astype(y, out_dtype))
     return [reshape(ctx, y, [*xs[:-1], n])]
+
+
+def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: int,
+          k: int) -> relax.Expr:
+    """One token per row (decode): the weight-streaming GEMV, with the residual Add that
+    consumes the output fused in when its other operand is ready."""
+    xs, dtype = shape_of(x), dtype_of(x)
+    out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
+    m = _numel(xs[:-1])
+    add = ctx.residual_adds.get(node.name)
+    other = None
+    if add is not None:
+        name = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
+        other = ctx.values.get(name)
+        if other is None or dtype_of(other) != out_dtype or len(shape_of(other)) != 3:
+            other = None
+    args = [reshape(ctx, x, [m, k]), w]
+    if other is not None:
+        args.append(reshape(ctx, other, [m, n]))
+    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None),
+                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype,
+                                               residual=other is not None))
+    y = reshape(ctx, ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype))),
+                [*xs[:-1], n])
+    if other is not None:  # the Add's output is this GEMV's
+        ctx.values[add.outputs[0]] = y
+        ctx.done.add(add.name)
+    return y
 
 
 @lowering("rms_norm")

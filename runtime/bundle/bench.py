@@ -56,13 +56,13 @@ def bench(artifact, *, prompt_lens: list[int], decode_len: int, repeat: int,
     vocab = session.vocab or 2
     # on CUDA, the prompt's last-position logits only (what generation uses; all positions'
     # logits of a long prompt are a large device-to-host copy that would dominate)
-    last = session.device.device_type != 1 and "prefill_last" in session.artifact.manifest[
-        "entry_points"]
+    cuda = session.artifact.manifest["target"].get("kind") == "cuda"
+    last = cuda and "prefill_last" in session.artifact.manifest["entry_points"]
     rows = [_prefill(session, rng.integers(0, vocab, (1, n)), repeat, last_only=last)
             for n in prompt_lens]
     rows.append(_decode(session, rng.integers(0, vocab, (1, 16)), decode_len, repeat))
     return Report(str(session.device), _weight_bytes(session), copy_bandwidth(session),
-                  tuple(rows), gpu=session.device.device_type != 1)
+                  tuple(rows), gpu=cuda)
 
 
 def _prefill(session: Session, ids: np.ndarray, repeat: int, *, last_only: bool = False) -> Row:

@@ -220,12 +220,13 @@ def test_context_beyond_learned_positions_is_refused(tmp_path):
 
 
 ZOO_COMPILES = ["falcon-optimum", "gpt_neox-optimum", "gptj-optimum", "mistral-optimum",
-                "phi-optimum", "phi3-optimum", "qwen3-optimum"]
+                "phi-optimum", "phi3-optimum", "qwen3-optimum", "gemma-optimum", "opt-optimum"]
 
 
 @pytest.mark.parametrize("name", ZOO_COMPILES)
 def test_other_architectures_compile_and_match(name, tmp_path, rng):
-    """Multi-query, partial and interleaved rotary, per-head norms, fused projections."""
+    """Multi-query, partial and interleaved rotary, per-head norms, fused projections, GeGLU with
+    positions from Range(past, past + seq) (gemma), learned positions with ReLU MLPs (opt)."""
     from kiln.compiler.compile import compile_model
 
     model = DATA / "zoo" / f"{name}.onnx"
@@ -235,6 +236,11 @@ def test_other_architectures_compile_and_match(name, tmp_path, rng):
         want = ort_logits(model, ids)["logits"]
         assert_close(session.prefill(ids), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()),
                      name=f"{name} logits at prompt length {n}")
+    past = ort_logits(model, ids)  # then one decode step on the 9-token cache
+    tok = np.array([[int(past["logits"][0, -1].argmax())]])
+    want = ort_logits(model, tok, past=past, past_len=9)["logits"]
+    assert_close(session.decode(tok), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()),
+                 name=f"{name} decode logits after 9 tokens")
 
 
 def test_unsupported_sliding_window_is_refused(tmp_path):

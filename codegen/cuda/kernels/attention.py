@@ -23,7 +23,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 F32_MIN = -3.4028234663852886e38
-NT = 128  # decode: threads per block
+NT = 64  # decode: threads per block (keys split over them; their states merged at the end)
 
 
 def _vec(dtype: str, head_dim: int) -> int:
@@ -81,8 +81,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal; any s, best
     for s = 1. Query i (0-based in the new rows) sees keys 0..past+i."""
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
-    if d > NT:
-        raise ValueError(f"decode attention: head_dim {d} > {NT} threads")
+    vec = _vec(dtype, d)
     stride = d + 1  # shared rows padded by one word: no bank conflicts
 
     @T.prim_func(private=True)
@@ -101,6 +100,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                 os = T.decl_buffer((NT * stride,), f32, scope="shared")
                 qv = T.decl_buffer((d,), f32, scope="local")
                 acc = T.decl_buffer((d,), f32, scope="local")
+                row = T.decl_buffer((d,), dtype, scope="local")  # a K or V row, 16-byte loads
                 # running max, running sum, score / merged max, new max / merged sum,
                 # rescale of the old state, weight of the new key
                 st = T.decl_buffer((6,), f32, scope="local")
@@ -116,14 +116,20 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                 st[1] = T.float32(0)
                 for it in range((kend - tx + NT - 1) // NT):
                     st[2] = T.float32(0)
+                    for cv in T.unroll(d // vec):
+                        for lane in T.vectorized(vec):
+                            row[cv * vec + lane] = kc[bi, g, tx + it * NT, cv * vec + lane]
                     for c in T.unroll(d):
-                        st[2] += qv[c] * T.Cast(f32, kc[bi, g, tx + it * NT, c])
+                        st[2] += qv[c] * T.Cast(f32, row[c])
                     st[3] = T.max(st[0], st[2])
                     st[4] = T.exp(st[0] - st[3])
                     st[5] = T.exp(st[2] - st[3])
                     st[1] = st[1] * st[4] + st[5]
+                    for cv in T.unroll(d // vec):
+                        for lane in T.vectorized(vec):
+                            row[cv * vec + lane] = vc[bi, g, tx + it * NT, cv * vec + lane]
                     for c in T.unroll(d):
-                        acc[c] = acc[c] * st[4] + st[5] * T.Cast(f32, vc[bi, g, tx + it * NT, c])
+                        acc[c] = acc[c] * st[4] + st[5] * T.Cast(f32, row[c])
                     st[0] = st[3]
                 ms[tx] = st[0]
                 ls[tx] = st[1]
@@ -138,11 +144,12 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                 for c in T.unroll(d):
                     os[tx * stride + c] = acc[c] * st[4]
                 T.tvm_storage_sync("shared")
-                if tx < d:
-                    st[1] = T.float32(0)
-                    for t in range(NT):
-                        st[1] += os[t * stride + tx]
-                    o[bi, si, h * d + tx] = T.Cast(dtype, st[1] / st[3])
+                for c0 in range((d + NT - 1) // NT):
+                    if c0 * NT + tx < d:
+                        st[1] = T.float32(0)
+                        for t in range(NT):
+                            st[1] += os[t * stride + c0 * NT + tx]
+                        o[bi, si, h * d + c0 * NT + tx] = T.Cast(dtype, st[1] / st[3])
 
     return decode_attention
 
