@@ -352,7 +352,7 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     if past_k not in ctx.caches or past_v not in ctx.caches:
         raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
                         "(they become the in-place KV cache)")
-    a = node.attrs  # a sliding `window` reaches here only when >= the context (compile checks)
+    a = node.attrs
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     dtype, causal = dtype_of(q), bool(a.get("causal", False))
     q8 = int(a.get("kv_bits", 0)) == 8  # int8 rows + per-row scales (kv8)
@@ -367,7 +367,11 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     caches = [ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in range(len(caches))]
     scale = float(a.get("scale", 1.0 / math.sqrt(d)))
     mdt = dtype_of(mask) if mask is not None else "int64"
-    gv = _attention_kernel(ctx, h, kvh, d, scale, causal, mask is not None, dtype, mdt, q8)
+    window = int(a.get("window") or 0)
+    if window and not causal:
+        raise KilnError(f"node {node.name} (attention): a sliding window needs causal attention")
+    gv = _attention_kernel(ctx, h, kvh, d, scale, causal, mask is not None, dtype, mdt, q8,
+                           window)
     args = [q, *caches] + ([mask] if mask is not None else []) + [past]
     out = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType(shape_of(q), dtype)))
     ctx.caches.update(zip(names, caches, strict=True))
@@ -380,16 +384,19 @@ def scale_cache(name: str) -> str:
 
 
 def _attention_kernel(ctx: LowerContext, h: int, kvh: int, d: int, scale: float, causal: bool,
-                      masked: bool, dtype: str, mdt: str, q8: bool) -> relax.GlobalVar:
+                      masked: bool, dtype: str, mdt: str, q8: bool,
+                      window: int = 0) -> relax.GlobalVar:
     """Query-tiled kernel for prefill (when D fills whole vectors), one query per task else."""
     if ctx.configs.query_tiles and d % pattn.B == 0 and dtype == "float32":
         qt = pattn.tile_queries(h, kvh)
-        return ctx.kernel(("pattention", h, kvh, d, scale, causal, masked, qt, mdt, q8),
+        return ctx.kernel(("pattention", h, kvh, d, scale, causal, masked, qt, mdt, q8, window),
                           lambda: pattn.prefill_attention_kernel(
                               h, kvh, d, scale, queries=qt, causal=causal, masked=masked,
-                              dtype=dtype, mask_dtype=mdt, quantized=q8))
+                              dtype=dtype, mask_dtype=mdt, quantized=q8, window=window))
     blk = ctx.configs.attention_block
-    return ctx.kernel(("attention", h, kvh, d, scale, causal, masked, blk, dtype, mdt, q8),
+    return ctx.kernel(("attention", h, kvh, d, scale, causal, masked, blk, dtype, mdt, q8,
+                       window),
                       lambda: attn_k.attention_kernel(h, kvh, d, scale, causal=causal,
                                                       masked=masked, block=blk, dtype=dtype,
-                                                      mask_dtype=mdt, quantized=q8))
+                                                      mask_dtype=mdt, quantized=q8,
+                                                      window=window))

@@ -74,7 +74,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
                           quant=preset)
-    _check_positions(graph, max_seq)
+    _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out) as w:
         progress(f"generating and compiling kernels for {tgt.name}")
         sig = build(graph, tgt, w.path(af.KERNELS))
@@ -128,13 +128,13 @@ def _preset(quant: str | None, keep: tuple[str, ...]):
     return parse_preset(quant, keep)
 
 
-def _check_positions(graph: Graph, max_seq: int) -> None:
-    """A learned position table bounds the context: refuse a longer --max-seq. A sliding
-    attention window shorter than the context has no kernel yet (one at least as long as the
-    context never masks anything, so it is compiled as plain causal attention)."""
+def _check_positions(graph: Graph, max_seq: int, *, windows: bool = True) -> None:
+    """A learned position table bounds the context: refuse a longer --max-seq. Without
+    `windows` (a target whose attention kernels lack sliding windows), a window shorter than the
+    context is refused too (one at least as long as the context never masks anything)."""
     for n in graph.nodes:
         window = n.attrs.get("window") if n.op == "attention" else None
-        if window and window < max_seq:
+        if window and window < max_seq and not windows:
             raise KilnError(f"node {n.name} (attention): sliding window {window} < --max-seq "
                             f"{max_seq} has no kernel yet; compile with --max-seq <= {window}")
         if n.op == "embedding" and n.inputs[1] == "position_ids" and \

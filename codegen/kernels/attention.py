@@ -94,11 +94,12 @@ def kv_append_q8_kernel(kv_heads: int, head_dim: int, *, dtype: str = "float32",
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
                      causal: bool = True, masked: bool = False, block: int = 32,
                      dtype: str = "float32", mask_dtype: str = "int64",
-                     quantized: bool = False) -> tirx.PrimFunc:
+                     quantized: bool = False, window: int = 0) -> tirx.PrimFunc:
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, (k_scale, v_scale,) (mask[b, past+s],) past,
-    out[b, s, H*D]). Scalars precede the output: Relax call_tir appends it after all arguments."""
+    out[b, s, H*D]). Scalars precede the output: Relax call_tir appends it after all arguments.
+    `window` > 0: query i sees keys i - window + 1 .. i only (sliding-window attention)."""
     body = _attention_body(heads, kv_heads, head_dim, scale, causal, masked, block, dtype,
-                           quantized)
+                           quantized, window)
     return attention_entry(body, heads, kv_heads, head_dim, dtype=dtype, mask_dtype=mask_dtype,
                            masked=masked, quantized=quantized)
 
@@ -173,7 +174,8 @@ def _lanes(head_dim: int) -> int:
 
 
 def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: bool,
-                    masked: bool, block: int, dtype: str, quantized: bool = False):
+                    masked: bool, block: int, dtype: str, quantized: bool = False,
+                    window: int = 0):
     group, lanes = heads // kv_heads, _lanes(d)
     f32 = "float32"
 
@@ -215,6 +217,9 @@ def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: boo
             g: T.let[T.int64] = task // s % kv_heads
             si: T.let[T.int64] = task % s
             kend: T.let[T.int64] = past + si + 1 if causal else past + s
+            # first key: a sliding window starts window - 1 keys before the query
+            k0: T.let[T.int64] = (T.max(past + si + 1 - window, T.int64(0)) if window > 0
+                                  else T.int64(0))
             qv = T.decl_buffer((group * d,), f32, scope="local")
             acc = T.decl_buffer((group * d,), f32, scope="local")
             sc = T.decl_buffer((group * block,), f32, scope="local")
@@ -227,14 +232,14 @@ def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: boo
                     acc[t * d + c] = T.float32(0)
                 st[t * 4] = T.float32(F32_MIN)
                 st[t * 4 + 1] = T.float32(0)
-            for blk in range((kend + block - 1) // block):
+            for blk in range((kend - k0 + block - 1) // block):
                 for t in range(group):
                     st[t * 4 + 2] = T.float32(F32_MIN)
-                for jj in range(T.min(block, kend - blk * block)):
-                    scores(qv, kc, ks, bi, g, blk * block + jj, sc, jj)
+                for jj in range(T.min(block, kend - k0 - blk * block)):
+                    scores(qv, kc, ks, bi, g, k0 + blk * block + jj, sc, jj)
                     for t in range(group):
                         if masked:  # noqa: SIM102 - a parse-time `if` around a runtime one
-                            if mask[bi, blk * block + jj] == 0:
+                            if mask[bi, k0 + blk * block + jj] == 0:
                                 sc[t * block + jj] = T.float32(F32_MIN)
                         st[t * 4 + 2] = T.max(st[t * 4 + 2], sc[t * block + jj])
                 for t in range(group):
@@ -243,7 +248,7 @@ def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: boo
                     st[t * 4 + 1] = st[t * 4 + 1] * st[t * 4 + 3]
                     for c in T.vectorized(d):
                         acc[t * d + c] = acc[t * d + c] * st[t * 4 + 3]
-                for jj in range(T.min(block, kend - blk * block)):
+                for jj in range(T.min(block, kend - k0 - blk * block)):
                     for t in range(group):
                         sc[t * block + jj] = fast_exp(sc[t * block + jj] - st[t * 4])
                         st[t * 4 + 1] += sc[t * block + jj]
@@ -251,12 +256,12 @@ def _attention_body(heads: int, kv_heads: int, d: int, scale: float, causal: boo
                         if quantized:
                             for c in T.vectorized(d):
                                 acc[t * d + c] += sc[t * block + jj] * vs[
-                                    bi, g, blk * block + jj, 0] * T.Cast(
-                                    f32, vc[bi, g, blk * block + jj, c])
+                                    bi, g, k0 + blk * block + jj, 0] * T.Cast(
+                                    f32, vc[bi, g, k0 + blk * block + jj, c])
                         else:
                             for c in T.vectorized(d):
                                 acc[t * d + c] += sc[t * block + jj] * T.Cast(
-                                    f32, vc[bi, g, blk * block + jj, c])
+                                    f32, vc[bi, g, k0 + blk * block + jj, c])
             for t in range(group):
                 for c in T.vectorized(d):
                     o[bi, si, (g * group + t) * d + c] = T.Cast(dtype, acc[t * d + c] /

@@ -33,18 +33,18 @@ def tile_queries(heads: int, kv_heads: int, rows: int = 24) -> int:
 def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float, *,
                              queries: int, causal: bool = True, masked: bool = False,
                              dtype: str = "float32", mask_dtype: str = "int64",
-                             quantized: bool = False) -> tirx.PrimFunc:
+                             quantized: bool = False, window: int = 0) -> tirx.PrimFunc:
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, (k_scale, v_scale,) (mask[b, past+s],) past,
     out[b, s, H*D]); int8 caches with per-row scales when `quantized`."""
     if head_dim % B:
         raise ValueError(f"prefill attention: head_dim {head_dim} is not a multiple of {B}")
-    body = _body(heads, kv_heads, head_dim, scale, queries, causal, masked, quantized)
+    body = _body(heads, kv_heads, head_dim, scale, queries, causal, masked, quantized, window)
     return attention_entry(body, heads, kv_heads, head_dim, dtype=dtype, mask_dtype=mask_dtype,
                            masked=masked, quantized=quantized)
 
 
 def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool,
-          masked: bool, quantized: bool):
+          masked: bool, quantized: bool, window: int):
     group = heads // kv_heads
     rows, f32 = qt * group, "float32"
 
@@ -52,6 +52,8 @@ def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool
         ok = j < kend
         if causal:
             ok = tirx.And(ok, j <= past + qi)
+        if window > 0:  # sliding window: the last `window` keys up to the query
+            ok = tirx.And(ok, j > past + qi - window)
         if masked:
             ok = tirx.And(ok, mask[bi, T.min(j, kend - 1)] != tirx.const(0, mask.dtype))
         return ok
@@ -165,7 +167,10 @@ def _body(heads: int, kv_heads: int, d: int, scale: float, qt: int, causal: bool
                     acc[r * d + c] = T.float32(0)
                 st[r] = T.float32(F32_MIN)
                 st[rows + r] = T.float32(0)
-            for blk in range((kend + B - 1) // B):
+            # a sliding window skips the blocks wholly before the tile's first query's window
+            b0: T.let[T.int64] = (T.max(past + q0 + 1 - window, T.int64(0)) // B if window > 0
+                                  else T.int64(0))
+            for blk in range(b0, (kend + B - 1) // B):
                 scores(qv, kt, sc, kc, ks, bi, g, blk * B, kend)
                 softmax_block(sc, st, acc, mask, bi, blk * B, q0, kend, past)
                 accumulate(sc, acc, vc, vs, bi, g, blk * B, kend)

@@ -243,9 +243,20 @@ def test_other_architectures_compile_and_match(name, tmp_path, rng):
                  name=f"{name} decode logits after 9 tokens")
 
 
-def test_unsupported_sliding_window_is_refused(tmp_path):
+def test_sliding_window_shorter_than_the_context(tmp_path, rng):
+    """gemma2's 4-token window, alternating with global layers, at prompts well past it."""
     from kiln.compiler.compile import compile_model
 
-    with pytest.raises(KilnError, match="sliding window 4 < --max-seq 64"):
-        compile_model(DATA / "zoo" / "gemma2-optimum.onnx", tmp_path / "g", max_seq=64)
-    assert not (tmp_path / "g").exists()
+    model = DATA / "zoo" / "gemma2-optimum.onnx"
+    session = Session.load(compile_model(model, tmp_path / "g", max_seq=64))
+    ids = rng.integers(0, 100, (1, 21))
+    want = ort_logits(model, ids)
+    assert_close(session.prefill(ids), want["logits"], rtol=1e-4,
+                 atol=1e-4 * float(np.abs(want["logits"]).max()), name="gemma2 prefill")
+    past, n = want, 21
+    for _ in range(3):  # decode reads only the window's keys from the cache
+        tok = np.array([[int(past["logits"][0, -1].argmax())]])
+        past = ort_logits(model, tok, past=past, past_len=n)
+        n += 1
+        assert_close(session.decode(tok), past["logits"], rtol=1e-4,
+                     atol=1e-4 * float(np.abs(past["logits"]).max()), name="gemma2 decode")
