@@ -28,7 +28,7 @@ from kiln.compiler.ir import Graph, Node
 
 @dataclass(frozen=True, slots=True)
 class KernelConfigs:
-    """Per-entry-point kernel choices; `kiln tune` fills `linear_by_shape` per (N, K)."""
+    """Per-entry-point kernel choices; `kiln tune` fills `packed_by_shape` per (N, K)."""
 
     linear: lin.LinearConfig
     packed: plin.PackedConfig = plin.PREFILL
@@ -36,9 +36,13 @@ class KernelConfigs:
     query_tiles: bool = True  # prefill attention: several queries per task share K/V loads
     parallel_small: bool = True  # element-wise/row kernels on the thread pool
     linear_by_shape: tuple[tuple[tuple[int, int], lin.LinearConfig], ...] = ()
+    packed_by_shape: tuple[tuple[tuple[int, int], plin.PackedConfig], ...] = ()
 
     def linear_for(self, n: int, k: int) -> lin.LinearConfig:
         return dict(self.linear_by_shape).get((n, k), self.linear)
+
+    def packed_for(self, n: int, k: int) -> plin.PackedConfig:
+        return dict(self.packed_by_shape).get((n, k), self.packed)
 
 
 PHASE_CONFIGS = {
@@ -194,7 +198,8 @@ def _packed_linear(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr,
     """A linear whose weight pack_linear_weights laid out as [N / block, K, block]."""
     xs, (nb, k, block) = shape_of(x), shape_of(w)
     k, block = _static(k, "in features", node), _static(block, "pack block", node)
-    n, cfg, dtype = _static(nb, "weight blocks", node) * block, ctx.configs.packed, dtype_of(x)
+    n, dtype = _static(nb, "weight blocks", node) * block, dtype_of(x)
+    cfg = ctx.configs.packed_for(n, k)
     gv = ctx.kernel(("plinear", n, k, block, cfg.mr, cfg.nv, b is not None, dtype),
                     lambda: plin.packed_linear_kernel(n, k, cfg, bias=b is not None,
                                                       lanes=block, dtype=dtype))

@@ -156,9 +156,11 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float) -
 @click.option("--arch", help="CUDA arch (sm_90 ...): same as --target cuda:<arch>")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="compute dtype on CUDA (default float16; accumulation stays float32)")
+@click.option("--tuning", type=click.Path(path_type=Path),
+              help="per-shape kernel tilings measured by `kiln tune` (CPU)")
 def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
                 quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
-                dtype: str | None) -> None:
+                dtype: str | None, tuning: Path | None) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
 
@@ -166,8 +168,34 @@ def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: b
     with console.status(f"compiling {model.name}") as status:
         path = compile_model(model, out, target=f"{target}:{arch}" if arch else target,
                              max_seq=max_seq, weights=not no_weights, progress=status.update,
-                             quant=quant, quant_keep=quant_keep, dtype=dtype)
+                             quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning)
     click.echo(str(path))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="the tuning table (JSON) to write")
+@click.option("--prompt-len", default=128, show_default=True,
+              help="rows of the prefill GEMMs timed")
+@click.option("--repeat", default=5, show_default=True, help="timed runs per candidate (median)")
+@click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
+def tune(model: Path, out: Path, prompt_len: int, repeat: int, threads: int | None) -> None:
+    """Time every packed GEMM/GEMV tiling for each weight shape of MODEL on this CPU and write
+    the fastest per shape; `kiln compile --tuning OUT` uses them."""
+    from kiln.compiler.tuning import tune_model
+
+    console = _console()
+    with console.status(f"tuning {model.name}") as status:
+        table = tune_model(model, out, prompt_len=prompt_len, repeat=repeat, threads=threads,
+                           progress=status.update)
+    for phase in ("prefill", "decode"):
+        for shape, c in table[phase].items():
+            base = c["default_seconds"]
+            gain = f"{base / c['seconds']:.2f}x vs default" if base else ""
+            click.echo(f"{phase:8s} {shape:>11s}  mr={c['mr']} nv={c['nv']}  "
+                       f"{c['seconds'] * 1e3:8.3f} ms  {gain}")
+    click.echo(str(out))
 
 
 @main.command()

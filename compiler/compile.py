@@ -59,11 +59,13 @@ def _pack_block(target: dict[str, Any]) -> int:
 def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   max_seq: int = 2048, weights: bool = True,
                   progress: Progress = lambda msg: None, quant: str | None = None,
-                  quant_keep: tuple[str, ...] = (), dtype: str | None = None) -> Path:
+                  quant_keep: tuple[str, ...] = (), dtype: str | None = None,
+                  tuning: str | Path | None = None) -> Path:
     """Compile an ONNX decoder into an artifact directory (written atomically); `quant` names
     a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
     of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
-    a CUDA target (float16, bfloat16 or float32; parameters are stored in it)."""
+    a CUDA target (float16, bfloat16 or float32; parameters are stored in it); `tuning` a
+    `kiln tune` table of per-shape kernel tilings for a CPU target."""
     from kiln.codegen.build import build
     from kiln.codegen.targets import resolve
 
@@ -77,7 +79,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out) as w:
         progress(f"generating and compiling kernels for {tgt.name}")
-        sig = build(graph, tgt, w.path(af.KERNELS))
+        configs = _tuned_configs(tuning, tgt)
+        sig = build(graph, tgt, w.path(af.KERNELS), configs=configs)
         w.add(af.KERNELS)
         table = _in_dtype(param_table(graph, sig.params), _float_dtype(tgt))
         progress("writing parameters")
@@ -126,6 +129,16 @@ def _preset(quant: str | None, keep: tuple[str, ...]):
     from kiln.passes.quantize import parse_preset
 
     return parse_preset(quant, keep)
+
+
+def _tuned_configs(tuning: str | Path | None, tgt) -> dict | None:
+    if tuning is None:
+        return None
+    if tgt.kind != "cpu":
+        raise KilnError(f"--tuning: tables are for CPU kernels, not target {tgt.name}")
+    from kiln.codegen.tune import load_configs
+
+    return load_configs(Path(tuning))
 
 
 def _check_positions(graph: Graph, max_seq: int, *, windows: bool = True) -> None:
