@@ -14,7 +14,6 @@ row only: logits (batch, 1, vocab), all a generation loop needs, at a fraction o
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,9 +72,10 @@ def build_module(graph: Graph, target: KilnTarget, *,
     if not isinstance(target, CpuTarget | CudaTarget):
         raise KilnError(f"target {target.name}: no kernels (expected cpu or cuda)")
     sig = signature(graph, entry_points)
-    if isinstance(target, CudaTarget):  # the KV cache is stored in the compute dtype
-        sig = dataclasses.replace(sig, caches=tuple(
-            dataclasses.replace(c, dtype=_param_dtype(target, c.dtype)) for c in sig.caches))
+    if isinstance(target, CudaTarget):  # cache dtype, inputs the CUDA kernels never read
+        from kiln.codegen.cuda import backend
+
+        sig = backend.cuda_signature(graph, target, sig)
     bb = relax.BlockBuilder()
     kernels: dict = {}
     for entry in entry_points:

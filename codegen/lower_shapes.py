@@ -156,3 +156,40 @@ def _gelu_mul(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         raise KilnError(f"node {node.name} (gelu_mul): no CPU kernel for {dtype_of(gate)}")
     return [_map(ctx, ("gelu_mul", tanh), lambda g, u: gelu(g) * u, [gate, up], "float32")]
 
+
+
+_RELAX_BINARY: dict[str, Callable[[relax.Expr, relax.Expr], relax.Expr]] = {
+    "Equal": R.equal, "Less": R.less, "LessOrEqual": R.less_equal, "Greater": R.greater,
+    "GreaterOrEqual": R.greater_equal, "And": R.logical_and, "Or": R.logical_or,
+    "Max": R.maximum, "Min": R.minimum, "Mod": R.floor_mod,
+}
+
+
+@lowering(*_RELAX_BINARY)
+def _relax_binary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    if node.op == "Mod" and node.attrs.get("fmod"):
+        raise KilnError(f"node {node.name} (Mod): fmod=1 has no CPU lowering")
+    return [ctx.bb.emit(_RELAX_BINARY[node.op](ctx.input(node, 0), ctx.input(node, 1)))]
+
+
+@lowering("Not")
+def _not(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    return [ctx.bb.emit(R.logical_not(ctx.input(node, 0)))]
+
+
+@lowering("ConstantOfShape")
+def _constant_of_shape(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    value = node.attrs.get("value")
+    t = ctx.graph.types[node.outputs[0]]
+    fill = np.asarray(value if value is not None else 0.0).reshape(-1)[0]
+    return [ctx.bb.emit(R.full(_out_shape(ctx, node), relax.const(fill, t.dtype.value),
+                               dtype=t.dtype.value))]
+
+
+@lowering("CumSum")
+def _cumsum(ctx: LowerContext, node: Node) -> list[relax.Expr]:
+    axis = _const(ctx, node, 1)
+    axis = int(node.attrs["axis"] if axis is None else axis.reshape(-1)[0])
+    if node.attrs.get("exclusive") or node.attrs.get("reverse"):
+        raise KilnError(f"node {node.name} (CumSum): exclusive/reverse have no CPU lowering")
+    return [ctx.bb.emit(R.cumsum(ctx.input(node, 0), axis=axis))]

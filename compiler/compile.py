@@ -76,6 +76,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
                           quant=preset)
+    _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out) as w:
         progress(f"generating and compiling kernels for {tgt.name}")
@@ -139,6 +140,23 @@ def _tuned_configs(tuning: str | Path | None, tgt) -> dict | None:
     from kiln.codegen.tune import load_configs
 
     return load_configs(Path(tuning))
+
+
+#: the graph inputs kiln's runtime feeds (past_key_values become its in-place KV cache)
+_FED = {"input_ids", "attention_mask", "position_ids"}
+
+
+def _check_inputs(graph: Graph) -> None:
+    """Refuse graphs with inputs the runtime cannot feed, typically a past_key_values input whose
+    attention was not recognized (ALiBi, say), so it never became the in-place cache."""
+    caches = {n.inputs[i] for n in graph.nodes if n.op == "attention"
+              for i in (3, 4) if len(n.inputs) > i}
+    for name in graph.inputs:
+        if name not in _FED and name not in caches:
+            hint = (" (its attention was not recognized, so it cannot become the KV cache; "
+                    "`kiln inspect` shows what was)" if "past" in name else "")
+            raise KilnError(f"graph input {name}: the runtime feeds only {sorted(_FED)} and the "
+                            f"KV cache{hint}")
 
 
 def _check_positions(graph: Graph, max_seq: int, *, windows: bool = True) -> None:

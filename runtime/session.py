@@ -37,6 +37,7 @@ class Session:
         # so caches are made once per batch size and kept (never reallocated)
         self._cuda = art.manifest["target"].get("kind") == "cuda"
         self._cache_pool: dict[int, tuple] = {}
+        self._inputs: dict[tuple, object] = {}  # CUDA decode: (name, shape) -> device tensor
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -127,12 +128,24 @@ class Session:
             raise KilnError(f"token id {int(ids.max())} out of range for a vocab of {vocab}")
         tvm = self._tvm
         args = [tvm.runtime.ShapeTuple([self.past])]
-        args += [tvm.runtime.tensor(self._feed(name, ids), self._dev) for name in self.inputs]
+        args += [self._device_input(name, self._feed(name, ids), reuse=self._cuda and
+                                    entry == "decode") for name in self.inputs]
         out = self._vm[entry](*args, self._caches, self._params)
         self.past += s
         if not hasattr(out, "numpy"):  # several outputs come back as an array of tensors
             out = out[0]
         return out.numpy()
+
+    def _device_input(self, name: str, value: np.ndarray, *, reuse: bool):
+        """A device tensor holding `value`; with `reuse`, one kept per name and shape and
+        overwritten (no device allocation per decode step)."""
+        if not reuse:
+            return self._tvm.runtime.tensor(value, self._dev)
+        key = (name, value.shape, str(value.dtype))
+        if key not in self._inputs:
+            self._inputs[key] = self._tvm.runtime.empty(value.shape, str(value.dtype), self._dev)
+        self._inputs[key].copyfrom(value)
+        return self._inputs[key]
 
     def _feed(self, name: str, ids: np.ndarray) -> np.ndarray:
         b, s = ids.shape

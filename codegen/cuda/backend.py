@@ -10,6 +10,7 @@ static. Kernels reading per-call inputs (token ids, positions, `past`) run outsi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from kiln.codegen.targets import CudaTarget
@@ -21,6 +22,19 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 def param_dtype(target: CudaTarget, dtype: str) -> str:
     """Floating-point parameters are stored (and computed) in the target's dtype."""
     return target.dtype if dtype in _FLOATS else dtype
+
+
+def cuda_signature(graph, target: CudaTarget, sig):
+    """The CPU calling convention, adjusted: the KV cache is stored in the compute dtype, and
+    an attention mask read by nothing but attention is no input (the CUDA attention kernels are
+    causal over the cache, without padding; the runtime then neither builds nor copies it)."""
+    users = graph.consumers()
+    unused = {v for v in sig.inputs if users.get(v) and all(
+        n.op == "attention" and list(n.inputs).index(v) == 5 for n in users[v])}
+    return dataclasses.replace(
+        sig, inputs=tuple(v for v in sig.inputs if v not in unused),
+        caches=tuple(dataclasses.replace(c, dtype=param_dtype(target, c.dtype))
+                     for c in sig.caches))
 
 
 def entry_attrs(target: CudaTarget, entry: str, num_inputs: int) -> dict[str, Any]:

@@ -54,6 +54,16 @@ class CudaLowerContext(LowerContext):
             n.name: users[n.outputs[0]][0] for n in self.graph.nodes
             if n.op == "linear" and n.outputs[0] not in self.graph.outputs
             and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op == "Add"}
+        # rms_norm outputs read by one bias-free linear alone: in decode, the norm is fused
+        # into that linear's GEMV (deferred: output name -> (x, gamma, eps))
+        self.norm_into = {
+            n.outputs[0] for n in self.graph.nodes
+            if n.op == "rms_norm" and not n.attrs.get("group_size")
+            and n.outputs[0] not in self.graph.outputs
+            and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op == "linear"
+            and users[n.outputs[0]][0].inputs[0] == n.outputs[0]
+            and not (len(users[n.outputs[0]][0].inputs) > 2 and users[n.outputs[0]][0].inputs[2])}
+        self.deferred: dict[str, tuple] = {}
 
     def past_on_device(self) -> relax.Expr:
         if self.past_tensor is None:
@@ -125,6 +135,8 @@ def _te(ctx: CudaLowerContext, fn, *args, **kw) -> relax.Expr:
 
 @lowering("linear")
 def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    if node.inputs[0] in ctx.deferred:  # decode: rms_norm + GEMV in one kernel
+        return [_norm_gemv(ctx, node, *ctx.deferred[node.inputs[0]])]
     x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
     if node.attrs.get("packed"):
         raise KilnError(f"node {node.name} (linear): packed weights are for the CPU kernels")
@@ -170,11 +182,33 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
     return y
 
 
+def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Expr,
+               eps: float) -> relax.Expr:
+    w = ctx.input(node, 1)
+    xs, (n, k), dtype = shape_of(x), shape_of(w), dtype_of(x)
+    n, k = _static(n, "out features", node), _static(k, "in features", node)
+    out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
+    m = _numel(xs[:-1])
+    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps),
+                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps))
+    y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
+                               relax.TensorType([m, n], out_dtype)))
+    return reshape(ctx, y, [*xs[:-1], n])
+
+
+def _decode_shaped(x: relax.Expr) -> bool:
+    xs = shape_of(x)
+    return len(xs) == 3 and isinstance(xs[1], tirx.IntImm) and xs[1].value == 1
+
+
 @lowering("rms_norm")
-def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
     x, w = ctx.input(node, 0), ctx.input(node, 1)
     xs = shape_of(x)
     e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
+    if node.outputs[0] in ctx.norm_into and _decode_shaped(x) and dtype_of(w) == dtype_of(x):
+        ctx.deferred[node.outputs[0]] = (x, w, eps)
+        return [None]
     groups = 1
     if node.attrs.get("group_size"):  # per-head norm
         group = int(node.attrs["group_size"])

@@ -260,3 +260,15 @@ def test_sliding_window_shorter_than_the_context(tmp_path, rng):
         n += 1
         assert_close(session.decode(tok), past["logits"], rtol=1e-4,
                      atol=1e-4 * float(np.abs(past["logits"]).max()), name="gemma2 decode")
+
+
+@pytest.mark.parametrize("name, culprit", [("bloom-dynamo", "past_key_values.0.key"),
+                                           ("bert-optimum", "token_type_ids")])
+def test_inputs_the_runtime_cannot_feed_are_refused(name, culprit, tmp_path):
+    """bloom's ALiBi attention is not recognized, so its past_key_values stay plain inputs; BERT
+    is an encoder with token types. Both are refused at compile time, naming the input."""
+    from kiln.compiler.compile import compile_model
+
+    with pytest.raises(KilnError, match=f"graph input {culprit}: the runtime feeds only"):
+        compile_model(DATA / "zoo" / f"{name}.onnx", tmp_path / "a", max_seq=64)
+    assert not (tmp_path / "a").exists()

@@ -161,6 +161,7 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
     vec = _vec(dtype, d)
     loads = (bk * d + bq * vec - 1) // (bq * vec)  # vector loads per thread per K (or V) tile
+    f4 = 4 if d % 4 == 0 and vec % 4 == 0 else 1  # float32 lanes per shared-memory read
 
     @T.prim_func(private=True)
     def prefill_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
@@ -174,8 +175,12 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
         ntiles: T.let[T.int64] = (s + bq - 1) // bq
         for blk in T.thread_binding(b * heads * ntiles, thread="blockIdx.x"):
             for tx in T.thread_binding(bq, thread="threadIdx.x"):
-                ks = T.decl_buffer((bk * d,), dtype, scope="shared")
-                vs = T.decl_buffer((bk * d,), dtype, scope="shared")
+                # K/V tiles converted to float32 once, read back 16 bytes at a time (a
+                # broadcast: every thread reads the same key), four FMAs per read
+                ks = T.decl_buffer((bk * d,), f32, scope="shared")
+                vs = T.decl_buffer((bk * d,), f32, scope="shared")
+                ld = T.decl_buffer((vec,), dtype, scope="local")
+                kr = T.decl_buffer((f4,), f32, scope="local")
                 qv = T.decl_buffer((d,), f32, scope="local")
                 acc = T.decl_buffer((d,), f32, scope="local")
                 sc = T.decl_buffer((bk,), f32, scope="local")
@@ -198,19 +203,30 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
                     for e in range(loads):
                         if (e * bq + tx) * vec < bk * d:
                             for lane in T.vectorized(vec):
-                                ks[(e * bq + tx) * vec + lane] = kc[
+                                ld[lane] = kc[
                                     bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
                                     ((e * bq + tx) * vec + lane) % d]
+                            for part in T.unroll(vec // f4):
+                                for lane in T.vectorized(f4):
+                                    ks[(e * bq + tx) * vec + part * f4 + lane] = T.Cast(
+                                        f32, ld[part * f4 + lane])
                             for lane in T.vectorized(vec):
-                                vs[(e * bq + tx) * vec + lane] = vc[
+                                ld[lane] = vc[
                                     bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
                                     ((e * bq + tx) * vec + lane) % d]
+                            for part in T.unroll(vec // f4):
+                                for lane in T.vectorized(f4):
+                                    vs[(e * bq + tx) * vec + part * f4 + lane] = T.Cast(
+                                        f32, ld[part * f4 + lane])
                     T.tvm_storage_sync("shared")
                     st[2] = T.float32(F32_MIN)
                     for j in T.unroll(bk):
                         sc[j] = T.float32(0)
-                        for c in T.unroll(d):
-                            sc[j] += qv[c] * T.Cast(f32, ks[j * d + c])
+                        for c4 in T.unroll(d // f4):
+                            for lane in T.vectorized(f4):
+                                kr[lane] = ks[j * d + c4 * f4 + lane]
+                            for lane in T.unroll(f4):
+                                sc[j] += qv[c4 * f4 + lane] * kr[lane]
                         sc[j] = T.Select(kt * bk + j < mine, sc[j], T.float32(F32_MIN))
                         st[2] = T.max(st[2], sc[j])
                     st[3] = T.max(st[0], st[2])
@@ -221,8 +237,11 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
                     for j in T.unroll(bk):
                         sc[j] = T.exp(sc[j] - st[3])
                         st[1] += sc[j]
-                        for c in T.unroll(d):
-                            acc[c] += sc[j] * T.Cast(f32, vs[j * d + c])
+                        for c4 in T.unroll(d // f4):
+                            for lane in T.vectorized(f4):
+                                kr[lane] = vs[j * d + c4 * f4 + lane]
+                            for lane in T.unroll(f4):
+                                acc[c4 * f4 + lane] += sc[j] * kr[lane]
                     st[0] = st[3]
                     T.tvm_storage_sync("shared")
                 if qi < s:

@@ -1,10 +1,13 @@
-"""Decode GEMV for CUDA: y[m, n] = x[m, :] . w[n, :] (+ residual[m, n]), hand-scheduled TIR.
+"""Decode GEMV for CUDA: y[m, n] = x[m, :] . w[n, :] (+ residual[m, n]), hand-scheduled TIR;
+optionally with the RMS norm of x fused in front (x * rsqrt(mean(x^2) + eps) * gamma).
 
 Decode reads every weight once per token, so this kernel is a weight stream: one warp per output
 row, each lane loading 16 bytes of the row per step (a warp reads 512 contiguous bytes), all of
 a row's loads unrolled so they are in flight together; float32 accumulation, a butterfly of warp
 shuffles for the row sum. m (batch rows, small) is a loop inside: each weight is read once per
 batch row. The optional residual is added in the epilogue (saves the separate Add kernel).
+With `norm_eps`, each warp also sums x^2 over the row it streams anyway and scales its dot
+product of x * gamma with the row by rsqrt(mean + eps): the norm kernel and its output vanish.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ def _vec(dtype: str, k: int) -> int:
 
 @functools.cache
 def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
-                residual: bool = False) -> tirx.PrimFunc:
-    """PrimFunc(x[m, k], w[n, k], (res[m, n],) y[m, n])."""
+                residual: bool = False, norm_eps: float | None = None) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], (gamma[k],) w[n, k], (res[m, n],) y[m, n])."""
+    if norm_eps is not None:
+        if residual:
+            raise ValueError("gemv: a fused norm and a fused residual together are not needed")
+        return _norm_gemv(n, k, dtype, out_dtype, norm_eps)
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec  # elements a warp covers per load
     full, tail = k // step, k % step
@@ -104,3 +111,67 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
                                 y[mi, bx * WARPS + ty] = T.Cast(out_dtype, acc[0])
 
     return gemv
+
+
+@functools.cache
+def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.PrimFunc:
+    vec, f32 = _vec(dtype, k), "float32"
+    step = 32 * vec
+    full, tail = k // step, k % step
+    chunks = (full + CHUNK - 1) // CHUNK
+
+    @T.macro
+    def fma(acc, xv, gv, wval, v):
+        acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wval
+        acc[1] += T.Cast(f32, xv[v]) * T.Cast(f32, xv[v])
+
+    @T.prim_func(private=True)
+    def norm_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
+                  y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), out_dtype)
+        for bx in T.thread_binding((n + WARPS - 1) // WARPS, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((2,), f32, scope="local")  # dot, sum of squares
+                    xv = T.decl_buffer((vec,), dtype, scope="local")
+                    gv = T.decl_buffer((vec,), dtype, scope="local")
+                    wv = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    for mi in range(m):
+                        if bx * WARPS + ty < n:
+                            acc[0] = T.float32(0)
+                            acc[1] = T.float32(0)
+                            for ch in range(chunks):
+                                for it in T.unroll(CHUNK):
+                                    if ch * CHUNK + it < full:
+                                        for v in T.vectorized(vec):
+                                            wv[it * vec + v] = w[bx * WARPS + ty, (
+                                                ch * CHUNK + it) * step + tx * vec + v]
+                                for it in T.unroll(CHUNK):
+                                    if ch * CHUNK + it < full:
+                                        for v in T.vectorized(vec):
+                                            xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
+                                        for v in T.vectorized(vec):
+                                            gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
+                                        for v in T.unroll(vec):
+                                            fma(acc, xv, gv, T.Cast(f32, wv[it * vec + v]), v)
+                            if tail != 0:  # noqa: SIM102 - a parse-time `if` around a runtime one
+                                if full * step + tx * vec < k:
+                                    for v in T.vectorized(vec):
+                                        xv[v] = x[mi, full * step + tx * vec + v]
+                                    for v in T.vectorized(vec):
+                                        gv[v] = gamma[full * step + tx * vec + v]
+                                    for v in T.unroll(vec):
+                                        fma(acc, xv, gv, T.Cast(f32, w[
+                                            bx * WARPS + ty, full * step + tx * vec + v]), v)
+                            for off in T.unroll(5):
+                                for r in T.unroll(2):
+                                    acc[r] = acc[r] + T.tvm_warp_shuffle_down(
+                                        T.uint32(0xFFFFFFFF), acc[r], 16 >> off, 32, 32)
+                            if tx == 0:
+                                y[mi, bx * WARPS + ty] = T.Cast(out_dtype, acc[0] * T.rsqrt(
+                                    acc[1] / T.float32(k) + T.float32(eps)))
+
+    return norm_gemv
