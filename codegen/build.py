@@ -205,6 +205,8 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
                     ctx.values[node.inputs[0]] = last(ctx, ctx.values[node.inputs[0]])
                 lower(ctx, node)
             outs = [ctx.values[o] for o in sig.outputs]
+            if cuda and entry == "decode":  # + the greedy tokens, picked on the device
+                outs.append(backend.greedy_tokens(ctx, outs[0]))
             result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(result)
 

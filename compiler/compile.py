@@ -45,7 +45,9 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
         graph = get_pass("quantize_kv_cache")(graph, bits=quant.kv_bits)
         quant = quant if quant.keep != ("*",) else None  # kv8 alone: weights stay as they are
     if quant is not None or any(n.op.startswith("quant_") for n in graph.nodes):
-        graph = get_pass("quantize_weights")(graph, preset=quant, block=pack_block)
+        calibration = _calibration(model, progress) if quant is not None else ()
+        graph = get_pass("quantize_weights")(graph, preset=quant, block=pack_block,
+                                             calibration=calibration)
     if not pack_block:
         return graph
     return get_pass("pack_linear_weights")(graph, block=pack_block)
@@ -130,6 +132,29 @@ def _preset(quant: str | None, keep: tuple[str, ...]):
     from kiln.passes.quantize import parse_preset
 
     return parse_preset(quant, keep)
+
+
+#: GPTQ calibration: windows of this many tokens of models/data/calibration.txt
+CALIBRATION_WINDOW, CALIBRATION_WINDOWS = 512, 3
+
+
+def _calibration(model: Path, progress: Progress) -> tuple:
+    """Token windows (1, T) of kiln's calibration text, tokenized with the model's own tokenizer
+    (tokenizer.json beside it); () without one (weights are then rounded to nearest)."""
+    tok_path = Path(model).with_name("tokenizer.json")
+    if not tok_path.exists():
+        progress("no tokenizer.json beside the model: quantizing without calibration (RTN)")
+        return ()
+    from tokenizers import Tokenizer
+
+    import kiln.models
+
+    text = (Path(kiln.models.__file__).parent / "data" / "calibration.txt").read_text()
+    ids = np.asarray(Tokenizer.from_file(str(tok_path)).encode(text).ids, np.int64)
+    n = CALIBRATION_WINDOW
+    progress(f"calibrating quantization on {min(len(ids) // n, CALIBRATION_WINDOWS) * n} tokens")
+    return tuple(ids[i * n:(i + 1) * n][None] for i in range(min(len(ids) // n,
+                                                                  CALIBRATION_WINDOWS)))
 
 
 def _tuned_configs(tuning: str | Path | None, tgt) -> dict | None:
@@ -286,7 +311,8 @@ def _target_requirements(tgt) -> dict[str, Any]:
         flags = {512: ["avx512f"], 256: ["avx2"]}.get(tgt.vector_bits, [])
         return {"cpu_flags": flags, "threads": tgt.threads}
     if tgt.kind == "cuda":
-        return {"dtype": tgt.dtype, "max_batch": tgt.max_batch}
+        # decode also returns the argmax tokens (Session.decode_greedy)
+        return {"dtype": tgt.dtype, "max_batch": tgt.max_batch, "decode_greedy": True}
     return {}
 
 

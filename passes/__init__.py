@@ -34,7 +34,7 @@ _PASS_MODULES = [
     "infer_shapes", "fold_constants", "eliminate_common_subexpressions", "eliminate_dead_code",
     "recognize_linear", "recognize_norms", "recognize_activations", "recognize_rotary",
     "recognize_attention", "fuse_projections", "tabulate_positions", "pack_linear_weights",
-    "quantize_kv_cache",
+    "quantize_kv_cache", "quantize",
 ]
 
 

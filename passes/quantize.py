@@ -45,6 +45,7 @@ from kiln.compiler.ir import (
     Derived,
     DType,
     Graph,
+    Inline,
     Node,
     Param,
     ParamSource,
@@ -63,8 +64,9 @@ class QuantPreset:
     bits: int = 8
     group_size: int = 0
     symmetric: bool = True
-    kv_bits: int = 0  # 8: int8 KV cache (parsed, not implemented yet)
+    kv_bits: int = 0  # 8: int8 KV cache (kiln.passes.quantize_kv_cache)
     keep: tuple[str, ...] = ()  # fnmatch patterns of node/param names kept in fp32
+    method: str = "gptq"  # "gptq" (calibrated, when weights are at hand) | "rtn"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -75,7 +77,8 @@ class QuantPreset:
 
     def to_dict(self) -> dict:
         return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep)}
+                "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep),
+                "method": self.method}
 
 
 #: named presets: "w4g32a" is asymmetric (zero points); combine with "-": "w4g32-kv8"
@@ -92,18 +95,20 @@ PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
 
 
 def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPreset:
-    """`w4g32`, `w8`, `w4g32-kv8`, `kv8` ... -> a QuantPreset (keep patterns attached)."""
+    """`w4g32`, `w8`, `w4g32-kv8`, `kv8`, `w4g32-rtn` ... -> a QuantPreset (keep patterns
+    attached); the `rtn` suffix rounds to nearest instead of calibrating with GPTQ."""
     parts = [p for p in spec.strip().lower().split("-") if p]
-    weights = [p for p in parts if p != "kv8"]
+    weights = [p for p in parts if p not in ("kv8", "rtn")]
     unknown = [p for p in weights if p not in PRESETS] + (["-"] if len(weights) > 1 else [])
     if not parts or unknown:
         raise KilnError(f"unknown quantization preset {spec!r}; known: "
-                        f"{', '.join(sorted(PRESETS))} (combine with -kv8)")
+                        f"{', '.join(sorted(PRESETS))} (combine with -kv8, -rtn)")
     base = PRESETS[weights[0]] if weights else dataclasses.replace(PRESETS["kv8"], bits=8)
     kv = 8 if "kv8" in parts else 0
     weights_on = bool(weights)
     return dataclasses.replace(base, name=spec.strip().lower(), kv_bits=kv,
-                               keep=tuple(keep) + (() if weights_on else ("*",)))
+                               keep=tuple(keep) + (() if weights_on else ("*",)),
+                               method="rtn" if "rtn" in parts else "gptq")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,31 +121,68 @@ def groups_of(k: int, group: int) -> tuple[int, int]:
     return g, -(-k // g)
 
 
+#: scale shrink factors tried per group: clipping the largest weights a little can lower the
+#: rounding error of all the others (round-to-nearest with a searched clip, no calibration data)
+CLIP_SEARCH = tuple(float(f) for f in np.linspace(1.0, 0.7, 13))
+
+
 def quantize(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """w[N, K] -> (q[N, Kp] unpacked codes, scales[N, G], zero_points[N, G] | None)."""
+    """w[N, K] -> (q[N, Kp] unpacked codes, scales[N, G], zero_points[N, G] | None).
+
+    Symmetric: codes in [-2^(b-1), 2^(b-1) - 1] (int4 stored +8 as uint8); the group's largest
+    weight by magnitude sets the scale's sign so that it lands on the end with the extra level
+    (-8 for int4), then the scale is shrunk by the factor of CLIP_SEARCH with the least squared
+    error. Asymmetric: [min, max] mapped to [0, 2^b - 1] with a zero point, the range shrunk the
+    same way."""
     n, k = w.shape
     g, ng = groups_of(k, group)
     wp = np.zeros((n, ng * g), np.float32)
     wp[:, :k] = w
     wg = wp.reshape(n, ng, g)
     if symmetric:
-        qmax = 127 if bits == 8 else 7
-        scale = np.abs(wg).max(axis=2) / np.float32(qmax)
-        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-        q = np.clip(np.rint(wg / scale[..., None]), -qmax, qmax)
+        lo_code, hi_code = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        peak = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[..., None], axis=2)[..., 0]
+        base = (peak / np.float32(lo_code)).astype(np.float32)  # peak -> the lowest code
+        base = np.where(base != 0, base, np.float32(1)).astype(np.float32)
+        q, scale = _searched(wg, base, lambda s: (np.clip(np.rint(wg / s[..., None]), lo_code,
+                                                          hi_code), None))
         q = q.astype(np.int8) if bits == 8 else (q + 8).astype(np.uint8)
         return q.reshape(n, -1), scale, None
     qmax = 255 if bits == 8 else 15
     lo, hi = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)
-    scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    zp = np.clip(np.rint(-lo / scale), 0, qmax)
-    q = np.clip(np.rint(wg / scale[..., None]) + zp[..., None], 0, qmax)
+    base = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+    base = np.where(base > 0, base, np.float32(1)).astype(np.float32)
+
+    def codes(s):
+        zp = np.clip(np.rint(-lo / s), 0, qmax)
+        return np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax), zp
+
+    (q, zp), scale = _searched(wg, base, codes, with_zero=True)
     if bits == 8:  # stored signed: shift codes and zero points by 128 (exact)
         q, zp = q - 128, zp - 128
         return q.astype(np.int8).reshape(n, -1), scale, zp.astype(np.float32)
     return q.astype(np.uint8).reshape(n, -1), scale, zp.astype(np.float32)
+
+
+def _searched(wg: np.ndarray, base: np.ndarray, codes, *, with_zero: bool = False):
+    """Per group, the scale base * f (f in CLIP_SEARCH) whose codes reconstruct wg best."""
+    best_q = best_zp = best_s = best_err = None
+    for f in CLIP_SEARCH:
+        s = (base * np.float32(f)).astype(np.float32)
+        q, zp = codes(s)
+        deq = (q - (zp[..., None] if zp is not None else 0)) * s[..., None]
+        err = ((deq - wg) ** 2).sum(axis=2)
+        if best_err is None:
+            best_q, best_zp, best_s, best_err = q, zp, s, err
+            continue
+        better = err < best_err
+        best_q = np.where(better[..., None], q, best_q)
+        best_s = np.where(better, s, best_s)
+        best_err = np.where(better, err, best_err)
+        if zp is not None:
+            best_zp = np.where(better, zp, best_zp)
+    return ((best_q, best_zp) if with_zero else best_q), best_s
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -191,15 +233,17 @@ _READERS = {("linear", 1), ("embedding", 0)}
 
 @register("quantize_weights")
 def quantize_weights(graph: Graph, *, preset: QuantPreset | None = None,
-                     block: int = 0) -> Graph:
+                     block: int = 0, calibration: tuple = ()) -> Graph:
     """Quantize linear weights per `preset` (None: only lay out existing quant_linear nodes),
-    then, with `block`, lay every quantized weight out `blocked` for the CPU kernels."""
+    then, with `block`, lay every quantized weight out `blocked` for the CPU kernels.
+    `calibration`: token windows (1, T) for GPTQ; without them (or without the weights) the
+    weights are rounded to nearest."""
     if preset is not None:
-        graph = _quantize_linears(graph, preset)
+        graph = _quantize_linears(graph, preset, calibration)
     return _to_blocked(graph, block) if block else graph
 
 
-def _quantize_linears(graph: Graph, preset: QuantPreset) -> Graph:
+def _quantize_linears(graph: Graph, preset: QuantPreset, calibration: tuple = ()) -> Graph:
     uses: dict[str, set[tuple[str, int]]] = {}
     for n in graph.nodes:
         for i, v in enumerate(n.inputs):
@@ -212,10 +256,11 @@ def _quantize_linears(graph: Graph, preset: QuantPreset) -> Graph:
               and name not in kept and _quantizable(graph.params[name])}
     if not chosen:
         return graph
+    hess = _calibrate(graph, chosen, calibration) if preset.method == "gptq" else {}
     params, types = dict(graph.params), dict(graph.types)
     made: dict[str, tuple[str, str, str, Attrs]] = {}
     for name in sorted(chosen):
-        made[name] = _add_quantized(params, types, graph.params[name], preset)
+        made[name] = _add_quantized(params, types, graph.params[name], preset, hess.get(name))
     nodes = tuple(_rewrite(n, made) for n in graph.nodes)
     for name in chosen:
         del params[name], types[name]
@@ -235,8 +280,21 @@ def _quantizable(p: Param) -> bool:
                                                                  for d in shape)
 
 
+def _calibrate(graph: Graph, chosen: set[str], calibration: tuple) -> dict:
+    """weight name -> the Hessian of its linear's input over the calibration windows ({} when
+    there is no calibration text or the weights are not at hand: round to nearest then)."""
+    if not calibration or not all(graph.params[n].source.available for n in chosen):
+        return {}
+    from kiln.passes.gptq import hessians
+
+    inputs = {n.inputs[1]: n.inputs[0] for n in graph.nodes
+              if n.op == "linear" and n.inputs[1] in chosen}
+    h = hessians(graph, set(inputs.values()), list(calibration))
+    return {w: h[x] for w, x in inputs.items()}
+
+
 def _add_quantized(params: dict, types: dict, p: Param, preset: QuantPreset,
-                   ) -> tuple[str, str, str, Attrs]:
+                   hessian: np.ndarray | None = None) -> tuple[str, str, str, Attrs]:
     n, k = p.type.shape
     g, ng = groups_of(k, preset.group_size)
     base = dict(bits=preset.bits, group=preset.group_size, symmetric=preset.symmetric)
@@ -248,8 +306,10 @@ def _add_quantized(params: dict, types: dict, p: Param, preset: QuantPreset,
         specs.append(("zero_points", TensorType(DType.f32, (n, ng))))
     names = []
     for part, t in specs:
-        q = Param(f"{p.name}.{part}", t, Derived("quantize", (p.source,),
-                                                 Attrs({**base, "part": part})))
+        src = (Derived("gptq", (p.source, Inline(hessian)), Attrs({**base, "part": part}))
+               if hessian is not None else
+               Derived("quantize", (p.source,), Attrs({**base, "part": part})))
+        q = Param(f"{p.name}.{part}", t, src)
         params[q.name], types[q.name] = q, t
         names.append(q.name)
     attrs = Attrs({"bits": preset.bits, "group_size": g, "in_features": k, "out_features": n,

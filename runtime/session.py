@@ -115,7 +115,15 @@ class Session:
         ids = np.asarray(tokens, np.int64).reshape(-1, 1)
         return self._step("decode", ids)
 
-    def _step(self, entry: str, ids: np.ndarray) -> np.ndarray:
+    def decode_greedy(self, tokens) -> np.ndarray:
+        """One token per sequence; returns the argmax token ids (batch,). Where the artifact's
+        decode also returns them (CUDA), the argmax runs on the device and only the ids are
+        copied back; else it is the host argmax of `decode`'s logits."""
+        if not self.artifact.manifest["target"].get("decode_greedy"):
+            return self.decode(tokens)[:, -1].argmax(-1)
+        return self._step("decode", np.asarray(tokens, np.int64).reshape(-1, 1), output=1)[:, 0]
+
+    def _step(self, entry: str, ids: np.ndarray, output: int = 0) -> np.ndarray:
         b, s = ids.shape
         if not self._caches or b != self.batch:
             raise KilnError(f"{entry}: batch {b} does not match the cache's {self.batch} "
@@ -133,7 +141,7 @@ class Session:
         out = self._vm[entry](*args, self._caches, self._params)
         self.past += s
         if not hasattr(out, "numpy"):  # several outputs come back as an array of tensors
-            out = out[0]
+            out = out[output]
         return out.numpy()
 
     def _device_input(self, name: str, value: np.ndarray, *, reuse: bool):

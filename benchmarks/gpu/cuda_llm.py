@@ -107,6 +107,11 @@ def kiln_outputs(art: Path) -> dict:
         tok = int(step.argmax())
     out["greedy"] = np.array(toks)
     out["decode_logits"] = np.stack(steps)
+    tok, dev = s.prefill(ids[None], last_only=True)[:, -1].argmax(-1), []
+    for _ in range(DECODE_STEPS):  # the same, argmax on the device (decode's second output)
+        dev.append(int(tok[0]))
+        tok = s.decode_greedy(tok)
+    out["greedy_device"] = np.array(dev)
     return out
 
 
@@ -220,6 +225,9 @@ def compare(art: Path, got: dict, ref: dict, fp32: bool) -> list[str]:
         top1 = float(np.mean(g.argmax(-1) == r.argmax(-1)))
         lines.append(f"  {key:11s} rel err {rel:.2e}  max abs {np.abs(g - r).max():.2e}  "
                      f"top-1 agree {top1:.2f}  nan {bool(np.isnan(g).any())}")
+    if "greedy_device" in got:
+        lines.append(f"  greedy with the device argmax (decode_greedy) = host argmax: "
+                     f"{bool((got['greedy_device'] == got['greedy']).all())}")
     same = got["greedy"] == ref["greedy"]
     first = int(np.argmin(same)) if not same.all() else DECODE_STEPS
     lines.append(f"  greedy {DECODE_STEPS} steps: {int(same.sum())} equal, first divergence at "
@@ -357,6 +365,41 @@ def profile_run(art: Path, prompt: int, steps: int) -> None:
         tok = s.decode(tok)[:, -1].argmax(-1)
 
 
+def step_time(art: Path, steps: int = 128) -> None:
+    """Where a decode step's time goes: the Session API (inputs up, logits down, argmax on the
+    host) against back-to-back calls of the compiled entry point with the same token (no
+    readback until the end: device-bound), after a 16-token prompt."""
+    from kiln.runtime.session import Session
+
+    s = Session.load(art, synthetic_weights=SEED)
+    ids = np.random.default_rng(0).integers(0, s.vocab, (1, 16))
+    for mode in ("session", "greedy", "entry"):
+        times = []
+        for _ in range(3):
+            tok = s.prefill(ids, last_only=True)[:, -1].argmax(-1)
+            s.device.sync()
+            t = time.perf_counter()
+            if mode == "session":  # logits to the host, argmax there
+                for _ in range(steps):
+                    tok = s.decode(tok)[:, -1].argmax(-1)
+            elif mode == "greedy":  # argmax on the device, one id back
+                for _ in range(steps):
+                    tok = s.decode_greedy(tok)
+            else:
+                tvm = s.tvm
+                base = s.past
+                for i in range(steps):
+                    args = [tvm.runtime.ShapeTuple([base + i])]
+                    args += [s._device_input(n, s._feed(n, tok.reshape(-1, 1)), reuse=True)
+                             for n in s.inputs]
+                    s._vm["decode"](*args, s._caches, s._params)
+                    s.past += 1
+                s.device.sync()
+            times.append((time.perf_counter() - t) / steps)
+        print(f"{art.name} decode step, {mode}: {1e3 * statistics.median(times):.3f} ms "
+              f"({1 / statistics.median(times):.0f} tok/s)")
+
+
 def profile(root: Path, name: str, prompt: int, steps: int) -> None:
     """Per-kernel GPU time (ncu gpu__time_duration) of a prefill and of one decode step."""
     import csv
@@ -386,7 +429,7 @@ def profile(root: Path, name: str, prompt: int, steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["build", "check", "bench", "torch-ref", "kiln-out", "hf",
-                                    "profile", "profile-run"])
+                                    "profile", "profile-run", "steptime"])
     p.add_argument("root", type=Path)
     p.add_argument("rest", nargs="*")
     p.add_argument("--max-seq", type=int, default=4096)
@@ -412,6 +455,10 @@ def main() -> None:
         print(f"{time.perf_counter() - t:.1f} s")
     elif a.mode == "profile":
         profile(a.root, a.rest[0], int(a.rest[1]), int(a.rest[2]))
+    elif a.mode == "steptime":
+        enter_bundle(a.root / "bundle")
+        for name in a.rest:
+            step_time(a.root / "arts" / name)
     elif a.mode == "profile-run":
         enter_bundle(a.root / "bundle")
         profile_run(a.root / "arts" / a.rest[0], int(a.rest[1]), int(a.rest[2]))

@@ -37,6 +37,23 @@ def cuda_signature(graph, target: CudaTarget, sig):
                      for c in sig.caches))
 
 
+def greedy_tokens(ctx, logits):
+    """argmax of the last axis of logits (batch, 1, vocab): (batch, 1) int64, on the device, so
+    that a greedy decode step copies back one id per row instead of the logits."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    from kiln.codegen.cuda.kernels.gemv import argmax_kernel
+    from kiln.codegen.lower import dtype_of, shape_of
+
+    b, _, v = shape_of(logits)
+    vocab, dtype = int(v), dtype_of(logits)
+    gv = ctx.kernel(("cuda_argmax", vocab, dtype), lambda: argmax_kernel(vocab, dtype))
+    flat = ctx.bb.emit(R.reshape(logits, [b, v]))
+    ids = ctx.bb.emit(R.call_tir(gv, [flat], relax.TensorType([b], "int64")))
+    return ctx.bb.emit(R.reshape(ids, [b, 1]))
+
+
 def entry_attrs(target: CudaTarget, entry: str, num_inputs: int) -> dict[str, Any]:
     attrs: dict[str, Any] = {"num_input": num_inputs}
     if entry == "decode":

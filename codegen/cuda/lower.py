@@ -64,6 +64,18 @@ class CudaLowerContext(LowerContext):
             and users[n.outputs[0]][0].inputs[0] == n.outputs[0]
             and not (len(users[n.outputs[0]][0].inputs) > 2 and users[n.outputs[0]][0].inputs[2])}
         self.deferred: dict[str, tuple] = {}
+        # linear -> (Split, silu_mul) it alone feeds as gate/up: SwiGLU fused into the GEMV
+        self.swiglu: dict[str, tuple[Node, Node]] = {}
+        for n in self.graph.nodes:
+            out = users.get(n.outputs[0], []) if n.op == "linear" else []
+            if len(out) != 1 or out[0].op != "Split" or len(out[0].outputs) != 2:
+                continue
+            sp = out[0]
+            u = users.get(sp.outputs[0], [])
+            if (len(u) == 1 and u[0].op == "silu_mul" and list(u[0].inputs[:2]) == list(
+                    sp.outputs) and [x.name for x in users.get(sp.outputs[1], [])] == [
+                    u[0].name] and u[0].outputs[0] not in self.graph.outputs):
+                self.swiglu[n.name] = (sp, u[0])
 
     def past_on_device(self) -> relax.Expr:
         if self.past_tensor is None:
@@ -187,6 +199,19 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
     w = ctx.input(node, 1)
     xs, (n, k), dtype = shape_of(x), shape_of(w), dtype_of(x)
     n, k = _static(n, "out features", node), _static(k, "in features", node)
+    if node.name in ctx.swiglu:
+        from kiln.codegen.lower import _split_sizes
+
+        sp, u = ctx.swiglu[node.name]
+        if _split_sizes(ctx, sp, n) == [n // 2, n // 2] and n % 2 == 0:
+            f, m = n // 2, _numel(xs[:-1])
+            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps),
+                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps))
+            y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
+                                       relax.TensorType([m, f], dtype)))
+            ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
+            ctx.done.update((sp.name, u.name))
+            return None
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
     gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps),

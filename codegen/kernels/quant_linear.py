@@ -317,6 +317,7 @@ def quant_embedding_kernel(s: QuantScheme, *, index_dtype: str = "int64", parall
     qdt = "uint8" if s.bits == 4 else "int8"
     loop = T.parallel if parallel else T.serial
     W, S = T.Buffer((blocks, qcols, lanes), qdt), T.Buffer((blocks, G, lanes), "float32")
+    Z = T.Buffer((blocks, G, lanes), "float32")
 
     @T.macro
     def rows(wb, sb, zb, ids, y, m):
@@ -334,7 +335,7 @@ def quant_embedding_kernel(s: QuantScheme, *, index_dtype: str = "int64", parall
     if s.zero_points:
 
         @T.prim_func(private=True)
-        def quant_embedding_zp(w: W, sc: S, zp: S, ids_h: T.handle, y_h: T.handle):
+        def quant_embedding_zp(w: W, sc: S, zp: Z, ids_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
             m = T.int64()
             ids = T.match_buffer(ids_h, (m,), index_dtype)

@@ -15,6 +15,7 @@ import onnx
 from kiln.compiler.errors import KilnError, UnsupportedOps
 from kiln.compiler.frontend.graph_order import check_ssa, toposort
 from kiln.compiler.frontend.onnx_dims import DimNamer
+from kiln.compiler.frontend.onnx_quant_import import IMPORTED_OPS, import_quantized
 from kiln.compiler.frontend.onnx_tensors import attrs, constant_param, dtype, tensor_param
 from kiln.compiler.ir import Graph, Node, Param, TensorType
 
@@ -89,7 +90,9 @@ def _convert(model: onnx.ModelProto, where: str, base_dir: Path,
     for vi in g.input:
         if vi.name not in params:
             types[vi.name] = _value_type(vi, names, required=True)
-    nodes = _convert_nodes(g, params, types, base_dir, weights_optional)
+    nodes = import_quantized(_convert_nodes(g, params, types, base_dir, weights_optional),
+                             params, types)
+    _check_imported(nodes, where)
     for vi in (*g.value_info, *g.output):
         if vi.name not in types and vi.type.tensor_type.elem_type:
             types[vi.name] = _value_type(vi, names, required=False)
@@ -127,12 +130,23 @@ def _check_ops(g: onnx.GraphProto, where: str) -> None:
     missing: dict[str, tuple[int, str]] = {}
     for i, node in enumerate(g.node):
         op = op_name(node)
-        if op == "Constant" or op in KERNELS:
+        if op == "Constant" or op in KERNELS or op in IMPORTED_OPS:
             continue
         count, first = missing.get(op, (0, node.name or f"{node.op_type}_{i}"))
         missing[op] = (count + 1, first)
     if missing:
         raise UnsupportedOps(where, missing)
+
+
+def _check_imported(nodes: list[Node], where: str) -> None:
+    """Quantized-weight ops left over (not on a constant weight feeding a MatMul) are refused."""
+    left: dict[str, tuple[int, str]] = {}
+    for n in nodes:
+        if n.op in IMPORTED_OPS:
+            count, first = left.get(n.op, (0, n.name))
+            left[n.op] = (count + 1, first)
+    if left:
+        raise UnsupportedOps(where, left)
 
 
 def _value_type(vi: onnx.ValueInfoProto, names: DimNamer, *, required: bool) -> TensorType:

@@ -179,7 +179,10 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
                 # broadcast: every thread reads the same key), four FMAs per read
                 ks = T.decl_buffer((bk * d,), f32, scope="shared")
                 vs = T.decl_buffer((bk * d,), f32, scope="shared")
-                ld = T.decl_buffer((vec,), dtype, scope="local")
+                # one staging buffer each: TVM's CUDA codegen reuses the converted value of a
+                # local vector it already read, even after the buffer was overwritten
+                ldk = T.decl_buffer((vec,), dtype, scope="local")
+                ldv = T.decl_buffer((vec,), dtype, scope="local")
                 kr = T.decl_buffer((f4,), f32, scope="local")
                 qv = T.decl_buffer((d,), f32, scope="local")
                 acc = T.decl_buffer((d,), f32, scope="local")
@@ -203,21 +206,20 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
                     for e in range(loads):
                         if (e * bq + tx) * vec < bk * d:
                             for lane in T.vectorized(vec):
-                                ld[lane] = kc[
+                                ldk[lane] = kc[
+                                    bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
+                                    ((e * bq + tx) * vec + lane) % d]
+                            for lane in T.vectorized(vec):
+                                ldv[lane] = vc[
                                     bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
                                     ((e * bq + tx) * vec + lane) % d]
                             for part in T.unroll(vec // f4):
                                 for lane in T.vectorized(f4):
                                     ks[(e * bq + tx) * vec + part * f4 + lane] = T.Cast(
-                                        f32, ld[part * f4 + lane])
-                            for lane in T.vectorized(vec):
-                                ld[lane] = vc[
-                                    bi, g, T.min(kt * bk + (e * bq + tx) * vec // d, kend - 1),
-                                    ((e * bq + tx) * vec + lane) % d]
-                            for part in T.unroll(vec // f4):
+                                        f32, ldk[part * f4 + lane])
                                 for lane in T.vectorized(f4):
                                     vs[(e * bq + tx) * vec + part * f4 + lane] = T.Cast(
-                                        f32, ld[part * f4 + lane])
+                                        f32, ldv[part * f4 + lane])
                     T.tvm_storage_sync("shared")
                     st[2] = T.float32(F32_MIN)
                     for j in T.unroll(bk):

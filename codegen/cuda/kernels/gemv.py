@@ -36,6 +36,8 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
         if residual:
             raise ValueError("gemv: a fused norm and a fused residual together are not needed")
         return _norm_gemv(n, k, dtype, out_dtype, norm_eps)
+    if k % (WARPS * 32 * _vec(dtype, k)) == 0 and k // (WARPS * 32 * _vec(dtype, k)) >= 4:
+        return _splitk_gemv(n, k, dtype, out_dtype, residual)
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec  # elements a warp covers per load
     full, tail = k // step, k % step
@@ -175,3 +177,199 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.P
                                     acc[1] / T.float32(k) + T.float32(eps)))
 
     return norm_gemv
+
+
+@functools.cache
+def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool) -> tirx.PrimFunc:
+    """Long rows (k >= 4 x 4 warps x 512 bytes): the block's warps share one row, each a
+    quarter of k, partial sums added through shared memory: 4x the warps in flight."""
+    vec, f32 = _vec(dtype, k), "float32"
+    step = 32 * vec
+    part = k // WARPS  # elements per warp
+    full = part // step
+    chunks = (full + CHUNK - 1) // CHUNK
+
+    @T.macro
+    def body(x, w, r, y, m):
+        for bx in T.thread_binding(n, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    red = T.decl_buffer((WARPS,), f32, scope="shared")
+                    acc = T.decl_buffer((1,), f32, scope="local")
+                    xv = T.decl_buffer((vec,), dtype, scope="local")
+                    wv = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    for mi in range(m):
+                        acc[0] = T.float32(0)
+                        for ch in range(chunks):
+                            for it in T.unroll(CHUNK):
+                                if ch * CHUNK + it < full:
+                                    for v in T.vectorized(vec):
+                                        wv[it * vec + v] = w[bx, ty * part + (
+                                            ch * CHUNK + it) * step + tx * vec + v]
+                            for it in T.unroll(CHUNK):
+                                if ch * CHUNK + it < full:
+                                    for v in T.vectorized(vec):
+                                        xv[v] = x[mi, ty * part + (ch * CHUNK + it) * step
+                                                  + tx * vec + v]
+                                    for v in T.unroll(vec):
+                                        acc[0] += T.Cast(f32, xv[v]) * T.Cast(
+                                            f32, wv[it * vec + v])
+                        for off in T.unroll(5):
+                            acc[0] = acc[0] + T.tvm_warp_shuffle_down(
+                                T.uint32(0xFFFFFFFF), acc[0], 16 >> off, 32, 32)
+                        if tx == 0:
+                            red[ty] = acc[0]
+                        T.tvm_storage_sync("shared")
+                        if ty == 0 and tx == 0:
+                            for t in range(1, WARPS):
+                                acc[0] += red[t]
+                            if residual:
+                                y[mi, bx] = T.Cast(out_dtype, acc[0] + T.Cast(f32, r[mi, bx]))
+                            else:
+                                y[mi, bx] = T.Cast(out_dtype, acc[0])
+                        T.tvm_storage_sync("shared")
+
+    if residual:
+
+        @T.prim_func(private=True)
+        def splitk_gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
+                                 y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            r = T.match_buffer(r_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, w, r, y, m)
+
+        return splitk_gemv_residual
+
+    @T.prim_func(private=True)
+    def splitk_gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), out_dtype)
+        body(x, w, None, y, m)
+
+    return splitk_gemv
+
+
+@functools.cache
+def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], gamma[k], w[2f, k], y[m, f]): with x' = rmsnorm(x) * gamma,
+    g = x' . w[r], u = x' . w[f + r], y[m, r] = silu(g) * u. The gate/up projection, the
+    split of its output and the SwiGLU in one kernel: one warp per output, two weight rows."""
+    vec, f32 = _vec(dtype, k), "float32"
+    step = 32 * vec
+    full, tail = k // step, k % step
+    chunks = (full + CHUNK - 1) // CHUNK
+
+    @T.macro
+    def fma(acc, xv, gv, wg, wu, v):
+        acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wg
+        acc[1] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wu
+        acc[2] += T.Cast(f32, xv[v]) * T.Cast(f32, xv[v])
+
+    @T.prim_func(private=True)
+    def swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
+                    w: T.Buffer((2 * f, k), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, f), dtype)
+        for bx in T.thread_binding((f + WARPS - 1) // WARPS, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((3,), f32, scope="local")  # gate, up, sum of squares
+                    xv = T.decl_buffer((vec,), dtype, scope="local")
+                    gv = T.decl_buffer((vec,), dtype, scope="local")
+                    wg = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    wu = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    for mi in range(m):
+                        if bx * WARPS + ty < f:
+                            acc[0] = T.float32(0)
+                            acc[1] = T.float32(0)
+                            acc[2] = T.float32(0)
+                            for ch in range(chunks):
+                                for it in T.unroll(CHUNK):
+                                    if ch * CHUNK + it < full:
+                                        for v in T.vectorized(vec):
+                                            wg[it * vec + v] = w[bx * WARPS + ty, (
+                                                ch * CHUNK + it) * step + tx * vec + v]
+                                        for v in T.vectorized(vec):
+                                            wu[it * vec + v] = w[f + bx * WARPS + ty, (
+                                                ch * CHUNK + it) * step + tx * vec + v]
+                                for it in T.unroll(CHUNK):
+                                    if ch * CHUNK + it < full:
+                                        for v in T.vectorized(vec):
+                                            xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
+                                        for v in T.vectorized(vec):
+                                            gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
+                                        for v in T.unroll(vec):
+                                            fma(acc, xv, gv, T.Cast(f32, wg[it * vec + v]),
+                                                T.Cast(f32, wu[it * vec + v]), v)
+                            if tail != 0:  # noqa: SIM102 - a parse-time `if` around a runtime one
+                                if full * step + tx * vec < k:
+                                    for v in T.vectorized(vec):
+                                        xv[v] = x[mi, full * step + tx * vec + v]
+                                    for v in T.vectorized(vec):
+                                        gv[v] = gamma[full * step + tx * vec + v]
+                                    for v in T.unroll(vec):
+                                        fma(acc, xv, gv, T.Cast(f32, w[
+                                            bx * WARPS + ty, full * step + tx * vec + v]),
+                                            T.Cast(f32, w[f + bx * WARPS + ty,
+                                                          full * step + tx * vec + v]), v)
+                            for off in T.unroll(5):
+                                for r in T.unroll(3):
+                                    acc[r] = acc[r] + T.tvm_warp_shuffle_down(
+                                        T.uint32(0xFFFFFFFF), acc[r], 16 >> off, 32, 32)
+                            if tx == 0:
+                                acc[2] = T.rsqrt(acc[2] / T.float32(k) + T.float32(eps))
+                                acc[0] = acc[0] * acc[2]
+                                y[mi, bx * WARPS + ty] = T.Cast(dtype, acc[0] / (
+                                    T.float32(1) + T.exp(-acc[0])) * acc[1] * acc[2])
+
+    return swiglu_gemv
+
+
+@functools.cache
+def argmax_kernel(v: int, dtype: str) -> tirx.PrimFunc:
+    """PrimFunc(logits[m, v], ids[m] int64): the greedy token of each row, on the device (one
+    block of 1024 threads per row; ties go to the lowest index, as numpy's argmax)."""
+    threads, f32 = 1024, "float32"
+    per = (v + threads - 1) // threads
+
+    @T.prim_func(private=True)
+    def argmax(x_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, v), dtype)
+        o = T.match_buffer(o_h, (m,), "int64")
+        for bx in T.thread_binding(m, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                bv = T.decl_buffer((threads,), f32, scope="shared")
+                bi = T.decl_buffer((threads,), "int32", scope="shared")
+                best = T.decl_buffer((1,), f32, scope="local")
+                idx = T.decl_buffer((1,), "int32", scope="local")
+                best[0] = T.float32(-3.4028234663852886e38)
+                idx[0] = 0
+                for i in range(per):  # strided: coalesced, ascending per thread
+                    if i * threads + tx < v:  # noqa: SIM102
+                        if T.Cast(f32, x[bx, i * threads + tx]) > best[0]:
+                            best[0] = T.Cast(f32, x[bx, i * threads + tx])
+                            idx[0] = i * threads + tx
+                bv[tx] = best[0]
+                bi[tx] = idx[0]
+                T.tvm_storage_sync("shared")
+                for lvl in T.unroll(10):
+                    if tx < (threads >> (lvl + 1)):  # noqa: SIM102
+                        if bv[tx + (threads >> (lvl + 1))] > bv[tx] or (
+                                bv[tx + (threads >> (lvl + 1))] == bv[tx]
+                                and bi[tx + (threads >> (lvl + 1))] < bi[tx]):
+                            bv[tx] = bv[tx + (threads >> (lvl + 1))]
+                            bi[tx] = bi[tx + (threads >> (lvl + 1))]
+                    T.tvm_storage_sync("shared")
+                if tx == 0:
+                    o[bx] = T.Cast("int64", bi[0])
+
+    return argmax
