@@ -7,7 +7,8 @@ from typing import Any
 from kiln.compiler.ir import Graph
 
 CANONICAL_OPS = frozenset({"linear", "embedding", "rms_norm", "layer_norm", "gelu", "silu",
-                           "silu_mul", "gelu_mul", "rotary", "attention"})
+                           "silu_mul", "gelu_mul", "rotary", "attention", "quant_linear",
+                           "quant_embedding"})
 
 
 def describe(graph: Graph) -> dict[str, Any]:

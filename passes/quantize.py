@@ -11,7 +11,8 @@ The op this pass emits (its numpy specification: compiler/interpreter/transforme
 
 Quantized values: bits 8 are signed int8 (zp default 0); bits 4 are unsigned nibbles 0..15
 (zp default 8, so a symmetric int4 weight is (q - 8) * scale). Zero points, when present, are
-float32 integers (onnxruntime's MatMulNBits and QDQ zero points convert to them exactly).
+float32 integers (onnxruntime's MatMulNBits and QDQ zero points convert to them exactly;
+see kiln.compiler.frontend.onnx_quant_import).
 K is padded to Kp = ceil(K / g) * g with zero weights, so every group is whole in storage.
 Layouts (G = Kp / g groups; B = 16 lanes, Np = N rounded up to B, padding rows all zero):
     nk       qweight int8[N, Kp] | uint8[N, Kp/2] (byte j: k = 2j low nibble, 2j+1 high)
@@ -209,19 +210,9 @@ def _quantize_part(w: np.ndarray, *, bits: int, group: int, symmetric: bool, par
     return scales if part == "scales" else zp
 
 
-def _nibble_zero_points(zp: np.ndarray, *, n: int, groups: int) -> np.ndarray:
-    """MatMulNBits' packed uint4 zero points [N * ceil(G / 2)] -> float32[N, G]."""
-    b = np.asarray(zp, np.uint8).reshape(n, -1)
-    both = np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1)
-    return both[:, :groups].astype(np.float32)
-
-
 PARAM_TRANSFORMS["quantize"] = _quantize_part
 PARAM_TRANSFORMS["quant_blocked"] = lambda a, block: blocked(np.asarray(a), block)
-PARAM_TRANSFORMS["nibble_zero_points"] = _nibble_zero_points
-PARAM_TRANSFORMS["astype_float32"] = lambda a: np.asarray(a).astype(np.float32)
-PARAM_TRANSFORMS["uint8_to_int8"] = lambda a: (np.asarray(a).astype(np.int16) - 128).astype(
-    np.int8)
+# the transforms of imported (pre-quantized) weights live in compiler/frontend/onnx_quant_import
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """CUDA target end to end: build artifacts here (no GPU), check and time them on the GPU host.
 
-    python benchmarks/gpu/cuda_llm.py build .device smollm2-135m:float16 smollm2-135m:float32 ...
+    python benchmarks/gpu/cuda_llm.py build .device llama-3.2-1b:float16 smollm2-135m:float32 ...
     python3 benchmarks/gpu/cuda_llm.py check .device      # on the GPU host: vs torch, same weights
     python3 benchmarks/gpu/cuda_llm.py bench .device      # on the GPU host: vs HF eager, roofline
+    python3 benchmarks/gpu/cuda_llm.py steptime .device NAME...   # decode step: API vs entry
+    python3 benchmarks/gpu/cuda_llm.py profile .device NAME PROMPT STEPS   # ncu, per kernel
 
 `build` compiles each CONFIG:DTYPE (kiln.models.synthetic names) with --no-weights into
 .device/arts/NAME, writes its canonical graph as JSON beside it (the torch reference runs it),

@@ -100,3 +100,22 @@ def test_unknown_presets_are_refused(tmp_path):
 
     with pytest.raises(KilnError, match="unknown quantization preset"):
         compile_model(DATA / "llama-optimum.onnx", tmp_path / "b", max_seq=32, quant="w5")
+
+
+def test_convert_regenerates_quantized_params(compiled, tmp_path):
+    """--no-weights then `kiln convert`: the quantized parameters are derived again from the
+    model's weights (the manifest records the preset and each derivation)."""
+    from kiln.compiler.compile import compile_model, convert
+    from kiln.runtime.params import read_safetensors
+
+    full = compiled("qwen2-optimum", "w4g32")
+    bare = compile_model(DATA / "qwen2-optimum.onnx", tmp_path / "bare", max_seq=MAX_SEQ,
+                         weights=False, quant="w4g32")
+    convert(DATA / "qwen2-optimum.onnx", bare)
+    want, got = read_safetensors(full / "params.safetensors"), read_safetensors(
+        bare / "params.safetensors")
+    assert set(got) == set(want) and any(k.endswith(".qweight.blocked16") for k in got)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    derivation = json.dumps(json.loads((bare / "manifest.json").read_text())["params"])
+    assert '"fn": "quantize"' in derivation and '"fn": "quant_blocked"' in derivation

@@ -336,7 +336,7 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
 def argmax_kernel(v: int, dtype: str) -> tirx.PrimFunc:
     """PrimFunc(logits[m, v], ids[m] int64): the greedy token of each row, on the device (one
     block of 1024 threads per row; ties go to the lowest index, as numpy's argmax)."""
-    threads, f32 = 1024, "float32"
+    threads, f32, UNROLL = 1024, "float32", 8
     per = (v + threads - 1) // threads
 
     @T.prim_func(private=True)
@@ -351,23 +351,37 @@ def argmax_kernel(v: int, dtype: str) -> tirx.PrimFunc:
                 bi = T.decl_buffer((threads,), "int32", scope="shared")
                 best = T.decl_buffer((1,), f32, scope="local")
                 idx = T.decl_buffer((1,), "int32", scope="local")
+                vals = T.decl_buffer((UNROLL,), f32, scope="local")
+                cur = T.decl_buffer((1,), f32, scope="local")
+                at = T.decl_buffer((1,), "int32", scope="local")
                 best[0] = T.float32(-3.4028234663852886e38)
                 idx[0] = 0
-                for i in range(per):  # strided: coalesced, ascending per thread
-                    if i * threads + tx < v:  # noqa: SIM102
-                        if T.Cast(f32, x[bx, i * threads + tx]) > best[0]:
-                            best[0] = T.Cast(f32, x[bx, i * threads + tx])
-                            idx[0] = i * threads + tx
+                for i0 in range((per + UNROLL - 1) // UNROLL):  # strided: coalesced
+                    for u in T.unroll(UNROLL):  # UNROLL loads in flight, then compare
+                        vals[u] = T.if_then_else(
+                            (i0 * UNROLL + u) * threads + tx < v,
+                            T.Cast(f32, x[bx, T.min((i0 * UNROLL + u) * threads + tx, v - 1)]),
+                            T.float32(-3.4028234663852886e38))
+                    for u in T.unroll(UNROLL):  # ascending: ties keep the lowest index
+                        if vals[u] > best[0]:
+                            best[0] = vals[u]
+                            idx[0] = (i0 * UNROLL + u) * threads + tx
                 bv[tx] = best[0]
                 bi[tx] = idx[0]
                 T.tvm_storage_sync("shared")
                 for lvl in T.unroll(10):
-                    if tx < (threads >> (lvl + 1)):  # noqa: SIM102
-                        if bv[tx + (threads >> (lvl + 1))] > bv[tx] or (
-                                bv[tx + (threads >> (lvl + 1))] == bv[tx]
-                                and bi[tx + (threads >> (lvl + 1))] < bi[tx]):
-                            bv[tx] = bv[tx + (threads >> (lvl + 1))]
-                            bi[tx] = bi[tx + (threads >> (lvl + 1))]
+                    # read all, barrier, then write: TIR's sync planner refuses shared loads
+                    # in a branch condition and a barrier inside a branch
+                    if tx < (threads >> (lvl + 1)):
+                        best[0] = bv[tx + (threads >> (lvl + 1))]
+                        idx[0] = bi[tx + (threads >> (lvl + 1))]
+                        cur[0] = bv[tx]
+                        at[0] = bi[tx]
+                    T.tvm_storage_sync("shared")
+                    if tx < (threads >> (lvl + 1)) and (best[0] > cur[0] or (
+                            best[0] == cur[0] and idx[0] < at[0])):
+                        bv[tx] = best[0]
+                        bi[tx] = idx[0]
                     T.tvm_storage_sync("shared")
                 if tx == 0:
                     o[bx] = T.Cast("int64", bi[0])
