@@ -29,7 +29,10 @@ def load_tokenizer(artifact: Path):
 def run_generation(artifact: Path, *, prompt: str | None, prompt_ids: str | None,
                    max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                    seed: int, threads: int | None, synthetic_weights: int | None,
-                   as_json: bool, out=sys.stdout, err=sys.stderr) -> Generation:
+                   as_json: bool, out=None, err=None) -> Generation:
+    # the streams are looked up per call: a default bound at import time would keep writing to
+    # whatever sys.stdout was then (a test runner's long-closed capture, say)
+    out, err = out or sys.stdout, err or sys.stderr
     if (prompt is None) == (prompt_ids is None):
         raise KilnError("give exactly one of --prompt and --prompt-ids")
     session = Session.load(artifact, threads=threads, synthetic_weights=synthetic_weights)
