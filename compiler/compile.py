@@ -74,6 +74,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     model, start = Path(model), time.perf_counter()
     tgt = _with_dtype(resolve(target), dtype)
     preset = _preset(quant, quant_keep)
+    if preset is not None and tgt.kind != "cpu":
+        raise KilnError(f"--quant {preset.name}: quantized kernels exist for the CPU only, not "
+                        f"target {tgt.name}")
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),

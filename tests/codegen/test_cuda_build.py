@@ -92,3 +92,12 @@ def test_unknown_dtype_and_cpu_half_are_refused(tiny_model, tmp_path):
     with pytest.raises(KilnError, match="float32 only"):
         compile_model(tiny_model, tmp_path / "x", target="cpu", weights=False,
                       dtype="float16")
+
+
+@pytest.mark.parametrize("preset", ["w4g32", "kv8"])
+def test_quantized_presets_are_refused_on_cuda(tiny_model, tmp_path, preset):
+    from kiln.compiler.compile import compile_model
+
+    with pytest.raises(KilnError, match=f"--quant {preset}: quantized kernels exist for the CPU"):
+        compile_model(tiny_model, tmp_path / "q", target="cuda", weights=False, quant=preset)
+    assert not (tmp_path / "q").exists()
