@@ -74,9 +74,12 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     model, start = Path(model), time.perf_counter()
     tgt = _with_dtype(resolve(target), dtype)
     preset = _preset(quant, quant_keep)
-    if preset is not None and tgt.kind != "cpu":
-        raise KilnError(f"--quant {preset.name}: quantized kernels exist for the CPU only, not "
-                        f"target {tgt.name}")
+    if preset is not None and tgt.kind not in ("cpu", "cuda"):
+        raise KilnError(f"--quant {preset.name}: quantized kernels exist for the cpu and cuda "
+                        f"targets only, not target {tgt.name}")
+    if preset is not None and preset.kv_bits and tgt.kind != "cpu":
+        raise KilnError(f"--quant {preset.name}: the int8 KV cache (kv8) has CPU kernels only, "
+                        f"not target {tgt.name} (weight presets such as w8, w4g32 are fine)")
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
@@ -138,7 +141,7 @@ def _preset(quant: str | None, keep: tuple[str, ...]):
 
 
 #: GPTQ calibration: windows of this many tokens of models/data/calibration.txt
-CALIBRATION_WINDOW, CALIBRATION_WINDOWS = 512, 3
+CALIBRATION_WINDOW, CALIBRATION_WINDOWS = 512, 16
 
 
 def _calibration(model: Path, progress: Progress) -> tuple:

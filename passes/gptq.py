@@ -4,38 +4,70 @@ not yet quantized, weighted by the inverse Hessian of the layer's inputs (Franta
 For y = x @ W^T the output error of a weight error dW is ||X dW^T||^2, whose Hessian per output row
 is H = X^T X over calibration inputs X. Quantizing column i with error e_i, the remaining columns
 move by -e_i * Hinv[i, i+1:] / Hinv[i, i] (the optimal correction), with Hinv's upper Cholesky
-factor standing in for the shrinking inverse. Groups take their scale (with the clip search of
-`kiln.passes.quantize.quantize`) from the already-corrected columns when the group starts, so the
-result has exactly the layout and dequantization of round-to-nearest: only the codes differ.
+factor standing in for the shrinking inverse. The result has exactly the layout and dequantization
+of round-to-nearest (`kiln.passes.quantize.quantize`): only the codes differ.
 
-`hessians` runs the fp32 canonical graph on calibration text through the numpy interpreter and
-accumulates H for the input of every linear node.
+Two refinements of the reference implementation, each measured on SmolLM2-135M
+(benchmarks/RESULTS.md, "Quantization quality"):
+- act order: columns are quantized in order of decreasing H[i, i] (the inputs with the most energy
+  first, while the most columns remain to absorb their error). The group scales are then fixed up
+  front from the weights (with the clip search of `quantize`), "static groups", so that groups stay
+  contiguous in K and the kernels need no column permutation.
+- sequential calibration (`calibrate`): the calibration batch runs through the graph node by node,
+  and each linear is quantized from the Hessian of its input as the already-quantized layers before
+  it produce it, so that later layers correct what earlier layers got wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import numpy as np
 
-from kiln.compiler.interpreter import run
+from kiln.compiler.interpreter import _last_uses, bind_symbols, concretize, run_node
 from kiln.compiler.ir import PARAM_TRANSFORMS, Graph
 
 BLOCK = 128  # columns per lazy batch update
 DAMP = 0.01  # added to H's diagonal, relative to its mean
 
+#: weight name, its fp32 value [N, K] and the Hessian of its input -> the weight as quantized
+Solve = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
 
-def hessians(graph: Graph, values: Iterable[str], windows: list[np.ndarray]) -> dict:
-    """value name -> H = sum of x^T x (float64, K x K) over the calibration windows."""
-    wanted = sorted(set(values))
+
+def calibrate(graph: Graph, weights: Iterable[str], windows: list[np.ndarray],
+              solve: Solve) -> dict[str, np.ndarray]:
+    """Run the calibration windows (one batch) through `graph` node by node; at the first linear
+    reading each of `weights`, H = x^T x of its input (float64) is taken, `solve` quantizes the
+    weight, and the quantized weight is what that linear (and every later reader) computes with.
+    Returns weight name -> H. The LM head (a linear producing a graph output) is not run: only
+    its input matters."""
+    wanted = set(weights)
+    env: dict[str, np.ndarray] = dict(_feeds(graph, np.concatenate(windows, axis=0)))
+    bindings = bind_symbols(graph, env)
+    last_use = _last_uses(graph, [])
+    done: dict[str, np.ndarray] = {}
     out: dict[str, np.ndarray] = {}
-    for ids in windows:
-        got = run(graph, _feeds(graph, ids), outputs=wanted)
-        for v in wanted:
-            x = np.asarray(got[v], np.float64).reshape(-1, got[v].shape[-1])
-            out[v] = out.get(v, 0) + x.T @ x
+    for i, node in enumerate(graph.nodes):
+        w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else ""
+        if w in wanted and w not in done:
+            x = np.asarray(env[node.inputs[0]], np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            out[w] = x.T @ x
+            done[w] = solve(w, np.asarray(graph.params[w].load(), np.float32), out[w])
+        if node.op == "linear" and node.outputs[0] in graph.outputs:
+            continue
+        args = [None if not v else env[v] if v in env else done[v] if v in done
+                else graph.params[v].load() for v in node.inputs]
+        if node.attrs.free_symbols:
+            node = replace(node, attrs=concretize(node.attrs, bindings))
+        for name, value in zip(node.outputs, run_node(node, args), strict=False):
+            if name:
+                env[name] = value
+        for v in last_use.get(i, ()):
+            env.pop(v, None)
     return out
 
 
@@ -51,9 +83,10 @@ def _feeds(graph: Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+         act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """w[N, K], H[K, K] -> (codes[N, Kp], scales[N, G], zero_points[N, G] | None), as
-    `quantize` returns them."""
+    `quantize` returns them. Without act order each group takes its scale from its columns as
+    corrected so far, when the group starts; with it, from the weights before any correction."""
     from kiln.passes.quantize import groups_of, quantize
 
     n, k = w.shape
@@ -67,29 +100,37 @@ def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     H += DAMP * np.mean(np.diag(H)) * np.eye(kp)
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: Hinv = U^T U
-    codes = np.zeros((n, kp), np.float64)
+    lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1))
     scales = np.zeros((n, ng), np.float32)
     zps = None if symmetric else np.zeros((n, ng), np.float32)
-    lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1))
-    block = max(BLOCK // g, 1) * g
-    for b0 in range(0, kp, block):
-        b1 = min(b0 + block, kp)
+
+    def set_scales(cols: np.ndarray, first: int) -> None:  # groups first.. from columns cols
+        _, s, z = quantize(cols.astype(np.float32), bits=bits, group=g, symmetric=symmetric)
+        scales[:, first:first + s.shape[1]] = s
+        if zps is not None:
+            zps[:, first:first + s.shape[1]] = z + (128 if bits == 8 else 0)  # unsigned codes
+
+    perm = np.arange(kp)
+    if act_order:
+        set_scales(W, 0)
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[:, perm], H[perm][:, perm]
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: Hinv = U^T U
+    codes = np.zeros((n, kp), np.float64)
+    for b0 in range(0, kp, BLOCK):
+        b1 = min(b0 + BLOCK, kp)
         W1, E = W[:, b0:b1].copy(), np.zeros((n, b1 - b0))
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % g == 0:  # the group's scale from its columns as corrected so far
-                _, s, z = quantize(W1[:, i:i + g].astype(np.float32), bits=bits, group=g,
-                                   symmetric=symmetric)
-                scales[:, col // g] = s[:, 0]
-                if zps is not None:
-                    zps[:, col // g] = z[:, 0] + (128 if bits == 8 else 0)  # unsigned codes
+            col = perm[b0 + i]
+            if not act_order and col % g == 0:
+                set_scales(W1[:, i:i + g], col // g)
             s = scales[:, col // g].astype(np.float64)
             z = 0.0 if zps is None else zps[:, col // g].astype(np.float64)
             q = np.clip(np.rint(W1[:, i] / s) + z, lo, hi)
             codes[:, col] = q
-            e = (W1[:, i] - (q - z) * s) / U[col, col]
-            W1[:, i + 1:] -= np.outer(e, U[col, col + 1:b1])
+            d = U[b0 + i, b0 + i]
+            e = (W1[:, i] - (q - z) * s) / d
+            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
             E[:, i] = e
         W[:, b1:] -= E @ U[b0:b1, b1:]
     if symmetric:
@@ -100,22 +141,31 @@ def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool
     return codes.astype(np.uint8), scales, zps
 
 
-_CACHE: OrderedDict = OrderedDict()  # the three parts of one weight come from one solve
+#: solves of one compile, by (weight, Hessian, scheme): `calibrate` solves each weight once and
+#: the parameter transforms (qweight, scales, zero points) read the same solve back
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 1024
+
+
+def solve(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
+          act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`gptq`, memoized by the contents of w and H."""
+    w = np.ascontiguousarray(w, np.float32)
+    h = np.ascontiguousarray(h, np.float64)
+    key = (hashlib.blake2b(w.data, digest_size=16).hexdigest(),
+           hashlib.blake2b(h.data, digest_size=16).hexdigest(), bits, group, symmetric, act_order)
+    if key not in _CACHE:
+        _CACHE[key] = gptq(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return _CACHE[key]
 
 
 def _gptq_part(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
-               part: str) -> np.ndarray:
+               part: str, act_order: bool = False) -> np.ndarray:
     from kiln.passes.quantize import pack_nibbles
 
-    key = (hashlib.blake2b(np.ascontiguousarray(w).data, digest_size=16).hexdigest(),
-           hashlib.blake2b(np.ascontiguousarray(h).data, digest_size=16).hexdigest(),
-           bits, group, symmetric)
-    if key not in _CACHE:
-        _CACHE[key] = gptq(np.asarray(w, np.float32), np.asarray(h, np.float64), bits=bits,
-                           group=group, symmetric=symmetric)
-        while len(_CACHE) > 4:
-            _CACHE.popitem(last=False)
-    q, scales, zp = _CACHE[key]
+    q, scales, zp = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order)
     if part == "qweight":
         return pack_nibbles(q) if bits == 4 else q
     return scales if part == "scales" else zp

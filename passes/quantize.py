@@ -59,7 +59,12 @@ LANES = 16
 
 @dataclass(frozen=True, slots=True)
 class QuantPreset:
-    """A weight quantization scheme; `group_size` 0 means one group per output channel."""
+    """A weight quantization scheme; `group_size` 0 means one group per output channel.
+
+    `int8` names roles whose weights are quantized to int8 per output channel instead (the most
+    sensitive few, as llama.cpp's mixes keep attn_v and the output matrix at more bits):
+    "lm_head" (the LM head and the embedding tied to it) and "attn_qkv" (the linears whose
+    outputs are attention's queries, keys and values). `keep` patterns stay in fp32."""
 
     name: str
     bits: int = 8
@@ -68,6 +73,8 @@ class QuantPreset:
     kv_bits: int = 0  # 8: int8 KV cache (kiln.passes.quantize_kv_cache)
     keep: tuple[str, ...] = ()  # fnmatch patterns of node/param names kept in fp32
     method: str = "gptq"  # "gptq" (calibrated, when weights are at hand) | "rtn"
+    int8: tuple[str, ...] = ()  # roles quantized to int8 per channel: "lm_head", "attn_qkv"
+    act_order: bool = True  # GPTQ's column order (kiln.passes.gptq)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -75,41 +82,57 @@ class QuantPreset:
         if self.group_size and (self.group_size < 2 or self.group_size % 2):
             raise KilnError(f"quant preset {self.name}: group size {self.group_size} must be "
                             "even")
+        unknown = set(self.int8) - set(ROLES)
+        if unknown:
+            raise KilnError(f"quant preset {self.name}: unknown roles {sorted(unknown)}; known: "
+                            f"{', '.join(ROLES)}")
+
+    def scheme(self, roles: set[str]) -> tuple[int, int, bool]:
+        """(bits, group size, symmetric) of a weight with these roles."""
+        if roles & set(self.int8):
+            return 8, 0, True
+        return self.bits, self.group_size, self.symmetric
 
     def to_dict(self) -> dict:
         return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep),
-                "method": self.method}
+                "method": self.method, "int8": list(self.int8), "act_order": self.act_order}
 
 
-#: named presets: "w4g32a" is asymmetric (zero points); combine with "-": "w4g32-kv8"
+#: the roles a preset may keep at int8 (see QuantPreset.int8)
+ROLES = ("lm_head", "attn_qkv")
+#: the sensitive roles the int4 presets keep at int8, unless "-pure" (measured on SmolLM2-135M:
+#: benchmarks/RESULTS.md, "Quantization quality")
+_INT8_ROLES = ("lm_head", "attn_qkv")
+
+#: named presets; int4 ones have zero points, "s" makes them symmetric ("w4g32s"); combine with
+#: "-": "w4g32-kv8", "w4g32-pure" (no int8 roles), "w4g32-rtn" (round to nearest)
 PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
     QuantPreset("w8", bits=8),
-    QuantPreset("w4g32", bits=4, group_size=32),
-    QuantPreset("w4g64", bits=4, group_size=64),
-    QuantPreset("w4g128", bits=4, group_size=128),
-    QuantPreset("w4g32a", bits=4, group_size=32, symmetric=False),
-    QuantPreset("w4g64a", bits=4, group_size=64, symmetric=False),
-    QuantPreset("w4g128a", bits=4, group_size=128, symmetric=False),
+    *(QuantPreset(f"w4g{g}{'s' if sym else ''}", bits=4, group_size=g, symmetric=sym,
+                  int8=_INT8_ROLES) for g in (32, 64, 128) for sym in (False, True)),
     QuantPreset("kv8", bits=8, kv_bits=8),
 )}
 
 
 def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPreset:
-    """`w4g32`, `w8`, `w4g32-kv8`, `kv8`, `w4g32-rtn` ... -> a QuantPreset (keep patterns
-    attached); the `rtn` suffix rounds to nearest instead of calibrating with GPTQ."""
+    """`w4g32`, `w8`, `w4g32-kv8`, `kv8`, `w4g32-rtn`, `w4g32-pure` ... -> a QuantPreset (keep
+    patterns attached); `rtn` rounds to nearest instead of calibrating with GPTQ, `pure`
+    quantizes every weight with the preset's own scheme (no int8 roles)."""
+    modifiers = ("kv8", "rtn", "pure")
     parts = [p for p in spec.strip().lower().split("-") if p]
-    weights = [p for p in parts if p not in ("kv8", "rtn")]
+    weights = [p for p in parts if p not in modifiers]
     unknown = [p for p in weights if p not in PRESETS] + (["-"] if len(weights) > 1 else [])
     if not parts or unknown:
         raise KilnError(f"unknown quantization preset {spec!r}; known: "
-                        f"{', '.join(sorted(PRESETS))} (combine with -kv8, -rtn)")
+                        f"{', '.join(sorted(PRESETS))} (combine with -kv8, -rtn, -pure)")
     base = PRESETS[weights[0]] if weights else dataclasses.replace(PRESETS["kv8"], bits=8)
     kv = 8 if "kv8" in parts else 0
     weights_on = bool(weights)
     return dataclasses.replace(base, name=spec.strip().lower(), kv_bits=kv,
                                keep=tuple(keep) + (() if weights_on else ("*",)),
-                               method="rtn" if "rtn" in parts else "gptq")
+                               method="rtn" if "rtn" in parts else "gptq",
+                               int8=() if "pure" in parts else base.int8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,11 +270,15 @@ def _quantize_linears(graph: Graph, preset: QuantPreset, calibration: tuple = ()
               and name not in kept and _quantizable(graph.params[name])}
     if not chosen:
         return graph
-    hess = _calibrate(graph, chosen, calibration) if preset.method == "gptq" else {}
+    roles = weight_roles(graph)
+    schemes = {name: preset.scheme(roles.get(name, set())) for name in chosen}
+    hess = (_calibrate(graph, schemes, calibration, preset.act_order)
+            if preset.method == "gptq" else {})
     params, types = dict(graph.params), dict(graph.types)
     made: dict[str, tuple[str, str, str, Attrs]] = {}
     for name in sorted(chosen):
-        made[name] = _add_quantized(params, types, graph.params[name], preset, hess.get(name))
+        made[name] = _add_quantized(params, types, graph.params[name], schemes[name],
+                                    hess.get(name), preset.act_order)
     nodes = tuple(_rewrite(n, made) for n in graph.nodes)
     for name in chosen:
         del params[name], types[name]
@@ -271,39 +298,77 @@ def _quantizable(p: Param) -> bool:
                                                                  for d in shape)
 
 
-def _calibrate(graph: Graph, chosen: set[str], calibration: tuple) -> dict:
-    """weight name -> the Hessian of its linear's input over the calibration windows ({} when
-    there is no calibration text or the weights are not at hand: round to nearest then)."""
-    if not calibration or not all(graph.params[n].source.available for n in chosen):
+#: ops a linear's output may pass through on its way to attention's q, k or v
+_TO_ATTENTION = {"Split", "rotary", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+def weight_roles(graph: Graph) -> dict[str, set[str]]:
+    """linear weight name -> its roles: "lm_head" (the linear makes a graph output),
+    "attn_qkv" (its output reaches attention's q, k or v through reshapes, splits, rotary)."""
+    producer = {v: n for n in graph.nodes for v in n.outputs if v}
+    roles: dict[str, set[str]] = {}
+    for n in graph.nodes:
+        if n.op == "linear" and n.outputs[0] in graph.outputs:
+            roles.setdefault(n.inputs[1], set()).add("lm_head")
+    for n in graph.nodes:
+        if n.op != "attention":
+            continue
+        todo = list(n.inputs[:3])
+        while todo:
+            p = producer.get(todo.pop())
+            if p is None:
+                continue
+            if p.op == "linear":
+                roles.setdefault(p.inputs[1], set()).add("attn_qkv")
+            elif p.op in _TO_ATTENTION:
+                todo.append(p.inputs[0])
+    return roles
+
+
+def _calibrate(graph: Graph, schemes: dict[str, tuple[int, int, bool]], calibration: tuple,
+               act_order: bool) -> dict:
+    """weight name -> the Hessian of its linear's input over the calibration windows, each
+    taken with the weights before it already quantized ({} when there is no calibration text or
+    the weights are not at hand: round to nearest then)."""
+    if not calibration or not all(graph.params[n].source.available for n in schemes):
         return {}
-    from kiln.passes.gptq import hessians
+    from kiln.compiler.interpreter.transformer_ops import dequantize
+    from kiln.passes.gptq import calibrate, solve
 
-    inputs = {n.inputs[1]: n.inputs[0] for n in graph.nodes
-              if n.op == "linear" and n.inputs[1] in chosen}
-    h = hessians(graph, set(inputs.values()), list(calibration))
-    return {w: h[x] for w, x in inputs.items()}
+    def quantized(name: str, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        bits, group, symmetric = schemes[name]
+        q, s, z = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order)
+        n, k = w.shape
+        attrs = Attrs({"bits": bits, "group_size": groups_of(k, group)[0], "in_features": k,
+                       "out_features": n})
+        return dequantize(pack_nibbles(q) if bits == 4 else q, s, z, attrs)
+
+    return calibrate(graph, schemes, list(calibration), quantized)
 
 
-def _add_quantized(params: dict, types: dict, p: Param, preset: QuantPreset,
-                   hessian: np.ndarray | None = None) -> tuple[str, str, str, Attrs]:
+def _add_quantized(params: dict, types: dict, p: Param, scheme: tuple[int, int, bool],
+                   hessian: np.ndarray | None = None, act_order: bool = False,
+                   ) -> tuple[str, str, str, Attrs]:
+    bits, group, symmetric = scheme
     n, k = p.type.shape
-    g, ng = groups_of(k, preset.group_size)
-    base = dict(bits=preset.bits, group=preset.group_size, symmetric=preset.symmetric)
-    q_shape = (n, ng * g // 2) if preset.bits == 4 else (n, ng * g)
-    q_dtype = DType.u8 if preset.bits == 4 else DType.i8
+    g, ng = groups_of(k, group)
+    base = dict(bits=bits, group=group, symmetric=symmetric)
+    q_shape = (n, ng * g // 2) if bits == 4 else (n, ng * g)
+    q_dtype = DType.u8 if bits == 4 else DType.i8
     specs = [("qweight", TensorType(q_dtype, q_shape)),
              ("scales", TensorType(DType.f32, (n, ng)))]
-    if not preset.symmetric:
+    if not symmetric:
         specs.append(("zero_points", TensorType(DType.f32, (n, ng))))
     names = []
     for part, t in specs:
-        src = (Derived("gptq", (p.source, Inline(hessian)), Attrs({**base, "part": part}))
+        src = (Derived("gptq", (p.source, Inline(hessian)),
+                       Attrs({**base, "part": part, "act_order": act_order}))
                if hessian is not None else
                Derived("quantize", (p.source,), Attrs({**base, "part": part})))
         q = Param(f"{p.name}.{part}", t, src)
         params[q.name], types[q.name] = q, t
         names.append(q.name)
-    attrs = Attrs({"bits": preset.bits, "group_size": g, "in_features": k, "out_features": n,
+    attrs = Attrs({"bits": bits, "group_size": g, "in_features": k, "out_features": n,
                    "layout": "nk"})
     return names[0], names[1], names[2] if len(names) > 2 else "", attrs
 

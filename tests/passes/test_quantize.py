@@ -24,8 +24,11 @@ from tests.helpers import assert_close
 
 def test_presets_parse():
     assert parse_preset("w4g32") == PRESETS["w4g32"]
-    p = parse_preset("W4G64A", keep=("lm_head",))
-    assert (p.bits, p.group_size, p.symmetric, p.keep) == (4, 64, False, ("lm_head",))
+    p = parse_preset("W4G64S", keep=("lm_head",))
+    assert (p.bits, p.group_size, p.symmetric, p.keep) == (4, 64, True, ("lm_head",))
+    w4 = parse_preset("w4g32")
+    assert not w4.symmetric and set(w4.int8) == {"lm_head", "attn_qkv"} and w4.act_order
+    assert parse_preset("w4g32-pure").int8 == () and parse_preset("w8").int8 == ()
     combo = parse_preset("w4g32-kv8")
     assert (combo.bits, combo.group_size, combo.kv_bits) == (4, 32, 8)
     assert parse_preset("w8").group_size == 0 and parse_preset("kv8").kv_bits == 8
@@ -66,7 +69,7 @@ def _reference(graph, ids):
     return run(graph, feeds, outputs=["logits"])["logits"]
 
 
-@pytest.mark.parametrize("preset", ["w8", "w4g32", "w4g32a"])
+@pytest.mark.parametrize("preset", ["w8", "w4g32-pure", "w4g32s-pure", "w4g32"])
 def test_pass_quantizes_linears_and_tied_embedding(rng, preset):
     g = canonical_llama_graph(TINY, seed=0)  # tied: the LM head reads the embedding table
     q = quantize_weights(g, preset=parse_preset(preset))
@@ -74,7 +77,8 @@ def test_pass_quantizes_linears_and_tied_embedding(rng, preset):
     hist = q.op_histogram()
     assert "linear" not in hist and hist["quant_linear"] == 7 * TINY.layers + 1
     assert hist["quant_embedding"] == 1 and "embed_tokens" not in q.params
-    assert q.param_bytes() < g.param_bytes() / 3  # rope tables and padding K=48 to 64 stay
+    # rope tables and padding K=48 to 64 stay; w4g32 keeps the head and q/k/v at int8
+    assert q.param_bytes() < g.param_bytes() / (2.5 if preset == "w4g32" else 3)
     ids = rng.integers(0, TINY.vocab, (2, 9))
     want, got = _reference(g, ids), _reference(q, ids)
     err = np.abs(got - want).max() / np.abs(want).max()
@@ -82,6 +86,18 @@ def test_pass_quantizes_linears_and_tied_embedding(rng, preset):
     blk = quantize_weights(q, block=16)  # the CPU layout computes the very same numbers
     assert {n.attrs["layout"] for n in blk.nodes if n.op.startswith("quant_")} == {"blocked"}
     assert_close(_reference(blk, ids), got, rtol=1e-6, atol=1e-6, name=f"{preset} blocked")
+
+
+def test_int8_roles_are_the_head_and_attention_inputs():
+    g = canonical_llama_graph(TINY, seed=0)
+    q = quantize_weights(g, preset=parse_preset("w4g32"))
+    bits = {n.name: n.attrs["bits"] for n in q.nodes if n.op.startswith("quant_")}
+    int8 = {name for name, b in bits.items() if b == 8}
+    assert int8 == {"logits", "h0"} | {f"l{i}.{x}" for i in range(TINY.layers)
+                                       for x in "qkv"}, int8
+    assert {b for name, b in bits.items() if name not in int8} == {4}
+    pure = quantize_weights(g, preset=parse_preset("w4g32-pure"))
+    assert {n.attrs["bits"] for n in pure.nodes if n.op.startswith("quant_")} == {4}
 
 
 def test_keep_patterns():
