@@ -33,6 +33,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         dtype = _DTYPES.get(info["dtype"])
+        if dtype is None and info["dtype"] == "BF16":  # numpy has none: see as_float
+            dtype = _bfloat16()
         if dtype is None:
             raise KilnError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
@@ -42,14 +44,23 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def synthetic_params(table: list[dict], seed: int) -> dict[str, np.ndarray]:
     """Seeded random parameters of the manifest's shapes, scaled by role so that activations
-    stay in range: norm weights near 1, biases near 0, matrices ~ N(0, 1/fan_in)."""
-    out = {}
+    stay in range: norm weights near 1, biases near 0, matrices ~ N(0, 1/fan_in).
+
+    Quantized weights (a qweight/scales[/zero_points] triple derived by `quantize`) are made
+    from a seeded float matrix rounded to nearest in the artifact's scheme (quantize_rtn), so
+    that `dequantize` of them is a plain weight of the model; bfloat16 is rounded from float32
+    (bfloat16_bits)."""
+    out: dict[str, np.ndarray] = {}
+    quantized: dict[str, dict[str, tuple[int, dict]]] = {}
     for i, p in enumerate(table):
+        part = _quant_part(p)
+        if part is not None:
+            quantized.setdefault(p["name"][: -len(part) - 1], {})[part] = (i, p)
+            continue
         rng = np.random.default_rng([seed, i])
-        shape, dtype = tuple(p["shape"]), np.dtype(p["dtype"])
-        role = p.get("role", "")
-        if not np.issubdtype(dtype, np.floating):
-            raise KilnError(f"parameter {p['name']}: cannot synthesize dtype {dtype}")
+        shape, role = tuple(p["shape"]), p.get("role", "")
+        if p["dtype"] != "bfloat16" and not np.issubdtype(np.dtype(p["dtype"]), np.floating):
+            raise KilnError(f"parameter {p['name']}: cannot synthesize dtype {p['dtype']}")
         x = rng.standard_normal(shape, dtype=np.float32)
         if role.endswith("norm.weight"):
             x = 1.0 + 0.05 * x
@@ -62,5 +73,125 @@ def synthetic_params(table: list[dict], seed: int) -> dict[str, np.ndarray]:
             x = x / np.sqrt(shape[-1])
         else:
             x = 0.02 * x
-        out[p["name"]] = x.astype(dtype)
+        out[p["name"]] = as_float(x, p["dtype"])
+    for base, parts in quantized.items():
+        out.update(_synthetic_quantized(base, parts, seed))
     return out
+
+
+# -- quantized weights (the scheme of kiln.passes.quantize, `nk` layout) ----------------------
+
+_QUANT_PARTS = ("qweight", "scales", "zero_points")
+
+
+def _quant_part(p: dict) -> str | None:
+    d = p.get("derivation")
+    if isinstance(d, dict) and d.get("kind") == "derived" and d.get("fn") == "quantize":
+        part = d.get("attrs", {}).get("part")
+        return part if part in _QUANT_PARTS and p["name"].endswith("." + part) else None
+    return None
+
+
+def _synthetic_quantized(base: str, parts: dict[str, tuple[int, dict]], seed: int,
+                         ) -> dict[str, np.ndarray]:
+    if "qweight" not in parts or "scales" not in parts:
+        raise KilnError(f"parameter {base}: a quantized weight needs qweight and scales")
+    i, q = parts["qweight"]
+    attrs = q["derivation"]["attrs"]
+    bits, symmetric = int(attrs["bits"]), bool(attrs.get("symmetric", True))
+    n, cols = q["shape"]
+    kp = cols * 2 if bits == 4 else cols
+    groups = parts["scales"][1]["shape"][1]
+    w = np.random.default_rng([seed, i]).standard_normal((n, kp), dtype=np.float32)
+    codes, scales, zp = quantize_rtn(w / np.sqrt(kp), bits=bits, group=kp // groups,
+                                     symmetric=symmetric)
+    out = {q["name"]: codes, parts["scales"][1]["name"]: as_float(scales,
+                                                                  parts["scales"][1]["dtype"])}
+    if "zero_points" in parts:
+        out[parts["zero_points"][1]["name"]] = as_float(zp, parts["zero_points"][1]["dtype"])
+    elif zp is not None:
+        raise KilnError(f"parameter {base}: asymmetric scheme without zero points")
+    return out
+
+
+def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """w[N, Kp] (Kp a multiple of group) -> (qweight, scales float32[N, G], zero_points | None),
+    rounded to nearest, stored as kiln.passes.quantize stores them (`nk`): int8 codes, or int4
+    codes +8 (symmetric) / 0..15 (with zero points) packed two per byte, low nibble first.
+    Symmetric scales put each group's largest magnitude on the lowest code (-8 or -128), as the
+    compiler's quantizer does before its clip search (which this one leaves out)."""
+    n, kp = w.shape
+    wg = w.reshape(n, kp // group, group).astype(np.float32)
+    if symmetric:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        peak = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[..., None], axis=2)[..., 0]
+        s = (peak / np.float32(lo)).astype(np.float32)
+        s = np.where(s != 0, s, np.float32(1)).astype(np.float32)
+        c = np.clip(np.rint(wg / s[..., None]), lo, hi).reshape(n, kp)
+        zp = None
+        codes = c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)
+    else:
+        qmax = 255 if bits == 8 else 15
+        lo_v, hi_v = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)
+        s = ((hi_v - lo_v) / np.float32(qmax)).astype(np.float32)
+        s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+        zp = np.clip(np.rint(-lo_v / s), 0, qmax)
+        c = np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax).reshape(n, kp)
+        if bits == 8:  # stored signed: codes and zero points shifted by 128
+            codes, zp = (c - 128).astype(np.int8), (zp - 128).astype(np.float32)
+        else:
+            codes, zp = c.astype(np.uint8), zp.astype(np.float32)
+    if bits == 4:
+        codes = (codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)
+    return codes, s, zp
+
+
+def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
+               bits: int) -> np.ndarray:
+    """The float32 weight [N, Kp] an `nk` quantized triple stands for:
+    W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g]."""
+    if bits == 4:
+        q = np.empty((qweight.shape[0], qweight.shape[1] * 2), np.float32)
+        q[:, 0::2], q[:, 1::2] = qweight & 15, qweight >> 4
+    else:
+        q = qweight.astype(np.float32)
+    n, kp = q.shape
+    groups = scales.shape[1]
+    zp = (np.float32(8 if bits == 4 else 0) if zero_points is None
+          else to_float32(zero_points)[..., None])
+    sc = to_float32(scales)[..., None]
+    return ((q.reshape(n, groups, kp // groups) - zp) * sc).reshape(n, kp).astype(np.float32)
+
+
+# -- bfloat16 without numpy support for it ----------------------------------------------------
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> the uint16 bits of bfloat16, rounded to nearest even (NaN stays NaN)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+def _bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16 when installed (the TVM runtime uploads it), else uint16 (its bits)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return np.dtype(np.uint16)
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def as_float(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x in float dtype `dtype`; bfloat16 rounded from float32 (bfloat16_bits), typed as
+    _bfloat16 says."""
+    if dtype != "bfloat16":
+        return x.astype(dtype)
+    return bfloat16_bits(x).view(_bfloat16())
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """Any float array (bfloat16 as ml_dtypes or uint16 bits included) as float32."""
+    if x.dtype == np.uint16 or x.dtype.name == "bfloat16":
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32)

@@ -6,7 +6,8 @@
     python3 benchmarks/gpu/cuda_llm.py steptime .device NAME...   # decode step: API vs entry
     python3 benchmarks/gpu/cuda_llm.py profile .device NAME PROMPT STEPS   # ncu, per kernel
 
-`build` compiles each CONFIG:DTYPE (kiln.models.synthetic names) with --no-weights into
+`build` compiles each CONFIG:DTYPE[:QUANT[:ldsm|noldsm]] (kiln.models.synthetic names, a
+--quant preset, the attention kernel's operand loads) with --no-weights into
 .device/arts/NAME, writes its canonical graph as JSON beside it (the torch reference runs it),
 and packages one bundle (.device/bundle: TVM runtime, kiln runtime; the artifacts are passed
 with --artifact). On the GPU host, weights are synthesized from a seed by kiln's runtime
@@ -17,7 +18,10 @@ with --artifact). On the GPU host, weights are synthesized from a seed by kiln's
 torch forward of the same canonical graph on the GPU. kiln runs inside the bundle (runtime-only
 TVM; torch is kept out of that process), torch in a child process.
 `bench`: kiln prefill/decode tok/s (bundle bench), HF transformers eager `generate` on the same
-shapes (random weights, fp16), device copy bandwidth, printed as a table.
+shapes (random weights, fp16; once per model shape, `--no-hf` skips it), device copy bandwidth,
+printed as a table. Quantized artifacts: the runtime synthesizes their weights by rounding seeded
+float weights to nearest (kiln.runtime.params.quantize_rtn); the torch reference runs the float
+graph with those weights dequantized, so only the compute dtype's rounding differs.
 """
 
 from __future__ import annotations
@@ -57,15 +61,23 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
 
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        name, _, dtype = spec.partition(":")
+    from kiln.codegen.cuda.kernels import flash_attention
+
+    default_ldsm = flash_attention.LDSM
+    for spec in specs:  # CONFIG:DTYPE[:QUANT][:ldsm|noldsm]  (the flash kernel's operand loads)
+        name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         src = write_synthetic(name, out / "models" / name, weights=False)
-        dst = arts / f"{name}-{dtype}"
+        dst = arts / "-".join(x for x in (name, dtype, quant, variant) if x)
         t = time.perf_counter()
+        flash_attention.LDSM = {"ldsm": True, "noldsm": False}.get(variant, default_ldsm)
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
-                      dtype=dtype)
+                      dtype=dtype, quant=quant or None)
+        flash_attention.LDSM = default_ldsm
+        # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
         (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))
+        (dst / "spec.json").write_text(json.dumps({"model": name, "dtype": dtype,
+                                                   "quant": quant}))
         size = (dst / "kernels.so").stat().st_size
         print(f"{dst.name}: compiled in {time.perf_counter() - t:.1f} s, kernels.so "
               f"{size / 1e6:.2f} MB", flush=True)
@@ -128,12 +140,10 @@ def torch_reference(art: Path, bundle: Path) -> dict:
     graph = json.loads((art / "graph.json").read_text())
     table = manifest["params"]
     arrays = dict(read_safetensors(art / "constants.safetensors"))
-    arrays.update(synthetic_params([p for p in table if p["file"] == "params.safetensors"],
-                                   SEED))
+    arrays.update(dequantized(synthetic_params(
+        [p for p in table if p["file"] == "params.safetensors"], SEED), table))
     dev = torch.device("cuda")
-    p = {k: torch.from_numpy(np.asarray(v).astype(np.float64 if v.dtype.kind == "f"
-                                                  else v.dtype)).to(dev)
-         for k, v in arrays.items()}
+    p = {k: torch.from_numpy(to_float64(np.asarray(v))).to(dev) for k, v in arrays.items()}
 
     def forward(ids: np.ndarray) -> torch.Tensor:
         n = len(ids)
@@ -169,6 +179,34 @@ def torch_reference(art: Path, bundle: Path) -> dict:
     return out
 
 
+def to_float64(a: np.ndarray) -> np.ndarray:
+    from kiln.runtime.params import to_float32
+
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        return to_float32(a).astype(np.float64) if a.dtype.kind != "f" else a.astype(
+            np.float64)
+    return a
+
+
+def dequantized(arrays: dict, table: list[dict]) -> dict:
+    """The synthesized parameters with each quantized triple replaced by the float weight it
+    stands for (named as in the float graph): the reference then differs from the quantized
+    artifact by the compute dtype's rounding only."""
+    from kiln.runtime.params import dequantize
+
+    out = dict(arrays)
+    for p in table:
+        d = p.get("derivation")
+        if not (isinstance(d, dict) and d.get("fn") == "quantize" and
+                d["attrs"].get("part") == "qweight"):
+            continue
+        base = p["name"][: -len(".qweight")]
+        zp = out.pop(base + ".zero_points", None)
+        out[base] = dequantize(out.pop(p["name"]), out.pop(base + ".scales"), zp,
+                               bits=int(d["attrs"]["bits"]))
+    return out
+
+
 def run_node(node: dict, x: list):
     """One canonical kiln op in torch (batch 1, empty cache: the prompt is the whole context)."""
     import torch
@@ -177,6 +215,8 @@ def run_node(node: dict, x: list):
     op, a = node["op"], node["attrs"]
     if op == "embedding":
         return [x[0][x[1].long()]]
+    if op == "linear" and x[1].shape[1] > x[0].shape[-1]:  # dequantized, padded to groups
+        x = [x[0], x[1][:, :x[0].shape[-1]], *x[2:]]
     if op == "rms_norm":
         v = x[0]
         g = int(a.get("group_size") or v.shape[-1])
@@ -244,22 +284,47 @@ def compare(art: Path, got: dict, ref: dict, fp32: bool) -> list[str]:
     return lines
 
 
-def check(root: Path) -> None:
-    for art in sorted(p for p in (root / "arts").iterdir() if not p.name.startswith(".")):
-        ref_file = Path("/tmp") / f"ref-{art.name}.npz"
-        t = time.perf_counter()
-        subprocess.run([sys.executable, str(HERE), "torch-ref", str(root), art.name],
-                       check=True)
-        tref = time.perf_counter() - t
-        child = subprocess.run([sys.executable, str(HERE), "kiln-out", str(root), art.name],
+def spec_of(art: Path) -> dict:
+    f = art / "spec.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    name, _, dtype = art.name.rpartition("-")
+    return {"model": name, "dtype": dtype, "quant": ""}
+
+
+def check(root: Path, only: str = "", workers: int = 4) -> None:
+    """Every artifact against its torch reference; artifacts run `workers` at a time (each
+    pair of processes mostly synthesizes weights on one CPU core; the GPU has room for all)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arts = [p for p in sorted((root / "arts").iterdir()) if not p.name.startswith(".")
+            and not (only and re.search(only, p.name) is None)]
+    # the bundle's first launch unpacks its wheel: once, before launches run side by side
+    subprocess.run([sys.executable, str(root / "bundle" / "kiln_run.py"), "info"],
+                   capture_output=True, check=True)
+
+    def one(art: Path) -> str:
+        def run(mode):
+            t = time.perf_counter()
+            c = subprocess.run([sys.executable, str(HERE), mode, str(root), art.name],
                                capture_output=True, text=True)
-        if child.returncode:
-            print(f"== {art.name}: kiln FAILED\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}")
-            continue
+            return c, time.perf_counter() - t
+
+        with ThreadPoolExecutor(2) as pool:
+            ref_job, kiln_job = pool.submit(run, "torch-ref"), pool.submit(run, "kiln-out")
+            (rc, tref), (kc, tk) = ref_job.result(), kiln_job.result()
+        for what, c in (("torch reference", rc), ("kiln", kc)):
+            if c.returncode:
+                return (f"== {art.name}: {what} FAILED\n{c.stdout[-3000:]}\n"
+                        f"{c.stderr[-6000:]}")
         got = dict(np.load(Path("/tmp") / f"kiln-{art.name}.npz"))
-        ref = dict(np.load(ref_file))
-        print(f"== {art.name} (torch reference {tref:.1f} s; kiln {child.stdout.strip()})")
-        print("\n".join(compare(art, got, ref, art.name.endswith("float32"))), flush=True)
+        ref = dict(np.load(Path("/tmp") / f"ref-{art.name}.npz"))
+        return "\n".join([f"== {art.name} (torch reference {tref:.1f} s; kiln {tk:.1f} s)",
+                          *compare(art, got, ref, spec_of(art)["dtype"] == "float32")])
+
+    with ThreadPoolExecutor(workers) as pool:
+        for text in pool.map(one, arts):
+            print(text, flush=True)
 
 
 # -- bench -------------------------------------------------------------------------------------
@@ -318,12 +383,13 @@ def hf_numbers(config: dict, lens: list[int], decode: int) -> dict:
     return res
 
 
-def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str) -> None:
-    rows = []
+def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
+          with_hf: bool = True) -> None:
+    rows, peers = [], {}
     for art in sorted((root / "arts").iterdir()):
         if art.name.startswith(".") or (only and not re.search(only, art.name)):
             continue
-        cfg_file = root / "models" / art.name.rsplit("-", 1)[0] / "config.json"
+        cfg_file = root / "models" / spec_of(art)["model"] / "config.json"
         child = subprocess.run(
             [sys.executable, str(root / "bundle" / "kiln_run.py"), "bench", "--artifact",
              str(art), "--synthetic-weights", str(SEED), "--prompt-lens",
@@ -333,27 +399,33 @@ def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str) -> N
         if child.returncode:
             continue
         k = json.loads(Path(f"/tmp/bench-{art.name}.json").read_text())
-        h = subprocess.run([sys.executable, str(HERE), "hf", str(cfg_file),
-                            ",".join(map(str, lens)), str(decode)], capture_output=True,
-                           text=True)
-        if h.returncode:
-            print(f"HF failed: {h.stderr[-3000:]}")
-            continue
-        hf = json.loads(h.stdout.strip().splitlines()[-1])
-        print(f"HF eager: {hf}", flush=True)
-        rows.append((art.name, k, hf))
-    print("\nmodel dtype | phase tokens | kiln tok/s | HF eager tok/s | kiln/HF | roofline")
+        model = spec_of(art)["model"]
+        if model not in peers and not with_hf:
+            peers[model] = {"prefill": {}, "decode": float("nan"),
+                            "torch_copy_gb_s": float("nan")}
+        if model not in peers:  # HF eager once per model shape, right after its first artifact
+            h = subprocess.run([sys.executable, str(HERE), "hf", str(cfg_file),
+                                ",".join(map(str, lens)), str(decode)], capture_output=True,
+                               text=True)
+            if h.returncode:
+                print(f"HF failed: {h.stderr[-3000:]}")
+                continue
+            peers[model] = json.loads(h.stdout.strip().splitlines()[-1])
+            print(f"HF eager: {peers[model]}", flush=True)
+        rows.append((art.name, k, peers[model]))
+    print("\nmodel dtype | phase tokens | kiln tok/s | HF eager tok/s | kiln/HF | roofline "
+          "(weight bytes per token / copy bandwidth)")
     for name, k, hf in rows:
         roof = k["roofline_tok_s"]
         for r in k["rows"]:
             peer = hf["decode"] if r["phase"] == "decode" else hf["prefill"].get(
-                str(r["tokens"]), hf["prefill"].get(r["tokens"]))
+                str(r["tokens"]), hf["prefill"].get(r["tokens"], float("nan")))
             extra = f"{100 * r['tok_s'] / roof:.0f}% of {roof:.0f}" if r["phase"] == "decode" \
                 else ""
             print(f"{name} | {r['phase']} {r['tokens']} | {r['tok_s']:.1f} | "
                   f"{peer:.1f} | {r['tok_s'] / peer:.2f}x | {extra}")
         print(f"{name}: copy {k['copy_gb_s']:.0f} GB/s (TVM), torch {hf['torch_copy_gb_s']:.0f}"
-              f" GB/s; weights {k['weight_bytes'] / 1e6:.0f} MB")
+              f" GB/s; weights {k['weight_bytes'] / 1e6:.0f} MB read per decoded token")
 
 
 def profile_run(art: Path, prompt: int, steps: int) -> None:
@@ -439,13 +511,15 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--only", default="")
+    p.add_argument("--no-hf", action="store_true", help="bench: kiln only (no HF eager peer)")
     a = p.parse_args()
     if a.mode == "build":
         build(a.root, a.rest, a.max_seq)
     elif a.mode == "check":
-        check(a.root)
+        check(a.root, a.only)
     elif a.mode == "bench":
-        bench(a.root, [int(x) for x in a.lens.split(",")], a.decode, a.repeat, a.only)
+        bench(a.root, [int(x) for x in a.lens.split(",")], a.decode, a.repeat, a.only,
+              with_hf=not a.no_hf)
     elif a.mode == "torch-ref":
         art = a.root / "arts" / a.rest[0]
         np.savez(f"/tmp/ref-{art.name}.npz", **torch_reference(art, a.root / "bundle"))

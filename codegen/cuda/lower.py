@@ -1,5 +1,10 @@
 """The CUDA lowering table: canonical kiln IR op -> Relax (TE ops that the CUDA pipeline fuses
-and dlight schedules; hand-scheduled TIR for attention and the KV cache).
+and dlight schedules; hand-scheduled TIR for attention, the KV cache, the decode GEMVs, the
+quantized decode GEMV and the prefill's row kernels).
+
+Prefill GEMMs are TE NT-matmuls scheduled by dlight (tensor cores for fp16), with bias, cast and
+the residual Add as their fused epilogue and, for `quant_linear`, the dequantize as their fused
+prologue; decode linears are GEMVs with the rms_norm in front / residual behind fused.
 
 Same contract as kiln.codegen.lower (a lowering returns one Relax expression per node output),
 its own table: CUDA_LOWERINGS. Compute dtype is the parameters' (cast at build time); matmuls
@@ -15,14 +20,32 @@ from tvm import relax, tirx
 from tvm.relax import op as R
 
 from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import flash_attention as flash
 from kiln.codegen.cuda.kernels import gemv as gemv_k
-from kiln.codegen.cuda.kernels import te_ops
+from kiln.codegen.cuda.kernels import quant_gemv as qgemv
+from kiln.codegen.cuda.kernels import rowwise, te_ops
 from kiln.codegen.lower import LowerContext, _numel, _static, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
 
 Lowering = Callable[["CudaLowerContext", Node], Sequence[relax.Expr | None]]
 CUDA_LOWERINGS: dict[str, Lowering] = {}
+#: ops whose decode GEMV can take a fused rms_norm in front and a residual Add behind
+LINEARS = ("linear", "quant_linear")
+
+
+def _gemv_ok(node: Node) -> bool:
+    """Whether the decode GEMV of this linear exists (quantized: a supported scheme)."""
+    if node.op != "quant_linear":
+        return True
+    a = node.attrs
+    return a.get("layout") == "nk" and qgemv.supported(int(a["bits"]), int(a["group_size"]),
+                                                        int(a["in_features"]))
+
+
+def _bias_of(node: Node) -> str:
+    slot = 4 if node.op == "quant_linear" else 2
+    return node.inputs[slot] if len(node.inputs) > slot else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +75,7 @@ class CudaLowerContext(LowerContext):
         # linear -> the residual Add that alone consumes it (fused into the decode GEMV)
         self.residual_adds = {
             n.name: users[n.outputs[0]][0] for n in self.graph.nodes
-            if n.op == "linear" and n.outputs[0] not in self.graph.outputs
+            if n.op in LINEARS and n.outputs[0] not in self.graph.outputs
             and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op == "Add"}
         # rms_norm outputs read by one bias-free linear alone: in decode, the norm is fused
         # into that linear's GEMV (deferred: output name -> (x, gamma, eps))
@@ -60,14 +83,14 @@ class CudaLowerContext(LowerContext):
             n.outputs[0] for n in self.graph.nodes
             if n.op == "rms_norm" and not n.attrs.get("group_size")
             and n.outputs[0] not in self.graph.outputs
-            and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op == "linear"
+            and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op in LINEARS
             and users[n.outputs[0]][0].inputs[0] == n.outputs[0]
-            and not (len(users[n.outputs[0]][0].inputs) > 2 and users[n.outputs[0]][0].inputs[2])}
+            and not _bias_of(users[n.outputs[0]][0]) and _gemv_ok(users[n.outputs[0]][0])}
         self.deferred: dict[str, tuple] = {}
         # linear -> (Split, silu_mul) it alone feeds as gate/up: SwiGLU fused into the GEMV
         self.swiglu: dict[str, tuple[Node, Node]] = {}
         for n in self.graph.nodes:
-            out = users.get(n.outputs[0], []) if n.op == "linear" else []
+            out = users.get(n.outputs[0], []) if n.op in LINEARS else []
             if len(out) != 1 or out[0].op != "Split" or len(out[0].outputs) != 2:
                 continue
             sp = out[0]
@@ -158,12 +181,8 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         return [_gemv(ctx, node, x, w, n, k)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
     y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
-    if b is not None:
-        y = ctx.bb.emit(R.add(y, R.astype(b, acc) if dtype_of(b) != acc else b))
     out_dtype = acc if node.outputs[0] in ctx.graph.outputs else dtype  # logits stay fp32
-    if out_dtype != acc:
-        y = ctx.bb.emit(R.astype(y, out_dtype))
-    return [reshape(ctx, y, [*xs[:-1], n])]
+    return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
 
 
 def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: int,
@@ -173,13 +192,7 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
     xs, dtype = shape_of(x), dtype_of(x)
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
-    add = ctx.residual_adds.get(node.name)
-    other = None
-    if add is not None:
-        name = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
-        other = ctx.values.get(name)
-        if other is None or dtype_of(other) != out_dtype or len(shape_of(other)) != 3:
-            other = None
+    add, other = _residual(ctx, node, out_dtype)
     args = [reshape(ctx, x, [m, k]), w]
     if other is not None:
         args.append(reshape(ctx, other, [m, n]))
@@ -192,6 +205,24 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
         ctx.values[add.outputs[0]] = y
         ctx.done.add(add.name)
     return y
+
+
+def _residual(ctx: CudaLowerContext, node: Node, out_dtype: str):
+    """(the Add consuming node's output alone, its other operand) when it can be fused into
+    the GEMV's epilogue (the operand is ready and of the output's dtype), else (None, None)."""
+    add = ctx.residual_adds.get(node.name)
+    if add is None:
+        return None, None
+    name = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
+    other = ctx.values.get(name)
+    if other is None or dtype_of(other) != out_dtype or len(shape_of(other)) != 3:
+        return None, None
+    last = shape_of(other)[-1]
+    out_features = node.attrs.get("out_features") or _static(
+        shape_of(ctx.values[node.inputs[1]])[0], "out features", node)
+    if not isinstance(last, tirx.IntImm) or last.value != int(out_features):
+        return None, None  # a broadcast operand: the Add stays a kernel of its own
+    return add, other
 
 
 def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Expr,
@@ -238,7 +269,14 @@ def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
     if node.attrs.get("group_size"):  # per-head norm
         group = int(node.attrs["group_size"])
         groups, e = e // group, group
-    y = _te(ctx, te_ops.rms_norm, reshape(ctx, x, [_numel(xs[:-1]) * groups, e]), w, eps)
+    m = _numel(xs[:-1]) * groups
+    if groups == 1 and dtype_of(w) == dtype_of(x) and rowwise.rms_norm_supported(e, dtype_of(x)):
+        gv = ctx.kernel(("cuda_rms_norm", e, dtype_of(x), eps),
+                        lambda: rowwise.rms_norm_kernel(e, dtype_of(x), eps))
+        y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, e]), w],
+                                   relax.TensorType([m, e], dtype_of(x))))
+    else:
+        y = _te(ctx, te_ops.rms_norm, reshape(ctx, x, [m, e]), w, eps)
     return [reshape(ctx, y, xs)]
 
 
@@ -358,9 +396,111 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     if isinstance(seq, tirx.IntImm) and seq.value == 1:
         gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype),
                         lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype))
+    elif flash.supported(d, dtype):  # tensor cores
+        ldsm = flash.LDSM
+        gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype) + (("ldsm",) if ldsm
+                                                                            else ()),
+                        lambda: flash.flash_prefill_kernel(h, kvh, d, scale, dtype, ldsm=ldsm))
     else:
         gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype),
                         lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype))
     out = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], relax.TensorType(shape_of(q), dtype)))
     ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
     return [out, kc2, vc2]
+
+
+@lowering("quant_linear")
+def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    """Weight-only quantized linear (`nk` layout). Decode (one token per row, no bias): the
+    quantized GEMV, dequantizing in registers, with the rms_norm in front or the residual Add
+    behind fused as for fp16 weights. Otherwise: a dequantize kernel into a scratch weight in
+    the compute dtype, then the tensor-core GEMM (Relax FuseOps does not fuse an injective
+    prologue into dlight's matmul, and the inlined form loses the tensor cores)."""
+    a = node.attrs
+    if a.get("layout") != "nk":
+        raise KilnError(f"node {node.name} (quant_linear): layout {a.get('layout')!r} is for "
+                        "the CPU kernels; CUDA reads the `nk` layout")
+    bits, group = int(a["bits"]), int(a["group_size"])
+    n, k = int(a["out_features"]), int(a["in_features"])
+    qw, sc, zp, b = (ctx.input(node, i) for i in (1, 2, 3, 4))
+    deferred = ctx.deferred.get(node.inputs[0])
+    x = deferred[0] if deferred else ctx.input(node, 0)
+    xs, dtype = shape_of(x), dtype_of(x)
+    out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
+    decode = b is None and _decode_shaped(x) and qgemv.supported(bits, group, k)
+    if deferred and not decode:
+        raise KilnError(f"node {node.name} (quant_linear): a fused norm needs the decode GEMV")
+    if decode:
+        m = _numel(xs[:-1])
+        add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
+        eps = deferred[2] if deferred else None
+        gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
+                         other is not None, eps),
+                        lambda: qgemv.quant_gemv_kernel(
+                            n, k, bits, group, dtype, out_dtype, zero_points=zp is not None,
+                            residual=other is not None, norm_eps=eps))
+        args = [reshape(ctx, x, [m, k])] + ([deferred[1]] if deferred else []) + [qw, sc]
+        args += [zp] if zp is not None else []
+        args += [reshape(ctx, other, [m, n])] if other is not None else []
+        y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
+        _swiglu(ctx, node, y2, xs, n)
+        y = reshape(ctx, y2, [*xs[:-1], n])
+        if other is not None:
+            ctx.values[add.outputs[0]] = y
+            ctx.done.add(add.name)
+        return [y]
+    acc = "float32" if dtype in ("float16", "bfloat16") else dtype
+    y = _te(ctx, te_ops.quant_nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), qw, sc, zp,
+            bits=bits, group=group, k=k, out_dtype=acc)
+    return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
+
+
+def _gemm_epilogue(ctx: CudaLowerContext, node: Node, y: relax.Expr, b: relax.Expr | None,
+                   xs, n: int, acc: str, out_dtype: str) -> relax.Expr:
+    """Bias, the cast to the output dtype and the residual Add consuming the output, on the
+    2-D GEMM result (before any reshape, which would keep FuseOps from fusing them into the
+    GEMM's epilogue)."""
+    if b is not None:
+        y = ctx.bb.emit(R.add(y, R.astype(b, acc) if dtype_of(b) != acc else b))
+    if out_dtype != acc:
+        y = ctx.bb.emit(R.astype(y, out_dtype))
+    add, other = _residual(ctx, node, out_dtype)
+    if other is not None:
+        y = ctx.bb.emit(R.add(y, reshape(ctx, other, [_numel(xs[:-1]), n])))
+    _swiglu(ctx, node, y, xs, n)
+    y = reshape(ctx, y, [*xs[:-1], n])
+    if other is not None:
+        ctx.values[add.outputs[0]] = y
+        ctx.done.add(add.name)
+    return y
+
+
+def _swiglu(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int) -> None:
+    """When y[m, n] (2-D) is a gate/up projection read only by Split -> silu_mul: the split and
+    SwiGLU as one vectorized kernel; the silu_mul's output bound, both nodes done."""
+    from kiln.codegen.lower import _split_sizes
+
+    if node.name not in ctx.swiglu or n % 2:
+        return
+    sp, u = ctx.swiglu[node.name]
+    f, dtype = n // 2, dtype_of(y)
+    if _split_sizes(ctx, sp, n) != [f, f] or not rowwise.swiglu_supported(f, dtype):
+        return
+    m = _numel(xs[:-1])
+    gv = ctx.kernel(("cuda_swiglu", f, dtype), lambda: rowwise.swiglu_kernel(f, dtype))
+    out = ctx.bb.emit(R.call_tir(gv, [y], relax.TensorType([m, f], dtype)))
+    ctx.values[u.outputs[0]] = reshape(ctx, out, [*xs[:-1], f])
+    ctx.done.update((sp.name, u.name))
+
+
+@lowering("quant_embedding")
+def _quant_embedding(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
+    a = node.attrs
+    if a.get("layout") != "nk":
+        raise KilnError(f"node {node.name} (quant_embedding): layout {a.get('layout')!r} is "
+                        "for the CPU kernels; CUDA reads the `nk` layout")
+    qw, sc, zp, ids = (ctx.input(node, i) for i in range(4))
+    ids_shape, k = shape_of(ids), int(a["in_features"])
+    rows = _te(ctx, te_ops.quant_rows, qw, sc, zp, reshape(ctx, ids, [_numel(ids_shape)]),
+               bits=int(a["bits"]), group=int(a["group_size"]), k=k, dtype=dtype_of(sc))
+    return [reshape(ctx, rows, [*ids_shape, k])]

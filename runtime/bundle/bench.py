@@ -108,8 +108,12 @@ def device_copy_gb_s(tvm, dev, mbytes: int = 1024, copies: int = 20) -> float:
 
 
 def _weight_bytes(session: Session) -> int:
-    return sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+    return sum(int(np.prod(p["shape"])) * _itemsize(p["dtype"])
                for p in session.artifact.manifest["params"] if p.get("role") != "table")
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize  # numpy has no bfloat16
 
 
 def format_report(report: Report) -> str:

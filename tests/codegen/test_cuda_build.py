@@ -94,10 +94,9 @@ def test_unknown_dtype_and_cpu_half_are_refused(tiny_model, tmp_path):
                       dtype="float16")
 
 
-@pytest.mark.parametrize("preset", ["w4g32", "kv8"])
-def test_quantized_presets_are_refused_on_cuda(tiny_model, tmp_path, preset):
+def test_int8_kv_cache_is_refused_on_cuda(tiny_model, tmp_path):
     from kiln.compiler.compile import compile_model
 
-    with pytest.raises(KilnError, match=f"--quant {preset}: quantized kernels exist for the CPU"):
-        compile_model(tiny_model, tmp_path / "q", target="cuda", weights=False, quant=preset)
+    with pytest.raises(KilnError, match="--quant kv8: the int8 KV cache"):
+        compile_model(tiny_model, tmp_path / "q", target="cuda", weights=False, quant="kv8")
     assert not (tmp_path / "q").exists()

@@ -73,3 +73,49 @@ def last_position(x: te.Tensor) -> te.Tensor:
     """x[b, s, e] -> x[b, s-1 : s, e]."""
     b, s, e = x.shape
     return te.compute((b, 1, e), lambda i, _, j: x[i, s - 1, j], name="last_position")
+
+
+def dequantize_nk(q: te.Tensor, scales: te.Tensor, zero_points: te.Tensor | None, *, bits: int,
+                  group: int, k: int, dtype: str) -> te.Tensor:
+    """W[n, k] in `dtype` from a quantized `nk` weight (kiln.passes.quantize): int8 codes, or
+    uint8 pairs of nibbles (k = 2j low, 2j + 1 high; stored +8 without zero points)."""
+    n = q.shape[0]
+
+    def f(i, j):
+        return _dequant(q, scales, zero_points, bits, group, i, j, dtype)
+
+    return te.compute((n, k), f, name="dequantize")
+
+
+def quant_rows(q: te.Tensor, scales: te.Tensor, zero_points: te.Tensor | None,
+               ids: te.Tensor, *, bits: int, group: int, k: int, dtype: str) -> te.Tensor:
+    """Rows ids[m] of the dequantized table (a quantized, tied embedding): [m, k]."""
+    rows = q.shape[0]
+
+    def f(i, j):
+        r = tirx.max(tirx.min(ids[i].astype("int64"), rows - 1), 0)
+        return _dequant(q, scales, zero_points, bits, group, r, j, dtype)
+
+    return te.compute((ids.shape[0], k), f, name="quant_embedding")
+
+
+def _dequant(q, scales, zero_points, bits, group, i, j, dtype):
+    if bits == 4:
+        byte = q[i, j // 2].astype("int32")
+        code = tirx.bitwise_and(tirx.shift_right(byte, (j % 2 * 4).astype("int32")), 15)
+        zp = tirx.const(8.0, F32) if zero_points is None else zero_points[i, j // group].astype(F32)
+    else:
+        code = q[i, j].astype("int32")
+        zp = tirx.const(0.0, F32) if zero_points is None else zero_points[i, j // group].astype(F32)
+    return ((code.astype(F32) - zp) * scales[i, j // group].astype(F32)).astype(dtype)
+
+
+def quant_nt_matmul(x: te.Tensor, q: te.Tensor, scales: te.Tensor,
+                    zero_points: te.Tensor | None, *, bits: int, group: int, k: int,
+                    out_dtype: str) -> te.Tensor:
+    """nt_matmul(x, dequantize_nk(...)) as one function: dlight's tensor-core Matmul rule
+    inlines the dequantize into its shared-memory fetch of the weight tile (the weight is
+    dequantized on the fly, never written out). Emitted as two separate functions, FuseOps
+    leaves the dequantize a kernel of its own (a scratch weight per call)."""
+    w = dequantize_nk(q, scales, zero_points, bits=bits, group=group, k=k, dtype=x.dtype)
+    return nt_matmul(x, w, out_dtype)

@@ -1,0 +1,222 @@
+"""Decode GEMV over weight-only quantized weights (`nk` layout, see kiln.passes.quantize), CUDA,
+hand-scheduled TIR: y[m, n] = x[m, :] . W[n, :] (+ residual[m, n]), optionally with the RMS
+norm of x fused in front, as kiln.codegen.cuda.kernels.gemv does for fp16 weights.
+
+    W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g]
+    qweight int8[N, Kp] (bits 8) | uint8[N, Kp / 2] (bits 4: k = 2j low nibble, 2j + 1 high)
+    scales, zero_points [N, Kp / g] in the compute dtype; no zero points: zp = 0 (int8) or 8
+    (int4 codes are stored +8)
+
+One warp per 1, 2 or 4 output rows (more where the matrix has rows enough to fill the GPU:
+x is then loaded and converted once for all of them); each lane loads 16 bytes of each row per
+step (16 int8 or 32 int4 weights, one group's worth at most: g is a multiple of that), several
+such loads issued before the first use. Codes become float32 without conversion instructions:
+a code c OR-ed into the mantissa of 2^23 is the float 2^23 + c, and one subtraction (of
+2^23 + the code offset) leaves c - offset exactly. A lane's dot product with x is taken per
+16-byte chunk (one group), scaled once per chunk; with zero points, zp * sum(x) is subtracted
+per chunk. float32 accumulation, warp-shuffle row sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+WARPS = 4  # rows per block
+MAGIC = 0x4B000000  # the bits of 2^23 as float32
+
+
+def chunk_elems(bits: int) -> int:
+    """Weights per 16-byte load of one lane."""
+    return 16 if bits == 8 else 32
+
+
+def supported(bits: int, group: int, k: int) -> bool:
+    e = chunk_elems(bits)
+    return bits in (4, 8) and group % e == 0 and k % e == 0
+
+
+@functools.cache
+def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dtype: str, *,
+                      zero_points: bool = False, residual: bool = False,
+                      norm_eps: float | None = None) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], (gamma[k],) qweight, scales, (zero_points,) (res[m, n],) y[m, n])."""
+    if not supported(bits, group, k):
+        raise ValueError(f"quant_gemv: bits {bits}, group {group}, k {k} not supported")
+    if residual and norm_eps is not None:
+        raise ValueError("quant_gemv: a fused norm and a fused residual together are not needed")
+    e, f32, u32 = chunk_elems(bits), "float32", "uint32"
+    kp = -(-k // group) * group
+    ng = kp // group
+    qcols = kp // 2 if bits == 4 else kp
+    qdtype = "uint8" if bits == 4 else "int8"
+    nchunk = k // e  # chunks holding real weights (the padding beyond k is never read)
+    steps = -(-nchunk // 32)
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    flip = 0x80 if bits == 8 else 0  # int8 codes made unsigned (+128) before the OR
+    # the float 2^23 + stored code, minus this, is the code minus its offset
+    offset = float(2 ** 23 + (128 if bits == 8 else 0) + (8 if bits == 4 and not zero_points
+                                                           else 0))
+    norm = norm_eps is not None
+    xv_n = 16 // {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]  # x elements per 16 bytes
+
+    # rows per warp: x is loaded and converted once for all of them, and a warp keeps
+    # R x 16 bytes per step in flight; only where there are rows enough to fill the GPU
+    rows = next(r for r in (4, 2, 1) if (n % r == 0 and n // r >= 512 * r) or r == 1)
+    # steps whose weights are loaded together: 256 (int8) or 128 (int4) bytes per lane, a
+    # compromise between loads in flight and registers (occupancy)
+    sg = max(1, min(steps, (16 if bits == 8 else 8) // (rows * 2)))
+    groups = -(-steps // sg)
+    racc = rows + 3  # accumulators: rows, then chunk sum of x, sum of x^2, chunk dot
+
+    def code(w, slot, idx):
+        word = w[slot * 4 + idx // per_word]
+        bitsv = T.bitwise_and(T.shift_right(word, T.uint32(bits * (idx % per_word))),
+                              T.uint32(mask))
+        if flip:
+            bitsv = T.bitwise_xor(bitsv, T.uint32(flip))
+        return T.reinterpret(f32, T.bitwise_or(bitsv, T.uint32(MAGIC))) - T.float32(offset)
+
+    @T.macro
+    def rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, mi, row0, tx):
+        for r in T.unroll(racc):
+            acc[r] = T.float32(0)
+        for gi in range(groups):
+            for s_ in T.unroll(sg):
+                if (gi * sg + s_) * 32 + tx < nchunk:
+                    for r in T.unroll(rows):
+                        w[T.ramp((r * sg + s_) * 4, 1, 4)] = T.reinterpret("uint32x4", qw[
+                            row0 + r, T.ramp(((gi * sg + s_) * 32 + tx) * 16, 1, 16)])
+            for s_ in T.unroll(sg):
+                if (gi * sg + s_) * 32 + tx < nchunk:
+                    acc[rows] = T.float32(0)
+                    for v in T.unroll(e // xv_n):
+                        for lane in T.vectorized(xv_n):
+                            xv[lane] = x[mi, ((gi * sg + s_) * 32 + tx) * e + v * xv_n + lane]
+                        if norm:
+                            for lane in T.vectorized(xv_n):
+                                gv[lane] = gamma[((gi * sg + s_) * 32 + tx) * e + v * xv_n
+                                                 + lane]
+                        for j in T.unroll(xv_n):
+                            if norm:
+                                acc[rows + 1] += T.Cast(f32, xv[j]) * T.Cast(f32, xv[j])
+                                xf[v * xv_n + j] = T.Cast(f32, xv[j]) * T.Cast(f32, gv[j])
+                            else:
+                                xf[v * xv_n + j] = T.Cast(f32, xv[j])
+                            if zero_points:
+                                acc[rows] += xf[v * xv_n + j]
+                    for r in T.unroll(rows):
+                        acc[rows + 2] = T.float32(0)
+                        for j in T.unroll(e):
+                            acc[rows + 2] += xf[j] * code(w, r * sg + s_, j)
+                        if zero_points:
+                            acc[r] += T.Cast(f32, sc[row0 + r, ((gi * sg + s_) * 32 + tx) * e
+                                                     // group]) * (acc[rows + 2] - T.Cast(
+                                f32, zp[row0 + r, ((gi * sg + s_) * 32 + tx) * e // group])
+                                * acc[rows])
+                        else:
+                            acc[r] += T.Cast(f32, sc[row0 + r, ((gi * sg + s_) * 32 + tx) * e
+                                                     // group]) * acc[rows + 2]
+        for off in T.unroll(5):
+            for r in T.unroll(rows + 2):
+                acc[r] = acc[r] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[r],
+                                                          16 >> off, 32, 32)
+        if norm:
+            for r in T.unroll(rows):
+                acc[r] = acc[r] * T.rsqrt(acc[rows + 1] / T.float32(k) + T.float32(norm_eps))
+
+    warps_needed = n // rows
+
+    @T.macro
+    def body(x, gamma, qw, sc, zp, res, y, m):
+        for bx in T.thread_binding((warps_needed + WARPS - 1) // WARPS, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((racc,), f32, scope="local")
+                    w = T.decl_buffer((rows * sg * 4,), u32, scope="local")
+                    xv = T.decl_buffer((xv_n,), dtype, scope="local")
+                    gv = T.decl_buffer((xv_n,), dtype, scope="local")
+                    xf = T.decl_buffer((e,), f32, scope="local")
+                    for mi in range(m):
+                        if bx * WARPS + ty < warps_needed:
+                            rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, mi,
+                                     (bx * WARPS + ty) * rows, tx)
+                            if tx == 0:
+                                for r in T.unroll(rows):
+                                    if residual:
+                                        y[mi, (bx * WARPS + ty) * rows + r] = T.Cast(
+                                            out_dtype, acc[r] + T.Cast(
+                                                f32, res[mi, (bx * WARPS + ty) * rows + r]))
+                                    else:
+                                        y[mi, (bx * WARPS + ty) * rows + r] = T.Cast(
+                                            out_dtype, acc[r])
+
+    return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm)
+
+
+def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm):
+    """The PrimFunc of the variant (TVMScript needs one signature per argument list)."""
+    Q, S, Z = T.Buffer((n, qcols), qdtype), T.Buffer((n, ng), dtype), T.Buffer((n, ng), dtype)
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True}
+    if norm and zero_points:
+        @T.prim_func(private=True)
+        def qgemv_norm_zp(x_h: T.handle, gamma: T.Buffer((k,), dtype), qw: Q, sc: S, zp: Z,
+                          y_h: T.handle):
+            T.func_attr(attrs)
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, gamma, qw, sc, zp, None, y, m)
+        return qgemv_norm_zp
+    if norm:
+        @T.prim_func(private=True)
+        def qgemv_norm(x_h: T.handle, gamma: T.Buffer((k,), dtype), qw: Q, sc: S,
+                       y_h: T.handle):
+            T.func_attr(attrs)
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, gamma, qw, sc, None, None, y, m)
+        return qgemv_norm
+    if zero_points and residual:
+        @T.prim_func(private=True)
+        def qgemv_zp_residual(x_h: T.handle, qw: Q, sc: S, zp: Z, r_h: T.handle,
+                              y_h: T.handle):
+            T.func_attr(attrs)
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            r = T.match_buffer(r_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, None, qw, sc, zp, r, y, m)
+        return qgemv_zp_residual
+    if zero_points:
+        @T.prim_func(private=True)
+        def qgemv_zp(x_h: T.handle, qw: Q, sc: S, zp: Z, y_h: T.handle):
+            T.func_attr(attrs)
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, None, qw, sc, zp, None, y, m)
+        return qgemv_zp
+    if residual:
+        @T.prim_func(private=True)
+        def qgemv_residual(x_h: T.handle, qw: Q, sc: S, r_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            r = T.match_buffer(r_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, None, qw, sc, None, r, y, m)
+        return qgemv_residual
+
+    @T.prim_func(private=True)
+    def qgemv(x_h: T.handle, qw: Q, sc: S, y_h: T.handle):
+        T.func_attr(attrs)
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), out_dtype)
+        body(x, None, qw, sc, None, None, y, m)
+    return qgemv

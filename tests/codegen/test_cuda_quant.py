@@ -1,0 +1,117 @@
+"""Weight-only quantized presets on the CUDA target, on a machine without a GPU: the artifact
+carries sm_90 machine code (no CUDA source), keeps the weights quantized (`nk` layout, scales in
+the compute dtype), decodes through the quantized GEMV kernels and prefills through the
+tensor-core attention; the kernels' generated CUDA has the instructions meant."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+tvm = pytest.importorskip("tvm")
+pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
+    not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from kiln.models.synthetic import write_synthetic
+
+    return write_synthetic("llama-tiny", tmp_path_factory.mktemp("tiny"), weights=False)
+
+
+@pytest.fixture(scope="module", params=["w4g32", "w8", "w4g64s-pure"])
+def quant_artifact(request, tiny_model, tmp_path_factory):
+    from kiln.compiler.compile import compile_model
+
+    out = tmp_path_factory.mktemp("cudaq") / f"art-{request.param}"
+    return request.param, compile_model(tiny_model, out, target="cuda:sm_90", max_seq=64,
+                                        weights=False, dtype="float16", quant=request.param)
+
+
+def test_quantized_kernels_are_sm90_machine_code(quant_artifact):
+    from kiln.codegen import cuda_toolchain as ct
+
+    _, art = quant_artifact
+    lib = art / "kernels.so"
+    ct.require_fatbin(lib, "sm_90")
+    data = lib.read_bytes()
+    assert ct.CUDA_SOURCE_MARK not in data
+    assert b"cuda_qgemv_" in data  # the decode GEMV
+    # the prefill GEMM with the dequantize fused in (no separate dequantize kernel)
+    assert b"fused_quant_nt_matmul" in data and b"dequantize" not in data
+    assert b"cuda_flash_prefill_" in data
+
+
+def test_manifest_keeps_weights_quantized_in_nk_layout(quant_artifact):
+    preset, art = quant_artifact
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["quant"]["preset"] == preset
+    params = {p["name"]: p for p in m["params"]}
+    q = [p for p in m["params"] if p["role"].endswith(".qweight")]
+    assert q and not [p for p in m["params"] if p["role"] == "linear.weight"]
+    kinds = set()
+    for p in q:  # [N, Kp / 2] packed nibbles or [N, Kp] int8; G groups of g (or one per row)
+        a = p["derivation"]["attrs"]
+        base = p["name"][: -len(".qweight")]
+        bits, g = a["bits"], a["group"]
+        assert p["dtype"] == ("uint8" if bits == 4 else "int8")
+        kp = p["shape"][1] * (2 if bits == 4 else 1)
+        sc = params[base + ".scales"]
+        assert sc["dtype"] == "float16" and sc["shape"] == [p["shape"][0], kp // g if g else 1]
+        assert (base + ".zero_points" in params) == (not a["symmetric"])
+        kinds.add((bits, g, a["symmetric"]))
+    want = {"w8": {(8, 0, True)}, "w4g64s-pure": {(4, 64, True)},
+            # the default int4 preset: zero points, and int8 rows for the LM head and q/k/v
+            "w4g32": {(4, 32, False), (8, 0, True)}}[preset]
+    assert kinds == want
+
+
+@pytest.mark.parametrize("bits,group,zp,res,eps", [
+    (4, 32, False, True, None), (4, 64, True, False, 1e-5), (8, 128, False, False, 1e-5),
+    (8, 256, True, True, None)])
+def test_quant_gemv_variants_load_16_bytes_and_skip_conversions(bits, group, zp, res, eps):
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels.quant_gemv import quant_gemv_kernel
+
+    f = quant_gemv_kernel(96, 256, bits, group, "float16", "float16", zero_points=zp,
+                          residual=res, norm_eps=eps).with_attr("global_symbol", "qgemv")
+    src = _cuda_source(ct, f)
+    assert re.search(r"\bu?int4 v_ = \*\(u?int4\*\)\(qw_ptr", src)  # 16-byte weight loads
+    assert "1258291200" in src  # codes turned into floats through the 2^23 mantissa trick
+
+
+def test_flash_prefill_uses_tensor_core_mma():
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels.flash_attention import flash_prefill_kernel, supported
+
+    assert supported(64, "float16") and supported(64, "bfloat16")
+    assert not supported(64, "float32") and not supported(24, "float16")
+    f = flash_prefill_kernel(8, 2, 64, 0.125, "bfloat16").with_attr("global_symbol", "fa")
+    src = _cuda_source(ct, f)
+    # per 64-key tile and warp: 8 n-tiles x 4 k-steps for S = QK^T, 8 x 4 for O += PV
+    assert src.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 64
+    assert "__shfl_xor_sync" in src
+    f = flash_prefill_kernel(8, 2, 64, 0.125, "float16", ldsm=True)
+    src = _cuda_source(ct, f.with_attr("global_symbol", "fa"))
+    assert src.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 64
+    assert src.count("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") == 16  # V: 4 x 4
+    assert src.count("ldmatrix.sync.aligned.m8n8.x4.shared.b16") == 16  # K
+
+
+def _cuda_source(ct, func) -> str:
+    ct.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    with target, ct.cuda_compile_env(target):
+        ex = tvm.compile(tvm.IRModule({"main": func}), target)
+    mods = [ex.mod]
+    while mods:
+        m = mods.pop()
+        mods.extend(m.imports)
+        src = m.inspect_source()
+        if "__global__" in src:
+            return src
+    raise AssertionError("no CUDA module")
