@@ -23,9 +23,11 @@ Layouts (G = Kp / g groups; B = 16 lanes, Np = N rounded up to B, padding rows a
 `blocked` mirrors pack_linear_weights (see kiln.codegen.kernels.quant_linear).
 
 The pass quantizes every `linear` whose weight is a 2-D float32 parameter read by nothing but
-linears and (tied) embeddings, the LM head included, unless a `keep` pattern matches it; a
-tied embedding becomes `quant_embedding` over the same quantized table, so the fp32 table is
-no longer shipped. With `block`, quantized weights (its own and imported ones in `nk`) are laid
+linears and (tied) embeddings, the LM head included, unless a `keep` pattern matches it; the
+preset's `int8` roles (the LM head, the q/k/v projections) get int8 per output channel instead
+of its own scheme. A tied embedding becomes `quant_embedding` over the same quantized table, so
+the fp32 table is no longer shipped. With calibration windows and the weights at hand, weights
+are solved by GPTQ (kiln.passes.gptq), otherwise rounded to nearest. With `block`, quantized weights (its own and imported ones in `nk`) are laid
 out `blocked` for the CPU kernels. Quantized parameters are Derived from the originals by the
 transforms registered here, so `kiln convert` regenerates them from the weights.
 Requires: linear recognized (canonical graph). Preserves: every value name and type.
