@@ -23,12 +23,11 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
 import numpy as np
 
-from kiln.compiler.interpreter import _last_uses, bind_symbols, concretize, run_node
-from kiln.compiler.ir import PARAM_TRANSFORMS, Graph
+from kiln.compiler.interpreter import run
+from kiln.compiler.ir import PARAM_TRANSFORMS, Graph, Node
 
 BLOCK = 128  # columns per lazy batch update
 DAMP = 0.01  # added to H's diagonal, relative to its mean
@@ -45,29 +44,19 @@ def calibrate(graph: Graph, weights: Iterable[str], windows: list[np.ndarray],
     Returns weight name -> H. The LM head (a linear producing a graph output) is not run: only
     its input matters."""
     wanted = set(weights)
-    env: dict[str, np.ndarray] = dict(_feeds(graph, np.concatenate(windows, axis=0)))
-    bindings = bind_symbols(graph, env)
-    last_use = _last_uses(graph, [])
-    done: dict[str, np.ndarray] = {}
+    quantized: dict[str, np.ndarray] = {}  # read by the interpreter as parameters
     out: dict[str, np.ndarray] = {}
-    for i, node in enumerate(graph.nodes):
+
+    def before(node: Node, values) -> None:
         w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else ""
-        if w in wanted and w not in done:
-            x = np.asarray(env[node.inputs[0]], np.float64)
+        if w in wanted and w not in quantized:
+            x = np.asarray(values[node.inputs[0]], np.float64)
             x = x.reshape(-1, x.shape[-1])
             out[w] = x.T @ x
-            done[w] = solve(w, np.asarray(graph.params[w].load(), np.float32), out[w])
-        if node.op == "linear" and node.outputs[0] in graph.outputs:
-            continue
-        args = [None if not v else env[v] if v in env else done[v] if v in done
-                else graph.params[v].load() for v in node.inputs]
-        if node.attrs.free_symbols:
-            node = replace(node, attrs=concretize(node.attrs, bindings))
-        for name, value in zip(node.outputs, run_node(node, args), strict=False):
-            if name:
-                env[name] = value
-        for v in last_use.get(i, ()):
-            env.pop(v, None)
+            quantized[w] = solve(w, np.asarray(graph.params[w].load(), np.float32), out[w])
+
+    run(graph, _feeds(graph, np.concatenate(windows, axis=0)), outputs=[], params=quantized,
+        before=before, skip=lambda n: n.op == "linear" and n.outputs[0] in graph.outputs)
     return out
 
 

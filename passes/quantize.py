@@ -27,9 +27,10 @@ linears and (tied) embeddings, the LM head included, unless a `keep` pattern mat
 preset's `int8` roles (the LM head, the q/k/v projections) get int8 per output channel instead
 of its own scheme. A tied embedding becomes `quant_embedding` over the same quantized table, so
 the fp32 table is no longer shipped. With calibration windows and the weights at hand, weights
-are solved by GPTQ (kiln.passes.gptq), otherwise rounded to nearest. With `block`, quantized weights (its own and imported ones in `nk`) are laid
-out `blocked` for the CPU kernels. Quantized parameters are Derived from the originals by the
-transforms registered here, so `kiln convert` regenerates them from the weights.
+are solved by GPTQ (kiln.passes.gptq), otherwise rounded to nearest. With `block`, quantized
+weights (its own and imported ones in `nk`) are laid out `blocked` for the CPU kernels.
+Quantized parameters are Derived from the originals by the transforms registered here, so
+`kiln convert` regenerates them from the weights.
 Requires: linear recognized (canonical graph). Preserves: every value name and type.
 """
 

@@ -52,11 +52,15 @@ def run_node(node: Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray
 def run(graph: Graph, feeds: Mapping[str, np.ndarray], *,
         outputs: Sequence[str] | None = None,
         params: Mapping[str, np.ndarray] | None = None,
-        bindings: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+        bindings: Mapping[str, int] | None = None,
+        before: Callable[[Node, Mapping[str, np.ndarray]], None] | None = None,
+        skip: Callable[[Node], bool] | None = None) -> dict[str, np.ndarray]:
     """Evaluate `graph` on `feeds`; returns the requested outputs (default: the graph's).
 
-    `params` may hold already-loaded parameter arrays (to avoid reloading across calls);
-    `bindings` gives symbolic dims that the input shapes do not determine.
+    `params` may hold already-loaded parameter arrays (to avoid reloading across calls; it is
+    read as the nodes run, so `before` may add to it); `bindings` gives symbolic dims that the
+    input shapes do not determine; `before(node, values)` is called ahead of each node with the
+    values computed so far, and nodes for which `skip(node)` holds are not run.
     """
     wanted = list(outputs if outputs is not None else graph.outputs)
     missing = [v for v in graph.inputs if v not in feeds]
@@ -65,8 +69,12 @@ def run(graph: Graph, feeds: Mapping[str, np.ndarray], *,
     env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feeds.items()}
     bindings = {**(bindings or {}), **bind_symbols(graph, env)}
     last_use = _last_uses(graph, wanted)
-    loaded = params or {}
+    loaded = params if params is not None else {}
     for i, node in enumerate(graph.nodes):
+        if before is not None:
+            before(node, env)
+        if skip is not None and skip(node):
+            continue
         args = []
         for v in node.inputs:
             if not v:
