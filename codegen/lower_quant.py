@@ -25,7 +25,10 @@ from kiln.compiler.ir import Node
 
 #: GEMM register tile (prefill) and GEMV panel width (decode, and m <= GEMV_ROWS in prefill)
 GEMM = plin.PREFILL
-GEMV_NV = 4  # 12 accumulator chains (acc, low and high nibble sums) hide FMA latency
+#: by bits. int4: one-block panels (48 of them for N = 768) split evenly over the threads and beat
+#: 4-block ones by 18% in SmolLM2's decode (benchmarks/RESULTS.md); the int4 loop is bound by its
+#: unpacking, not by FMA latency. int8: the width made no difference
+GEMV_NV = {4: 1, 8: 4}
 
 
 def scheme(node: Node, *, zero_points: bool) -> qk.QuantScheme:
@@ -45,8 +48,9 @@ def _quant_linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
                         f"{dtype_of(x)}")
     s = scheme(node, zero_points=zp is not None)
     gv = ctx.kernel(("qlinear", s.n, s.k, s.bits, s.group, s.zero_points, b is not None,
-                     GEMM.mr, GEMM.nv, GEMV_NV),
-                    lambda: qk.quant_linear_kernel(s, GEMM, GEMV_NV, bias=b is not None))
+                     GEMM.mr, GEMM.nv, GEMV_NV[s.bits]),
+                    lambda: qk.quant_linear_kernel(s, GEMM, GEMV_NV[s.bits],
+                                                    bias=b is not None))
     xs = shape_of(x)
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, s.k]), qw, sc] + [a for a in (zp, b) if a is not None]
