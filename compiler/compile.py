@@ -113,7 +113,7 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
     q = art.manifest.get("quant")
     graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
                           weights_optional=False, pack_block=_pack_block(art.manifest["target"]),
-                          quant=_preset(q["preset"], tuple(q["keep"])) if q else None)
+                          quant=_recorded_preset(q) if q else None)
     want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
     have = {p["name"]: p for p in _in_dtype(param_table(graph, list(graph.params)),
                                             art.manifest["target"].get("dtype"))
@@ -128,6 +128,17 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
     _save(graph, list(want.values()), tmp)
     af.add_params_file(art, tmp)
     return art.path / af.PARAMS
+
+
+def _recorded_preset(q: dict):
+    """The preset an artifact was compiled with, from its manifest (not re-read by name: a
+    preset's meaning may have changed since)."""
+    from kiln.passes.quantize import QuantPreset
+
+    try:
+        return QuantPreset.from_dict(q)
+    except (KeyError, TypeError) as e:
+        raise KilnError(f"manifest: malformed quantization record {q!r} ({e})") from e
 
 
 def _preset(quant: str | None, keep: tuple[str, ...]):

@@ -96,6 +96,15 @@ class QuantPreset:
             return 8, 0, True
         return self.bits, self.group_size, self.symmetric
 
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantPreset:
+        """The preset a manifest recorded (`to_dict`), as it was then: fields an older kiln did
+        not record take the behaviour it had (no int8 roles, no act order)."""
+        return cls(d["preset"], bits=d["bits"], group_size=d["group_size"],
+                   symmetric=d["symmetric"], kv_bits=d.get("kv_bits", 0),
+                   keep=tuple(d.get("keep", ())), method=d.get("method", "gptq"),
+                   int8=tuple(d.get("int8", ())), act_order=d.get("act_order", False))
+
     def to_dict(self) -> dict:
         return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep),

@@ -37,6 +37,18 @@ def test_presets_parse():
             parse_preset(bad)
 
 
+def test_manifest_record_round_trips_and_old_records_keep_their_meaning():
+    from kiln.passes.quantize import QuantPreset
+
+    for spec in ("w4g32", "w4g64s-kv8", "w8-rtn", "kv8", "w4g32-pure"):
+        p = parse_preset(spec, keep=("lm_head",))
+        assert QuantPreset.from_dict(p.to_dict()) == p
+    old = {"preset": "w4g32a", "bits": 4, "group_size": 32, "symmetric": False, "kv_bits": 0,
+           "keep": [], "method": "gptq"}  # a session-2 manifest: no roles, no act order
+    p = QuantPreset.from_dict(old)
+    assert (p.int8, p.act_order, p.symmetric) == ((), False, False)
+
+
 @pytest.mark.parametrize(("bits", "group", "symmetric"),
                          [(8, 0, True), (8, 32, False), (4, 32, True), (4, 16, False)])
 def test_quantize_roundtrip_is_within_half_a_step(rng, bits, group, symmetric):
