@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
+
+#: CUDA builds cross-compile with nvcc (and gcc for the host side); no GPU needed
+needs_cuda_toolchain = pytest.mark.skipif(
+    not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")
 
 #: (rtol, atol) per dtype; fp32 relative error <= 1e-4 is the project's contract with onnxruntime
 TOLERANCES = {

@@ -6,22 +6,14 @@ captured launches. Where a GPU exists, the artifact also runs (tests/runtime/tes
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from kiln.compiler.errors import KilnError
+from tests.helpers import needs_cuda_toolchain
 
 tvm = pytest.importorskip("tvm")
-pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
-    not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from kiln.models.synthetic import write_synthetic
-
-    return write_synthetic("llama-tiny", tmp_path_factory.mktemp("tiny"), weights=False)
+pytestmark = [pytest.mark.tvm, needs_cuda_toolchain]
 
 
 @pytest.fixture(scope="module")

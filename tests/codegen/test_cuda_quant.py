@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 
+from tests.helpers import needs_cuda_toolchain
+
 tvm = pytest.importorskip("tvm")
-pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
-    not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from kiln.models.synthetic import write_synthetic
-
-    return write_synthetic("llama-tiny", tmp_path_factory.mktemp("tiny"), weights=False)
+pytestmark = [pytest.mark.tvm, needs_cuda_toolchain]
 
 
 @pytest.fixture(scope="module", params=["w4g32", "w8", "w4g64s-pure"])

@@ -4,7 +4,6 @@ a fatbin for sm_90, the fatbin checker (both outcomes), and where a GPU exists, 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,10 @@ import pytest
 from kiln.codegen import cuda_toolchain as ct
 from kiln.compiler.errors import KilnError
 from tests.conftest import has_gpu
-from tests.helpers import assert_close
+from tests.helpers import assert_close, needs_cuda_toolchain
 
 tvm = pytest.importorskip("tvm")
-pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
-    not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")]
+pytestmark = [pytest.mark.tvm, needs_cuda_toolchain]
 
 M, K, N = 128, 256, 64
 
