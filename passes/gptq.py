@@ -8,7 +8,7 @@ factor standing in for the shrinking inverse. The result has exactly the layout 
 of round-to-nearest (`kiln.passes.quantize.quantize`): only the codes differ.
 
 Two refinements of the reference implementation, each measured on SmolLM2-135M
-(benchmarks/RESULTS.md, "Quantization quality"):
+(benchmarks/RESULTS.md, "CPU quantization, session 3"):
 - act order: columns are quantized in order of decreasing H[i, i] (the inputs with the most energy
   first, while the most columns remain to absorb their error). The group scales are then fixed up
   front from the weights (with the clip search of `quantize`), "static groups", so that groups stay

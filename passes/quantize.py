@@ -114,7 +114,7 @@ class QuantPreset:
 #: the roles a preset may keep at int8 (see QuantPreset.int8)
 ROLES = ("lm_head", "attn_qkv")
 #: the sensitive roles the int4 presets keep at int8, unless "-pure" (measured on SmolLM2-135M:
-#: benchmarks/RESULTS.md, "Quantization quality")
+#: benchmarks/RESULTS.md, "CPU quantization, session 3")
 _INT8_ROLES = ("lm_head", "attn_qkv")
 
 #: named presets; int4 ones have zero points, "s" makes them symmetric ("w4g32s"); combine with
