@@ -33,10 +33,9 @@ from kiln.compiler.compile import CALIBRATION_WINDOW, compile_graph
 from kiln.compiler.evaluation import default_text, read_text
 from kiln.compiler.frontend.onnxruntime_lm import OrtLM
 from kiln.compiler.interpreter import run
-from kiln.compiler.interpreter.transformer_ops import dequantize
-from kiln.compiler.ir import Attrs, Derived, ExternalData, Graph
+from kiln.compiler.ir import Derived, ExternalData, Graph
 from kiln.passes import gptq as G
-from kiln.passes.quantize import groups_of, pack_nibbles, weight_roles
+from kiln.passes.quantize import weight_roles
 from kiln.runtime.evaluate import evaluate
 
 
@@ -93,11 +92,8 @@ def quantizer(graph: Graph, v: Variant, q_rows: tuple[int, int, int]):
 
     def one(w: np.ndarray, h: np.ndarray, eight: bool) -> np.ndarray:
         bits, group, sym = (8, 0, True) if eight else (v.bits, v.group, v.symmetric)
-        q, s, z = G.gptq(w, h, bits=bits, group=group, symmetric=sym, act_order=v.act_order)
-        n, k = w.shape
-        attrs = Attrs({"bits": bits, "group_size": groups_of(k, group)[0], "in_features": k,
-                       "out_features": n})
-        return dequantize(pack_nibbles(q) if bits == 4 else q, s, z, attrs)
+        return G.solved_weight(w, h, bits=bits, group=group, symmetric=sym,
+                               act_order=v.act_order, damp=v.damp)
 
     def fn(name: str, w: np.ndarray, h: np.ndarray) -> np.ndarray:
         kind = layer_kind[name]
@@ -112,7 +108,6 @@ def quantizer(graph: Graph, v: Variant, q_rows: tuple[int, int, int]):
 
 def calibrate(graph: Graph, v: Variant, windows: list[np.ndarray], fn) -> dict:
     weights = list(dict.fromkeys(n.inputs[1] for n in graph.nodes if n.op == "linear"))
-    G.DAMP = v.damp
     if v.sequential:
         out = {}
         G.calibrate(graph, weights, windows, lambda n, w, h: out.setdefault(n, fn(n, w, h)))

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from kiln.compiler.interpreter import run
-from kiln.compiler.ir import PARAM_TRANSFORMS, Graph, Node
+from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Graph, Node
 
 BLOCK = 128  # columns per lazy batch update
 DAMP = 0.01  # added to H's diagonal, relative to its mean
@@ -72,7 +72,8 @@ def _feeds(graph: Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
-         act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+         act_order: bool = False, damp: float = DAMP,
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """w[N, K], H[K, K] -> (codes[N, Kp], scales[N, G], zero_points[N, G] | None), as
     `quantize` returns them. Without act order each group takes its scale from its columns as
     corrected so far, when the group starts; with it, from the weights before any correction."""
@@ -88,7 +89,7 @@ def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += DAMP * np.mean(np.diag(H)) * np.eye(kp)
+    H += damp * np.mean(np.diag(H)) * np.eye(kp)
     lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1))
     scales = np.zeros((n, ng), np.float32)
     zps = None if symmetric else np.zeros((n, ng), np.float32)
@@ -137,17 +138,35 @@ _CACHE_SIZE = 1024
 
 
 def solve(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
-          act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+          act_order: bool = False, damp: float = DAMP,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`gptq`, memoized by the contents of w and H."""
     w = np.ascontiguousarray(w, np.float32)
     h = np.ascontiguousarray(h, np.float64)
     key = (hashlib.blake2b(w.data, digest_size=16).hexdigest(),
-           hashlib.blake2b(h.data, digest_size=16).hexdigest(), bits, group, symmetric, act_order)
+           hashlib.blake2b(h.data, digest_size=16).hexdigest(), bits, group, symmetric, act_order,
+           damp)
     if key not in _CACHE:
-        _CACHE[key] = gptq(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order)
+        _CACHE[key] = gptq(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
+                           damp=damp)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return _CACHE[key]
+
+
+def solved_weight(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
+                  act_order: bool = False, damp: float = DAMP) -> np.ndarray:
+    """The float32 weight [N, K] that `solve`'s codes and scales stand for (what a calibration
+    run computes with downstream of a quantized linear)."""
+    from kiln.compiler.interpreter.transformer_ops import dequantize
+    from kiln.passes.quantize import groups_of, pack_nibbles
+
+    q, s, z = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
+                    damp=damp)
+    n, k = w.shape
+    attrs = Attrs({"bits": bits, "group_size": groups_of(k, group)[0], "in_features": k,
+                   "out_features": n})
+    return dequantize(pack_nibbles(q) if bits == 4 else q, s, z, attrs)
 
 
 def _gptq_part(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,

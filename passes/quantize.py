@@ -111,18 +111,17 @@ class QuantPreset:
                 "method": self.method, "int8": list(self.int8), "act_order": self.act_order}
 
 
-#: the roles a preset may keep at int8 (see QuantPreset.int8)
+#: the roles a preset may keep at int8 (see QuantPreset.int8); the int4 presets keep all of them
+#: at int8 unless "-pure" (measured on SmolLM2-135M: benchmarks/RESULTS.md, "CPU quantization,
+#: session 3")
 ROLES = ("lm_head", "attn_qkv")
-#: the sensitive roles the int4 presets keep at int8, unless "-pure" (measured on SmolLM2-135M:
-#: benchmarks/RESULTS.md, "CPU quantization, session 3")
-_INT8_ROLES = ("lm_head", "attn_qkv")
 
 #: named presets; int4 ones have zero points, "s" makes them symmetric ("w4g32s"); combine with
 #: "-": "w4g32-kv8", "w4g32-pure" (no int8 roles), "w4g32-rtn" (round to nearest)
 PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
     QuantPreset("w8", bits=8),
     *(QuantPreset(f"w4g{g}{'s' if sym else ''}", bits=4, group_size=g, symmetric=sym,
-                  int8=_INT8_ROLES) for g in (32, 64, 128) for sym in (False, True)),
+                  int8=ROLES) for g in (32, 64, 128) for sym in (False, True)),
     QuantPreset("kv8", bits=8, kv_bits=8),
 )}
 
@@ -344,16 +343,12 @@ def _calibrate(graph: Graph, schemes: dict[str, tuple[int, int, bool]], calibrat
     the weights are not at hand: round to nearest then)."""
     if not calibration or not all(graph.params[n].source.available for n in schemes):
         return {}
-    from kiln.compiler.interpreter.transformer_ops import dequantize
-    from kiln.passes.gptq import calibrate, solve
+    from kiln.passes.gptq import calibrate, solved_weight
 
     def quantized(name: str, w: np.ndarray, h: np.ndarray) -> np.ndarray:
         bits, group, symmetric = schemes[name]
-        q, s, z = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order)
-        n, k = w.shape
-        attrs = Attrs({"bits": bits, "group_size": groups_of(k, group)[0], "in_features": k,
-                       "out_features": n})
-        return dequantize(pack_nibbles(q) if bits == 4 else q, s, z, attrs)
+        return solved_weight(w, h, bits=bits, group=group, symmetric=symmetric,
+                             act_order=act_order)
 
     return calibrate(graph, schemes, list(calibration), quantized)
 
