@@ -413,9 +413,9 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
 def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     """Weight-only quantized linear (`nk` layout). Decode (one token per row, no bias): the
     quantized GEMV, dequantizing in registers, with the rms_norm in front or the residual Add
-    behind fused as for fp16 weights. Otherwise: a dequantize kernel into a scratch weight in
-    the compute dtype, then the tensor-core GEMM (Relax FuseOps does not fuse an injective
-    prologue into dlight's matmul, and the inlined form loses the tensor cores)."""
+    behind fused as for fp16 weights. Otherwise: the tensor-core GEMM with the dequantize as its
+    prologue (te_ops.quant_nt_matmul: one function, so that dlight inlines the dequantize into
+    the weight tile's shared-memory fetch; no scratch weight)."""
     a = node.attrs
     if a.get("layout") != "nk":
         raise KilnError(f"node {node.name} (quant_linear): layout {a.get('layout')!r} is for "
