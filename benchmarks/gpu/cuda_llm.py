@@ -61,18 +61,21 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
 
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
-    from kiln.codegen.cuda.kernels import flash_attention
+    from kiln.codegen.cuda.kernels import flash_attention, pdl
 
     default_ldsm = flash_attention.LDSM
-    for spec in specs:  # CONFIG:DTYPE[:QUANT][:ldsm|noldsm]  (the flash kernel's operand loads)
+    # CONFIG:DTYPE[:QUANT][:ldsm|noldsm|nopdl]: the flash kernel's operand loads; the decode
+    # kernels without programmatic dependent launch (for an A/B run)
+    for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         src = write_synthetic(name, out / "models" / name, weights=False)
         dst = arts / "-".join(x for x in (name, dtype, quant, variant) if x)
         t = time.perf_counter()
         flash_attention.LDSM = {"ldsm": True, "noldsm": False}.get(variant, default_ldsm)
+        pdl.ENABLED = variant != "nopdl"
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None)
-        flash_attention.LDSM = default_ldsm
+        flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
         (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))

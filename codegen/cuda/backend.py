@@ -48,7 +48,8 @@ def greedy_tokens(ctx, logits):
 
     b, _, v = shape_of(logits)
     vocab, dtype = int(v), dtype_of(logits)
-    gv = ctx.kernel(("cuda_argmax", vocab, dtype), lambda: argmax_kernel(vocab, dtype))
+    gv = ctx.kernel(("cuda_argmax", vocab, dtype, ctx.pdl),
+                    lambda: argmax_kernel(vocab, dtype, pdl=ctx.pdl))
     flat = ctx.bb.emit(R.reshape(logits, [b, v]))
     ids = ctx.bb.emit(R.call_tir(gv, [flat], relax.TensorType([b], "int64")))
     return ctx.bb.emit(R.reshape(ids, [b, 1]))
@@ -62,11 +63,13 @@ def entry_attrs(target: CudaTarget, entry: str, num_inputs: int) -> dict[str, An
 
 
 def compile_module(mod, target: CudaTarget):
-    """tvm.compile with the default CUDA pipeline (dlight schedules, CUDA-graph rewriting),
-    machine code for the target's arch (see cuda_toolchain)."""
+    """tvm.compile with the default CUDA pipeline (dlight schedules, CUDA-graph rewriting) and
+    TIR pipeline plus the launch tag of programmatic dependent launch (kernels/pdl.py), machine
+    code for the target's arch (see cuda_toolchain)."""
     import tvm
 
     from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels import pdl
 
     with tvm.transform.PassContext(opt_level=3, config={USE_CUDA_GRAPH: True}):
-        return ct.compile_for_cuda(mod, target.tvm_target())
+        return ct.compile_for_cuda(mod, target.tvm_target(), tir_pipeline=pdl.PIPELINE)

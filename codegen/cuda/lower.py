@@ -22,8 +22,8 @@ from tvm.relax import op as R
 from kiln.codegen.cuda.kernels import attention as attn
 from kiln.codegen.cuda.kernels import flash_attention as flash
 from kiln.codegen.cuda.kernels import gemv as gemv_k
+from kiln.codegen.cuda.kernels import pdl, rowwise, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
-from kiln.codegen.cuda.kernels import rowwise, te_ops
 from kiln.codegen.lower import LowerContext, _numel, _static, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
@@ -99,6 +99,11 @@ class CudaLowerContext(LowerContext):
                     sp.outputs) and [x.name for x in users.get(sp.outputs[1], [])] == [
                     u[0].name] and u[0].outputs[0] not in self.graph.outputs):
                 self.swiglu[n.name] = (sp, u[0])
+
+    @property
+    def pdl(self) -> bool:
+        """Whether the decode kernels use programmatic dependent launch (kernels/pdl.py)."""
+        return pdl.supported(self.target.arch)
 
     def past_on_device(self) -> relax.Expr:
         if self.past_tensor is None:
@@ -196,9 +201,9 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
     args = [reshape(ctx, x, [m, k]), w]
     if other is not None:
         args.append(reshape(ctx, other, [m, n]))
-    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None),
+    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None, ctx.pdl),
                     lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype,
-                                               residual=other is not None))
+                                               residual=other is not None, pdl=ctx.pdl))
     y = reshape(ctx, ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype))),
                 [*xs[:-1], n])
     if other is not None:  # the Add's output is this GEMV's
@@ -236,8 +241,8 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         sp, u = ctx.swiglu[node.name]
         if _split_sizes(ctx, sp, n) == [n // 2, n // 2] and n % 2 == 0:
             f, m = n // 2, _numel(xs[:-1])
-            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps),
-                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps))
+            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl),
+                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl))
             y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                        relax.TensorType([m, f], dtype)))
             ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
@@ -245,8 +250,9 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
             return None
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
-    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps),
-                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps))
+    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl),
+                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
+                                               pdl=ctx.pdl))
     y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                relax.TensorType([m, n], out_dtype)))
     return reshape(ctx, y, [*xs[:-1], n])
@@ -377,8 +383,9 @@ def _fused_qkv(ctx: CudaLowerContext, node: Node, p: QkvPattern, kc: relax.Expr,
         cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
     rot, inter = _static(shape_of(cos)[-1], "rotary dim", p.rot_q), bool(
         p.rot_q.attrs.get("interleaved", False))
-    gv = ctx.kernel(("cuda_qkv_rotary_append", h, kvh, d, rot, inter, dtype),
-                    lambda: attn.qkv_rotary_append_kernel(h, kvh, d, rot, inter, dtype))
+    gv = ctx.kernel(("cuda_qkv_rotary_append", h, kvh, d, rot, inter, dtype, ctx.pdl),
+                    lambda: attn.qkv_rotary_append_kernel(h, kvh, d, rot, inter, dtype,
+                                                          pdl=ctx.pdl))
     q_ty = relax.TensorType([*xs[:-1], h * d], dtype)
     upd = ctx.bb.emit(R.call_tir_inplace(gv, [qkv, cos, sin, kc, vc, pst], [3, 4, -1],
                                          [kc.ty, vc.ty, q_ty]))
@@ -394,8 +401,9 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     scale = float(a.get("scale", d ** -0.5))
     seq = shape_of(q)[1]
     if isinstance(seq, tirx.IntImm) and seq.value == 1:
-        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype),
-                        lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype))
+        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl),
+                        lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype,
+                                                             pdl=ctx.pdl))
     elif flash.supported(d, dtype):  # tensor cores
         ldsm = flash.LDSM
         gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype) + (("ldsm",) if ldsm
@@ -435,10 +443,10 @@ def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
         eps = deferred[2] if deferred else None
         gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
-                         other is not None, eps),
+                         other is not None, eps, ctx.pdl),
                         lambda: qgemv.quant_gemv_kernel(
                             n, k, bits, group, dtype, out_dtype, zero_points=zp is not None,
-                            residual=other is not None, norm_eps=eps))
+                            residual=other is not None, norm_eps=eps, pdl=ctx.pdl))
         args = [reshape(ctx, x, [m, k])] + ([deferred[1]] if deferred else []) + [qw, sc]
         args += [zp] if zp is not None else []
         args += [reshape(ctx, other, [m, n])] if other is not None else []

@@ -7,8 +7,9 @@ stays valid as `past` grows (a scalar would be baked into the captured launch).
 
 - `past_kernel`: writes `past` into that tensor (runs outside the captured graph).
 - `kv_append_kernel`: new rows k/v[b, s, KV*D] -> caches at past..past+s-1, in place.
-- `decode_attention_kernel`: one block per (batch, query, head), NT threads split the keys;
-  each thread keeps an online-softmax state, the block merges them in shared memory.
+- `decode_attention_kernel`: one block per (batch, query, head); its warps split the keys,
+  their lanes the head dimension; each warp keeps an online-softmax state, the block merges
+  them in shared memory.
 - `prefill_attention_kernel`: flash-attention tiling: one block per (batch, head, BQ queries),
   one thread per query; K/V tiles of BK rows are staged in shared memory, scores live in
   registers (never a score matrix), online softmax per tile. Causal.
@@ -22,8 +23,11 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from kiln.codegen.cuda.kernels import pdl as P
+
 F32_MIN = -3.4028234663852886e38
-NT = 64  # decode: threads per block (keys split over them; their states merged at the end)
+NT = 64  # decode, any head dim: threads per block (keys split over them, states merged)
+DW, DU = 4, 16  # decode, head dim a multiple of 32: warps per block, keys per warp per step
 
 
 def _vec(dtype: str, head_dim: int) -> int:
@@ -77,9 +81,116 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
 
 @functools.cache
 def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
-                            dtype: str) -> tirx.PrimFunc:
+                            dtype: str, *, pdl: bool = False) -> tirx.PrimFunc:
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal; any s, best
-    for s = 1. Query i (0-based in the new rows) sees keys 0..past+i."""
+    for s = 1. Query i (0-based in the new rows) sees keys 0..past+i.
+
+    One block of DW warps per (batch, query, head). The lanes of a warp split the head
+    dimension (D / 32 elements each: a key row is one coalesced load) and a warp takes DU keys
+    at a time, all their K and V loads issued before the first use; scores are summed across
+    the lanes by a butterfly of shuffles, so every lane holds them and keeps its slice of the
+    online-softmax output. The warps' states are merged once, at the end, in shared memory.
+    Head dims that are not a multiple of 32 take `_decode_attention_threads`."""
+    if head_dim % 32:
+        return _decode_attention_threads(heads, kv_heads, head_dim, scale, dtype, pdl)
+    d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
+    per, keys = head_dim // 32, DW * DU  # elements per lane; keys per block per step
+    full = T.uint32(0xFFFFFFFF)
+
+    @T.prim_func(private=True)
+    def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                         pst: T.Buffer((1,), "int32"), o_h: T.handle):
+        T.func_attr(P.func_attrs(pdl))
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, s, hd), dtype)
+        kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        o = T.match_buffer(o_h, (b, s, hd), dtype)
+        for blk in T.thread_binding(b * s * heads, thread="blockIdx.x"):
+            for ty in T.thread_binding(DW, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    ms = T.decl_buffer((DW,), f32, scope="shared")
+                    ls = T.decl_buffer((DW,), f32, scope="shared")
+                    os = T.decl_buffer((DW * d,), f32, scope="shared")
+                    qv = T.decl_buffer((per,), f32, scope="local")
+                    acc = T.decl_buffer((per,), f32, scope="local")
+                    kr = T.decl_buffer((DU * per,), dtype, scope="local")
+                    vr = T.decl_buffer((DU * per,), dtype, scope="local")
+                    sc = T.decl_buffer((DU,), f32, scope="local")
+                    # running max, running sum, new max, rescale of the old state
+                    st = T.decl_buffer((4,), f32, scope="local")
+                    bi: T.let[T.int64] = blk // (s * heads)
+                    si: T.let[T.int64] = blk // heads % s
+                    h: T.let[T.int64] = blk % heads
+                    g: T.let[T.int64] = h // group
+                    P.wait(pdl)
+                    kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                    for c in T.unroll(per):
+                        qv[c] = T.Cast(f32, q[bi, si, h * d + tx * per + c]) * T.float32(scale)
+                        acc[c] = T.float32(0)
+                    st[0] = T.float32(F32_MIN)
+                    st[1] = T.float32(0)
+                    for it in range((kend + keys - 1) // keys):
+                        for u in T.unroll(DU):
+                            for c in T.vectorized(per):
+                                kr[u * per + c] = kc[bi, g, T.min(it * keys + ty * DU + u,
+                                                                  kend - 1), tx * per + c]
+                        for u in T.unroll(DU):
+                            for c in T.vectorized(per):
+                                vr[u * per + c] = vc[bi, g, T.min(it * keys + ty * DU + u,
+                                                                  kend - 1), tx * per + c]
+                        for u in T.unroll(DU):
+                            sc[u] = T.float32(0)
+                            for c in T.unroll(per):
+                                sc[u] += qv[c] * T.Cast(f32, kr[u * per + c])
+                        for lvl in T.unroll(5):
+                            for u in T.unroll(DU):
+                                sc[u] = sc[u] + T.tvm_warp_shuffle_xor(full, sc[u], 16 >> lvl,
+                                                                       32, 32)
+                        st[2] = st[0]
+                        for u in T.unroll(DU):
+                            sc[u] = T.Select(it * keys + ty * DU + u < kend, sc[u],
+                                             T.float32(F32_MIN))
+                            st[2] = T.max(st[2], sc[u])
+                        st[3] = T.exp(st[0] - st[2])
+                        st[1] = st[1] * st[3]
+                        for c in T.unroll(per):
+                            acc[c] = acc[c] * st[3]
+                        for u in T.unroll(DU):
+                            sc[u] = T.Select(it * keys + ty * DU + u < kend,
+                                             T.exp(sc[u] - st[2]), T.float32(0))
+                            st[1] += sc[u]
+                            for c in T.unroll(per):
+                                acc[c] += sc[u] * T.Cast(f32, vr[u * per + c])
+                        st[0] = st[2]
+                    if tx == 0:
+                        ms[ty] = st[0]
+                        ls[ty] = st[1]
+                    for c in T.unroll(per):
+                        os[ty * d + tx * per + c] = acc[c]
+                    T.tvm_storage_sync("shared")
+                    for c0 in range((d + DW * 32 - 1) // (DW * 32)):
+                        if c0 * DW * 32 + ty * 32 + tx < d:
+                            st[2] = T.float32(F32_MIN)
+                            for w in T.unroll(DW):
+                                st[2] = T.max(st[2], ms[w])
+                            st[1] = T.float32(0)
+                            st[0] = T.float32(0)
+                            for w in T.unroll(DW):
+                                st[3] = T.exp(ms[w] - st[2])
+                                st[1] += ls[w] * st[3]
+                                st[0] += os[w * d + c0 * DW * 32 + ty * 32 + tx] * st[3]
+                            o[bi, si, h * d + c0 * DW * 32 + ty * 32 + tx] = T.Cast(
+                                dtype, st[0] / st[1])
+
+    return decode_attention
+
+
+def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: float,
+                              dtype: str, pdl: bool) -> tirx.PrimFunc:
+    """Decode attention for any head dim: one block of NT threads per (batch, query, head),
+    each thread a share of the keys with its own online-softmax state, merged in shared
+    memory at the end."""
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
     vec = _vec(dtype, d)
     stride = d + 1  # shared rows padded by one word: no bank conflicts
@@ -87,7 +198,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
                          pst: T.Buffer((1,), "int32"), o_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         b, s, cap = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, s, hd), dtype)
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
@@ -95,6 +206,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
         o = T.match_buffer(o_h, (b, s, hd), dtype)
         for blk in T.thread_binding(b * s * heads, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                P.wait(pdl)
                 ms = T.decl_buffer((NT,), f32, scope="shared")
                 ls = T.decl_buffer((NT,), f32, scope="shared")
                 os = T.decl_buffer((NT * stride,), f32, scope="shared")
@@ -255,7 +367,8 @@ def prefill_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: fl
 
 @functools.cache
 def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
-                             interleaved: bool, dtype: str) -> tirx.PrimFunc:
+                             interleaved: bool, dtype: str, *,
+                             pdl: bool = False) -> tirx.PrimFunc:
     """PrimFunc(qkv[b, s, (H + 2 KV) * D], cos[cb, s, R], sin[cb, s, R], k_cache, v_cache,
     past[1], q_out[b, s, H*D]): rotary on q and k, k and v appended to the caches in place.
 
@@ -282,7 +395,7 @@ def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
     @T.prim_func(private=True)
     def qkv_rotary_append(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle,
                           vc_h: T.handle, pst: T.Buffer((1,), "int32"), q_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         b, s, cap, cb = T.int64(), T.int64(), T.int64(), T.int64()
         qkv = T.match_buffer(qkv_h, (b, s, width), dtype)
         cos = T.match_buffer(cos_h, (cb, s, rot), dtype)
@@ -293,6 +406,7 @@ def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
         for bx in T.thread_binding((b * s * width + threads - 1) // threads,
                                    thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                P.wait(pdl)
                 i: T.let[T.int64] = bx * threads + tx
                 if i < b * s * width:
                     bi: T.let[T.int64] = i // (s * width)

@@ -8,6 +8,8 @@ shuffles for the row sum. m (batch rows, small) is a loop inside: each weight is
 batch row. The optional residual is added in the epilogue (saves the separate Add kernel).
 With `norm_eps`, each warp also sums x^2 over the row it streams anyway and scales its dot
 product of x * gamma with the row by rsqrt(mean + eps): the norm kernel and its output vanish.
+With `pdl` (kiln.codegen.cuda.kernels.pdl), a kernel issues its first weight loads before it
+waits for the kernel before it, and lets the next one start right after.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import functools
 
 from tvm import tirx
 from tvm.script import tirx as T
+
+from kiln.codegen.cuda.kernels import pdl as P
 
 WARPS = 4  # rows per block
 CHUNK = 8  # 16-byte weight loads in flight per lane
@@ -29,15 +33,15 @@ def _vec(dtype: str, k: int) -> int:
 
 
 @functools.cache
-def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
-                residual: bool = False, norm_eps: float | None = None) -> tirx.PrimFunc:
+def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = False,
+                norm_eps: float | None = None, pdl: bool = False) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], (gamma[k],) w[n, k], (res[m, n],) y[m, n])."""
     if norm_eps is not None:
         if residual:
             raise ValueError("gemv: a fused norm and a fused residual together are not needed")
-        return _norm_gemv(n, k, dtype, out_dtype, norm_eps)
+        return _norm_gemv(n, k, dtype, out_dtype, norm_eps, pdl)
     if k % (WARPS * 32 * _vec(dtype, k)) == 0 and k // (WARPS * 32 * _vec(dtype, k)) >= 4:
-        return _splitk_gemv(n, k, dtype, out_dtype, residual)
+        return _splitk_gemv(n, k, dtype, out_dtype, residual, pdl)
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec  # elements a warp covers per load
     full, tail = k // step, k % step
@@ -51,13 +55,17 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
                 if ch * CHUNK + it < full:
                     for v in T.vectorized(vec):
                         wv[it * vec + v] = w[row, (ch * CHUNK + it) * step + tx * vec + v]
+            if ch == 0:
+                P.wait(pdl)
             for it in T.unroll(CHUNK):
                 if ch * CHUNK + it < full:
                     for v in T.vectorized(vec):
                         xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
                     for v in T.unroll(vec):
                         acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, wv[it * vec + v])
-        if tail != 0:  # noqa: SIM102 - a parse-time `if` around a runtime one
+        if tail != 0:
+            if full == 0:
+                P.wait(pdl)
             if full * step + tx * vec < k:
                 for v in T.vectorized(vec):
                     xv[v] = x[mi, full * step + tx * vec + v]
@@ -74,7 +82,7 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
         @T.prim_func(private=True)
         def gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
                           y_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            T.func_attr(P.func_attrs(pdl))
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
@@ -96,7 +104,7 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
 
     @T.prim_func(private=True)
     def gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
@@ -116,7 +124,8 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *,
 
 
 @functools.cache
-def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.PrimFunc:
+def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
+               pdl: bool) -> tirx.PrimFunc:
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec
     full, tail = k // step, k % step
@@ -130,7 +139,7 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.P
     @T.prim_func(private=True)
     def norm_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
                   y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
@@ -151,6 +160,8 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.P
                                         for v in T.vectorized(vec):
                                             wv[it * vec + v] = w[bx * WARPS + ty, (
                                                 ch * CHUNK + it) * step + tx * vec + v]
+                                if ch == 0:
+                                    P.wait(pdl)
                                 for it in T.unroll(CHUNK):
                                     if ch * CHUNK + it < full:
                                         for v in T.vectorized(vec):
@@ -159,7 +170,9 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.P
                                             gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
                                         for v in T.unroll(vec):
                                             fma(acc, xv, gv, T.Cast(f32, wv[it * vec + v]), v)
-                            if tail != 0:  # noqa: SIM102 - a parse-time `if` around a runtime one
+                            if tail != 0:
+                                if full == 0:
+                                    P.wait(pdl)
                                 if full * step + tx * vec < k:
                                     for v in T.vectorized(vec):
                                         xv[v] = x[mi, full * step + tx * vec + v]
@@ -180,7 +193,8 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float) -> tirx.P
 
 
 @functools.cache
-def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool) -> tirx.PrimFunc:
+def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
+                 pdl: bool) -> tirx.PrimFunc:
     """Long rows (k >= 4 x 4 warps x 512 bytes): the block's warps share one row, each a
     quarter of k, partial sums added through shared memory: 4x the warps in flight."""
     vec, f32 = _vec(dtype, k), "float32"
@@ -206,6 +220,8 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool) -> 
                                     for v in T.vectorized(vec):
                                         wv[it * vec + v] = w[bx, ty * part + (
                                             ch * CHUNK + it) * step + tx * vec + v]
+                            if ch == 0:
+                                P.wait(pdl)
                             for it in T.unroll(CHUNK):
                                 if ch * CHUNK + it < full:
                                     for v in T.vectorized(vec):
@@ -234,7 +250,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool) -> 
         @T.prim_func(private=True)
         def splitk_gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
                                  y_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            T.func_attr(P.func_attrs(pdl))
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
@@ -245,7 +261,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool) -> 
 
     @T.prim_func(private=True)
     def splitk_gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
@@ -255,7 +271,8 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool) -> 
 
 
 @functools.cache
-def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
+def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
+                       pdl: bool = False) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], gamma[k], w[2f, k], y[m, f]): with x' = rmsnorm(x) * gamma,
     g = x' . w[r], u = x' . w[f + r], y[m, r] = silu(g) * u. The gate/up projection, the
     split of its output and the SwiGLU in one kernel: one warp per output, two weight rows."""
@@ -273,7 +290,7 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
                     w: T.Buffer((2 * f, k), dtype), y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, f), dtype)
@@ -299,6 +316,8 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
                                         for v in T.vectorized(vec):
                                             wu[it * vec + v] = w[f + bx * WARPS + ty, (
                                                 ch * CHUNK + it) * step + tx * vec + v]
+                                if ch == 0:
+                                    P.wait(pdl)
                                 for it in T.unroll(CHUNK):
                                     if ch * CHUNK + it < full:
                                         for v in T.vectorized(vec):
@@ -308,7 +327,9 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
                                         for v in T.unroll(vec):
                                             fma(acc, xv, gv, T.Cast(f32, wg[it * vec + v]),
                                                 T.Cast(f32, wu[it * vec + v]), v)
-                            if tail != 0:  # noqa: SIM102 - a parse-time `if` around a runtime one
+                            if tail != 0:
+                                if full == 0:
+                                    P.wait(pdl)
                                 if full * step + tx * vec < k:
                                     for v in T.vectorized(vec):
                                         xv[v] = x[mi, full * step + tx * vec + v]
@@ -333,7 +354,7 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float) -> tirx.PrimFunc:
 
 
 @functools.cache
-def argmax_kernel(v: int, dtype: str) -> tirx.PrimFunc:
+def argmax_kernel(v: int, dtype: str, *, pdl: bool = False) -> tirx.PrimFunc:
     """PrimFunc(logits[m, v], ids[m] int64): the greedy token of each row, on the device (one
     block of 1024 threads per row; ties go to the lowest index, as numpy's argmax)."""
     threads, f32, UNROLL = 1024, "float32", 8
@@ -341,12 +362,13 @@ def argmax_kernel(v: int, dtype: str) -> tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def argmax(x_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr(P.func_attrs(pdl))
         m = T.int64()
         x = T.match_buffer(x_h, (m, v), dtype)
         o = T.match_buffer(o_h, (m,), "int64")
         for bx in T.thread_binding(m, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                P.wait(pdl)
                 bv = T.decl_buffer((threads,), f32, scope="shared")
                 bi = T.decl_buffer((threads,), "int32", scope="shared")
                 best = T.decl_buffer((1,), f32, scope="local")

@@ -24,6 +24,8 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from kiln.codegen.cuda.kernels import pdl as P
+
 WARPS = 4  # rows per block
 MAGIC = 0x4B000000  # the bits of 2^23 as float32
 
@@ -41,7 +43,7 @@ def supported(bits: int, group: int, k: int) -> bool:
 @functools.cache
 def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dtype: str, *,
                       zero_points: bool = False, residual: bool = False,
-                      norm_eps: float | None = None) -> tirx.PrimFunc:
+                      norm_eps: float | None = None, pdl: bool = False) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], (gamma[k],) qweight, scales, (zero_points,) (res[m, n],) y[m, n])."""
     if not supported(bits, group, k):
         raise ValueError(f"quant_gemv: bits {bits}, group {group}, k {k} not supported")
@@ -90,6 +92,8 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                     for r in T.unroll(rows):
                         w[T.ramp((r * sg + s_) * 4, 1, 4)] = T.reinterpret("uint32x4", qw[
                             row0 + r, T.ramp(((gi * sg + s_) * 32 + tx) * 16, 1, 16)])
+            if gi == 0:  # the first codes are on their way: now wait for x
+                P.wait(pdl)
             for s_ in T.unroll(sg):
                 if (gi * sg + s_) * 32 + tx < nchunk:
                     acc[rows] = T.float32(0)
@@ -154,13 +158,13 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                                         y[mi, (bx * WARPS + ty) * rows + r] = T.Cast(
                                             out_dtype, acc[r])
 
-    return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm)
+    return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm,
+                  P.func_attrs(pdl))
 
 
-def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm):
+def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm, attrs):
     """The PrimFunc of the variant (TVMScript needs one signature per argument list)."""
     Q, S, Z = T.Buffer((n, qcols), qdtype), T.Buffer((n, ng), dtype), T.Buffer((n, ng), dtype)
-    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True}
     if norm and zero_points:
         @T.prim_func(private=True)
         def qgemv_norm_zp(x_h: T.handle, gamma: T.Buffer((k,), dtype), qw: Q, sc: S, zp: Z,
