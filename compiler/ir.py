@@ -293,7 +293,9 @@ class ExternalData(ParamSource):
         return np.asarray(arr).reshape(self.shape)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "external", "path": self.path, "offset": self.offset}
+        # dtype and shape let a reader without the compiler (kiln.runtime.convert) read it
+        return {"kind": "external", "path": self.path, "offset": self.offset,
+                "dtype": self.dtype.value, "shape": list(self.shape)}
 
     @property
     def available(self) -> bool:

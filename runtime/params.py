@@ -1,14 +1,17 @@
-"""Parameters for the runtime: read a safetensors file by memory map, or synthesize seeded ones.
+"""Parameters for the runtime: read a safetensors file by memory map, write one, or synthesize
+seeded ones; the numpy quantizer they share with kiln.runtime.convert.
 
-The runtime may import only numpy, tokenizers and the TVM runtime, so it reads safetensors'
-simple layout itself (8-byte little-endian header length, a JSON header of name -> dtype, shape,
-byte offsets, then the raw data); the compiler writes the file with the safetensors library.
+The runtime may import only numpy, tokenizers and the TVM runtime, so it reads and writes
+safetensors' simple layout itself (8-byte little-endian header length, a JSON header of name ->
+dtype, shape, byte offsets, then the raw data); the compiler writes the file with the
+safetensors library, and write_safetensors writes the same bytes.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,47 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         start, end = info["data_offsets"]
         out[name] = data[start:end].view(dtype).reshape(info["shape"])
     return out
+
+
+#: safetensors' dtype names of manifest dtypes, in the order the safetensors library sorts them
+#: (narrowest first; it lays tensors out widest first, so that every tensor stays aligned)
+_CODES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
+          "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
+          "float32": "F32", "float64": "F64", "int64": "I64", "uint64": "U64"}
+_RANK = {code: i for i, code in enumerate(_CODES.values())}
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, str, list[int]]],
+                      array: Callable[[str], np.ndarray]) -> None:
+    """Write (name, dtype, shape) tensors, asking `array(name)` for each one's data in their
+    order (only one is in memory at a time), laid out byte for byte as the safetensors library
+    lays them out: widest dtype first, then by name (so every tensor is aligned), after a
+    compact JSON header in that order padded with spaces to 8 bytes. bfloat16 data is its
+    16-bit pattern (ml_dtypes' bfloat16, or uint16 bits)."""
+    for name, dtype, _ in tensors:
+        if dtype not in _CODES:
+            raise KilnError(f"{path}: tensor {name} has dtype {dtype}, which cannot be written")
+    order = sorted(tensors, key=lambda t: (-_RANK[_CODES[t[1]]], t[0]))
+    header, offset = {}, 0
+    for name, dtype, shape in order:
+        size = int(np.prod(shape, dtype=np.int64)) * (2 if dtype == "bfloat16" else
+                                                      np.dtype(dtype).itemsize)
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
+        for name, _, _ in tensors:  # asked in the caller's order, each put in its place
+            data = np.ascontiguousarray(array(name))
+            start, end = header[name]["data_offsets"]
+            if data.nbytes != end - start:
+                raise KilnError(f"{path}: tensor {name} has {data.nbytes} bytes, its header "
+                                f"says {end - start}")
+            f.seek(8 + len(text) + start)
+            f.write(data.tobytes())
 
 
 def synthetic_params(table: list[dict], seed: int) -> dict[str, np.ndarray]:
@@ -114,37 +158,76 @@ def _synthetic_quantized(base: str, parts: dict[str, tuple[int, dict]], seed: in
     return out
 
 
+#: the scale shrink factors kiln.passes.quantize tries per group (its CLIP_SEARCH)
+CLIP_SEARCH = tuple(float(f) for f in np.linspace(1.0, 0.7, 13))
+
+
 def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
+                 clip: tuple[float, ...] = (1.0,),
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """w[N, Kp] (Kp a multiple of group) -> (qweight, scales float32[N, G], zero_points | None),
-    rounded to nearest, stored as kiln.passes.quantize stores them (`nk`): int8 codes, or int4
-    codes +8 (symmetric) / 0..15 (with zero points) packed two per byte, low nibble first.
-    Symmetric scales put each group's largest magnitude on the lowest code (-8 or -128), as the
-    compiler's quantizer does before its clip search (which this one leaves out)."""
-    n, kp = w.shape
-    wg = w.reshape(n, kp // group, group).astype(np.float32)
+    """w[N, K] -> (qweight, scales float32[N, G], zero_points float32[N, G] | None), rounded to
+    nearest, stored as kiln.passes.quantize stores them (`nk`): K zero-padded to whole groups
+    (group 0: one group per row), int8 codes, or int4 codes +8 (symmetric) / 0..15 (with zero
+    points) packed two per byte, low nibble first. Symmetric scales put each group's largest
+    magnitude on the lowest code (-8 or -128); then, per group, the scale shrunk by the factor
+    of `clip` that reconstructs the group best is kept. With clip=CLIP_SEARCH this is, bit for
+    bit, kiln.passes.quantize.quantize (what `kiln convert` computes)."""
+    n, k = w.shape
+    g = group or k
+    wp = np.zeros((n, -(-k // g) * g), np.float32)
+    wp[:, :k] = w
+    wg = wp.reshape(n, -1, g)
     if symmetric:
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         peak = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[..., None], axis=2)[..., 0]
-        s = (peak / np.float32(lo)).astype(np.float32)
-        s = np.where(s != 0, s, np.float32(1)).astype(np.float32)
-        c = np.clip(np.rint(wg / s[..., None]), lo, hi).reshape(n, kp)
-        zp = None
-        codes = c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)
+        base = (peak / np.float32(lo)).astype(np.float32)
+        base = np.where(base != 0, base, np.float32(1)).astype(np.float32)
+
+        def codes(s: np.ndarray) -> tuple[np.ndarray, None]:
+            return np.clip(np.rint(wg / s[..., None]), lo, hi), None
     else:
         qmax = 255 if bits == 8 else 15
         lo_v, hi_v = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)
-        s = ((hi_v - lo_v) / np.float32(qmax)).astype(np.float32)
-        s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-        zp = np.clip(np.rint(-lo_v / s), 0, qmax)
-        c = np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax).reshape(n, kp)
-        if bits == 8:  # stored signed: codes and zero points shifted by 128
-            codes, zp = (c - 128).astype(np.int8), (zp - 128).astype(np.float32)
-        else:
-            codes, zp = c.astype(np.uint8), zp.astype(np.float32)
+        base = ((hi_v - lo_v) / np.float32(qmax)).astype(np.float32)
+        base = np.where(base > 0, base, np.float32(1)).astype(np.float32)
+
+        def codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            zp = np.clip(np.rint(-lo_v / s), 0, qmax)
+            return np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax), zp
+
+    c, zp, s = _clip_searched(wg, base, codes, clip)
+    c = c.reshape(n, -1)
+    if symmetric:
+        codes_ = c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)
+    elif bits == 8:  # stored signed: codes and zero points shifted by 128
+        codes_, zp = (c - 128).astype(np.int8), (zp - 128).astype(np.float32)
+    else:
+        codes_, zp = c.astype(np.uint8), zp.astype(np.float32)
     if bits == 4:
-        codes = (codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)
-    return codes, s, zp
+        codes_ = (codes_[:, 0::2] & 15) | ((codes_[:, 1::2] & 15) << 4)
+    return codes_, s, zp
+
+
+def _clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, ...]):
+    """(codes, zero points, scales) of the factor f in `clip` whose scale base * f
+    reconstructs each group of wg best (the first one on ties), as kiln.passes.quantize's
+    search does it, operation for operation (the same float32 errors pick the same factor)."""
+    best_q = best_zp = best_s = best_err = None
+    for f in clip:
+        s = (base * np.float32(f)).astype(np.float32)
+        q, zp = codes(s)
+        deq = (q - (zp[..., None] if zp is not None else 0)) * s[..., None]
+        err = ((deq - wg) ** 2).sum(axis=2)
+        if best_err is None:
+            best_q, best_zp, best_s, best_err = q, zp, s, err
+            continue
+        better = err < best_err
+        best_q = np.where(better[..., None], q, best_q)
+        best_s = np.where(better, s, best_s)
+        best_err = np.where(better, err, best_err)
+        if zp is not None:
+            best_zp = np.where(better, zp, best_zp)
+    return best_q, best_zp, best_s
 
 
 def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,

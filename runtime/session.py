@@ -174,7 +174,8 @@ def _param_arrays(art: af.Artifact, synthetic: int | None) -> dict[str, np.ndarr
         arrays.update(synthetic_params(weights, synthetic))
     elif weights:
         if not art.has_params:
-            raise KilnError(f"{art.path}: compiled without weights; run `kiln convert` or pass "
+            raise KilnError(f"{art.path}: compiled without weights; run `kiln convert` (in a "
+                            "bundle: `kiln_run.py convert --weights FILE`) or pass "
                             "--synthetic-weights SEED")
         arrays.update(read_safetensors(art.file(af.PARAMS)))
     missing = [p["name"] for p in table if p["name"] not in arrays]

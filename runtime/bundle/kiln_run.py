@@ -1,10 +1,11 @@
-"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|bench|info ...` on a host with only
-Python and numpy (tokenizers too, for text prompts).
+"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|bench|convert|info ...` on a host
+with only Python and numpy (tokenizers too, for text prompts).
 
 The bundle holds (see kiln.compiler.package):
     kiln_run.py    this file
     bundle.json    what is inside, and the Python it was made for
-    artifact/      the compiled artifact
+    artifact/      the compiled artifact (`convert --weights` writes its parameters when it
+                   was compiled --no-weights)
     lib/           tvm (runtime only), kiln's runtime, typing_extensions
     wheels/        the apache-tvm-ffi wheel for that Python
     site/          that wheel unzipped, on the first run (elsewhere if the bundle is read-only)
@@ -122,6 +123,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
                          help="seeded random weights of the right shapes")
     run.add_argument("--json", dest="as_json", action="store_true",
                      help="print one JSON object at the end")
+    conv = sub.add_parser("convert", help="write the artifact's parameters from the model's "
+                          "weights (an artifact compiled --no-weights; as `kiln convert`)")
+    conv.add_argument("--weights", type=Path, required=True,
+                      help="the model's external data file (model.onnx.data), or its folder")
+    conv.add_argument("--out", type=Path, help="write a converted copy of the artifact here "
+                      "(else it is converted in place)")
+    conv.add_argument("--artifact", type=Path, default=HERE / "artifact")
     sub.add_parser("info", help="what the bundle holds, and where its imports come from")
     return p.parse_args(argv)
 
@@ -150,6 +158,18 @@ def cmd_bench(a: argparse.Namespace, info: dict) -> None:
         a.json_path.write_text(json.dumps(report.to_dict(), indent=2))
 
 
+def cmd_convert(a: argparse.Namespace, info: dict) -> None:
+    from kiln.runtime.convert import convert_artifact
+
+    out = convert_artifact(a.artifact, a.weights, out=a.out,
+                           progress=lambda msg: sys.stderr.write(f"kiln_run: {msg}\n"))
+    if a.out is None and a.artifact.resolve() == (HERE / "artifact").resolve():
+        tmp = HERE / "bundle.json.tmp"  # the bundle now holds parameters (bench uses them)
+        tmp.write_text(json.dumps({**info, "params": True}, indent=2))
+        os.replace(tmp, HERE / "bundle.json")
+    print(out)
+
+
 def cmd_info(info: dict) -> None:
     from kiln.runtime.tvm_runtime import import_tvm
 
@@ -172,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_run(args)
         elif args.command == "bench":
             cmd_bench(args, info)
+        elif args.command == "convert":
+            cmd_convert(args, info)
         else:
             cmd_info(info)
     except KilnError as e:
