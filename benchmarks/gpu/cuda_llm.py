@@ -5,6 +5,7 @@
     python3 benchmarks/gpu/cuda_llm.py bench .device      # on the GPU host: vs HF eager, roofline
     python3 benchmarks/gpu/cuda_llm.py steptime .device NAME...   # decode step: API vs entry
     python3 benchmarks/gpu/cuda_llm.py profile .device NAME PROMPT STEPS   # ncu, per kernel
+    python3 benchmarks/gpu/cuda_llm.py ctxdecode .device NAME... --lens 16,2048  # long contexts
 
 `build` compiles each CONFIG:DTYPE[:QUANT[:ldsm|noldsm]] (kiln.models.synthetic names, a
 --quant preset, the attention kernel's operand loads) with --no-weights into
@@ -477,6 +478,27 @@ def step_time(art: Path, steps: int = 128) -> None:
               f"({1 / statistics.median(times):.0f} tok/s)")
 
 
+def context_decode(art: Path, contexts: list[int], steps: int = 128, repeat: int = 3) -> None:
+    """Greedy decode tok/s (device argmax, as `bench`) after prompts of several lengths: the
+    attention's share grows with the cached tokens."""
+    from kiln.runtime.session import Session
+
+    s = Session.load(art, synthetic_weights=SEED)
+    rng = np.random.default_rng(0)
+    for n in contexts:
+        runs = []
+        for i in range(repeat + 1):
+            tok = s.prefill(rng.integers(0, s.vocab, (1, n)), last_only=True)[:, -1].argmax(-1)
+            s.device.sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                tok = s.decode_greedy(tok)
+            if i:
+                runs.append(steps / (time.perf_counter() - t))
+        print(f"{art.name} decode after {n} tokens: {statistics.median(runs):.1f} tok/s "
+              f"(median of {repeat}: {' '.join(f'{r:.0f}' for r in runs)})", flush=True)
+
+
 def profile(root: Path, name: str, prompt: int, steps: int) -> None:
     """Per-kernel GPU time (ncu gpu__time_duration) of a prefill and of one decode step."""
     import csv
@@ -506,7 +528,7 @@ def profile(root: Path, name: str, prompt: int, steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["build", "check", "bench", "torch-ref", "kiln-out", "hf",
-                                    "profile", "profile-run", "steptime"])
+                                    "profile", "profile-run", "steptime", "ctxdecode"])
     p.add_argument("root", type=Path)
     p.add_argument("rest", nargs="*")
     p.add_argument("--max-seq", type=int, default=4096)
@@ -538,6 +560,11 @@ def main() -> None:
         enter_bundle(a.root / "bundle")
         for name in a.rest:
             step_time(a.root / "arts" / name)
+    elif a.mode == "ctxdecode":  # ctxdecode ROOT NAME... --lens 16,1024,3072
+        enter_bundle(a.root / "bundle")
+        for name in a.rest:
+            context_decode(a.root / "arts" / name, [int(x) for x in a.lens.split(",")],
+                           a.decode, a.repeat)
     elif a.mode == "profile-run":
         enter_bundle(a.root / "bundle")
         profile_run(a.root / "arts" / a.rest[0], int(a.rest[1]), int(a.rest[2]))
