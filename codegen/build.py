@@ -195,6 +195,8 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
                 bb, graph, target, cfg, past, kernels=kernels)
             ctx.symbols.update(symbols)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
+            if cuda:
+                ctx.values.update(backend.computed_inputs(ctx, graph, sig, b, seq))
             for i, p in enumerate(sig.params):
                 ctx.values[p] = bb.emit(relax.TupleGetItem(params, i))
             for i, c in enumerate(sig.caches):

@@ -38,6 +38,9 @@ class Session:
         self._cuda = art.manifest["target"].get("kind") == "cuda"
         self._cache_pool: dict[int, tuple] = {}
         self._inputs: dict[tuple, object] = {}  # CUDA decode: (name, shape) -> device tensor
+        # the last greedy tokens (host copy, device tensor): fed back as they are when the
+        # next step's tokens are these (no copy to the device, no checks: ids from argmax)
+        self._greedy: tuple | None = None
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -76,6 +79,7 @@ class Session:
     def reset(self, batch: int | None = None) -> None:
         """Forget the cache contents (and resize it to `batch` rows)."""
         self.past = 0
+        self._greedy = None
         if batch is not None and batch != self.batch:
             self.batch = batch
             if self._cuda:
@@ -131,17 +135,26 @@ class Session:
         if self.past + s > self.capacity:
             raise KilnError(f"context exceeded: {self.past} cached + {s} new tokens > "
                             f"{self.capacity} (compiled with --max-seq {self.capacity})")
+        chained = (entry == "decode" and self._greedy is not None and self.inputs == [
+            "input_ids"] and self._greedy[0].shape == ids.shape and
+            np.array_equal(self._greedy[0], ids))
         vocab = self.vocab
-        if vocab and (ids.min() < 0 or ids.max() >= vocab):
+        if not chained and vocab and (ids.min() < 0 or ids.max() >= vocab):
             raise KilnError(f"token id {int(ids.max())} out of range for a vocab of {vocab}")
         tvm = self._tvm
         args = [tvm.runtime.ShapeTuple([self.past])]
-        args += [self._device_input(name, self._feed(name, ids), reuse=self._cuda and
-                                    entry == "decode") for name in self.inputs]
+        args += [self._greedy[1] if chained else
+                 self._device_input(name, self._feed(name, ids),
+                                    reuse=self._cuda and entry == "decode")
+                 for name in self.inputs]
         out = self._vm[entry](*args, self._caches, self._params)
         self.past += s
+        self._greedy = None
         if not hasattr(out, "numpy"):  # several outputs come back as an array of tensors
             out = out[output]
+            if entry == "decode" and output == 1:
+                self._greedy = (out.numpy(), out)
+                return self._greedy[0]
         return out.numpy()
 
     def _device_input(self, name: str, value: np.ndarray, *, reuse: bool):

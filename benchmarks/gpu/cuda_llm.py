@@ -7,7 +7,7 @@
     python3 benchmarks/gpu/cuda_llm.py profile .device NAME PROMPT STEPS   # ncu, per kernel
     python3 benchmarks/gpu/cuda_llm.py ctxdecode .device NAME... --lens 16,2048  # long contexts
 
-`build` compiles each CONFIG:DTYPE[:QUANT[:ldsm|noldsm]] (kiln.models.synthetic names, a
+`build` compiles each CONFIG:DTYPE[:QUANT[:VARIANT]] (kiln.models.synthetic names, a
 --quant preset, the attention kernel's operand loads) with --no-weights into
 .device/arts/NAME, writes its canonical graph as JSON beside it (the torch reference runs it),
 and packages one bundle (.device/bundle: TVM runtime, kiln runtime; the artifacts are passed
@@ -62,21 +62,27 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
 
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
-    from kiln.codegen.cuda.kernels import flash_attention, pdl
+    from kiln.codegen.cuda import lower
+    from kiln.codegen.cuda.kernels import attention, flash_attention, pdl
 
     default_ldsm = flash_attention.LDSM
-    # CONFIG:DTYPE[:QUANT][:ldsm|noldsm|nopdl]: the flash kernel's operand loads; the decode
-    # kernels without programmatic dependent launch (for an A/B run)
+    # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
+    # kernel's operand loads), nopdl (no programmatic dependent launch), norope (decode's
+    # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
+        flags = set(variant.split("+")) - {""}
         src = write_synthetic(name, out / "models" / name, weights=False)
         dst = arts / "-".join(x for x in (name, dtype, quant, variant) if x)
         t = time.perf_counter()
-        flash_attention.LDSM = {"ldsm": True, "noldsm": False}.get(variant, default_ldsm)
-        pdl.ENABLED = variant != "nopdl"
+        flash_attention.LDSM = ("ldsm" in flags or default_ldsm) and "noldsm" not in flags
+        pdl.ENABLED = "nopdl" not in flags
+        lower.FUSE_ROPE = "norope" not in flags
+        attention.WARP_DECODE = "oldattn" not in flags
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None)
-        flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
+        flash_attention.LDSM, pdl.ENABLED, lower.FUSE_ROPE = default_ldsm, True, True
+        attention.WARP_DECODE = True
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
         (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))

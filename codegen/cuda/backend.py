@@ -16,6 +16,7 @@ from typing import Any
 from kiln.codegen.targets import CudaTarget
 
 USE_CUDA_GRAPH = "relax.backend.use_cuda_graph"
+POSITIONS = "position_ids"
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -25,16 +26,35 @@ def param_dtype(target: CudaTarget, dtype: str) -> str:
 
 
 def cuda_signature(graph, target: CudaTarget, sig):
-    """The CPU calling convention, adjusted: the KV cache is stored in the compute dtype, and
-    an attention mask read by nothing but attention is no input (the CUDA attention kernels are
-    causal over the cache, without padding; the runtime then neither builds nor copies it)."""
+    """The CPU calling convention, adjusted: the KV cache is stored in the compute dtype; an
+    attention mask read by nothing but attention is no input (the CUDA attention kernels are
+    causal over the cache, without padding; the runtime then neither builds nor copies it);
+    nor are the position ids: without padding they are past, past + 1, ..., which `positions`
+    computes on the device. A decode step then copies only the token ids to the device, and
+    nothing when they are the previous step's greedy tokens, already there."""
     users = graph.consumers()
     unused = {v for v in sig.inputs if users.get(v) and all(
         n.op == "attention" and list(n.inputs).index(v) == 5 for n in users[v])}
+    unused |= {POSITIONS} & set(sig.inputs)
     return dataclasses.replace(
         sig, inputs=tuple(v for v in sig.inputs if v not in unused),
         caches=tuple(dataclasses.replace(c, dtype=param_dtype(target, c.dtype))
                      for c in sig.caches))
+
+
+def computed_inputs(ctx, graph, sig, batch, seq) -> dict:
+    """Graph inputs the CUDA calling convention leaves out that the graph reads: the position
+    ids, past + j for the j-th new token of every row, from the device copy of `past` (so
+    the kernels reading them can be captured in the decode step's CUDA graph)."""
+    if POSITIONS not in graph.inputs or POSITIONS in sig.inputs:
+        return {}
+    from tvm import te
+
+    def positions(past):
+        return te.compute((batch, seq), lambda i, j: past[0].astype("int64") + j,
+                          name="positions")
+
+    return {POSITIONS: ctx.bb.emit_te(positions, ctx.past_on_device())}
 
 
 def greedy_tokens(ctx, logits):

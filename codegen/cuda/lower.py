@@ -87,6 +87,11 @@ class CudaLowerContext(LowerContext):
             and users[n.outputs[0]][0].inputs[0] == n.outputs[0]
             and not _bias_of(users[n.outputs[0]][0]) and _gemv_ok(users[n.outputs[0]][0])}
         self.deferred: dict[str, tuple] = {}
+        # q/k/v projection output -> its attention node: in decode, that projection, the
+        # rotary and the KV append are one kernel (deferred: output -> (x, gamma, w, eps))
+        self.qkv_of = {self.qkv[n.name].split.inputs[0]: n for n in self.graph.nodes
+                       if n.name in self.qkv}
+        self.deferred_qkv: dict[str, tuple] = {}
         # linear -> (Split, silu_mul) it alone feeds as gate/up: SwiGLU fused into the GEMV
         self.swiglu: dict[str, tuple[Node, Node]] = {}
         for n in self.graph.nodes:
@@ -248,6 +253,9 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
             ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
             ctx.done.update((sp.name, u.name))
             return None
+    if _rope_fusable(ctx, node, dtype, n):
+        ctx.deferred_qkv[node.outputs[0]] = (x, gamma, w, eps)
+        return None
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
     gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl),
@@ -256,6 +264,27 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
     y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                relax.TensorType([m, n], out_dtype)))
     return reshape(ctx, y, [*xs[:-1], n])
+
+
+#: decode's q/k/v GEMV, rotary and KV append as one kernel (gemv.qkv_rope_gemv_kernel); the
+#: benchmarks' `norope` variant clears it for an A/B run
+FUSE_ROPE = True
+
+
+def _rope_fusable(ctx: CudaLowerContext, node: Node, dtype: str, n: int) -> bool:
+    """Whether this (decode, norm-fused) GEMV is a q/k/v projection whose rotary the fused
+    kernel covers: halves rotated over the whole head, cos/sin of the compute dtype's width."""
+    attention = ctx.qkv_of.get(node.outputs[0]) if FUSE_ROPE else None
+    if attention is None:
+        return False
+    p, a = ctx.qkv[attention.name], attention.attrs
+    h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    cos = ctx.values.get(p.rot_q.inputs[1])
+    if cos is None or p.rot_q.attrs.get("interleaved", False) or d % 2:
+        return False
+    cs = shape_of(cos)
+    return (n == (h + 2 * kvh) * d and len(cs) == 3 and isinstance(cs[-1], tirx.IntImm)
+            and cs[-1].value == d and isinstance(cs[1], tirx.IntImm) and cs[1].value == 1)
 
 
 def _decode_shaped(x: relax.Expr) -> bool:
@@ -372,6 +401,8 @@ def _fused_qkv(ctx: CudaLowerContext, node: Node, p: QkvPattern, kc: relax.Expr,
 
     a = node.attrs
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    if p.split.inputs[0] in ctx.deferred_qkv:
+        return _qkv_rope_gemv(ctx, p, h, kvh, d, kc, vc, pst)
     qkv = ctx.values[p.split.inputs[0]]
     xs = shape_of(qkv)
     if _split_sizes(ctx, p.split, _static(xs[-1], "split axis", p.split)) != [h * d, kvh * d,
@@ -393,6 +424,24 @@ def _fused_qkv(ctx: CudaLowerContext, node: Node, p: QkvPattern, kc: relax.Expr,
     return q, kc2, vc2
 
 
+def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: int,
+                   kc: relax.Expr, vc: relax.Expr, pst: relax.Expr) -> tuple[relax.Expr, ...]:
+    """Decode: rms norm, q/k/v projection, rotary and KV append in one kernel."""
+    x, gamma, w, eps = ctx.deferred_qkv[p.split.inputs[0]]
+    xs, k, dtype = shape_of(x), _static(shape_of(w)[1], "in features", p.split), dtype_of(x)
+    cos, sin = (ctx.values[p.rot_q.inputs[i]] for i in (1, 2))
+    if dtype_of(cos) != dtype:
+        cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
+    m = _numel(xs[:-1])
+    gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
+                    lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps, pdl=ctx.pdl))
+    upd = ctx.bb.emit(R.call_tir_inplace(
+        gv, [reshape(ctx, x, [m, k]), gamma, w, cos, sin, kc, vc, pst], [5, 6, -1],
+        [kc.ty, vc.ty, relax.TensorType([m, h * d], dtype)]))
+    kc2, vc2, q = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1, 2))
+    return reshape(ctx, q, [*xs[:-1], h * d]), kc2, vc2
+
+
 def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
             vc2: relax.Expr, pst: relax.Expr, past_k: str, past_v: str) -> list:
     a = node.attrs
@@ -401,9 +450,10 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     scale = float(a.get("scale", d ** -0.5))
     seq = shape_of(q)[1]
     if isinstance(seq, tirx.IntImm) and seq.value == 1:
-        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl),
+        warps = attn.WARP_DECODE
+        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps),
                         lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype,
-                                                             pdl=ctx.pdl))
+                                                             pdl=ctx.pdl, warps=warps))
     elif flash.supported(d, dtype):  # tensor cores
         ldsm = flash.LDSM
         gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype) + (("ldsm",) if ldsm

@@ -43,6 +43,8 @@ def test_manifest_records_dtype_and_stores_params_and_cache_in_it(cuda_artifact)
     assert all(c["dtype"] == "float16" for c in m["signature"]["caches"])
     assert {o["dtype"] for o in m["signature"]["outputs"]} == {"float32"}  # logits stay fp32
     assert set(m["entry_points"]) == {"prefill", "decode", "prefill_last"}
+    # no attention mask, no position ids (past, past + 1, ... computed on the device)
+    assert [i["name"] for i in m["signature"]["inputs"]] == ["input_ids"]
 
 
 def test_decode_is_captured_as_cuda_graphs(tiny_model):
@@ -92,3 +94,23 @@ def test_int8_kv_cache_is_refused_on_cuda(tiny_model, tmp_path):
     with pytest.raises(KilnError, match="--quant kv8: the int8 KV cache"):
         compile_model(tiny_model, tmp_path / "q", target="cuda", weights=False, quant="kv8")
     assert not (tmp_path / "q").exists()
+
+
+def test_decode_fuses_qkv_rotary_and_append_into_the_gemv(tiny_model, monkeypatch):
+    """Decode's q/k/v projection, rotary and KV append are one kernel (the prefill keeps the
+    GEMM + rotary/append kernel); FUSE_ROPE off restores the separate kernel."""
+    from kiln.codegen.build import build_module
+    from kiln.codegen.cuda import lower
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_graph
+
+    graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
+                          weights_optional=True)
+    for fused in (True, False):
+        monkeypatch.setattr(lower, "FUSE_ROPE", fused)
+        mod, _ = build_module(graph, CudaTarget(dtype="float16"),
+                              entry_points=("decode", "prefill"))
+        decode, prefill = mod["decode"].script(), mod["prefill"].script()
+        assert ("cuda_qkv_rope_gemv" in decode) is fused
+        assert ("cuda_qkv_rotary_append" in decode) is not fused
+        assert "cuda_qkv_rotary_append" in prefill and "cuda_qkv_rope_gemv" not in prefill

@@ -27,7 +27,10 @@ from kiln.codegen.cuda.kernels import pdl as P
 
 F32_MIN = -3.4028234663852886e38
 NT = 64  # decode, any head dim: threads per block (keys split over them, states merged)
-DW, DU = 4, 16  # decode, head dim a multiple of 32: warps per block, keys per warp per step
+DW, DU = 16, 8  # decode, head dim a multiple of 32: warps per block, keys per warp per step
+#: the warp kernel for head dims that are multiples of 32; the benchmarks' `oldattn` variant
+#: clears it (for an A/B run against `_decode_attention_threads`)
+WARP_DECODE = True
 
 
 def _vec(dtype: str, head_dim: int) -> int:
@@ -81,7 +84,8 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
 
 @functools.cache
 def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
-                            dtype: str, *, pdl: bool = False) -> tirx.PrimFunc:
+                            dtype: str, *, pdl: bool = False, warps: bool = True
+                            ) -> tirx.PrimFunc:
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal; any s, best
     for s = 1. Query i (0-based in the new rows) sees keys 0..past+i.
 
@@ -90,8 +94,9 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
     at a time, all their K and V loads issued before the first use; scores are summed across
     the lanes by a butterfly of shuffles, so every lane holds them and keeps its slice of the
     online-softmax output. The warps' states are merged once, at the end, in shared memory.
-    Head dims that are not a multiple of 32 take `_decode_attention_threads`."""
-    if head_dim % 32:
+    Head dims that are not a multiple of 32 (or `warps` false) take
+    `_decode_attention_threads`."""
+    if head_dim % 32 or not warps:
         return _decode_attention_threads(heads, kv_heads, head_dim, scale, dtype, pdl)
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
     per, keys = head_dim // 32, DW * DU  # elements per lane; keys per block per step

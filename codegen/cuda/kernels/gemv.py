@@ -270,22 +270,71 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
     return splitk_gemv
 
 
-@functools.cache
-def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
-                       pdl: bool = False) -> tirx.PrimFunc:
-    """PrimFunc(x[m, k], gamma[k], w[2f, k], y[m, f]): with x' = rmsnorm(x) * gamma,
-    g = x' . w[r], u = x' . w[f + r], y[m, r] = silu(g) * u. The gate/up projection, the
-    split of its output and the SwiGLU in one kernel: one warp per output, two weight rows."""
+def _pair_norm_dot(k: int, dtype: str, pdl: bool):
+    """A macro: with x' = x * gamma, acc[0] = x' . w[ra], acc[1] = x' . w[rb] and
+    acc[2] = sum(x^2), over row `mi` of x, summed across the warp (lane 0 holds them). The two
+    weight rows stream together, their first chunk issued before the PDL wait."""
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec
     full, tail = k // step, k % step
     chunks = (full + CHUNK - 1) // CHUNK
 
     @T.macro
-    def fma(acc, xv, gv, wg, wu, v):
-        acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wg
-        acc[1] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wu
+    def fma(acc, xv, gv, wa, wb, v):
+        acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wa
+        acc[1] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wb
         acc[2] += T.Cast(f32, xv[v]) * T.Cast(f32, xv[v])
+
+    @T.macro
+    def pair_dot(x, gamma, w, acc, xv, gv, wa, wb, mi, ra, rb, tx):
+        acc[0] = T.float32(0)
+        acc[1] = T.float32(0)
+        acc[2] = T.float32(0)
+        for ch in range(chunks):
+            for it in T.unroll(CHUNK):
+                if ch * CHUNK + it < full:
+                    for v in T.vectorized(vec):
+                        wa[it * vec + v] = w[ra, (ch * CHUNK + it) * step + tx * vec + v]
+                    for v in T.vectorized(vec):
+                        wb[it * vec + v] = w[rb, (ch * CHUNK + it) * step + tx * vec + v]
+            if ch == 0:
+                P.wait(pdl)
+            for it in T.unroll(CHUNK):
+                if ch * CHUNK + it < full:
+                    for v in T.vectorized(vec):
+                        xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
+                    for v in T.vectorized(vec):
+                        gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
+                    for v in T.unroll(vec):
+                        fma(acc, xv, gv, T.Cast(f32, wa[it * vec + v]),
+                            T.Cast(f32, wb[it * vec + v]), v)
+        if tail != 0:
+            if full == 0:
+                P.wait(pdl)
+            if full * step + tx * vec < k:
+                for v in T.vectorized(vec):
+                    xv[v] = x[mi, full * step + tx * vec + v]
+                for v in T.vectorized(vec):
+                    gv[v] = gamma[full * step + tx * vec + v]
+                for v in T.unroll(vec):
+                    fma(acc, xv, gv, T.Cast(f32, w[ra, full * step + tx * vec + v]),
+                        T.Cast(f32, w[rb, full * step + tx * vec + v]), v)
+        for off in T.unroll(5):
+            for r in T.unroll(3):
+                acc[r] = acc[r] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[r],
+                                                          16 >> off, 32, 32)
+
+    return pair_dot, vec
+
+
+@functools.cache
+def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
+                       pdl: bool = False) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], gamma[k], w[2f, k], y[m, f]): with x' = rmsnorm(x) * gamma,
+    g = x' . w[r], u = x' . w[f + r], y[m, r] = silu(g) * u. The gate/up projection, the
+    split of its output and the SwiGLU in one kernel: one warp per output, two weight rows."""
+    pair_dot, vec = _pair_norm_dot(k, dtype, pdl)
+    f32 = "float32"
 
     @T.prim_func(private=True)
     def swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
@@ -304,46 +353,8 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
                     wu = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
                     for mi in range(m):
                         if bx * WARPS + ty < f:
-                            acc[0] = T.float32(0)
-                            acc[1] = T.float32(0)
-                            acc[2] = T.float32(0)
-                            for ch in range(chunks):
-                                for it in T.unroll(CHUNK):
-                                    if ch * CHUNK + it < full:
-                                        for v in T.vectorized(vec):
-                                            wg[it * vec + v] = w[bx * WARPS + ty, (
-                                                ch * CHUNK + it) * step + tx * vec + v]
-                                        for v in T.vectorized(vec):
-                                            wu[it * vec + v] = w[f + bx * WARPS + ty, (
-                                                ch * CHUNK + it) * step + tx * vec + v]
-                                if ch == 0:
-                                    P.wait(pdl)
-                                for it in T.unroll(CHUNK):
-                                    if ch * CHUNK + it < full:
-                                        for v in T.vectorized(vec):
-                                            xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
-                                        for v in T.vectorized(vec):
-                                            gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
-                                        for v in T.unroll(vec):
-                                            fma(acc, xv, gv, T.Cast(f32, wg[it * vec + v]),
-                                                T.Cast(f32, wu[it * vec + v]), v)
-                            if tail != 0:
-                                if full == 0:
-                                    P.wait(pdl)
-                                if full * step + tx * vec < k:
-                                    for v in T.vectorized(vec):
-                                        xv[v] = x[mi, full * step + tx * vec + v]
-                                    for v in T.vectorized(vec):
-                                        gv[v] = gamma[full * step + tx * vec + v]
-                                    for v in T.unroll(vec):
-                                        fma(acc, xv, gv, T.Cast(f32, w[
-                                            bx * WARPS + ty, full * step + tx * vec + v]),
-                                            T.Cast(f32, w[f + bx * WARPS + ty,
-                                                          full * step + tx * vec + v]), v)
-                            for off in T.unroll(5):
-                                for r in T.unroll(3):
-                                    acc[r] = acc[r] + T.tvm_warp_shuffle_down(
-                                        T.uint32(0xFFFFFFFF), acc[r], 16 >> off, 32, 32)
+                            pair_dot(x, gamma, w, acc, xv, gv, wg, wu, mi, bx * WARPS + ty,
+                                     f + bx * WARPS + ty, tx)
                             if tx == 0:
                                 acc[2] = T.rsqrt(acc[2] / T.float32(k) + T.float32(eps))
                                 acc[0] = acc[0] * acc[2]
@@ -351,6 +362,76 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
                                     T.float32(1) + T.exp(-acc[0])) * acc[1] * acc[2])
 
     return swiglu_gemv
+
+
+@functools.cache
+def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype: str,
+                         eps: float, *, pdl: bool = False) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], gamma[k], w[(H + 2 KV) D, k], cos[cb, 1, D], sin[cb, 1, D],
+    k_cache, v_cache, past[1], q_out[m, H D]): decode's whole attention input in one kernel:
+    the rms norm, the q/k/v projection, rotary position embedding (full width, halves
+    rotated: x[c] with x[c + D/2]) on q and k, and k/v written into the caches at row `past`.
+
+    Each warp computes the two rows a rotation pairs (c and c + D/2 of one head), so the
+    rotation needs nothing from another warp; v rows are paired the same way and not
+    rotated. The q/k/v output never reaches memory (it is what kiln.codegen.cuda.lower
+    otherwise splits, rotates and appends in qkv_rotary_append_kernel)."""
+    d, half, f32 = head_dim, head_dim // 2, "float32"
+    n, hd, kvd = (heads + 2 * kv_heads) * head_dim, heads * head_dim, kv_heads * head_dim
+    pairs = n // 2
+    pair_dot, vec = _pair_norm_dot(k, dtype, pdl)
+
+    @T.prim_func(private=True)
+    def qkv_rope_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
+                      cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                      pst: T.Buffer((1,), "int32"), q_h: T.handle):
+        T.func_attr(P.func_attrs(pdl))
+        m, cb, cap = T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        cos = T.match_buffer(cos_h, (cb, 1, d), dtype)
+        sin = T.match_buffer(sin_h, (cb, 1, d), dtype)
+        kc = T.match_buffer(kc_h, (m, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (m, kv_heads, cap, d), dtype)
+        q = T.match_buffer(q_h, (m, hd), dtype)
+        for bx in T.thread_binding((pairs + WARPS - 1) // WARPS, thread="blockIdx.x"):
+            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.decl_buffer((3,), f32, scope="local")  # row c, row c + D/2, x^2
+                    xv = T.decl_buffer((vec,), dtype, scope="local")
+                    gv = T.decl_buffer((vec,), dtype, scope="local")
+                    wa = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    wb = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    pi: T.let[T.int32] = bx * WARPS + ty  # pair: head pi // half, dim c
+                    c: T.let[T.int32] = pi % half
+                    r0: T.let[T.int32] = pi // half * d + c  # its two rows of w
+                    for mi in range(m):
+                        if pi < pairs:
+                            pair_dot(x, gamma, w, acc, xv, gv, wa, wb, mi, r0, r0 + half, tx)
+                            if tx == 0:
+                                acc[2] = T.rsqrt(acc[2] / T.float32(k) + T.float32(eps))
+                                # rounded to the storage dtype, as the unfused q/k/v output is
+                                acc[0] = T.Cast(f32, T.Cast(dtype, acc[0] * acc[2]))
+                                acc[1] = T.Cast(f32, T.Cast(dtype, acc[1] * acc[2]))
+                                ci: T.let[T.int64] = T.min(mi, cb - 1)
+                                row: T.let[T.int64] = T.Cast("int64", pst[0])
+                                if r0 < hd + kvd:  # q or k: rotated
+                                    acc[2] = acc[0] * T.Cast(f32, cos[ci, 0, c]) - acc[1] * T.Cast(
+                                        f32, sin[ci, 0, c])
+                                    acc[1] = acc[1] * T.Cast(f32, cos[ci, 0, c + half]) + acc[
+                                        0] * T.Cast(f32, sin[ci, 0, c + half])
+                                    acc[0] = acc[2]
+                                if r0 < hd:
+                                    q[mi, r0] = T.Cast(dtype, acc[0])
+                                    q[mi, r0 + half] = T.Cast(dtype, acc[1])
+                                elif r0 < hd + kvd:
+                                    kc[mi, (r0 - hd) // d, row, c] = T.Cast(dtype, acc[0])
+                                    kc[mi, (r0 - hd) // d, row, c + half] = T.Cast(dtype, acc[1])
+                                else:
+                                    vc[mi, (r0 - hd - kvd) // d, row, c] = T.Cast(dtype, acc[0])
+                                    vc[mi, (r0 - hd - kvd) // d, row, c + half] = T.Cast(
+                                        dtype, acc[1])
+
+    return qkv_rope_gemv
 
 
 @functools.cache
