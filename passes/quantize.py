@@ -56,6 +56,7 @@ from kiln.compiler.ir import (
     TensorType,
 )
 from kiln.passes import register
+from kiln.runtime.params import clip_searched  # numpy only: the GPU host converts with it too
 
 LANES = 16
 
@@ -202,22 +203,8 @@ def quantize(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
 
 def _searched(wg: np.ndarray, base: np.ndarray, codes, *, with_zero: bool = False):
     """Per group, the scale base * f (f in CLIP_SEARCH) whose codes reconstruct wg best."""
-    best_q = best_zp = best_s = best_err = None
-    for f in CLIP_SEARCH:
-        s = (base * np.float32(f)).astype(np.float32)
-        q, zp = codes(s)
-        deq = (q - (zp[..., None] if zp is not None else 0)) * s[..., None]
-        err = ((deq - wg) ** 2).sum(axis=2)
-        if best_err is None:
-            best_q, best_zp, best_s, best_err = q, zp, s, err
-            continue
-        better = err < best_err
-        best_q = np.where(better[..., None], q, best_q)
-        best_s = np.where(better, s, best_s)
-        best_err = np.where(better, err, best_err)
-        if zp is not None:
-            best_zp = np.where(better, zp, best_zp)
-    return ((best_q, best_zp) if with_zero else best_q), best_s
+    q, zp, s = clip_searched(wg, base, codes, CLIP_SEARCH)
+    return ((q, zp) if with_zero else q), s
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:

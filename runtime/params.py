@@ -37,7 +37,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             continue
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None and info["dtype"] == "BF16":  # numpy has none: see as_float
-            dtype = _bfloat16()
+            dtype = bfloat16_dtype()
         if dtype is None:
             raise KilnError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
@@ -195,7 +195,7 @@ def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True
             zp = np.clip(np.rint(-lo_v / s), 0, qmax)
             return np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax), zp
 
-    c, zp, s = _clip_searched(wg, base, codes, clip)
+    c, zp, s = clip_searched(wg, base, codes, clip)
     c = c.reshape(n, -1)
     if symmetric:
         codes_ = c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)
@@ -208,10 +208,11 @@ def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True
     return codes_, s, zp
 
 
-def _clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, ...]):
+def clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, ...]):
     """(codes, zero points, scales) of the factor f in `clip` whose scale base * f
-    reconstructs each group of wg best (the first one on ties), as kiln.passes.quantize's
-    search does it, operation for operation (the same float32 errors pick the same factor)."""
+    reconstructs each group of wg best (the first one on ties); `codes(scales)` gives the codes
+    and zero points (None without) of a candidate. kiln.passes.quantize searches with this
+    one too, so the GPU host's conversion picks the compiler's factors."""
     best_q = best_zp = best_s = best_err = None
     for f in clip:
         s = (base * np.float32(f)).astype(np.float32)
@@ -256,7 +257,7 @@ def bfloat16_bits(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
 
 
-def _bfloat16() -> np.dtype:
+def bfloat16_dtype() -> np.dtype:
     """ml_dtypes' bfloat16 when installed (the TVM runtime uploads it), else uint16 (its bits)."""
     try:
         import ml_dtypes
@@ -267,10 +268,10 @@ def _bfloat16() -> np.dtype:
 
 def as_float(x: np.ndarray, dtype: str) -> np.ndarray:
     """x in float dtype `dtype`; bfloat16 rounded from float32 (bfloat16_bits), typed as
-    _bfloat16 says."""
+    bfloat16_dtype says."""
     if dtype != "bfloat16":
         return x.astype(dtype)
-    return bfloat16_bits(x).view(_bfloat16())
+    return bfloat16_bits(x).view(bfloat16_dtype())
 
 
 def to_float32(x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.compiler.errors import KilnError
 from kiln.runtime import artifact as af
-from kiln.runtime.params import read_safetensors, synthetic_params
+from kiln.runtime.params import bfloat16_dtype, read_safetensors, synthetic_params
 from kiln.runtime.tvm_runtime import import_tvm, load_cuda_runtime
 
 CONSTANTS = "constants.safetensors"
@@ -59,8 +59,8 @@ class Session:
             raise KilnError(f"{art.file(af.KERNELS)}: cannot load kernels: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         arrays = _param_arrays(art, synthetic_weights)
-        params = tuple(tvm.runtime.tensor(np.require(arrays[n], requirements="C"), dev)
-                       for n in art.signature["params"])
+        dtypes = {p["name"]: p["dtype"] for p in art.manifest["params"]}
+        params = tuple(upload(tvm, arrays[n], dtypes[n], dev) for n in art.signature["params"])
         return cls(art, vm, dev, params, tvm)
 
     @property
@@ -197,10 +197,24 @@ def _param_arrays(art: af.Artifact, synthetic: int | None) -> dict[str, np.ndarr
                         f"({len(missing)} missing; mismatched artifact?)")
     for p in table:
         a = arrays[p["name"]]
-        if list(a.shape) != p["shape"] or str(a.dtype) != p["dtype"]:
+        if list(a.shape) != p["shape"] or not _is_dtype(a, p["dtype"]):
             raise KilnError(f"{art.path}: parameter {p['name']} is {a.dtype}{list(a.shape)}, "
                             f"the manifest says {p['dtype']}{p['shape']}")
     return arrays
+
+
+def _is_dtype(a: np.ndarray, dtype: str) -> bool:
+    """Whether `a` holds the manifest's `dtype`: bfloat16 arrives as ml_dtypes' type or, where
+    numpy alone is installed, as its uint16 bits (kiln.runtime.params.bfloat16_dtype)."""
+    return a.dtype == bfloat16_dtype() if dtype == "bfloat16" else str(a.dtype) == dtype
+
+
+def upload(tvm, a: np.ndarray, dtype: str, dev):
+    """A device tensor of `dtype` holding `a` (bfloat16 from its 16-bit patterns)."""
+    a = np.require(a, requirements="C")
+    if dtype == "bfloat16":  # TVM copies bfloat16 from the raw bits, whatever numpy calls them
+        return tvm.runtime.empty(a.shape, "bfloat16", dev).copyfrom(a)
+    return tvm.runtime.tensor(a, dev)
 
 
 def can_run(target: dict) -> str | None:

@@ -16,8 +16,9 @@ launched the ordinary way. Two rules keep it correct:
 - No `tirx.noalias` on these kernels (`func_attrs`). With it every pointer is `__restrict__`,
   and nvcc reads a restrict pointer the kernel never writes through the non-coherent path
   (ld.global.nc), which assumes the data does not change while the kernel runs; under PDL the
-  activations are written by the previous kernel while this one is already running. On the H200
-  greedy decoding went wrong after a few steps that way (run 11, benchmarks/gpu/cuda_llm_log.md).
+  activations are written by the previous kernel while this one is already running. On the
+  H200 greedy decoding went wrong after a few steps that way (runs 11-12 in
+  benchmarks/gpu/cuda_llm_log.md).
 - The trigger comes after the wait, not at the start: triggered at the start, a whole chain of
   waiting kernels would become resident at once and hold the SMs' slots; after it, at most two
   kernels overlap: the running one and the next, which reads nothing but weights until its own

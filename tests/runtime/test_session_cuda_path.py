@@ -1,7 +1,8 @@
-"""Session.decode_greedy on a CUDA artifact feeds the previous step's greedy tokens back as the
-device tensor they already are (no copy to the device); other tokens are copied and checked.
-Run here with TVM's CPU runtime standing in for the device and a stand-in for the compiled
-decode entry (it records what it was given), so no GPU is needed."""
+"""Session details of the CUDA path, run with TVM's CPU runtime standing in for the device (no
+GPU needed): decode_greedy feeds the previous step's greedy tokens back as the device tensor they
+already are (no copy to the device; other tokens are copied and checked), with a stand-in for
+the compiled decode entry that records what it was given; bfloat16 parameters load from their
+bits where numpy alone is installed."""
 
 from __future__ import annotations
 
@@ -78,3 +79,19 @@ def test_a_reset_forgets_the_last_tokens(session):
     session.decode_greedy(out)
     assert vm.given[1] is not vm.returned[0]
 
+
+
+def test_bfloat16_parameters_upload_from_their_bits_without_ml_dtypes(monkeypatch):
+    """A numpy-only host reads bfloat16 parameters as uint16 bits; they are accepted for a
+    bfloat16 parameter and uploaded as bfloat16 (bits unchanged), and refused for others."""
+    from kiln.runtime import session as sess
+    from kiln.runtime.params import bfloat16_bits
+
+    monkeypatch.setattr(sess, "bfloat16_dtype", lambda: np.dtype(np.uint16))  # no ml_dtypes
+    x = np.array([1.0, -2.5, 3.140625], np.float32)
+    bits = bfloat16_bits(x)
+    assert sess._is_dtype(bits, "bfloat16")
+    assert not sess._is_dtype(bits, "float16") and not sess._is_dtype(x, "bfloat16")
+    t = sess.upload(tvm, bits, "bfloat16", tvm.cpu(0))
+    assert t.dtype == "bfloat16"
+    assert np.frombuffer(t.numpy().tobytes(), np.uint16).tolist() == bits.tolist()
