@@ -66,7 +66,9 @@ def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
         if i == max_new_tokens - 1:
             return
         step = time.perf_counter()
-        logits = session.decode([token])[:, -1]
-        token = int(sampler(logits, rng)[0])
+        if sampler.greedy:  # the argmax where the logits are (CUDA: on the device, 1 id back)
+            token = int(session.decode_greedy([token])[0])
+        else:
+            token = int(sampler(session.decode([token])[:, -1], rng)[0])
         t.decode_s += time.perf_counter() - step
         t.decode_tokens += 1

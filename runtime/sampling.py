@@ -14,13 +14,17 @@ class Sampler:
     top_p: float = 1.0
     seed: int = 0
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
     def generator(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One token per row of `logits` (batch, vocab)."""
         logits = np.asarray(logits, np.float64)
-        if self.temperature <= 0.0:
+        if self.greedy:
             return logits.argmax(-1)
         return np.array([self._sample(row / self.temperature, rng) for row in logits])
 

@@ -118,6 +118,9 @@ class _Scripted:
         self.calls.append(("decode", 1))
         return self._logits(1)
 
+    def decode_greedy(self, tokens):
+        return self.decode(tokens)[:, -1].argmax(-1)
+
 
 def test_generation_stops_at_a_stop_token():
     from kiln.runtime.generate import Generation, generate
