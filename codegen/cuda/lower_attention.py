@@ -1,0 +1,118 @@
+"""CUDA lowering of `attention`: the KV cache written in place, then the attention kernel
+(decode: kernels/attention.py; prefill: the tensor-core flash kernel where it applies). Where
+the q/k/v Split and the two rotaries feed attention alone (kiln.codegen.cuda.qkv), they become
+one kernel with the KV append; in decode the projection joins them
+(kernels/gemv.qkv_rope_gemv_kernel, deferred by lower._norm_gemv)."""
+
+from __future__ import annotations
+
+from tvm import relax, tirx
+from tvm.relax import op as R
+
+from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import flash_attention as flash
+from kiln.codegen.cuda.kernels import gemv as gemv_k
+from kiln.codegen.cuda.lower import CudaLowerContext, lowering
+from kiln.codegen.cuda.qkv import QkvPattern
+from kiln.codegen.lower import _numel, _static, dtype_of, reshape, shape_of
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Node
+
+
+@lowering("attention")
+def _attention(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
+    """KV append in place, then causal attention; the attention mask is not applied (the
+    runtime feeds all ones: no padding on CUDA)."""
+    if ctx.input(node, 6) is not None:
+        raise KilnError(f"node {node.name} (attention): an additive bias has no CUDA kernel")
+    a = node.attrs
+    if not a.get("causal", False):
+        raise KilnError(f"node {node.name} (attention): only causal attention has a CUDA kernel")
+    past_k, past_v = (node.inputs[i] if len(node.inputs) > i else "" for i in (3, 4))
+    if past_k not in ctx.caches or past_v not in ctx.caches:
+        raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
+                        "(they become the in-place KV cache)")
+    kc, vc = ctx.caches[past_k], ctx.caches[past_v]
+    pst = ctx.past_on_device()
+    if node.name in ctx.qkv:
+        q, kc2, vc2 = _fused_qkv(ctx, node, ctx.qkv[node.name], kc, vc, pst)
+        return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)
+    q, k, v = (ctx.input(node, i) for i in range(3))
+    kvh, d, dtype = int(a["num_kv_heads"]), int(a["head_dim"]), dtype_of(q)
+    append = ctx.kernel(("cuda_kv_append", kvh, d, dtype),
+                        lambda: attn.kv_append_kernel(kvh, d, dtype))
+    upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, pst], [0, 1], [kc.ty, vc.ty]))
+    kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))
+    return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)
+
+
+def _fused_qkv(ctx: CudaLowerContext, node: Node, p: QkvPattern, kc: relax.Expr,
+               vc: relax.Expr, pst: relax.Expr) -> tuple[relax.Expr, ...]:
+    from kiln.codegen.lower import _split_sizes
+
+    a = node.attrs
+    h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    if p.split.inputs[0] in ctx.deferred_qkv:
+        return _qkv_rope_gemv(ctx, p, h, kvh, d, kc, vc, pst)
+    qkv = ctx.values[p.split.inputs[0]]
+    xs = shape_of(qkv)
+    if _split_sizes(ctx, p.split, _static(xs[-1], "split axis", p.split)) != [h * d, kvh * d,
+                                                                          kvh * d]:
+        raise KilnError(f"node {p.split.name} (Split): not a q/k/v split of {h}/{kvh} heads")
+    dtype = dtype_of(qkv)
+    cos, sin = (ctx.values[p.rot_q.inputs[i]] for i in (1, 2))
+    if dtype_of(cos) != dtype:
+        cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
+    rot, inter = _static(shape_of(cos)[-1], "rotary dim", p.rot_q), bool(
+        p.rot_q.attrs.get("interleaved", False))
+    gv = ctx.kernel(("cuda_qkv_rotary_append", h, kvh, d, rot, inter, dtype, ctx.pdl),
+                    lambda: attn.qkv_rotary_append_kernel(h, kvh, d, rot, inter, dtype,
+                                                          pdl=ctx.pdl))
+    q_ty = relax.TensorType([*xs[:-1], h * d], dtype)
+    upd = ctx.bb.emit(R.call_tir_inplace(gv, [qkv, cos, sin, kc, vc, pst], [3, 4, -1],
+                                         [kc.ty, vc.ty, q_ty]))
+    kc2, vc2, q = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1, 2))
+    return q, kc2, vc2
+
+
+def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: int,
+                   kc: relax.Expr, vc: relax.Expr, pst: relax.Expr) -> tuple[relax.Expr, ...]:
+    """Decode: rms norm, q/k/v projection, rotary and KV append in one kernel."""
+    x, gamma, w, eps = ctx.deferred_qkv[p.split.inputs[0]]
+    xs, k, dtype = shape_of(x), _static(shape_of(w)[1], "in features", p.split), dtype_of(x)
+    cos, sin = (ctx.values[p.rot_q.inputs[i]] for i in (1, 2))
+    if dtype_of(cos) != dtype:
+        cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
+    m = _numel(xs[:-1])
+    gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
+                    lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps, pdl=ctx.pdl))
+    upd = ctx.bb.emit(R.call_tir_inplace(
+        gv, [reshape(ctx, x, [m, k]), gamma, w, cos, sin, kc, vc, pst], [5, 6, -1],
+        [kc.ty, vc.ty, relax.TensorType([m, h * d], dtype)]))
+    kc2, vc2, q = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1, 2))
+    return reshape(ctx, q, [*xs[:-1], h * d]), kc2, vc2
+
+
+def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
+            vc2: relax.Expr, pst: relax.Expr, past_k: str, past_v: str) -> list:
+    a = node.attrs
+    h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    dtype = dtype_of(q)
+    scale = float(a.get("scale", d ** -0.5))
+    seq = shape_of(q)[1]
+    if isinstance(seq, tirx.IntImm) and seq.value == 1:
+        warps = attn.WARP_DECODE
+        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps),
+                        lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype,
+                                                             pdl=ctx.pdl, warps=warps))
+    elif flash.supported(d, dtype):  # tensor cores
+        ldsm = flash.LDSM
+        gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype) + (("ldsm",) if ldsm
+                                                                            else ()),
+                        lambda: flash.flash_prefill_kernel(h, kvh, d, scale, dtype, ldsm=ldsm))
+    else:
+        gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype),
+                        lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype))
+    out = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], relax.TensorType(shape_of(q), dtype)))
+    ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
+    return [out, kc2, vc2]
