@@ -29,9 +29,9 @@ def cuda_signature(graph, target: CudaTarget, sig):
     """The CPU calling convention, adjusted: the KV cache is stored in the compute dtype; an
     attention mask read by nothing but attention is no input (the CUDA attention kernels are
     causal over the cache, without padding; the runtime then neither builds nor copies it);
-    nor are the position ids: without padding they are past, past + 1, ..., which `positions`
-    computes on the device. A decode step then copies only the token ids to the device, and
-    nothing when they are the previous step's greedy tokens, already there."""
+    nor are the position ids: without padding they are past, past + 1, ..., which
+    `computed_inputs` computes on the device. A decode step then copies only the token ids to
+    the device, and nothing when they are the previous step's greedy tokens, already there."""
     users = graph.consumers()
     unused = {v for v in sig.inputs if users.get(v) and all(
         n.op == "attention" and list(n.inputs).index(v) == 5 for n in users[v])}
