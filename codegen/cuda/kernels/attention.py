@@ -105,7 +105,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
                          pst: T.Buffer((1,), "int32"), o_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, s, hd), dtype)
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
@@ -203,7 +203,7 @@ def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: f
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
                          pst: T.Buffer((1,), "int32"), o_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, s, hd), dtype)
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
@@ -400,7 +400,7 @@ def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
     @T.prim_func(private=True)
     def qkv_rotary_append(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle,
                           vc_h: T.handle, pst: T.Buffer((1,), "int32"), q_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, s, cap, cb = T.int64(), T.int64(), T.int64(), T.int64()
         qkv = T.match_buffer(qkv_h, (b, s, width), dtype)
         cos = T.match_buffer(cos_h, (cb, s, rot), dtype)

@@ -82,7 +82,7 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
         @T.prim_func(private=True)
         def gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
                           y_h: T.handle):
-            T.func_attr(P.func_attrs(pdl))
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
@@ -104,7 +104,7 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
 
     @T.prim_func(private=True)
     def gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
@@ -139,7 +139,7 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
     @T.prim_func(private=True)
     def norm_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
                   y_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
@@ -250,7 +250,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
         @T.prim_func(private=True)
         def splitk_gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
                                  y_h: T.handle):
-            T.func_attr(P.func_attrs(pdl))
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
@@ -261,7 +261,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
 
     @T.prim_func(private=True)
     def splitk_gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
@@ -339,7 +339,7 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
     @T.prim_func(private=True)
     def swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
                     w: T.Buffer((2 * f, k), dtype), y_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, f), dtype)
@@ -385,7 +385,7 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
     def qkv_rope_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
                       cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
                       pst: T.Buffer((1,), "int32"), q_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m, cb, cap = T.int64(), T.int64(), T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         cos = T.match_buffer(cos_h, (cb, 1, d), dtype)
@@ -443,7 +443,7 @@ def argmax_kernel(v: int, dtype: str, *, pdl: bool = False) -> tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def argmax(x_h: T.handle, o_h: T.handle):
-        T.func_attr(P.func_attrs(pdl))
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, v), dtype)
         o = T.match_buffer(o_h, (m,), "int64")

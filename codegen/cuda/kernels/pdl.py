@@ -13,7 +13,8 @@ issues its weight loads, which depend on nothing computed, before it waits:
 
 Every kernel in the chain waits, so the order is transitive; a kernel without these calls is
 launched the ordinary way. Two rules keep it correct:
-- No `tirx.noalias` on these kernels (`func_attrs`). With it every pointer is `__restrict__`,
+- No `tirx.noalias` on the device functions of these kernels (`tag_launches` clears the one
+  the host/device split gives every device function). With it every pointer is `__restrict__`,
   and nvcc reads a restrict pointer the kernel never writes through the non-coherent path
   (ld.global.nc), which assumes the data does not change while the kernel runs; under PDL the
   activations are written by the previous kernel while this one is already running. On the
@@ -51,12 +52,6 @@ def supported(arch: str) -> bool:
     return ENABLED and int(arch[3:].rstrip("a")) >= 90
 
 
-def func_attrs(on: bool) -> dict:
-    """The PrimFunc attributes of a kernel built with (`on`) or without PDL: `tirx.noalias`
-    only without (see above; `tag_launches` also clears the one the host/device split adds)."""
-    return {"tirx.is_scheduled": True, **({} if on else {_NOALIAS: True})}
-
-
 @T.macro
 def wait(on):
     """Wait for the previous kernel, then let the next one start (nothing when `on` is false)."""
@@ -77,7 +72,7 @@ def tag_launches(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if TAG in tags or "griddepcontrol" not in f.script(show_meta=False):
             continue
         at = tags.index(_DYN_SHARED) if _DYN_SHARED in tags else len(tags)
-        # the host/device split marks every device function noalias: undone here (see above)
+        # the host/device split marks every device function noalias: undone (see above)
         updates[gv] = f.with_attr(_LAUNCH_PARAMS, [*tags[:at], TAG, *tags[at:]]).with_attr(
             _NOALIAS, False)
     for gv, f in updates.items():

@@ -158,13 +158,13 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                                         y[mi, (bx * WARPS + ty) * rows + r] = T.Cast(
                                             out_dtype, acc[r])
 
-    return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm,
-                  P.func_attrs(pdl))
+    return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm)
 
 
-def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm, attrs):
+def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm):
     """The PrimFunc of the variant (TVMScript needs one signature per argument list)."""
     Q, S, Z = T.Buffer((n, qcols), qdtype), T.Buffer((n, ng), dtype), T.Buffer((n, ng), dtype)
+    attrs = {"tirx.is_scheduled": True, "tirx.noalias": True}
     if norm and zero_points:
         @T.prim_func(private=True)
         def qgemv_norm_zp(x_h: T.handle, gamma: T.Buffer((k,), dtype), qw: Q, sc: S, zp: Z,
