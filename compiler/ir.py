@@ -21,6 +21,8 @@ import ml_dtypes
 import numpy as np
 import sympy
 
+from kiln.runtime import transforms  # numpy only: the GPU host's converter shares it
+
 # ---------------------------------------------------------------------------------------------
 # dtypes
 
@@ -337,15 +339,9 @@ def _jsonable(v: AttrValue) -> Any:
 
 #: named parameter transforms usable by Derived sources; passes register more (quantizers)
 PARAM_TRANSFORMS: dict[str, Callable[..., np.ndarray]] = {
-    "transpose": lambda a, perm=None: np.ascontiguousarray(np.transpose(a, perm)),
+    **transforms.LAYOUT,
     "cast": lambda a, dtype: a.astype(DType(dtype).numpy if isinstance(dtype, str) else
                                       dtype.numpy),
-    "reshape": lambda a, shape: a.reshape(shape),
-    "slice": lambda a, axis, start, stop: np.ascontiguousarray(
-        np.take(a, np.arange(start, stop), axis=axis)),
-    "concat": lambda *arrs, axis: np.concatenate(arrs, axis=axis),
-    "scale": lambda a, factor: (a * np.asarray(factor, a.dtype)).astype(a.dtype),
-    "add_scalar": lambda a, value: (a + np.asarray(value, a.dtype)).astype(a.dtype),
 }
 
 

@@ -56,6 +56,7 @@ from kiln.compiler.ir import (
     TensorType,
 )
 from kiln.passes import register
+from kiln.runtime import transforms
 from kiln.runtime.params import clip_searched  # numpy only: the GPU host converts with it too
 
 LANES = 16
@@ -215,11 +216,7 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 def blocked(a: np.ndarray, block: int = LANES) -> np.ndarray:
     """a[N, C] (qweight bytes or per-group values) -> [Np / block, C, block], zero-padded rows."""
-    n, c = a.shape
-    np_ = -(-n // block) * block
-    pad = np.zeros((np_, c), a.dtype)
-    pad[:n] = a
-    return np.ascontiguousarray(pad.reshape(np_ // block, block, c).transpose(0, 2, 1))
+    return transforms.blocked(a, block)
 
 
 def _quantize_part(w: np.ndarray, *, bits: int, group: int, symmetric: bool, part: str,
@@ -232,7 +229,7 @@ def _quantize_part(w: np.ndarray, *, bits: int, group: int, symmetric: bool, par
 
 
 PARAM_TRANSFORMS["quantize"] = _quantize_part
-PARAM_TRANSFORMS["quant_blocked"] = lambda a, block: blocked(np.asarray(a), block)
+PARAM_TRANSFORMS.update(transforms.QUANT_LAYOUT)
 # the transforms of imported (pre-quantized) weights live in compiler/frontend/onnx_quant_import
 
 

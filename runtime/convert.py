@@ -24,6 +24,7 @@ import numpy as np
 
 from kiln.compiler.errors import KilnError
 from kiln.runtime import artifact as af
+from kiln.runtime import transforms
 from kiln.runtime.params import (
     CLIP_SEARCH,
     bfloat16_bits,
@@ -34,15 +35,6 @@ from kiln.runtime.params import (
 
 Progress = Callable[[str], None]
 Value = tuple[np.ndarray, str]  # an array and its dtype ("bfloat16": float32 holding bf16)
-
-
-def _blocked(a: np.ndarray, block: int) -> np.ndarray:
-    """a[N, C] -> [Np / block, C, block], zero-padded rows (kiln.passes.quantize.blocked)."""
-    n, c = a.shape
-    rows = -(-n // block) * block
-    pad = np.zeros((rows, c), a.dtype)
-    pad[:n] = a
-    return np.ascontiguousarray(pad.reshape(rows // block, block, c).transpose(0, 2, 1))
 
 
 def _quantize(w: np.ndarray, *, bits: int, group: int, symmetric: bool, part: str) -> np.ndarray:
@@ -64,11 +56,6 @@ def _parts(w: np.ndarray, *, bits: int, group: int, symmetric: bool) -> dict[str
     return {"qweight": q, "scales": scales, "zero_points": zp}
 
 
-def _nibble_zero_points(zp: np.ndarray, *, n: int, groups: int) -> np.ndarray:
-    b = np.asarray(zp, np.uint8).reshape(n, -1)
-    return np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1)[:, :groups].astype(np.float32)
-
-
 def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
     return _round_bf16(a) if dtype == "bfloat16" else a.astype(dtype)
 
@@ -77,21 +64,9 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 #: (passes/quantize.py, compiler/frontend/onnx_quant_import.py) define them; the evaluator
 #: computes the parts of one quantized weight once (_Evaluator._quantized)
 TRANSFORMS: dict[str, Callable[..., np.ndarray]] = {
-    "transpose": lambda a, perm=None: np.ascontiguousarray(np.transpose(a, perm)),
+    **transforms.LAYOUT, **transforms.QUANT_LAYOUT, **transforms.QUANT_IMPORT,
     "cast": _cast,
-    "reshape": lambda a, shape: a.reshape(shape),
-    "slice": lambda a, axis, start, stop: np.ascontiguousarray(
-        np.take(a, np.arange(start, stop), axis=axis)),
-    "concat": lambda *arrs, axis: np.concatenate(arrs, axis=axis),
-    "scale": lambda a, factor: (a * np.asarray(factor, a.dtype)).astype(a.dtype),
-    "add_scalar": lambda a, value: (a + np.asarray(value, a.dtype)).astype(a.dtype),
     "quantize": _quantize,
-    "quant_blocked": lambda a, block: _blocked(np.asarray(a), block),
-    "nibble_zero_points": _nibble_zero_points,
-    "astype_float32": lambda a: np.asarray(a).astype(np.float32),
-    "uint8_to_int8": lambda a: (np.asarray(a).astype(np.int16) - 128).astype(np.int8),
-    "broadcast_to": lambda a, shape: np.ascontiguousarray(
-        np.broadcast_to(np.asarray(a).reshape(-1)[:1].reshape(1, 1), shape)),
 }
 #: the transforms whose result has their (first) input's dtype
 _SAME_DTYPE = {"transpose", "reshape", "slice", "concat", "scale", "add_scalar",

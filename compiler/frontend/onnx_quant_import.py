@@ -13,29 +13,16 @@ is Derived from the initializers, so `kiln convert` regenerates it from the ONNX
 
 from __future__ import annotations
 
-import numpy as np
-
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Derived, DType, Node, Param, TensorType
+from kiln.runtime import transforms
 
 MATMUL_NBITS = "com.microsoft.MatMulNBits"
 #: ops this module turns into quant_linear (they need no interpreter kernel of their own)
 IMPORTED_OPS = frozenset({MATMUL_NBITS, "DequantizeLinear"})
 
 
-def _nibble_zero_points(zp: np.ndarray, *, n: int, groups: int) -> np.ndarray:
-    """MatMulNBits' packed uint4 zero points [N * ceil(G / 2)] -> float32[N, G]."""
-    b = np.asarray(zp, np.uint8).reshape(n, -1)
-    return np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1)[:, :groups].astype(np.float32)
-
-
-for _name, _fn in {
-    "nibble_zero_points": _nibble_zero_points,
-    "astype_float32": lambda a: np.asarray(a).astype(np.float32),
-    "uint8_to_int8": lambda a: (np.asarray(a).astype(np.int16) - 128).astype(np.int8),
-    "broadcast_to": lambda a, shape: np.ascontiguousarray(
-        np.broadcast_to(np.asarray(a).reshape(-1)[:1].reshape(1, 1), shape)),
-}.items():
+for _name, _fn in transforms.QUANT_IMPORT.items():
     PARAM_TRANSFORMS.setdefault(_name, _fn)
 
 

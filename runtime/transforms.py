@@ -1,0 +1,53 @@
+"""The parameter transforms that need numpy alone, one copy for both their users: the compiler
+derives parameters with them (kiln.compiler.ir.PARAM_TRANSFORMS, and the passes and importers
+that register more) and the GPU host's converter replays the recorded derivations with them
+(kiln.runtime.convert), so the two give the same bytes by construction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def blocked(a: np.ndarray, block: int) -> np.ndarray:
+    """a[N, C] (qweight bytes or per-group values) -> [Np / block, C, block], zero-padded rows
+    (the CPU kernels' layout of quantized weights, kiln.passes.quantize)."""
+    n, c = a.shape
+    rows = -(-n // block) * block
+    pad = np.zeros((rows, c), a.dtype)
+    pad[:n] = a
+    return np.ascontiguousarray(pad.reshape(rows // block, block, c).transpose(0, 2, 1))
+
+
+def nibble_zero_points(zp: np.ndarray, *, n: int, groups: int) -> np.ndarray:
+    """MatMulNBits' packed uint4 zero points [N * ceil(G / 2)] -> float32[N, G]."""
+    b = np.asarray(zp, np.uint8).reshape(n, -1)
+    return np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1)[:, :groups].astype(np.float32)
+
+
+#: layout and arithmetic transforms (the graph's own)
+LAYOUT: dict[str, Callable[..., np.ndarray]] = {
+    "transpose": lambda a, perm=None: np.ascontiguousarray(np.transpose(a, perm)),
+    "reshape": lambda a, shape: a.reshape(shape),
+    "slice": lambda a, axis, start, stop: np.ascontiguousarray(
+        np.take(a, np.arange(start, stop), axis=axis)),
+    "concat": lambda *arrs, axis: np.concatenate(arrs, axis=axis),
+    "scale": lambda a, factor: (a * np.asarray(factor, a.dtype)).astype(a.dtype),
+    "add_scalar": lambda a, value: (a + np.asarray(value, a.dtype)).astype(a.dtype),
+}
+
+#: the CPU kernels' weight layout (registered by kiln.passes.quantize)
+QUANT_LAYOUT: dict[str, Callable[..., np.ndarray]] = {
+    "quant_blocked": lambda a, block: blocked(np.asarray(a), block),
+}
+
+#: what the import of onnxruntime-quantized models derives (kiln.compiler.frontend's
+#: onnx_quant_import registers them)
+QUANT_IMPORT: dict[str, Callable[..., np.ndarray]] = {
+    "nibble_zero_points": nibble_zero_points,
+    "astype_float32": lambda a: np.asarray(a).astype(np.float32),
+    "uint8_to_int8": lambda a: (np.asarray(a).astype(np.int16) - 128).astype(np.int8),
+    "broadcast_to": lambda a, shape: np.ascontiguousarray(
+        np.broadcast_to(np.asarray(a).reshape(-1)[:1].reshape(1, 1), shape)),
+}
