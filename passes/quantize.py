@@ -57,7 +57,7 @@ from kiln.compiler.ir import (
 )
 from kiln.passes import register
 from kiln.runtime import transforms
-from kiln.runtime.params import clip_searched  # numpy only: the GPU host converts with it too
+from kiln.runtime.params import CLIP_SEARCH, pack_nibbles, quantize_codes
 
 LANES = 16
 
@@ -158,60 +158,12 @@ def groups_of(k: int, group: int) -> tuple[int, int]:
     return g, -(-k // g)
 
 
-#: scale shrink factors tried per group: clipping the largest weights a little can lower the
-#: rounding error of all the others (round-to-nearest with a searched clip, no calibration data)
-CLIP_SEARCH = tuple(float(f) for f in np.linspace(1.0, 0.7, 13))
-
-
 def quantize(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """w[N, K] -> (q[N, Kp] unpacked codes, scales[N, G], zero_points[N, G] | None).
-
-    Symmetric: codes in [-2^(b-1), 2^(b-1) - 1] (int4 stored +8 as uint8); the group's largest
-    weight by magnitude sets the scale's sign so that it lands on the end with the extra level
-    (-8 for int4), then the scale is shrunk by the factor of CLIP_SEARCH with the least squared
-    error. Asymmetric: [min, max] mapped to [0, 2^b - 1] with a zero point, the range shrunk the
-    same way."""
-    n, k = w.shape
-    g, ng = groups_of(k, group)
-    wp = np.zeros((n, ng * g), np.float32)
-    wp[:, :k] = w
-    wg = wp.reshape(n, ng, g)
-    if symmetric:
-        lo_code, hi_code = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        peak = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[..., None], axis=2)[..., 0]
-        base = (peak / np.float32(lo_code)).astype(np.float32)  # peak -> the lowest code
-        base = np.where(base != 0, base, np.float32(1)).astype(np.float32)
-        q, scale = _searched(wg, base, lambda s: (np.clip(np.rint(wg / s[..., None]), lo_code,
-                                                          hi_code), None))
-        q = q.astype(np.int8) if bits == 8 else (q + 8).astype(np.uint8)
-        return q.reshape(n, -1), scale, None
-    qmax = 255 if bits == 8 else 15
-    lo, hi = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)
-    base = ((hi - lo) / np.float32(qmax)).astype(np.float32)
-    base = np.where(base > 0, base, np.float32(1)).astype(np.float32)
-
-    def codes(s):
-        zp = np.clip(np.rint(-lo / s), 0, qmax)
-        return np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax), zp
-
-    (q, zp), scale = _searched(wg, base, codes, with_zero=True)
-    if bits == 8:  # stored signed: shift codes and zero points by 128 (exact)
-        q, zp = q - 128, zp - 128
-        return q.astype(np.int8).reshape(n, -1), scale, zp.astype(np.float32)
-    return q.astype(np.uint8).reshape(n, -1), scale, zp.astype(np.float32)
-
-
-def _searched(wg: np.ndarray, base: np.ndarray, codes, *, with_zero: bool = False):
-    """Per group, the scale base * f (f in CLIP_SEARCH) whose codes reconstruct wg best."""
-    q, zp, s = clip_searched(wg, base, codes, CLIP_SEARCH)
-    return ((q, zp) if with_zero else q), s
-
-
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """codes[..., 2j] in the low nibble, codes[..., 2j+1] in the high one: [..., Kp / 2]."""
-    q = q.astype(np.uint8)
-    return (q[..., 0::2] & 15) | ((q[..., 1::2] & 15) << 4)
+    """w[N, K] -> (q[N, Kp] unpacked codes, scales[N, G], zero_points[N, G] | None), rounded
+    to nearest with the searched clip (kiln.runtime.params.quantize_codes: numpy only, so the
+    GPU host's converter quantizes with the same code)."""
+    return quantize_codes(w, bits=bits, group=group, symmetric=symmetric, clip=CLIP_SEARCH)
 
 
 def blocked(a: np.ndarray, block: int = LANES) -> np.ndarray:

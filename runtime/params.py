@@ -158,20 +158,23 @@ def _synthetic_quantized(base: str, parts: dict[str, tuple[int, dict]], seed: in
     return out
 
 
-#: the scale shrink factors kiln.passes.quantize tries per group (its CLIP_SEARCH)
+#: scale shrink factors tried per group: clipping the largest weights a little can lower the
+#: rounding error of all the others (round-to-nearest with a searched clip, no calibration data)
 CLIP_SEARCH = tuple(float(f) for f in np.linspace(1.0, 0.7, 13))
 
 
-def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
-                 clip: tuple[float, ...] = (1.0,),
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """w[N, K] -> (qweight, scales float32[N, G], zero_points float32[N, G] | None), rounded to
-    nearest, stored as kiln.passes.quantize stores them (`nk`): K zero-padded to whole groups
-    (group 0: one group per row), int8 codes, or int4 codes +8 (symmetric) / 0..15 (with zero
-    points) packed two per byte, low nibble first. Symmetric scales put each group's largest
-    magnitude on the lowest code (-8 or -128); then, per group, the scale shrunk by the factor
-    of `clip` that reconstructs the group best is kept. With clip=CLIP_SEARCH this is, bit for
-    bit, kiln.passes.quantize.quantize (what `kiln convert` computes)."""
+def quantize_codes(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
+                   clip: tuple[float, ...] = (1.0,),
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """w[N, K] -> (codes[N, Kp] unpacked, scales float32[N, G], zero_points float32[N, G] |
+    None), rounded to nearest; K zero-padded to whole groups (group 0: one group per row).
+
+    Symmetric: codes in [-2^(b-1), 2^(b-1) - 1] (int4 stored +8 as uint8); the group's largest
+    weight by magnitude sets the scale's sign so that it lands on the end with the extra level
+    (-8 for int4). Asymmetric: [min, max] mapped to [0, 2^b - 1] with a zero point (int8 codes
+    and zero points stored shifted by -128). Then, per group, the scale shrunk by the factor of
+    `clip` that reconstructs the group best is kept. kiln.passes.quantize quantizes with this
+    (clip=CLIP_SEARCH), so the GPU host's conversion gives the compiler's bytes."""
     n, k = w.shape
     g = group or k
     wp = np.zeros((n, -(-k // g) * g), np.float32)
@@ -180,7 +183,7 @@ def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True
     if symmetric:
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         peak = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[..., None], axis=2)[..., 0]
-        base = (peak / np.float32(lo)).astype(np.float32)
+        base = (peak / np.float32(lo)).astype(np.float32)  # peak -> the lowest code
         base = np.where(base != 0, base, np.float32(1)).astype(np.float32)
 
         def codes(s: np.ndarray) -> tuple[np.ndarray, None]:
@@ -195,24 +198,34 @@ def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True
             zp = np.clip(np.rint(-lo_v / s), 0, qmax)
             return np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax), zp
 
-    c, zp, s = clip_searched(wg, base, codes, clip)
+    c, zp, s = _clip_searched(wg, base, codes, clip)
     c = c.reshape(n, -1)
     if symmetric:
-        codes_ = c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)
-    elif bits == 8:  # stored signed: codes and zero points shifted by 128
-        codes_, zp = (c - 128).astype(np.int8), (zp - 128).astype(np.float32)
-    else:
-        codes_, zp = c.astype(np.uint8), zp.astype(np.float32)
-    if bits == 4:
-        codes_ = (codes_[:, 0::2] & 15) | ((codes_[:, 1::2] & 15) << 4)
-    return codes_, s, zp
+        return (c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)), s, None
+    if bits == 8:  # stored signed: codes and zero points shifted by 128 (exact)
+        return (c - 128).astype(np.int8), s, (zp - 128).astype(np.float32)
+    return c.astype(np.uint8), s, zp.astype(np.float32)
 
 
-def clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, ...]):
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """codes[..., 2j] in the low nibble, codes[..., 2j+1] in the high one: [..., Kp / 2]."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] & 15) | ((q[..., 1::2] & 15) << 4)
+
+
+def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
+                 clip: tuple[float, ...] = (1.0,),
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """w[N, K] -> (qweight, scales, zero_points | None) as kiln.passes.quantize stores them
+    (`nk`): quantize_codes' codes, int4 packed two per byte (pack_nibbles)."""
+    q, s, zp = quantize_codes(w, bits=bits, group=group, symmetric=symmetric, clip=clip)
+    return (pack_nibbles(q) if bits == 4 else q), s, zp
+
+
+def _clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, ...]):
     """(codes, zero points, scales) of the factor f in `clip` whose scale base * f
     reconstructs each group of wg best (the first one on ties); `codes(scales)` gives the codes
-    and zero points (None without) of a candidate. kiln.passes.quantize searches with this
-    one too, so the GPU host's conversion picks the compiler's factors."""
+    and zero points (None without) of a candidate."""
     best_q = best_zp = best_s = best_err = None
     for f in clip:
         s = (base * np.float32(f)).astype(np.float32)
