@@ -8,7 +8,7 @@ from kiln.compiler.ir import Graph
 
 CANONICAL_OPS = frozenset({"linear", "embedding", "rms_norm", "layer_norm", "gelu", "silu",
                            "silu_mul", "gelu_mul", "rotary", "attention", "quant_linear",
-                           "quant_embedding"})
+                           "quant_embedding", "sparse_linear"})
 
 
 def describe(graph: Graph) -> dict[str, Any]:

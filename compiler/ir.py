@@ -36,6 +36,7 @@ class DType(enum.Enum):
     i32 = "int32"
     i16 = "int16"
     i8 = "int8"
+    u16 = "uint16"
     u8 = "uint8"
     bool = "bool"
     i4 = "int4"  # packed: two values per byte, low nibble first
@@ -78,6 +79,7 @@ _NUMPY: dict[DType, np.dtype] = {
     DType.i32: np.dtype(np.int32),
     DType.i16: np.dtype(np.int16),
     DType.i8: np.dtype(np.int8),
+    DType.u16: np.dtype(np.uint16),
     DType.u8: np.dtype(np.uint8),
     DType.bool: np.dtype(np.bool_),
     DType.i4: np.dtype(ml_dtypes.int4),
@@ -340,6 +342,7 @@ def _jsonable(v: AttrValue) -> Any:
 #: named parameter transforms usable by Derived sources; passes register more (quantizers)
 PARAM_TRANSFORMS: dict[str, Callable[..., np.ndarray]] = {
     **transforms.LAYOUT,
+    **transforms.SPARSE,
     "cast": lambda a, dtype: a.astype(DType(dtype).numpy if isinstance(dtype, str) else
                                       dtype.numpy),
 }

@@ -65,6 +65,7 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 #: computes the parts of one quantized weight once (_Evaluator._quantized)
 TRANSFORMS: dict[str, Callable[..., np.ndarray]] = {
     **transforms.LAYOUT, **transforms.QUANT_LAYOUT, **transforms.QUANT_IMPORT,
+    **transforms.SPARSE,
     "cast": _cast,
     "quantize": _quantize,
 }
@@ -192,7 +193,8 @@ class _Evaluator:
         if fn == "quantize":
             return self._quantized(tree, attrs)
         args = [self.value(s) for s in tree["sources"]]
-        dtype = args[0][1] if fn in _SAME_DTYPE else None
+        dtype = args[0][1] if fn in _SAME_DTYPE or (fn == "sparse_encode" and
+                                                   attrs.get("part") == "values") else None
         if dtype == "bfloat16" and fn in ("scale", "add_scalar"):  # bfloat16 arithmetic
             key = "factor" if fn == "scale" else "value"
             attrs[key] = float(_round_bf16(np.float32([attrs[key]]))[0])  # as ml_dtypes does

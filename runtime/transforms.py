@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kiln.runtime import sparse_format
+
 
 def blocked(a: np.ndarray, block: int) -> np.ndarray:
     """a[N, C] (qweight bytes or per-group values) -> [Np / block, C, block], zero-padded rows
@@ -50,4 +52,10 @@ QUANT_IMPORT: dict[str, Callable[..., np.ndarray]] = {
     "uint8_to_int8": lambda a: (np.asarray(a).astype(np.int16) - 128).astype(np.int8),
     "broadcast_to": lambda a, shape: np.ascontiguousarray(
         np.broadcast_to(np.asarray(a).reshape(-1)[:1].reshape(1, 1), shape)),
+}
+
+#: the sparse layouts of sparse_linear (kiln.runtime.sparse_format; kiln.passes.sparsify derives
+#: its parameters with them)
+SPARSE: dict[str, Callable[..., np.ndarray]] = {
+    "sparse_encode": sparse_format.encode_part,
 }

@@ -28,6 +28,11 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
                     rows `ids` of the dequantized table (a tied LM head's weight)
                     (quantized layouts and dequantization: kiln.passes.quantize; see
                     `dequantize` below)
+    sparse_linear   x[..., K], values, meta, scales?[N], bias?[N]
+                    layout ("nm" | "bitmap"), in_features K, out_features N
+                    y = x @ W^T (+ bias), W[N, K] = sparse_format.decode(values, meta) (times
+                    scales[n] per row when the values are int8 codes; computed in float32
+                    then), layouts: kiln.runtime.sparse_format
 Norms and softmax accumulate in float32 whatever the storage dtype. A query row that may attend
 to no key at all (a padded position) outputs zeros.
 """
@@ -39,6 +44,7 @@ import math
 import numpy as np
 
 from kiln.compiler.interpreter import kernel
+from kiln.runtime import sparse_format
 
 
 @kernel("linear")
@@ -216,3 +222,12 @@ def quant_linear(inputs, attrs):
 def quant_embedding(inputs, attrs):
     qtable, scales, zero_points, ids = inputs
     return [dequantize(qtable, scales, zero_points, attrs)[ids.astype(np.int64)]]
+
+
+@kernel("sparse_linear")
+def sparse_linear(inputs, attrs):
+    x, values, meta, scales, b = (*inputs, None, None)[:5]
+    w = sparse_format.decode(values, meta, attrs["layout"], int(attrs["in_features"]), scales)
+    if scales is not None:  # int8 codes: the float32 weight, as quant_linear
+        x = x.astype(np.float32)
+    return linear([x, w, b], attrs)

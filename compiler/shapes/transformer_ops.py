@@ -117,3 +117,34 @@ def quant_linear(node, types, values):
     if dims_equal(x.shape[-1], k) is False:
         raise fail(node, f"input features do not match in_features {k}", x, qt)
     return [TensorType(x.dtype, (*x.shape[:-1], n))]
+
+
+@rule("sparse_linear")
+def sparse_linear(node, types, values):
+    from kiln.runtime.sparse_format import BLOCK
+
+    a = node.attrs
+    x, vt, mt = types[:3]
+    st = types[3] if len(types) > 3 else None
+    layout, k, n = a.get("layout"), int(a["in_features"]), int(a["out_features"])
+    if layout == "nm":
+        want_v, want_m, meta_dtype = (n, k // 2), (n, -(-k // 8)), DType.u8
+        if k % 4:
+            raise fail(node, f"2:4 layout needs in_features % 4 == 0, got {k}")
+    elif layout == "bitmap":
+        if n % BLOCK:
+            raise fail(node, f"bitmap layout needs out_features % {BLOCK} == 0, got {n}")
+        cap = vt.shape[1] if vt.shape is not None and len(vt.shape) == 2 else None
+        want_v, want_m, meta_dtype = (n // BLOCK, cap), (n // BLOCK, k), DType.u16
+    else:
+        raise fail(node, f"unknown sparse layout {layout!r}")
+    if vt.shape != want_v or mt.shape != want_m or mt.dtype is not meta_dtype:
+        raise fail(node, f"{layout} layout of a {n} x {k} weight expects values {list(want_v)} "
+                   f"and meta {meta_dtype.value}{list(want_m)}", vt, mt)
+    if vt.dtype.is_int and (st is None or st.shape != (n,)):
+        raise fail(node, f"integer values need float32 scales[{n}]", vt, st)
+    if x.shape is None:
+        return [TensorType(x.dtype, None)]
+    if dims_equal(x.shape[-1], k) is False:
+        raise fail(node, f"input features do not match in_features {k}", x, vt)
+    return [TensorType(DType.f32 if vt.dtype.is_int else x.dtype, (*x.shape[:-1], n))]

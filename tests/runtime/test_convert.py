@@ -33,6 +33,7 @@ def leaves(tmp_path_factory) -> dict[str, ExternalData]:
         "u8": rng.integers(0, 256, (12, 32), dtype=np.uint8),
         "zp": rng.integers(0, 256, (48 * 2,), dtype=np.uint8),
         "one": np.array([0.25], np.float32),
+        "sp24": _two_four(rng.standard_normal((32, 64), dtype=np.float32)),
     }
     path = tmp_path_factory.mktemp("weights") / "model.onnx.data"
     out, offset = {}, 0
@@ -42,6 +43,13 @@ def leaves(tmp_path_factory) -> dict[str, ExternalData]:
             out[name] = ExternalData(str(path), offset, a.nbytes, DType.of(a), a.shape)
             offset += a.nbytes
     return out
+
+
+def _two_four(w: np.ndarray) -> np.ndarray:
+    """w with the two smallest of every 4 consecutive entries of a row zeroed."""
+    g = w.reshape(w.shape[0], -1, 4)
+    np.put_along_axis(g, np.argsort(np.abs(g), axis=-1)[..., :2], 0, axis=-1)
+    return w
 
 
 def _d(fn: str, *sources, **attrs) -> Derived:
@@ -76,6 +84,15 @@ def _trees(s: dict[str, ExternalData]) -> dict[str, Derived]:
                                                                           block=16)
     t["q_bf16.scales"] = _d("quantize", s["b"], bits=4, group=32, symmetric=False,
                             part="scales")
+    q8 = _d("quantize", s["w"], bits=8, group=0, symmetric=True, part="qweight")
+    for part in ("values", "meta"):
+        t[f"nm.{part}"] = _d("sparse_encode", s["sp24"], layout="nm", part=part)
+        t[f"bitmap.{part}"] = _d("sparse_encode", s["sp24"], layout="bitmap", part=part,
+                                 capacity=600)
+        t[f"bitmap_bf16.{part}"] = _d("sparse_encode", s["b"], layout="bitmap", part=part,
+                                      capacity=1024)
+        t[f"bitmap_q8.{part}"] = _d("sparse_encode", q8, layout="bitmap", part=part,
+                                    capacity=16 * 70)
     return t
 
 
