@@ -35,6 +35,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
     stopped: str = "length"  # "length" | "stop token"
+    text: str | None = None  # the tokens decoded (Session.generate, with a tokenizer)
 
 
 def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
@@ -72,3 +73,37 @@ def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
             token = int(sampler(session.decode([token])[:, -1], rng)[0])
         t.decode_s += time.perf_counter() - step
         t.decode_tokens += 1
+
+
+def generate_text(session: Session, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  stop: Sequence[int] | None = None) -> Generation:
+    """Session.generate: continue `prompt` (text, tokenized with the artifact's tokenizer.json,
+    or token ids) and return tokens, text and timing; `stop`: token ids that end generation
+    (default: the artifact's end-of-sequence tokens; `()`: none)."""
+    from kiln.runtime.cli import load_tokenizer
+
+    tok = load_tokenizer(session.artifact.path)
+    if isinstance(prompt, str):
+        if tok is None:
+            raise KilnError(f"{session.artifact.path}: no tokenizer.json (or no tokenizers "
+                            "package here); pass the prompt as token ids")
+        prompt = tok.encode(prompt).ids
+    if stop is None:
+        stop = default_stop_tokens(session)
+    result = Generation()
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    for _ in generate(session, list(prompt), max_new_tokens=max_new_tokens, sampler=sampler,
+                      stop=stop, result=result):
+        pass
+    result.text = tok.decode(result.tokens) if tok is not None else None
+    return result
+
+
+def default_stop_tokens(session: Session) -> list[int]:
+    """The token ids that end generation by default, as the artifact's manifest records them."""
+    manifest = session.artifact.manifest
+    if "stop_token_ids" in manifest:
+        return list(manifest["stop_token_ids"])
+    special = manifest.get("special_tokens", {})
+    return [special["eos_token_id"]] if "eos_token_id" in special else []

@@ -11,7 +11,9 @@ capacity, head_dim), which the compiled kernels write in place; `past` counts th
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +21,9 @@ from kiln.compiler.errors import KilnError
 from kiln.runtime import artifact as af
 from kiln.runtime.params import bfloat16_dtype, read_safetensors, synthetic_params
 from kiln.runtime.tvm_runtime import import_tvm, load_cuda_runtime
+
+if TYPE_CHECKING:
+    from kiln.runtime.generate import Generation
 
 CONSTANTS = "constants.safetensors"
 
@@ -126,6 +131,18 @@ class Session:
         if not self.artifact.manifest["target"].get("decode_greedy"):
             return self.decode(tokens)[:, -1].argmax(-1)
         return self._step("decode", np.asarray(tokens, np.int64).reshape(-1, 1), output=1)[:, 0]
+
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop: Sequence[int] | None = None) -> Generation:
+        """Continue `prompt` (text, or token ids) from an empty cache: a Generation with the
+        new tokens, their text and timing. Greedy unless `temperature` > 0; `stop`: token ids
+        that end it (default: the artifact's end-of-sequence tokens; `()`: none)."""
+        from kiln.runtime.generate import generate_text
+
+        return generate_text(self, prompt, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             stop=stop)
 
     def _step(self, entry: str, ids: np.ndarray, output: int = 0) -> np.ndarray:
         b, s = ids.shape
