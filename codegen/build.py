@@ -24,6 +24,7 @@ from kiln.codegen import (
     lower_elementwise,  # noqa: F401 - registers the generic op lowerings
     lower_quant,  # noqa: F401 - registers quant_linear/quant_embedding
     lower_shapes,  # noqa: F401 - registers shape-op lowerings (Reshape, Range, Concat ...)
+    lower_sparse,  # noqa: F401 - registers sparse_linear
 )
 from kiln.codegen.lower import (
     PHASE_CONFIGS,
@@ -225,7 +226,7 @@ def _output_linears(graph: Graph, sig: ModuleSignature) -> set[str]:
     """Names of the linear nodes producing graph outputs (the LM head) from their own input."""
     outs = set(sig.outputs)
     users = graph.consumers()
-    return {n.name for n in graph.nodes if n.op in ("linear", "quant_linear")
+    return {n.name for n in graph.nodes if n.op in ("linear", "quant_linear", "sparse_linear")
             and n.outputs[0] in outs
             and len(users.get(n.inputs[0], [])) == 1
             and len(graph.types[n.inputs[0]].shape or ()) == 3}

@@ -1,0 +1,214 @@
+"""`sparse_linear` over the "bitmap" layout: AVX-512 expand-loads in the GEMV and the GEMM.
+
+Layout (kiln.runtime.sparse_format; B = 16 rows = one fp32 vector):
+    meta   [N/B, K] uint16   bit l of meta[nb, k]: W[nb*B + l, k] != 0
+    values [N/B, C] f32|i8   block nb's non-zeros in (k, lane) order, zero-padded to C
+    scales [N] float32       int8 values only: W[n, k] = code * scales[n]
+`llvm.masked.expandload` under the mask meta[nb, k] (LLVM turns the bit test of a broadcast
+into one kmov) reads popcount(meta[nb, k]) consecutive values into the lanes whose bit is set,
+zeros elsewhere: the B weights of column k, after which the block's value offset advances by
+that popcount. Only the non-zeros and one bit per weight stream from memory.
+
+GEMV (m <= GEMV_ROWS; decode): tasks own panels of nv blocks; per k, one expand-load and one FMA
+per block (int8: expand 16 bytes, widen, convert), int8 scales applied once at the end.
+GEMM (m > GEMV_ROWS; prefill): each task expands its panel, K * nv * B floats (int8: scaled),
+into a scratch buffer once, then runs packed_linear's register-tile micro-kernel over every
+row tile of x, as quant_linear's GEMM does: the dense kernel's inner loop, unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from kiln.codegen.kernels.packed_linear import PackedConfig
+from kiln.codegen.kernels.quant_linear import SMALL, store, zero
+
+#: at most this many rows run the GEMV path (no scratch); more run the expand-panel GEMM
+GEMV_ROWS = 4
+LANES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SparseShape:
+    """What the kernel must know about the weight (compile-time constants)."""
+
+    n: int
+    k: int
+    capacity: int  # C: values per block
+    values: str = "float32"  # "float32" | "int8" (with per-row scales)
+
+    def __post_init__(self) -> None:
+        if self.n % LANES or self.values not in ("float32", "int8") or self.capacity < 1:
+            raise ValueError(f"bad sparse linear shape {self}")
+
+    @property
+    def blocks(self) -> int:
+        return self.n // LANES
+
+    @property
+    def scaled(self) -> bool:
+        return self.values == "int8"
+
+
+def _bits() -> tirx.PrimExpr:
+    return T.shift_left(T.Broadcast(T.int32(1), LANES), T.ramp(T.int32(0), 1, LANES))
+
+
+def expand(s: SparseShape, vb, mb, nb, kk, off) -> tirx.PrimExpr:
+    """The LANES weights W[nb*LANES + l, kk] (float32x16; int8 codes converted, unscaled),
+    read from vb[nb, off:]."""
+    mask = T.bitwise_and(T.Broadcast(T.Cast("int32", mb[nb, kk]), LANES), _bits()) != \
+        T.Broadcast(T.int32(0), LANES)
+    if s.values == "float32":
+        return T.call_llvm_intrin("float32x16", "llvm.masked.expandload.v16f32",
+                                  T.address_of(vb[nb, off]), mask,
+                                  T.Broadcast(T.float32(0), LANES))
+    codes = T.call_llvm_intrin("int8x16", "llvm.masked.expandload.v16i8",
+                               T.address_of(vb[nb, off]), mask, T.Broadcast(T.int8(0), LANES))
+    return T.Cast("float32x16", codes)
+
+
+def _count(mb, nb, kk) -> tirx.PrimExpr:
+    return T.Cast("int32", T.popcount(mb[nb, kk]))
+
+
+def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
+                         bias: bool = False) -> tirx.PrimFunc:
+    """PrimFunc(x[m, K], values, meta, (scales[N],) (b[N],) y[m, N]), m symbolic (int64)."""
+    n, k, blocks = s.n, s.k, s.blocks
+    gemv, gemm_panel = _gemv_panel(s, bias), _gemm_panel(s, gemm.mr, bias)
+
+    @T.macro
+    def spread(body, xb, vb, mb, sb, bb, yb, m, nv):
+        for p in T.parallel(blocks // nv):
+            body(xb, vb, mb, sb, bb, yb, m, p * nv, nv)
+        if blocks % nv > 0:
+            body(xb, vb, mb, sb, bb, yb, m, blocks // nv * nv, blocks % nv)
+
+    @T.macro
+    def dispatch(xb, vb, mb, sb, bb, yb, m):
+        if m <= GEMV_ROWS:
+            spread(gemv, xb, vb, mb, sb, bb, yb, m, gemv_nv)
+        else:
+            spread(gemm_panel, xb, vb, mb, sb, bb, yb, m, gemm.nv)
+
+    V, M = T.Buffer((blocks, s.capacity), s.values), T.Buffer((blocks, k), "uint16")
+    S, Bias = T.Buffer((n,), "float32"), T.Buffer((n,), "float32")
+
+    if s.scaled and bias:
+
+        @T.prim_func(private=True)
+        def sparse_linear_scaled_bias(x_h: T.handle, v: V, mt: M, sc: S, b: Bias,
+                                      y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            dispatch(x, v, mt, sc, b, y, m)
+
+        return sparse_linear_scaled_bias
+    if s.scaled:
+
+        @T.prim_func(private=True)
+        def sparse_linear_scaled(x_h: T.handle, v: V, mt: M, sc: S, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            dispatch(x, v, mt, sc, None, y, m)
+
+        return sparse_linear_scaled
+    if bias:
+
+        @T.prim_func(private=True)
+        def sparse_linear_bias(x_h: T.handle, v: V, mt: M, b: Bias, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            dispatch(x, v, mt, None, b, y, m)
+
+        return sparse_linear_bias
+
+    @T.prim_func(private=True)
+    def sparse_linear(x_h: T.handle, v: V, mt: M, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        dispatch(x, v, mt, None, None, y, m)
+
+    return sparse_linear
+
+
+def _gemv_panel(s: SparseShape, bias: bool):
+    k, lanes = s.k, LANES
+
+    @T.macro
+    def panel(xb, vb, mb, sb, bb, yb, m, nb0, nv):
+        acc = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
+        off = T.decl_buffer((nv,), "int32", scope=SMALL)
+        for r in range(m):
+            zero(acc, nv, lanes)
+            for j in T.unroll(nv):
+                off[j] = 0
+            for kk in range(k):
+                xv: T.let[T.float32] = xb[r, kk]
+                for j in T.unroll(nv):
+                    w: T.let[T.float32x16] = expand(s, vb, mb, nb0 + j, kk, off[j])
+                    acc[T.ramp(j * lanes, 1, lanes)] = (acc[T.ramp(j * lanes, 1, lanes)]
+                                                        + T.Broadcast(xv, lanes) * w)
+                    off[j] = off[j] + _count(mb, nb0 + j, kk)
+            if s.scaled:
+                for j in T.unroll(nv):
+                    for lane in T.vectorized(lanes):
+                        acc[j * lanes + lane] *= sb[(nb0 + j) * lanes + lane]
+            store(bb, yb, acc, r, 1, nb0, nv, False, lanes, bias, s.n, nv)
+
+    return panel
+
+
+def _gemm_panel(s: SparseShape, mr: int, bias: bool):
+    k, lanes = s.k, LANES
+
+    @T.macro
+    def unpack(vb, mb, sb, scratch, nb0, nv):
+        # scratch[(j * K + k) * lanes + lane] = W[(nb0 + j) * lanes + lane, k]
+        off = T.decl_buffer((1,), "int32", scope=SMALL)
+        for j in range(nv):
+            off[0] = 0
+            for kk in range(k):
+                if s.scaled:
+                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = expand(
+                        s, vb, mb, nb0 + j, kk, off[0]) * sb[T.ramp((nb0 + j) * lanes, 1,
+                                                                    lanes)]
+                else:
+                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = expand(
+                        s, vb, mb, nb0 + j, kk, off[0])
+                off[0] = off[0] + _count(mb, nb0 + j, kk)
+
+    @T.macro
+    def micro(xb, scratch, bb, yb, m0, rows, nb0, nv):
+        acc = T.decl_buffer((rows * nv * lanes,), "float32", scope=SMALL)
+        zero(acc, rows * nv, lanes)
+        for kk in range(k):
+            for i in T.unroll(rows):
+                for j in T.unroll(nv):
+                    for lane in T.vectorized(lanes):
+                        acc[(i * nv + j) * lanes + lane] += xb[m0 + i, kk] * scratch[
+                            (j * k + kk) * lanes + lane]
+        store(bb, yb, acc, m0, rows, nb0, nv, False, lanes, bias, s.n, nv)
+
+    @T.macro
+    def panel(xb, vb, mb, sb, bb, yb, m, nb0, nv):
+        scratch = T.decl_buffer((nv * k * lanes,), "float32", scope="global")
+        unpack(vb, mb, sb, scratch, nb0, nv)
+        for mt in range(m // mr):
+            micro(xb, scratch, bb, yb, mt * mr, mr, nb0, nv)
+        for mm in range(m // mr * mr, m):
+            micro(xb, scratch, bb, yb, mm, 1, nb0, nv)
+
+    return panel

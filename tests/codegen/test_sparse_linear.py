@@ -1,0 +1,54 @@
+"""The CPU sparse_linear kernels (bitmap layout, fp32 and int8 values) against the numpy spec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.compiler.interpreter import transformer_ops as ref
+from kiln.compiler.ir import Attrs
+from kiln.runtime import sparse_format as sf
+from tests.helpers import assert_close
+from tests.runtime.test_sparse_format import pruned
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from kiln.codegen.kernels import sparse_linear as sl  # noqa: E402
+from kiln.codegen.kernels.packed_linear import PackedConfig  # noqa: E402
+from tests.codegen.test_quant_linear import compile_kernel, t  # noqa: E402
+
+ROWS = (1, 3, 6, 23)  # GEMV (m <= GEMV_ROWS) and GEMM with row-tile tails
+
+
+def operands(w: np.ndarray, values: str):
+    """(values, meta, scales | None) of w[N, K] in the bitmap layout; int8: per-row codes."""
+    scales = None
+    if values == "int8":
+        scales = np.maximum(np.abs(w).max(1), 1e-6).astype(np.float32) / 127
+        w = np.round(w / scales[:, None]).astype(np.int8)
+    v, meta = sf.bitmap_encode(w)
+    return v, meta, scales
+
+
+@pytest.mark.parametrize("values", ["float32", "int8"])
+@pytest.mark.parametrize(("n", "k", "fraction"), [(48, 64, 0.5), (32, 70, 0.7), (64, 40, 0.0),
+                                                  (16, 33, 0.95)])
+def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction):
+    bias = k % 2 == 0
+    w = pruned(rng, n, k, fraction)
+    b = rng.standard_normal(n, dtype=np.float32)
+    v, meta, scales = operands(w, values)
+    s = sl.SparseShape(n, k, v.shape[1], values)
+    attrs = Attrs({"layout": "bitmap", "in_features": k, "out_features": n})
+    for cfg, nv in ((PackedConfig(4, 2), 2), (PackedConfig(8, 3), 4)):
+        f = compile_kernel(sl.sparse_linear_kernel(s, cfg, nv, bias=bias))
+        for m in ROWS:
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            y = t(np.full((m, n), np.nan, np.float32))
+            f(t(x), t(v), t(meta), *([t(scales)] if scales is not None else []),
+              *([t(b)] if bias else []), y)
+            want = ref.sparse_linear([x, v, meta, scales, b if bias else None], attrs)[0]
+            path = "GEMV" if m <= sl.GEMV_ROWS else "GEMM"
+            assert_close(y.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
+                         name=f"{values} {path} n={n} k={k} m={m} {cfg} nv={nv}")
