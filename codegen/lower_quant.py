@@ -1,6 +1,6 @@
 """Lowerings of the quantized ops (quant_linear, quant_embedding) to kiln's fused kernels.
 
-Only the `blocked` layout has CPU kernels (quantize_weights lays weights out so when compiling
+Only the `blocked` layout has CPU kernels (pack_linear_weights lays weights out so when compiling
 for the CPU); the weight stays quantized in memory and is dequantized inside the kernels.
 Registered into `kiln.codegen.lower.LOWERINGS` on import.
 """
@@ -35,7 +35,7 @@ def scheme(node: Node, *, zero_points: bool) -> qk.QuantScheme:
     a = node.attrs
     if a.get("layout") != "blocked":
         raise KilnError(f"node {node.name} ({node.op}): layout {a.get('layout')!r} has no CPU "
-                        "kernel (quantize_weights(block=16) lays weights out 'blocked')")
+                        "kernel (pack_linear_weights(block=16) lays weights out 'blocked')")
     return qk.QuantScheme(int(a["out_features"]), int(a["in_features"]), int(a["bits"]),
                           int(a["group_size"]), zero_points=zero_points)
 

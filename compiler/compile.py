@@ -31,26 +31,26 @@ def _kiln_version() -> str:
 
 
 def compile_graph(model: Path, *, max_seq: int, progress: Progress,
-                  weights_optional: bool, pack_block: int = 0, quant=None) -> Graph:
-    """The canonical graph; with `pack_block`, linear weights in the CPU kernels' layout;
-    with `quant` (a kiln.passes.quantize.QuantPreset), weights quantized first."""
+                  weights_optional: bool, pack_block: int = 0, quant=None,
+                  dump_ir: Path | None = None) -> Graph:
+    """The graph after the `compile` pipeline: canonical; with `quant` (a
+    kiln.passes.quantize.QuantPreset) its weights and KV cache quantized; with `pack_block`,
+    weights in the CPU kernels' layout. `dump_ir`: the IR after each pass, as `kiln inspect`."""
     from kiln.compiler.driver import canonicalize
-    from kiln.passes import get_pass
 
-    result = canonicalize(model, pipeline="compile", weights_optional=weights_optional,
-                          on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes"),
-                          options={"tabulate_positions": {"max_positions": max_seq}})
-    graph = result.canonical
-    if quant is not None and quant.kv_bits:
-        graph = get_pass("quantize_kv_cache")(graph, bits=quant.kv_bits)
-        quant = quant if quant.keep != ("*",) else None  # kv8 alone: weights stay as they are
-    if quant is not None or any(n.op.startswith("quant_") for n in graph.nodes):
-        calibration = _calibration(model, progress) if quant is not None else ()
-        graph = get_pass("quantize_weights")(graph, preset=quant, block=pack_block,
-                                             calibration=calibration)
-    if not pack_block:
-        return graph
-    return get_pass("pack_linear_weights")(graph, block=pack_block)
+    kv_bits = quant.kv_bits if quant is not None else 0
+    weights = quant if quant is not None and quant.keep != ("*",) else None  # kv8 alone: none
+    options = {
+        "tabulate_positions": {"max_positions": max_seq},
+        "quantize_kv_cache": {"bits": kv_bits},
+        "quantize_weights": {"preset": weights, "calibration":
+                             _calibration(model, progress) if weights is not None else ()},
+        "pack_linear_weights": {"block": pack_block},
+    }
+    return canonicalize(model, pipeline="compile", weights_optional=weights_optional,
+                        dump_ir=dump_ir, options=options,
+                        on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes "
+                                                            f"({s:.2f} s)")).canonical
 
 
 def _pack_block(target: dict[str, Any]) -> int:

@@ -26,8 +26,13 @@ PIPELINES: dict[str, list[str]] = {
         "fuse_projections", "eliminate_common_subexpressions", "eliminate_dead_code",
     ],
 }
-#: what `kiln compile` runs: the canonical graph, specialized to a context of max_positions
-PIPELINES["compile"] = [*PIPELINES["canonicalize"], "tabulate_positions", "eliminate_dead_code"]
+#: the weight and cache transforms after canonicalization, in order; each does nothing unless its
+#: options ask for it (kiln.compiler.compile.compile_graph passes them), so a stage is one name here
+PIPELINES["quantize"] = ["quantize_kv_cache", "quantize_weights", "pack_linear_weights"]
+#: what `kiln compile` runs: the canonical graph, specialized to a context of max_positions, then
+#: quantized and laid out for the target's kernels
+PIPELINES["compile"] = [*PIPELINES["canonicalize"], "tabulate_positions", "eliminate_dead_code",
+                        *PIPELINES["quantize"]]
 
 #: modules that register passes (one pass per file)
 _PASS_MODULES = [

@@ -28,6 +28,7 @@ import numpy as np
 
 from kiln.compiler.interpreter import run
 from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Graph, Node
+from kiln.runtime.pruning import Pattern, smallest
 
 BLOCK = 128  # columns per lazy batch update
 DAMP = 0.01  # added to H's diagonal, relative to its mean
@@ -71,109 +72,233 @@ def _feeds(graph: Graph, ids: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v for k, v in feeds.items() if k in graph.inputs}
 
 
+def hessian(h: np.ndarray, kp: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(H [kp, kp] as the sweep uses it, dead[kp]): H padded with identity to kp columns, the
+    columns no calibration input reached (H[i, i] == 0) given H[i, i] = 1, then `damp` times
+    the mean diagonal added to the diagonal (SparseGPT and GPTQ alike)."""
+    k = h.shape[0]
+    H = np.eye(kp)
+    H[:k, :k] = h
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * np.mean(np.diag(H)) * np.eye(kp)
+    return H, dead
+
+
+def inverse_factor(H: np.ndarray) -> np.ndarray:
+    """U, the upper Cholesky factor of H^-1 (H^-1 = U^T U): row i of U holds the optimal update
+    of the columns after i when column i is fixed."""
+    return np.linalg.cholesky(np.linalg.inv(H)).T
+
+
+class _Rounder:
+    """GPTQ's quantization of one column at a time: group scales set when a group starts (or
+    up front, static), codes kept; a pruned entry gets the zero point's code, so it dequantizes
+    to exactly 0."""
+
+    def __init__(self, n: int, kp: int, *, bits: int, group: int, symmetric: bool):
+        self.bits, self.g, self.symmetric = bits, group, symmetric
+        ng = kp // group
+        self.lo, self.hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric
+                            else (0, (1 << bits) - 1))
+        self.scales = np.zeros((n, ng), np.float32)
+        self.zps = None if symmetric else np.zeros((n, ng), np.float32)
+        self.codes = np.zeros((n, kp), np.float64)
+
+    def set_scales(self, cols: np.ndarray, first: int) -> None:
+        """Groups first.. take their scales from the weight columns `cols`."""
+        from kiln.passes.quantize import quantize
+
+        _, s, z = quantize(cols.astype(np.float32), bits=self.bits, group=self.g,
+                           symmetric=self.symmetric)
+        self.scales[:, first:first + s.shape[1]] = s
+        if self.zps is not None:  # unsigned codes
+            self.zps[:, first:first + s.shape[1]] = z + (128 if self.bits == 8 else 0)
+
+    def __call__(self, col: int, w: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+        s = self.scales[:, col // self.g].astype(np.float64)
+        z = 0.0 if self.zps is None else self.zps[:, col // self.g].astype(np.float64)
+        q = np.where(pruned, z, np.clip(np.rint(w / s) + z, self.lo, self.hi))
+        self.codes[:, col] = q
+        return (q - z) * s
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        codes, bits = self.codes, self.bits
+        if self.symmetric:
+            c = codes.astype(np.int8) if bits == 8 else (codes + 8).astype(np.uint8)
+            return c, self.scales, None
+        if bits == 8:  # stored signed, as `quantize` does
+            return (codes - 128).astype(np.int8), self.scales, self.zps - 128
+        return codes.astype(np.uint8), self.scales, self.zps
+
+
+def sweep(W: np.ndarray, U: np.ndarray, *, real: np.ndarray, pattern: Pattern | None = None,
+          fixed: np.ndarray | None = None,
+          fix: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
+          on_column: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The optimal-brain-surgeon column sweep shared by GPTQ and SparseGPT, over W[N, Kp] and
+    U (inverse_factor of H), both already in sweep order; returns (the final weight, pruned).
+
+    Column i is fixed to `fix(i, w, pruned)` (default: w with pruned entries zeroed) and the
+    error, divided by U[i, i], moves the columns after it by -e U[i, i+1:] (lazily, a block of
+    BLOCK columns at a time). Entries are pruned where `fixed` says, or as `pattern` chooses
+    them: per block of columns, every row drops its share of its round(S * K) entries, those of
+    least W^2 / U[i, i]^2 (SparseGPT's adaptive mask selection, kept row-uniform so every row
+    holds the same count); for N:M the M - N least of each group of M columns when the group
+    starts. `real` marks the columns that are not padding (never pruned, never counted).
+    `on_column(i, W1, pruned1)` sees a block's columns before column i is fixed (GPTQ sets
+    group scales there)."""
+    n, kp = W.shape
+    W = W.copy()
+    pruned = np.zeros((n, kp), bool) if fixed is None else fixed.copy()
+    out = np.zeros((n, kp), np.float64)
+    width = BLOCK
+    if pattern is not None and pattern.structured:
+        width = max(pattern.m, BLOCK - BLOCK % pattern.m)
+    seen = np.concatenate([[0], np.cumsum(real)])  # real columns before each position
+    d_all = np.diag(U)
+    for b0 in range(0, kp, width):
+        b1 = min(b0 + width, kp)
+        W1, E = W[:, b0:b1].copy(), np.zeros((n, b1 - b0))
+        P1 = pruned[:, b0:b1]
+        d = d_all[b0:b1]
+        if pattern is not None and not pattern.structured:
+            count = (round(pattern.fraction * int(seen[b1]))
+                     - round(pattern.fraction * int(seen[b0])))
+            score = np.where(real[b0:b1], W1 ** 2 / d ** 2, np.inf)
+            P1 |= smallest(score, count)
+        for i in range(b1 - b0):
+            if pattern is not None and pattern.structured and (b0 + i) % pattern.m == 0:
+                g = slice(i, i + pattern.m)
+                P1[:, g] |= smallest(W1[:, g] ** 2 / d[g] ** 2, pattern.m - pattern.n)
+            if on_column is not None:
+                on_column(b0 + i, W1[:, i:], P1[:, i:])
+            w = W1[:, i]
+            q = fix(b0 + i, w, P1[:, i]) if fix is not None else np.where(P1[:, i], 0.0, w)
+            out[:, b0 + i] = q
+            e = (w - q) / d[i]
+            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
+            E[:, i] = e
+        W[:, b1:] -= E @ U[b0:b1, b1:]
+    return out, pruned
+
+
 def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
-         act_order: bool = False, damp: float = DAMP,
+         act_order: bool = False, damp: float = DAMP, keep_zeros: bool = False,
+         prune: Pattern | None = None,
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """w[N, K], H[K, K] -> (codes[N, Kp], scales[N, G], zero_points[N, G] | None), as
     `quantize` returns them. Without act order each group takes its scale from its columns as
-    corrected so far, when the group starts; with it, from the weights before any correction."""
-    from kiln.passes.quantize import groups_of, quantize
+    corrected so far, when the group starts; with it, from the weights before any correction.
+    `keep_zeros`: w's exact zeros (a pruned weight) stay exactly zero, their share of the
+    correction falling on the kept entries. `prune`: SparseGPT with joint quantization, the
+    mask chosen inside the sweep (an N:M pattern sweeps in column order, without act order)."""
+    from kiln.passes.quantize import groups_of
 
     n, k = w.shape
     g, ng = groups_of(k, group)
     kp = ng * g
     W = np.zeros((n, kp), np.float64)
     W[:, :k] = w
-    H = np.eye(kp)
-    H[:k, :k] = h
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = hessian(h, kp, damp)
     W[:, dead] = 0.0
-    H += damp * np.mean(np.diag(H)) * np.eye(kp)
-    lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1))
-    scales = np.zeros((n, ng), np.float32)
-    zps = None if symmetric else np.zeros((n, ng), np.float32)
-
-    def set_scales(cols: np.ndarray, first: int) -> None:  # groups first.. from columns cols
-        _, s, z = quantize(cols.astype(np.float32), bits=bits, group=g, symmetric=symmetric)
-        scales[:, first:first + s.shape[1]] = s
-        if zps is not None:
-            zps[:, first:first + s.shape[1]] = z + (128 if bits == 8 else 0)  # unsigned codes
-
+    act_order = act_order and not (prune is not None and prune.structured)
+    rounder = _Rounder(n, kp, bits=bits, group=g, symmetric=symmetric)
     perm = np.arange(kp)
     if act_order:
-        set_scales(W, 0)
+        rounder.set_scales(W, 0)
         perm = np.argsort(-np.diag(H), kind="stable")
         W, H = W[:, perm], H[perm][:, perm]
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: Hinv = U^T U
-    codes = np.zeros((n, kp), np.float64)
-    for b0 in range(0, kp, BLOCK):
-        b1 = min(b0 + BLOCK, kp)
-        W1, E = W[:, b0:b1].copy(), np.zeros((n, b1 - b0))
-        for i in range(b1 - b0):
-            col = perm[b0 + i]
-            if not act_order and col % g == 0:
-                set_scales(W1[:, i:i + g], col // g)
-            s = scales[:, col // g].astype(np.float64)
-            z = 0.0 if zps is None else zps[:, col // g].astype(np.float64)
-            q = np.clip(np.rint(W1[:, i] / s) + z, lo, hi)
-            codes[:, col] = q
-            d = U[b0 + i, b0 + i]
-            e = (W1[:, i] - (q - z) * s) / d
-            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
-            E[:, i] = e
-        W[:, b1:] -= E @ U[b0:b1, b1:]
-    if symmetric:
-        c = codes.astype(np.int8) if bits == 8 else (codes + 8).astype(np.uint8)
-        return c, scales, None
-    if bits == 8:  # stored signed, as `quantize` does
-        return (codes - 128).astype(np.int8), scales, zps - 128
-    return codes.astype(np.uint8), scales, zps
+
+    def on_column(i: int, rest: np.ndarray, pruned: np.ndarray) -> None:
+        if not act_order and perm[i] % g == 0:
+            rounder.set_scales(np.where(pruned[:, :g], 0.0, rest[:, :g]), perm[i] // g)
+
+    fixed = (W == 0) & (np.arange(kp) < k)[perm] if keep_zeros else None
+    sweep(W, inverse_factor(H), real=perm < k, pattern=prune, fixed=fixed,
+          fix=lambda i, col, pruned: rounder(perm[i], col, pruned), on_column=on_column)
+    return rounder.result()
 
 
-#: solves of one compile, by (weight, Hessian, scheme): `calibrate` solves each weight once and
-#: the parameter transforms (qweight, scales, zero points) read the same solve back
+def sparsegpt(w: np.ndarray, h: np.ndarray, pattern: Pattern, *, damp: float = DAMP,
+              ) -> np.ndarray:
+    """w[N, K] pruned to `pattern` by SparseGPT (Frantar & Alistarh, 2023): each column's pruned
+    entries zeroed in turn, the error pushed onto the columns not yet swept, the mask chosen
+    from the corrected weights as the sweep reaches them. Float32, pruned entries exactly 0."""
+    k = w.shape[1]
+    H, dead = hessian(h, k, damp)
+    W = np.asarray(w, np.float64).copy()
+    W[:, dead] = 0.0
+    out, pruned = sweep(W, inverse_factor(H), real=np.ones(k, bool), pattern=pattern)
+    out = out.astype(np.float32)
+    out[pruned] = 0.0
+    return out
+
+
+#: solves of one compile, by (kind, weight, Hessian, options): `calibrate` solves each weight
+#: once and the parameter transforms (qweight, scales, zero points) read the same solve back
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 1024
 
+#: a weight with at least this fraction of exact zeros is taken for pruned: GPTQ keeps its zeros
+PRUNED = 0.25
 
-def solve(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
-          act_order: bool = False, damp: float = DAMP,
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """`gptq`, memoized by the contents of w and H."""
-    w = np.ascontiguousarray(w, np.float32)
-    h = np.ascontiguousarray(h, np.float64)
-    key = (hashlib.blake2b(w.data, digest_size=16).hexdigest(),
-           hashlib.blake2b(h.data, digest_size=16).hexdigest(), bits, group, symmetric, act_order,
-           damp)
+
+def memoized(kind: str, arrays: tuple[np.ndarray, ...], options: tuple, compute: Callable):
+    """compute(), memoized by `kind`, the contents of `arrays` and `options`."""
+    key = (kind, *(hashlib.blake2b(np.ascontiguousarray(a).data, digest_size=16).hexdigest()
+                   for a in arrays), *options)
     if key not in _CACHE:
-        _CACHE[key] = gptq(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
-                           damp=damp)
+        _CACHE[key] = compute()
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return _CACHE[key]
 
 
+def solve(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
+          act_order: bool = False, damp: float = DAMP, keep_zeros: bool = False,
+          prune: Pattern | None = None,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`gptq`, memoized by the contents of w and H; a weight that is mostly zeros (a pruned
+    checkpoint) keeps its zeros."""
+    w = np.ascontiguousarray(w, np.float32)
+    h = np.ascontiguousarray(h, np.float64)
+    keep_zeros = keep_zeros or (prune is None and float((w == 0).mean()) >= PRUNED)
+    return memoized("gptq", (w, h), (bits, group, symmetric, act_order, damp, keep_zeros, prune),
+                    lambda: gptq(w, h, bits=bits, group=group, symmetric=symmetric,
+                                 act_order=act_order, damp=damp, keep_zeros=keep_zeros,
+                                 prune=prune))
+
+
 def solved_weight(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
-                  act_order: bool = False, damp: float = DAMP) -> np.ndarray:
+                  act_order: bool = False, damp: float = DAMP, **pruning) -> np.ndarray:
     """The float32 weight [N, K] that `solve`'s codes and scales stand for (what a calibration
-    run computes with downstream of a quantized linear)."""
+    run computes with downstream of a quantized linear); `pruning`: `_pruning`'s attributes."""
     from kiln.compiler.interpreter.transformer_ops import dequantize
     from kiln.passes.quantize import groups_of, pack_nibbles
 
     q, s, z = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
-                    damp=damp)
+                    damp=damp, **_pruning(**pruning))
     n, k = w.shape
     attrs = Attrs({"bits": bits, "group_size": groups_of(k, group)[0], "in_features": k,
                    "out_features": n})
     return dequantize(pack_nibbles(q) if bits == 4 else q, s, z, attrs)
 
 
+def _pruning(keep_zeros: bool = False, prune_fraction: float = 0.0, prune_n: int = 0,
+             prune_m: int = 0) -> dict:
+    """A derivation's pruning attributes (kiln.passes.prune_weights.gptq_source) -> `solve`'s."""
+    prune = Pattern(prune_fraction, prune_n, prune_m) if prune_fraction else None
+    return {"keep_zeros": keep_zeros, "prune": prune}
+
+
 def _gptq_part(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
-               part: str, act_order: bool = False) -> np.ndarray:
+               part: str, act_order: bool = False, **pruning) -> np.ndarray:
     from kiln.passes.quantize import pack_nibbles
 
-    q, scales, zp = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order)
+    q, scales, zp = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
+                          **_pruning(**pruning))
     if part == "qweight":
         return pack_nibbles(q) if bits == 4 else q
     return scales if part == "scales" else zp

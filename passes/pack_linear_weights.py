@@ -1,4 +1,4 @@
-"""Pack linear weights [N, K] into the CPU kernels' layout [N / block, K, block] (codegen only).
+"""Lay linear weights out for the CPU kernels: fp32 [N / block, K, block], quantized `blocked`.
 
 packed[nb, k, lane] = w[nb * block + lane, k]: one SIMD load reads `block` output columns at one
 k (see kiln.codegen.kernels.packed_linear). The packed parameter is derived lazily from the
@@ -6,14 +6,18 @@ original by `reshape` + `transpose`, so `kiln convert` and synthetic weights der
 Requires: linear recognized. The rewritten nodes carry `packed=block`; an embedding reading the
 same (tied) table is marked too and gathers from the packed layout, so the weights stay one copy.
 A weight whose N is not a multiple of `block`, or that has other readers, stays as it is.
-The result is for code generation: the interpreter and shape rules know only unpacked weights.
+quant_linear / quant_embedding weights in the `nk` layout (quantize_weights' or imported) are
+laid out `blocked` (kiln.passes.quantize's docstring; one copy shared by all readers); that layout
+is still interpreted, the fp32 packing is for code generation only. `block` 0 (the default):
+nothing changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from kiln.compiler.ir import Attrs, Derived, Graph, Node, Param, TensorType
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Attrs, Derived, Graph, Node, Param, ParamSource, TensorType
 from kiln.passes import register
 
 #: (op, input slot) pairs that can read a packed weight
@@ -21,7 +25,10 @@ _READERS = {("linear", 1), ("embedding", 0)}
 
 
 @register("pack_linear_weights")
-def pack_linear_weights(graph: Graph, *, block: int = 16) -> Graph:
+def pack_linear_weights(graph: Graph, *, block: int = 0) -> Graph:
+    if not block:
+        return graph
+    graph = _to_blocked(graph, block)
     uses: dict[str, set[tuple[str, int]]] = {}
     for n in graph.nodes:
         for i, v in enumerate(n.inputs):
@@ -64,3 +71,43 @@ def _rewire(n: Node, renamed: dict[str, str], block: int) -> Node:
     inputs = list(n.inputs)
     inputs[slot] = renamed[n.inputs[slot]]
     return dataclasses.replace(n, inputs=tuple(inputs), attrs=Attrs({**n.attrs, "packed": block}))
+
+
+#: input slots of the quantized tensors per op: (qweight, scales, zero_points)
+_QUANT_SLOTS = {"quant_linear": (1, 2, 3), "quant_embedding": (0, 1, 2)}
+
+
+def _to_blocked(graph: Graph, block: int) -> Graph:
+    """Lay out every `nk` quantized weight `blocked` (one copy, shared by all its readers)."""
+    params, types = dict(graph.params), dict(graph.types)
+    renamed: dict[str, str] = {}
+    nodes = []
+    for n in graph.nodes:
+        if n.op not in _QUANT_SLOTS or n.attrs.get("layout") != "nk":
+            nodes.append(n)
+            continue
+        inputs = list(n.inputs)
+        for slot in _QUANT_SLOTS[n.op]:
+            v = inputs[slot] if slot < len(inputs) else ""
+            if not v:
+                continue
+            if v not in graph.params:
+                raise KilnError(f"node {n.name} ({n.op}): quantized input {v} is not a "
+                                "parameter")
+            if v not in renamed:
+                renamed[v] = _blocked_param(params, types, graph.params[v], block)
+            inputs[slot] = renamed[v]
+        nodes.append(dataclasses.replace(n, inputs=tuple(inputs),
+                                         attrs=n.attrs.updated(layout="blocked")))
+    for v in renamed:
+        del params[v], types[v]
+    return graph.replace(nodes=tuple(nodes), params=params, types=types)
+
+
+def _blocked_param(params: dict, types: dict, p: Param, block: int) -> str:
+    rows, cols = p.type.shape
+    t = TensorType(p.type.dtype, (-(-rows // block), cols, block))
+    src: ParamSource = Derived("quant_blocked", (p.source,), Attrs({"block": block}))
+    q = Param(f"{p.name}.blocked{block}", t, src)
+    params[q.name], types[q.name] = q, t
+    return q.name

@@ -27,8 +27,8 @@ linears and (tied) embeddings, the LM head included, unless a `keep` pattern mat
 preset's `int8` roles (the LM head, the q/k/v projections) get int8 per output channel instead
 of its own scheme. A tied embedding becomes `quant_embedding` over the same quantized table, so
 the fp32 table is no longer shipped. With calibration windows and the weights at hand, weights
-are solved by GPTQ (kiln.passes.gptq), otherwise rounded to nearest. With `block`, quantized
-weights (its own and imported ones in `nk`) are laid out `blocked` for the CPU kernels.
+are solved by GPTQ (kiln.passes.gptq), otherwise rounded to nearest. The pass emits `nk`;
+pack_linear_weights lays quantized weights (its own and imported ones) out `blocked` for the CPU.
 Quantized parameters are Derived from the originals by the transforms registered here, so
 `kiln convert` regenerates them from the weights.
 Requires: linear recognized (canonical graph). Preserves: every value name and type.
@@ -52,7 +52,6 @@ from kiln.compiler.ir import (
     Inline,
     Node,
     Param,
-    ParamSource,
     TensorType,
 )
 from kiln.passes import register
@@ -194,14 +193,11 @@ _READERS = {("linear", 1), ("embedding", 0)}
 
 @register("quantize_weights")
 def quantize_weights(graph: Graph, *, preset: QuantPreset | None = None,
-                     block: int = 0, calibration: tuple = ()) -> Graph:
-    """Quantize linear weights per `preset` (None: only lay out existing quant_linear nodes),
-    then, with `block`, lay every quantized weight out `blocked` for the CPU kernels.
-    `calibration`: token windows (1, T) for GPTQ; without them (or without the weights) the
-    weights are rounded to nearest."""
-    if preset is not None:
-        graph = _quantize_linears(graph, preset, calibration)
-    return _to_blocked(graph, block) if block else graph
+                     calibration: tuple = ()) -> Graph:
+    """Quantize linear weights per `preset` (None: the graph as it is). `calibration`: token
+    windows (1, T) for GPTQ; without them (or without the weights) the weights are rounded to
+    nearest. pack_linear_weights lays the quantized weights out `blocked` for the CPU."""
+    return graph if preset is None else _quantize_linears(graph, preset, calibration)
 
 
 def _quantize_linears(graph: Graph, preset: QuantPreset, calibration: tuple = ()) -> Graph:
@@ -327,43 +323,3 @@ def _rewrite(n: Node, made: dict[str, tuple[str, str, str, Attrs]]) -> Node:
         return dataclasses.replace(n, op="quant_embedding", inputs=(q, s, z, n.inputs[1]),
                                    attrs=attrs)
     return n
-
-
-#: input slots of the quantized tensors per op: (qweight, scales, zero_points)
-_QUANT_SLOTS = {"quant_linear": (1, 2, 3), "quant_embedding": (0, 1, 2)}
-
-
-def _to_blocked(graph: Graph, block: int) -> Graph:
-    """Lay out every `nk` quantized weight `blocked` (one copy, shared by all its readers)."""
-    params, types = dict(graph.params), dict(graph.types)
-    renamed: dict[str, str] = {}
-    nodes = []
-    for n in graph.nodes:
-        if n.op not in _QUANT_SLOTS or n.attrs.get("layout") != "nk":
-            nodes.append(n)
-            continue
-        inputs = list(n.inputs)
-        for slot in _QUANT_SLOTS[n.op]:
-            v = inputs[slot] if slot < len(inputs) else ""
-            if not v:
-                continue
-            if v not in graph.params:
-                raise KilnError(f"node {n.name} ({n.op}): quantized input {v} is not a "
-                                "parameter")
-            if v not in renamed:
-                renamed[v] = _blocked_param(params, types, graph.params[v], block)
-            inputs[slot] = renamed[v]
-        nodes.append(dataclasses.replace(n, inputs=tuple(inputs),
-                                         attrs=n.attrs.updated(layout="blocked")))
-    for v in renamed:
-        del params[v], types[v]
-    return graph.replace(nodes=tuple(nodes), params=params, types=types)
-
-
-def _blocked_param(params: dict, types: dict, p: Param, block: int) -> str:
-    rows, cols = p.type.shape
-    t = TensorType(p.type.dtype, (-(-rows // block), cols, block))
-    src: ParamSource = Derived("quant_blocked", (p.source,), Attrs({"block": block}))
-    q = Param(f"{p.name}.blocked{block}", t, src)
-    params[q.name], types[q.name] = q, t
-    return q.name

@@ -17,7 +17,10 @@ from kiln.passes import register
 
 
 @register("quantize_kv_cache")
-def quantize_kv_cache(graph: Graph, *, bits: int = 8) -> Graph:
+def quantize_kv_cache(graph: Graph, *, bits: int = 0) -> Graph:
+    """`bits` 8: an int8 cache; 0 (the default, as a pipeline stage): the cache as it is."""
+    if not bits:
+        return graph
     if bits != 8:
         from kiln.compiler.errors import KilnError
 

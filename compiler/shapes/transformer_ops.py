@@ -28,9 +28,19 @@ def rms_norm(node, types, values):
     return [x]
 
 
+def _unpacked(node, w: TensorType) -> TensorType:
+    """A weight pack_linear_weights laid out [N / B, K, B] (attr `packed` = B) as its [N, K]."""
+    block = node.attrs.get("packed")
+    if not block or w.shape is None:
+        return w
+    if len(w.shape) != 3 or w.shape[2] != block:
+        raise fail(node, f"a packed weight is [N / {block}, K, {block}]", w)
+    return TensorType(w.dtype, (w.shape[0] * block, w.shape[1]))
+
+
 @rule("linear")
 def linear(node, types, values):
-    x, w = types[0], types[1]
+    x, w = types[0], _unpacked(node, types[1])
     if x.shape is not None and w.shape is not None:
         if len(w.shape) != 2 or dims_equal(x.shape[-1], w.shape[1]) is False:
             raise fail(node, "input features do not match the weight's [N, K]", x, w)
@@ -40,7 +50,7 @@ def linear(node, types, values):
 
 @rule("embedding")
 def embedding(node, types, values):
-    table, ids = types
+    table, ids = _unpacked(node, types[0]), types[1]
     if not ids.dtype.is_int:
         raise fail(node, "ids must be integers", table, ids)
     if table.shape is None or ids.shape is None:

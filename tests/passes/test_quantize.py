@@ -11,6 +11,7 @@ from kiln.compiler.interpreter import run
 from kiln.compiler.interpreter.transformer_ops import dequantize
 from kiln.compiler.ir import Attrs
 from kiln.compiler.verify import verify
+from kiln.passes import get_pass
 from kiln.passes.quantize import (
     PRESETS,
     blocked,
@@ -95,7 +96,7 @@ def test_pass_quantizes_linears_and_tied_embedding(rng, preset):
     want, got = _reference(g, ids), _reference(q, ids)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < (0.03 if preset == "w8" else 0.25), f"{preset}: {err:.3g} from fp32"
-    blk = quantize_weights(q, block=16)  # the CPU layout computes the very same numbers
+    blk = get_pass("pack_linear_weights")(q, block=16)  # the CPU layout: the very same numbers
     assert {n.attrs["layout"] for n in blk.nodes if n.op.startswith("quant_")} == {"blocked"}
     assert_close(_reference(blk, ids), got, rtol=1e-6, atol=1e-6, name=f"{preset} blocked")
 

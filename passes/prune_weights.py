@@ -1,0 +1,205 @@
+"""The `prune_weights` pass: linear weights pruned to a sparsity pattern, by SparseGPT, Wanda or
+magnitude.
+
+Methods (the pattern, a fraction of every row or N:M along the input dimension:
+kiln.runtime.pruning):
+- sparsegpt (default; Frantar & Alistarh, 2023): one-shot optimal-brain-surgeon pruning with the
+  Hessian H = X^T X of each linear's calibration inputs, the mask chosen per block of columns as
+  the sweep corrects the weights (kiln.passes.gptq.sweep, GPTQ's machinery).
+- wanda (Sun et al., 2023): drop the entries of least |W[n, k]| * ||X[:, k]||_2 in each row.
+- magnitude: drop the entries of least |W[n, k]| in each row.
+The calibrated methods take their inputs sequentially, as GPTQ does (kiln.passes.gptq.calibrate):
+each linear sees its input as the already-pruned layers before it produce it.
+
+Output: the same graph, each pruned weight a parameter of the same name and shape holding exact
+zeros, Derived from the original by "sparsegpt" (with the Hessian), "prune_wanda" (with the input
+norms) or "prune_magnitude", so `kiln convert` (and, for magnitude, the GPU host's converter)
+rebuild it. The config is recorded in graph.meta["sparsity"]. Embeddings, the LM head (a linear
+making a graph output) and weights matching a `keep` pattern stay dense; so does any weight a
+non-linear reads.
+
+With a GPTQ quantization preset after it, kiln.passes.quantize solves a SparseGPT-pruned weight
+jointly (`gptq_source`): one sweep over the original weight with the quantizer's Hessian chooses
+the mask and quantizes what is kept; Wanda- and magnitude-pruned weights keep their zeros.
+Requires: linear recognized (canonical graph). Preserves: every value name, type and node.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Derived, DType, Graph, Inline, Param
+from kiln.passes import register
+from kiln.passes.gptq import DAMP, memoized, sparsegpt
+from kiln.runtime.pruning import Pattern, PatternError, prune, prune_magnitude
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+CALIBRATED = ("sparsegpt", "wanda")
+
+
+@dataclass(frozen=True, slots=True)
+class PruneConfig:
+    """What `kiln compile --sparsity S --prune-method M --sparsity-keep P` asks for."""
+
+    pattern: Pattern
+    method: str = "sparsegpt"
+    keep: tuple[str, ...] = ()  # fnmatch patterns of node/param names kept dense
+    damp: float = DAMP
+
+    def to_dict(self) -> dict:
+        return {"sparsity": str(self.pattern), **self.pattern.to_dict(), "method": self.method,
+                "keep": list(self.keep), "damp": self.damp}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneConfig:
+        """The config a manifest recorded (`to_dict`)."""
+        return cls(Pattern.from_dict(d), d["method"], tuple(d.get("keep", ())),
+                   float(d.get("damp", DAMP)))
+
+
+def parse_config(sparsity: str | None, method: str | None = None,
+                 keep: tuple[str, ...] | list[str] = ()) -> PruneConfig | None:
+    """The CLI's options -> a config (None without --sparsity); bad values -> KilnError."""
+    if sparsity is None:
+        if method or keep:
+            flag = "--prune-method" if method else "--sparsity-keep"
+            raise KilnError(f"{flag} needs --sparsity S (a fraction such as 0.5, or 2:4)")
+        return None
+    method = (method or "sparsegpt").lower()
+    if method not in METHODS:
+        raise KilnError(f"--prune-method {method}: unknown; known: {', '.join(METHODS)}")
+    try:
+        return PruneConfig(Pattern.parse(sparsity), method, tuple(keep))
+    except PatternError as e:
+        raise KilnError(str(e)) from None
+
+
+@register("prune_weights")
+def prune_weights(graph: Graph, *, config: PruneConfig | None = None,
+                  calibration: tuple = ()) -> Graph:
+    """Prune the linear weights per `config` (None: the graph as it is). `calibration`: token
+    windows (1, T) of the calibration text, needed by sparsegpt and wanda (with the weights)."""
+    if config is None:
+        return graph
+    chosen = prunable(graph, config.keep)
+    for name, node in chosen.items():
+        try:
+            config.pattern.check(graph.params[name].type.shape[1],
+                                 f"node {node} (linear), weight {name} of shape "
+                                 f"{list(graph.params[name].type.shape)}")
+        except PatternError as e:
+            raise KilnError(str(e)) from None
+    stats = _calibrate(graph, config, sorted(chosen), calibration)
+    params = dict(graph.params)
+    for name in chosen:
+        p = graph.params[name]
+        params[name] = Param(name, p.type, _pruned_source(p, config, stats.get(name)))
+    return graph.replace(params=params, meta={**graph.meta, "sparsity": config.to_dict()})
+
+
+def prunable(graph: Graph, keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """weight name -> the name of the linear reading it, for every weight the pass prunes: a
+    2-D float32 parameter read only as linears' weights, not the LM head's, not kept."""
+    readers: dict[str, set[tuple[str, int]]] = {}
+    for n in graph.nodes:
+        for i, v in enumerate(n.inputs):
+            if v in graph.params:
+                readers.setdefault(v, set()).add((n.op, i))
+    out = {}
+    for n in graph.nodes:
+        if n.op != "linear" or len(n.inputs) < 2 or n.outputs[0] in graph.outputs:
+            continue
+        w = n.inputs[1]
+        p = graph.params.get(w)
+        if p is None or readers[w] != {("linear", 1)} or p.type.dtype is not DType.f32 or \
+                len(p.type.shape or ()) != 2:
+            continue
+        if any(fnmatch.fnmatchcase(s, pat) for pat in keep for s in (n.name, w)):
+            continue
+        out[w] = n.name
+    return out
+
+
+def _calibrate(graph: Graph, config: PruneConfig, weights: list[str],
+               calibration: tuple) -> dict[str, np.ndarray]:
+    """weight -> the Hessian of its input (sparsegpt) or the input's column norms (wanda), each
+    taken with the weights before it already pruned; {} for magnitude."""
+    if config.method not in CALIBRATED or not weights:
+        return {}
+    if not calibration:
+        raise KilnError(f"--prune-method {config.method} needs calibration text, tokenized with "
+                        "the model's tokenizer: no tokenizer.json beside the model (use "
+                        "--prune-method magnitude, or put the tokenizer there)")
+    if not all(graph.params[w].source.available for w in weights):
+        raise KilnError(f"--prune-method {config.method} needs the weights to calibrate with "
+                        "(compiled --no-weights, or the weights file is missing); use "
+                        "--prune-method magnitude")
+    from kiln.passes.gptq import calibrate
+
+    def pruned(name: str, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        return _solve(config.method, w, _stat(config.method, h), config.pattern, config.damp)
+
+    hess = calibrate(graph, weights, list(calibration), pruned)
+    return {w: _stat(config.method, h) for w, h in hess.items()}
+
+
+def _stat(method: str, h: np.ndarray) -> np.ndarray:
+    """What a method keeps of H: all of it (sparsegpt), or ||X[:, k]||_2 (wanda)."""
+    return h if method == "sparsegpt" else np.sqrt(np.maximum(np.diag(h), 0.0))
+
+
+def _solve(method: str, w: np.ndarray, stat: np.ndarray | None, pattern: Pattern,
+           damp: float) -> np.ndarray:
+    attrs = {**pattern.to_dict()}
+    if method == "sparsegpt":
+        return _sparsegpt(w, stat, damp=damp, **attrs)
+    if method == "wanda":
+        return _wanda(w, stat, **attrs)
+    return prune_magnitude(w, **attrs)
+
+
+def _pruned_source(p: Param, config: PruneConfig, stat: np.ndarray | None) -> Derived:
+    attrs = Attrs(config.pattern.to_dict())
+    if config.method == "magnitude":
+        return Derived("prune_magnitude", (p.source,), attrs)
+    fn = "sparsegpt" if config.method == "sparsegpt" else "prune_wanda"
+    extra = {"damp": config.damp} if config.method == "sparsegpt" else {}
+    return Derived(fn, (p.source, Inline(stat)), attrs.updated(**extra))
+
+
+def _sparsegpt(w: np.ndarray, h: np.ndarray, *, fraction: float, n: int = 0, m: int = 0,
+               damp: float = DAMP) -> np.ndarray:
+    pattern = Pattern(fraction, n, m)
+    return memoized("sparsegpt", (w, h), (fraction, n, m, damp),
+                    lambda: sparsegpt(np.asarray(w, np.float32), np.asarray(h, np.float64),
+                                      pattern, damp=damp))
+
+
+def _wanda(w: np.ndarray, norms: np.ndarray, *, fraction: float, n: int = 0, m: int = 0,
+           ) -> np.ndarray:
+    w = np.asarray(w, np.float32)
+    score = np.abs(w).astype(np.float64) * np.asarray(norms, np.float64)[None, :]
+    return prune(w, score, Pattern(fraction, n, m))
+
+
+PARAM_TRANSFORMS["sparsegpt"] = _sparsegpt
+PARAM_TRANSFORMS["prune_wanda"] = _wanda
+PARAM_TRANSFORMS["prune_magnitude"] = prune_magnitude
+
+
+def gptq_source(p: Param) -> tuple:
+    """(the source GPTQ solves from, its extra attrs) for a weight this pass may have pruned: a
+    SparseGPT-pruned weight is re-solved from the original, mask and codes in one sweep; a
+    Wanda- or magnitude-pruned one keeps its zeros; anything else is solved as it is."""
+    src = p.source
+    if isinstance(src, Derived) and src.fn == "sparsegpt":
+        a = src.attrs
+        return src.sources[0], {"prune_fraction": a["fraction"], "prune_n": a["n"],
+                                "prune_m": a["m"]}
+    if isinstance(src, Derived) and src.fn in ("prune_wanda", "prune_magnitude"):
+        return src, {"keep_zeros": True}
+    return src, {}
