@@ -1,0 +1,131 @@
+"""Sparsity quality table: `kiln compile --sparsity S --prune-method M [--quant w8]` then
+`kiln eval ART --text TEXT --reference FP32_ART`, for every level, method and quantization.
+
+    python benchmarks/sparsity_quality.py MODEL.onnx --work /tmp/h4a/sq \\
+        [--levels 0.3,0.5,0.7,2:4] [--methods sparsegpt,wanda,magnitude] [--quant none,w8] \\
+        [--text models/data/eval_pyref.txt] [--max-seq 1024] [--json results.jsonl] [--table T.md]
+
+Each variant is `kiln compile` then `kiln eval --json` in processes of their own (a process that
+has loaded TVM's runtime alone cannot load its compiler). Artifacts are compiled one at a time
+(the CPU is shared), evaluated against the fp32 artifact
+(compiled first, kept) and deleted; each result is appended to the JSON lines file as it comes,
+and a rerun skips the variants already there, so the table can be built in several sittings. The
+markdown table is rewritten from the JSON lines after every variant. Variants run in an order
+that puts the acceptance points first (sparsegpt and magnitude at 50%).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(levels: list[str], methods: list[str], quants: list[str]) -> list[tuple]:
+    """(level, method, quant) in the order they are run: 50% first, fp32 before w8."""
+    order = sorted(levels, key=lambda s: (s != "0.5", s))
+    return [(lv, m, q) for q in quants for lv in order for m in methods]
+
+
+def key(level: str, method: str, quant: str) -> str:
+    return f"{level}/{method}/{quant}"
+
+
+def load(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in rows}
+
+
+def table(results: dict[str, dict], levels: list[str], methods: list[str],
+          quants: list[str]) -> str:
+    """Markdown: one row per (level, quant), perplexity (vs fp32), KL and top-1 per method."""
+    ref = results.get("fp32")
+    lines = [f"fp32: perplexity {ref['perplexity']:.3f} over {ref['tokens']} tokens"
+             if ref else "fp32: not measured yet", "",
+             "| sparsity | quant | " + " | ".join(
+                 f"{m} ppl (vs fp32) | {m} KL | {m} top-1" for m in methods) + " |",
+             "|---|---|" + "---|" * (3 * len(methods))]
+    for q in quants:
+        for lv in sorted(levels, key=lambda s: (":" in s, s)):
+            cells = []
+            for m in methods:
+                r = results.get(key(lv, m, q))
+                if r is None:
+                    cells += ["-", "-", "-"]
+                    continue
+                rel = (r["perplexity"] / ref["perplexity"] - 1) * 100 if ref else float("nan")
+                cells += [f"{r['perplexity']:.3f} ({rel:+.1f}%)", f"{r['kl_divergence']:.3f}",
+                          f"{r['top1_agreement']:.3f}"]
+            lines.append(f"| {lv} | {q} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def kiln(*args) -> str:
+    out = subprocess.run(["kiln", *map(str, args)], capture_output=True, text=True)
+    if out.returncode:
+        raise click.ClickException(f"kiln {' '.join(map(str, args))}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def evaluate(art: Path, text: Path, ref: Path | None = None) -> dict:
+    return json.loads(kiln("eval", art, "--text", text, "--json",
+                           *(("--reference", ref) if ref else ())))
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--work", type=click.Path(path_type=Path), required=True,
+              help="folder for the artifacts (the fp32 one is kept)")
+@click.option("--levels", default="0.3,0.5,0.7,2:4", show_default=True)
+@click.option("--methods", default="sparsegpt,magnitude,wanda", show_default=True)
+@click.option("--quant", "quants", default="none,w8", show_default=True)
+@click.option("--text", type=click.Path(exists=True, path_type=Path),
+              default=ROOT / "models" / "data" / "eval_pyref.txt", show_default=True)
+@click.option("--max-seq", default=1024, show_default=True, help="the eval's context")
+@click.option("--json", "json_out", type=click.Path(path_type=Path))
+@click.option("--table", "table_out", type=click.Path(path_type=Path))
+def main(model: Path, work: Path, levels: str, methods: str, quants: str, text: Path,
+         max_seq: int, json_out: Path | None, table_out: Path | None) -> None:
+    lv, ms, qs = levels.split(","), methods.split(","), quants.split(",")
+    json_out = json_out or work / "results.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    results = load(json_out)
+
+    def record(row: dict) -> None:
+        results[row["key"]] = row
+        with json_out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if table_out is not None:
+            table_out.write_text(table(results, lv, ms, qs))
+        click.echo(json.dumps(row))
+
+    ref = work / "fp32"
+    if not (ref / "manifest.json").is_file():
+        kiln("compile", model, "-o", ref, "--max-seq", max_seq)
+    if "fp32" not in results:
+        record({"key": "fp32", **evaluate(ref, text)})
+    for level, method, quant in variants(lv, ms, qs):
+        k = key(level, method, quant)
+        if k in results:
+            continue
+        art = work / k.replace("/", "_").replace(":", "of")
+        start = time.perf_counter()
+        kiln("compile", model, "-o", art, "--max-seq", max_seq, "--sparsity", level,
+             "--prune-method", method, *(() if quant == "none" else ("--quant", quant)))
+        compiled = time.perf_counter() - start
+        row = evaluate(art, text, ref)
+        record({"key": k, "sparsity": level, "method": method, "quant": quant,
+                "compile_seconds": round(compiled, 1), **row})
+        shutil.rmtree(art)
+
+
+if __name__ == "__main__":
+    main()
