@@ -32,19 +32,18 @@ def main() -> None:
     """kiln: compile ONNX transformer exports into per-target kernels, and run them."""
 
 
-def _console():
-    from rich.console import Console
+#: --quiet on every command that shows progress (kiln.compiler.progress)
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="no progress on stderr (errors still print)")
 
-    return Console(stderr=True)
 
-
-def _canonicalize(model: Path, dump_ir: Path | None, *, weights_optional: bool):
+def _canonicalize(model: Path, dump_ir: Path | None, *, weights_optional: bool, quiet: bool):
     from kiln.compiler.driver import canonicalize
+    from kiln.compiler.progress import progress
 
-    console = _console()
-    with console.status(f"importing {model.name}") as status:
+    with progress(f"importing {model.name}", quiet=quiet) as report:
         def on_pass(name, graph, seconds):
-            status.update(f"{name}: {len(graph.nodes)} nodes ({seconds:.2f} s)")
+            report(f"{name}: {len(graph.nodes)} nodes ({seconds:.2f} s)")
 
         return canonicalize(model, dump_ir=dump_ir, weights_optional=weights_optional,
                             on_pass=on_pass)
@@ -54,11 +53,12 @@ def _canonicalize(model: Path, dump_ir: Path | None, *, weights_optional: bool):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="write the IR after each pass")
-def inspect(model: Path, as_json: bool, dump_ir: Path | None) -> None:
+@quiet_option
+def inspect(model: Path, as_json: bool, dump_ir: Path | None, quiet: bool) -> None:
     """Show the architecture kiln recognizes in MODEL and its op histograms."""
     from kiln.compiler.analysis import describe, generic_ops, ops_per_layer
 
-    result = _canonicalize(model, dump_ir, weights_optional=True)
+    result = _canonicalize(model, dump_ir, weights_optional=True, quiet=quiet)
     g0, g = result.original, result.canonical
     report = {
         "model": str(model),
@@ -111,13 +111,14 @@ def _print_inspect(r: dict) -> None:
 @click.option("--batch", default=1, show_default=True)
 @click.option("--tolerance", default=1e-4, show_default=True,
               help="max |kiln - onnxruntime| / max |onnxruntime| per output")
-def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float) -> None:
+@quiet_option
+def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, quiet: bool) -> None:
     """Compare kiln's interpreter with onnxruntime on MODEL (prefill and decode); exit 0 only
     when every output is within tolerance."""
     from kiln.compiler.analysis import describe
     from kiln.compiler.check import check_model
 
-    result = _canonicalize(model, None, weights_optional=False)
+    result = _canonicalize(model, None, weights_optional=False, quiet=quiet)
     vocab = describe(result.canonical)["vocab"]
     cases = check_model(model, result.canonical, tol=tolerance, seed=seed, batch=batch,
                         vocab=vocab)
@@ -160,16 +161,17 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float) -
               help="compute dtype on CUDA (default float16; accumulation stays float32)")
 @click.option("--tuning", type=click.Path(path_type=Path),
               help="per-shape kernel tilings measured by `kiln tune` (CPU)")
+@quiet_option
 def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
                 quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
-                dtype: str | None, tuning: Path | None) -> None:
+                dtype: str | None, tuning: Path | None, quiet: bool) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
+    from kiln.compiler.progress import progress
 
-    console = _console()
-    with console.status(f"compiling {model.name}") as status:
+    with progress(f"compiling {model.name}", quiet=quiet) as report:
         path = compile_model(model, out, target=f"{target}:{arch}" if arch else target,
-                             max_seq=max_seq, weights=not no_weights, progress=status.update,
+                             max_seq=max_seq, weights=not no_weights, progress=report,
                              quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning)
     click.echo(str(path))
 
@@ -182,15 +184,17 @@ def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: b
               help="rows of the prefill GEMMs timed")
 @click.option("--repeat", default=5, show_default=True, help="timed runs per candidate (median)")
 @click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
-def tune(model: Path, out: Path, prompt_len: int, repeat: int, threads: int | None) -> None:
+@quiet_option
+def tune(model: Path, out: Path, prompt_len: int, repeat: int, threads: int | None,
+         quiet: bool) -> None:
     """Time every packed GEMM/GEMV tiling for each weight shape of MODEL on this CPU and write
     the fastest per shape; `kiln compile --tuning OUT` uses them."""
+    from kiln.compiler.progress import progress
     from kiln.compiler.tuning import tune_model
 
-    console = _console()
-    with console.status(f"tuning {model.name}") as status:
+    with progress(f"tuning {model.name}", quiet=quiet) as report:
         table = tune_model(model, out, prompt_len=prompt_len, repeat=repeat, threads=threads,
-                           progress=status.update)
+                           progress=report)
     for phase in ("prefill", "decode"):
         for shape, c in table[phase].items():
             base = c["default_seconds"]
@@ -203,12 +207,15 @@ def tune(model: Path, out: Path, prompt_len: int, repeat: int, threads: int | No
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--artifact", type=click.Path(path_type=Path), required=True)
-def convert(model: Path, artifact: Path) -> None:
+@quiet_option
+def convert(model: Path, artifact: Path, quiet: bool) -> None:
     """Write the parameters of MODEL into an ARTIFACT compiled with --no-weights."""
     from kiln.compiler.compile import convert as convert_params
+    from kiln.compiler.progress import progress
 
-    with _console().status("converting parameters") as status:
-        click.echo(str(convert_params(model, artifact, progress=status.update)))
+    with progress("converting parameters", quiet=quiet) as report:
+        path = convert_params(model, artifact, progress=report)
+    click.echo(str(path))
 
 
 @main.command()
@@ -251,18 +258,21 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
 @click.option("--synthetic-weights", type=int, metavar="SEED")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write results here")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="write a PNG chart")
+@quiet_option
 def bench(artifacts: tuple[Path, ...], vs_onnx: tuple[Path, ...], labels: tuple[str, ...],
           prompt_lens: str, decode_len: int, threads: int, repeat: int,
-          synthetic_weights: int | None, json_path: Path | None, plot_path: Path | None) -> None:
+          synthetic_weights: int | None, json_path: Path | None, plot_path: Path | None,
+          quiet: bool) -> None:
     """Benchmark ARTIFACTS (prefill, decode) side by side, and against onnxruntime on ONNX files,
     alternating between them; ratios are against the first artifact."""
     from kiln.compiler import bench as b
+    from kiln.compiler.progress import progress
 
     lens = [int(x) for x in prompt_lens.split(",") if x]
-    with _console().status("benchmarking") as status:
+    with progress("benchmarking", quiet=quiet) as report:
         report = b.bench(list(artifacts), list(vs_onnx), prompt_lens=lens,
                          decode_len=decode_len, threads=threads, repeat=repeat,
-                         labels=list(labels), progress=status.update,
+                         labels=list(labels), progress=report,
                          synthetic_weights=synthetic_weights)
     _print_bench(report)
     if json_path:
@@ -308,24 +318,18 @@ def _print_bench(report) -> None:
 @click.option("--stride", type=int, help="window step (default: half the context)")
 @click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@quiet_option
 def eval_cmd(artifact: Path, text: Path | None, reference: Path | None, max_tokens: int | None,
-             stride: int | None, threads: int | None, as_json: bool) -> None:
+             stride: int | None, threads: int | None, as_json: bool, quiet: bool) -> None:
     """Perplexity of ARTIFACT over a text (sliding windows over its context) and, with
     --reference, the mean KL(reference || artifact) and top-1 agreement per position."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from kiln.compiler.evaluation import evaluate_artifact
+    from kiln.compiler.progress import progress
 
-    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())
-    console = _console()
-    with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
-        task = bar.add_task("scoring tokens", total=None)
+    with progress("scoring tokens", quiet=quiet, counted=True) as report:
         result = evaluate_artifact(artifact, text=text, reference=reference,
                                    max_tokens=max_tokens, stride=stride, threads=threads,
-                                   progress=lambda done, total: bar.update(task, completed=done,
-                                                                           total=total))
+                                   progress=report.count)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -346,13 +350,14 @@ def models() -> None:
 @models.command("export")
 @click.argument("name", type=click.Choice(["smollm2"]))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
-def models_export(name: str, out: Path) -> None:
+@quiet_option
+def models_export(name: str, out: Path, quiet: bool) -> None:
     """Convert a shipped model (GGUF) into an ONNX decoder plus tokenizer.json."""
+    from kiln.compiler.progress import progress
     from kiln.models.smollm2 import export_smollm2
 
-    console = _console()
-    with console.status(f"exporting {name}") as status:
-        path = export_smollm2(out, progress=lambda msg: status.update(msg))
+    with progress(f"exporting {name}", quiet=quiet) as report:
+        path = export_smollm2(out, progress=report)
     click.echo(str(path))
 
 
@@ -366,13 +371,15 @@ def models_export(name: str, out: Path) -> None:
 @click.option("--symmetric/--asymmetric", default=True, show_default=True)
 @click.option("--tied-head/--no-tied-head", default=False, show_default=True,
               help="also quantize an LM head tied to the embedding table (a copy of it)")
+@quiet_option
 def models_quantize_onnx(model: Path, out: Path, bits: int, block_size: int, accuracy_level: int,
-                         symmetric: bool, tied_head: bool) -> None:
+                         symmetric: bool, tied_head: bool, quiet: bool) -> None:
     """Quantize MODEL's MatMul weights with onnxruntime's MatMulNBitsQuantizer (the int4 peer
     of kiln's quantized artifacts)."""
     from kiln.compiler.frontend.onnx_quantize import quantize_onnx
+    from kiln.compiler.progress import progress
 
-    with _console().status(f"quantizing {model.name}"):
+    with progress(f"quantizing {model.name}", quiet=quiet):
         r = quantize_onnx(model, out, bits=bits, block_size=block_size,
                           accuracy_level=accuracy_level or None, symmetric=symmetric,
                           tied_head=tied_head)
@@ -407,13 +414,15 @@ def models_synth(name: str, out: Path, seed: int, weights: bool) -> None:
               help="the target host's Python (major.minor): picks the tvm-ffi wheel")
 @click.option("--params/--no-params", default=True, show_default=True,
               help="ship the weights (without them: run with --synthetic-weights)")
-def package_cmd(artifact: Path, out: Path, python: str, params: bool) -> None:
+@quiet_option
+def package_cmd(artifact: Path, out: Path, python: str, params: bool, quiet: bool) -> None:
     """Bundle ARTIFACT with TVM's runtime, tvm-ffi and kiln's runtime into OUT, for a host with
     only Python and numpy: `python OUT/kiln_run.py run|bench|info`."""
     from kiln.compiler.package import package
+    from kiln.compiler.progress import progress
 
-    with _console().status("packaging") as status:
-        bundle = package(artifact, out, python=python, params=params, progress=status.update)
+    with progress("packaging", quiet=quiet) as report:
+        bundle = package(artifact, out, python=python, params=params, progress=report)
     for part, size in bundle.sizes.items():
         click.echo(f"{part:24s} {size / 1e6:8.2f} MB")
     click.echo(f"{'total':24s} {bundle.total / 1e6:8.2f} MB  {bundle.path}")

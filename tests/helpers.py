@@ -19,6 +19,15 @@ TOLERANCES = {
 }
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The lines of a command's stderr other than its progress lines (which a command prints on
+    a non-terminal before any error: kiln.compiler.progress); nothing else may be there."""
+    from kiln.compiler.progress import PLAIN_LINE
+
+    lines = stderr.strip().splitlines()
+    return [line for line in lines if not PLAIN_LINE.match(line)]
+
+
 def assert_close(actual, expected, *, rtol=None, atol=None, name="value"):
     """Assert allclose; on failure report max abs/rel error, the worst index and a few pairs."""
     actual, expected = np.asarray(actual), np.asarray(expected)

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kiln.compiler.cli import main
+from tests.helpers import error_lines
 
 DATA = Path(__file__).parent.parent / "data"
 FIXTURES = sorted(DATA.glob("*.onnx"))
@@ -79,7 +80,7 @@ def test_garbage_file_exits_2_with_one_line(tmp_path):
     for cmd in ("inspect", "check"):
         p = _run_cli(cmd, bad)
         assert p.returncode == 2
-        lines = p.stderr.strip().splitlines()
+        lines = error_lines(p.stderr)
         assert len(lines) == 1 and "garbage.onnx" in lines[0], p.stderr
         assert "Traceback" not in p.stderr
 
@@ -90,7 +91,7 @@ def test_truncated_file_exits_2(tmp_path):
     bad.write_bytes(data[: len(data) // 3])
     p = _run_cli("inspect", bad)
     assert p.returncode == 2 and "truncated.onnx" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    assert len(error_lines(p.stderr)) == 1, p.stderr
 
 
 def test_unsupported_ops_one_line_each(tmp_path):
@@ -107,7 +108,7 @@ def test_unsupported_ops_one_line_each(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     p = _run_cli("inspect", path)
     assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
+    lines = error_lines(p.stderr)
     assert len(lines) == 2, p.stderr
     assert "Col2Im" in lines[0] and "2 nodes" in lines[0] and "first_col2im" in lines[0]
     assert "STFT" in lines[1] and "the_stft" in lines[1]
@@ -122,7 +123,7 @@ def test_missing_external_data_exits_2(tmp_path):
     (tmp_path / "ext.data").unlink()
     p = _run_cli("check", tmp_path / "ext.onnx")
     assert p.returncode == 2 and "ext.data" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    assert len(error_lines(p.stderr)) == 1, p.stderr
 
 
 def test_graph_only_synthetic_model_is_recognized(tmp_path):

@@ -16,7 +16,7 @@ from scipy.special import log_softmax
 
 from kiln.compiler.cli import main
 from kiln.compiler.frontend.onnxruntime_lm import OrtLM
-from tests.helpers import assert_close
+from tests.helpers import assert_close, error_lines
 
 pytestmark = pytest.mark.tvm
 
@@ -131,7 +131,7 @@ def test_bad_input_is_one_line_and_exit_2(artifact, tmp_path):
     for args, message in cases:
         r = kiln("eval", artifact, *args)
         assert r.exit_code == 2, (args, r.output)
-        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert message in r.stderr and len(error_lines(r.stderr)) == 1, r.stderr
 
 
 def test_bench_several_engines(artifact, tmp_path):

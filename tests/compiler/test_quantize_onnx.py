@@ -14,6 +14,7 @@ from kiln.compiler.cli import main
 from kiln.compiler.frontend.onnx_quantize import quantize_onnx
 from kiln.compiler.frontend.onnx_traffic import bytes_per_token
 from kiln.compiler.frontend.onnxruntime_lm import OrtLM
+from tests.helpers import error_lines
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -72,4 +73,4 @@ def test_bad_input(tmp_path):
                            "--block-size 24")]:
         r = runner.invoke(main, ["models", "quantize-onnx", *args, "-o", str(tmp_path / "o.onnx")])
         assert r.exit_code == 2 and message in r.stderr, r.output
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert len(error_lines(r.stderr)) == 1, r.stderr
