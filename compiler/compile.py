@@ -32,19 +32,22 @@ def _kiln_version() -> str:
 
 def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                   weights_optional: bool, pack_block: int = 0, quant=None,
-                  dump_ir: Path | None = None) -> Graph:
+                  dump_ir: Path | None = None, prune=None) -> Graph:
     """The graph after the `compile` pipeline: canonical; with `quant` (a
     kiln.passes.quantize.QuantPreset) its weights and KV cache quantized; with `pack_block`,
-    weights in the CPU kernels' layout. `dump_ir`: the IR after each pass, as `kiln inspect`."""
+    weights in the CPU kernels' layout. `dump_ir`: the IR after each pass, as `kiln inspect`.
+    `prune` (a kiln.passes.prune_weights.PruneConfig): weights pruned before they are quantized."""
     from kiln.compiler.driver import canonicalize
 
     kv_bits = quant.kv_bits if quant is not None else 0
     weights = quant if quant is not None and quant.keep != ("*",) else None  # kv8 alone: none
+    calibrated = weights is not None or (prune is not None and prune.method != "magnitude")
+    calibration = _calibration(model, progress, max_seq) if calibrated else ()
     options = {
         "tabulate_positions": {"max_positions": max_seq},
+        "prune_weights": {"config": prune, "calibration": calibration},
         "quantize_kv_cache": {"bits": kv_bits},
-        "quantize_weights": {"preset": weights, "calibration":
-                             _calibration(model, progress) if weights is not None else ()},
+        "quantize_weights": {"preset": weights, "calibration": calibration},
         "pack_linear_weights": {"block": pack_block},
     }
     return canonicalize(model, pipeline="compile", weights_optional=weights_optional,
@@ -62,18 +65,23 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   max_seq: int = 2048, weights: bool = True,
                   progress: Progress = lambda msg: None, quant: str | None = None,
                   quant_keep: tuple[str, ...] = (), dtype: str | None = None,
-                  tuning: str | Path | None = None) -> Path:
+                  tuning: str | Path | None = None, sparsity: str | None = None,
+                  prune_method: str | None = None, sparsity_keep: tuple[str, ...] = ()) -> Path:
     """Compile an ONNX decoder into an artifact directory (written atomically); `quant` names
     a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
     of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
     a CUDA target (float16, bfloat16 or float32; parameters are stored in it); `tuning` a
-    `kiln tune` table of per-shape kernel tilings for a CPU target."""
+    `kiln tune` table of per-shape kernel tilings for a CPU target. `sparsity` (0.5, 2:4) prunes
+    the linear weights first with `prune_method` (sparsegpt, wanda, magnitude), leaving those
+    matching `sparsity_keep` dense (kiln.passes.prune_weights)."""
     from kiln.codegen.build import build
     from kiln.codegen.targets import resolve
+    from kiln.passes.prune_weights import parse_config
 
     model, start = Path(model), time.perf_counter()
     tgt = _with_dtype(resolve(target), dtype)
     preset = _preset(quant, quant_keep)
+    prune = parse_config(sparsity, prune_method, sparsity_keep)
     if preset is not None and tgt.kind not in ("cpu", "cuda"):
         raise KilnError(f"--quant {preset.name}: quantized kernels exist for the cpu and cuda "
                         f"targets only, not target {tgt.name}")
@@ -83,7 +91,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
-                          quant=preset)
+                          quant=preset, prune=prune)
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out) as w:
@@ -103,6 +111,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
         manifest["compile_seconds"] = round(time.perf_counter() - start, 2)
         if preset is not None:
             manifest["quant"] = preset.to_dict()
+        if prune is not None:
+            manifest["sparsity"] = prune.to_dict()
         return w.commit(manifest)
 
 
@@ -110,10 +120,11 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
             progress: Progress = lambda msg: None) -> Path:
     """Produce the parameter file of an artifact compiled --no-weights, from the model."""
     art = af.open_artifact(artifact_dir, verify=False)
-    q = art.manifest.get("quant")
+    q, sparsity = art.manifest.get("quant"), art.manifest.get("sparsity")
     graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
                           weights_optional=False, pack_block=_pack_block(art.manifest["target"]),
-                          quant=_recorded_preset(q) if q else None)
+                          quant=_recorded_preset(q) if q else None,
+                          prune=_recorded_prune(sparsity) if sparsity else None)
     want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
     have = {p["name"]: p for p in _in_dtype(param_table(graph, list(graph.params)),
                                             art.manifest["target"].get("dtype"))
@@ -141,6 +152,16 @@ def _recorded_preset(q: dict):
         raise KilnError(f"manifest: malformed quantization record {q!r} ({e})") from e
 
 
+def _recorded_prune(d: dict):
+    """The pruning an artifact was compiled with, from its manifest."""
+    from kiln.passes.prune_weights import PruneConfig
+
+    try:
+        return PruneConfig.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise KilnError(f"manifest: malformed sparsity record {d!r} ({e})") from e
+
+
 def _preset(quant: str | None, keep: tuple[str, ...]):
     if not quant:
         if keep:
@@ -155,7 +176,8 @@ def _preset(quant: str | None, keep: tuple[str, ...]):
 CALIBRATION_WINDOW, CALIBRATION_WINDOWS = 512, 16
 
 
-def _calibration(model: Path, progress: Progress) -> tuple:
+def _calibration(model: Path, progress: Progress,
+                 max_seq: int = CALIBRATION_WINDOW) -> tuple:
     """Token windows (1, T) of kiln's calibration text, tokenized with the model's own tokenizer
     (tokenizer.json beside it); () without one (weights are then rounded to nearest)."""
     tok_path = Path(model).with_name("tokenizer.json")
@@ -168,7 +190,7 @@ def _calibration(model: Path, progress: Progress) -> tuple:
 
     text = (Path(kiln.models.__file__).parent / "data" / "calibration.txt").read_text()
     ids = np.asarray(Tokenizer.from_file(str(tok_path)).encode(text).ids, np.int64)
-    n = CALIBRATION_WINDOW
+    n = min(CALIBRATION_WINDOW, max_seq)  # positions past the context have no table rows
     progress(f"calibrating quantization on {min(len(ids) // n, CALIBRATION_WINDOWS) * n} tokens")
     return tuple(ids[i * n:(i + 1) * n][None] for i in range(min(len(ids) // n,
                                                                   CALIBRATION_WINDOWS)))

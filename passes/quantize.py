@@ -276,11 +276,14 @@ def _calibrate(graph: Graph, schemes: dict[str, tuple[int, int, bool]], calibrat
     if not calibration or not all(graph.params[n].source.available for n in schemes):
         return {}
     from kiln.passes.gptq import calibrate, solved_weight
+    from kiln.passes.prune_weights import gptq_source
 
     def quantized(name: str, w: np.ndarray, h: np.ndarray) -> np.ndarray:
         bits, group, symmetric = schemes[name]
-        return solved_weight(w, h, bits=bits, group=group, symmetric=symmetric,
-                             act_order=act_order)
+        src, pruning = gptq_source(graph.params[name])  # a pruned weight: see prune_weights
+        return solved_weight(w if src is graph.params[name].source else src.load(), h,
+                             bits=bits, group=group, symmetric=symmetric, act_order=act_order,
+                             **pruning)
 
     return calibrate(graph, schemes, list(calibration), quantized)
 
@@ -299,9 +302,13 @@ def _add_quantized(params: dict, types: dict, p: Param, scheme: tuple[int, int, 
     if not symmetric:
         specs.append(("zero_points", TensorType(DType.f32, (n, ng))))
     names = []
+    if hessian is not None:
+        from kiln.passes.prune_weights import gptq_source
+
+        solved, pruning = gptq_source(p)  # a pruned weight keeps its zeros
     for part, t in specs:
-        src = (Derived("gptq", (p.source, Inline(hessian)),
-                       Attrs({**base, "part": part, "act_order": act_order}))
+        src = (Derived("gptq", (solved, Inline(hessian)),
+                       Attrs({**base, "part": part, "act_order": act_order, **pruning}))
                if hessian is not None else
                Derived("quantize", (p.source,), Attrs({**base, "part": part})))
         q = Param(f"{p.name}.{part}", t, src)
