@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +128,6 @@ def _simd_bits(flags: set[str]) -> int:
 
 
 def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from kiln.runtime.threads import usable_cores
+
+    return usable_cores()

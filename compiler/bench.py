@@ -145,12 +145,16 @@ class _Ort:
 
 
 def bench(artifacts: Path | list[Path], onnx_models: Path | list[Path] | None = None, *,
-          prompt_lens: list[int], decode_len: int, threads: int, repeat: int = 5,
+          prompt_lens: list[int], decode_len: int, threads: int | None = None, repeat: int = 5,
           labels: list[str] | None = None, progress: Callable[[str], None] = lambda m: None,
           synthetic_weights: int | None = None) -> BenchReport:
     """Artifacts and ONNX models (onnxruntime) measured in one run, alternating between them in
-    every repetition; the first artifact is the baseline of the ratios."""
+    every repetition; the first artifact is the baseline of the ratios. `threads` (default:
+    the usable cores) for kiln and onnxruntime alike."""
     from kiln.runtime.session import Session
+    from kiln.runtime.threads import default_threads
+
+    threads = default_threads(threads)
 
     artifacts = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
     onnx_models = [onnx_models] if isinstance(onnx_models, (str, Path)) else \

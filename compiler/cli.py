@@ -218,31 +218,77 @@ def convert(model: Path, artifact: Path, quiet: bool) -> None:
     click.echo(str(path))
 
 
+def _decoding_options(f):
+    """The options `run` and `chat` share: sampling, stopping, threads."""
+    options = [
+        click.option("--max-new-tokens", default=None, type=int,
+                     help="tokens to generate at most  [default: 32; chat: 256]"),
+        click.option("--greedy", is_flag=True,
+                     help="argmax decoding (the default when no --temperature)"),
+        click.option("--temperature", default=0.0, show_default=True),
+        click.option("--top-k", default=0, show_default=True),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--ignore-eos", is_flag=True,
+                     help="do not stop on the model's end-of-sequence tokens"),
+        click.option("--stop-token", "stop_token_ids", type=int, multiple=True, metavar="ID",
+                     help="also stop on this token id (repeatable; kept with --ignore-eos)"),
+        click.option("--stop", "stop_texts", multiple=True, metavar="TEXT",
+                     help="stop when the text contains TEXT, cut before it (repeatable)"),
+        click.option("--system", help="the system message of the conversation"),
+        click.option("--threads", type=int,
+                     help="CPU threads  [default: all usable cores (affinity and cgroup quota)]"),
+        click.option("--synthetic-weights", type=int, metavar="SEED",
+                     help="seeded random weights of the right shapes (benchmarking)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", help="text, tokenized with the artifact's tokenizer.json")
 @click.option("--prompt-ids", help="comma-separated token ids")
-@click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--greedy", is_flag=True, help="argmax decoding (the default when no --temperature)")
-@click.option("--temperature", default=0.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
-@click.option("--synthetic-weights", type=int, metavar="SEED",
-              help="seeded random weights of the right shapes (benchmarking)")
+@click.option("--chat", is_flag=True,
+              help="the prompt is a user message: apply the model's chat template, stop at the "
+                   "end of the assistant's turn")
+@_decoding_options
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
-def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
-        greedy: bool, temperature: float, top_k: int, top_p: float, seed: int,
-        threads: int | None, synthetic_weights: int | None, as_json: bool) -> None:
-    """Generate from a compiled ARTIFACT: streams text, prints speed to stderr."""
+def run(artifact: Path, prompt: str | None, prompt_ids: str | None, chat: bool,
+        max_new_tokens: int | None, greedy: bool, temperature: float, top_k: int, top_p: float,
+        seed: int, ignore_eos: bool, stop_token_ids: tuple[int, ...],
+        stop_texts: tuple[str, ...], system: str | None, threads: int | None,
+        synthetic_weights: int | None, as_json: bool) -> None:
+    """Generate from a compiled ARTIFACT: streams text, prints speed to stderr; stops on the
+    model's end-of-sequence tokens (generation_config.json, else config.json, else the
+    tokenizer's), --stop-token ids and --stop texts."""
     from kiln.runtime.cli import run_generation
 
     run_generation(artifact, prompt=prompt, prompt_ids=prompt_ids,
-                   max_new_tokens=max_new_tokens,
+                   max_new_tokens=32 if max_new_tokens is None else max_new_tokens,
                    temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                    seed=seed, threads=threads, synthetic_weights=synthetic_weights,
-                   as_json=as_json)
+                   as_json=as_json, chat=chat, system=system, ignore_eos=ignore_eos,
+                   stop_token_ids=stop_token_ids, stop_texts=stop_texts)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@_decoding_options
+def chat(artifact: Path, max_new_tokens: int | None, greedy: bool, temperature: float,
+         top_k: int, top_p: float, seed: int, ignore_eos: bool,
+         stop_token_ids: tuple[int, ...], stop_texts: tuple[str, ...], system: str | None,
+         threads: int | None, synthetic_weights: int | None) -> None:
+    """Talk with ARTIFACT turn by turn (its chat template; the KV cache is kept between turns,
+    so only each new turn is prefilled). /reset starts over; /exit or Ctrl-D ends."""
+    from kiln.runtime.cli import run_chat
+
+    run_chat(artifact, system=system,
+             max_new_tokens=256 if max_new_tokens is None else max_new_tokens,
+             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed,
+             threads=threads, synthetic_weights=synthetic_weights, ignore_eos=ignore_eos,
+             stop_token_ids=stop_token_ids, stop_texts=stop_texts)
 
 
 @main.command()
@@ -253,14 +299,15 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, max_new_toke
               help="a name per engine, in order: artifacts, then --vs-onnx files (repeatable)")
 @click.option("--prompt-lens", default="128,512", show_default=True)
 @click.option("--decode-len", default=64, show_default=True)
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", type=int,
+              help="CPU threads of kiln and onnxruntime  [default: all usable cores]")
 @click.option("--repeat", default=5, show_default=True)
 @click.option("--synthetic-weights", type=int, metavar="SEED")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write results here")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="write a PNG chart")
 @quiet_option
 def bench(artifacts: tuple[Path, ...], vs_onnx: tuple[Path, ...], labels: tuple[str, ...],
-          prompt_lens: str, decode_len: int, threads: int, repeat: int,
+          prompt_lens: str, decode_len: int, threads: int | None, repeat: int,
           synthetic_weights: int | None, json_path: Path | None, plot_path: Path | None,
           quiet: bool) -> None:
     """Benchmark ARTIFACTS (prefill, decode) side by side, and against onnxruntime on ONNX files,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -277,10 +276,18 @@ def _save(graph: Graph, entries: list[dict], path: Path) -> None:
 
 
 def _copy_tokenizer(model: Path, w: af.ArtifactWriter) -> None:
-    for name in (af.TOKENIZER, "tokenizer_config.json"):
+    """The tokenizer and generation files beside the model; the chat template as a file of its
+    own (chat_template.jinja, wherever the export kept it)."""
+    from kiln.compiler.generation_files import CHAT_TEMPLATE, read_chat_template
+
+    for name in (af.TOKENIZER, "tokenizer_config.json", "generation_config.json"):
         src = model.parent / name
         if src.is_file():
             w.copy(src, name)
+    template = read_chat_template(model.parent)
+    if template is not None:
+        w.path(CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+        w.add(CHAT_TEMPLATE)
 
 
 def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[str, Any]:
@@ -304,7 +311,7 @@ def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[
         "kv_cache": {"capacity": max_seq, "layout": "(batch, kv_heads, capacity, head_dim)",
                      "per_layer": ["key", "value"]},
         "params": table,
-        "special_tokens": _special_tokens(model),
+        **_generation(model),
     }
 
 
@@ -355,10 +362,12 @@ def _target_requirements(tgt) -> dict[str, Any]:
     return {}
 
 
-def _special_tokens(model: Path) -> dict[str, Any]:
-    cfg = model.parent / "tokenizer_config.json"
-    if not cfg.is_file():
-        return {}
-    data = json.loads(cfg.read_text())
-    return {k: data[k] for k in ("bos_token_id", "eos_token_id", "bos_token", "eos_token",
-                                  "chat_template") if k in data}
+def _generation(model: Path) -> dict[str, Any]:
+    """The manifest's generation record: stop tokens (and the file they came from), special
+    tokens, and the chat template's file in the artifact."""
+    from kiln.compiler.generation_files import CHAT_TEMPLATE, read_generation_files
+
+    g = read_generation_files(model.parent)
+    return {"special_tokens": g.special_tokens, "stop_token_ids": g.stop_token_ids,
+            "stop_tokens_from": g.stop_tokens_from,
+            "chat_template": CHAT_TEMPLATE if g.chat_template is not None else None}

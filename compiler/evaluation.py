@@ -49,6 +49,7 @@ def evaluate_artifact(artifact: Path, *, text: Path | None = None, reference: Pa
     the mean KL(reference || artifact) and top-1 agreement of next-token distributions."""
     from kiln.runtime.evaluate import evaluate
     from kiln.runtime.session import Session
+    from kiln.runtime.threads import default_threads
 
     source = text or default_text()
     ids = tokenize(artifact, read_text(source), source)
@@ -56,6 +57,7 @@ def evaluate_artifact(artifact: Path, *, text: Path | None = None, reference: Pa
         if max_tokens < 2:
             raise KilnError(f"--max-tokens {max_tokens}: need at least 2 tokens to score")
         ids = ids[:max_tokens]
+    threads = default_threads(threads)  # onnxruntime as a reference gets the same
     session = Session.load(artifact, threads=threads)
     ref_fn, ref_context, ref_vocab = _reference(reference, threads)
     if ref_vocab is not None and session.vocab is not None and ref_vocab != session.vocab:

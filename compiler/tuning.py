@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +12,9 @@ def tune_model(model: Path, out: Path, *, prompt_len: int = 128, repeat: int = 5
                threads: int | None = None,
                progress: Callable[[str], None] = lambda msg: None) -> dict:
     """Tune the packed linear kernels for every (N, K) of MODEL's fp32 linears; writes `out`."""
-    if threads:  # the TVM thread pool reads this when it starts
-        os.environ["TVM_NUM_THREADS"] = str(threads)
+    from kiln.runtime.tvm_runtime import size_thread_pool
+
+    size_thread_pool(threads)  # before TVM's pool starts (its own default is half the CPUs)
     from kiln.codegen import tune
     from kiln.codegen.targets import host_cpu
     from kiln.compiler.compile import compile_graph

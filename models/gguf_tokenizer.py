@@ -58,20 +58,31 @@ def tokenizer_config(model: GGUFModel) -> dict[str, Any]:
     }
 
 
+def generation_config(model: GGUFModel) -> dict[str, Any]:
+    """generation_config.json content, as Hugging Face's export of the model has it: the ids
+    generation starts with, stops on and pads with."""
+    keys = {"bos_token_id": "bos", "eos_token_id": "eos", "pad_token_id": "padding"}
+    return {key: int(idx) for key, name in keys.items()
+            if (idx := model.meta(f"tokenizer.ggml.{name}_token_id")) is not None}
+
+
 def write_tokenizer(model: GGUFModel, out_dir: Path) -> Path:
-    """Write tokenizer.json and tokenizer_config.json; returns the tokenizer.json path."""
+    """Write tokenizer.json, tokenizer_config.json and generation_config.json; returns the
+    tokenizer.json path."""
     path = out_dir / "tokenizer.json"
     build_tokenizer(model).save(str(path))
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(tokenizer_config(model), indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(
+        json.dumps(generation_config(model), indent=2) + "\n")
     return path
 
 
 def render_chat(template: str, messages: list[dict[str, str]], *,
-                add_generation_prompt: bool = True, **extra: Any) -> str:
-    """Render a Hugging Face chat template (jinja2) the way `apply_chat_template` does."""
-    import jinja2  # optional: only chat rendering needs it
+                add_generation_prompt: bool = True, **special: str) -> str:
+    """Render a Hugging Face chat template the way `apply_chat_template` does
+    (kiln.runtime.chat.ChatTemplate); `special`: bos_token, eos_token, ... as strings."""
+    from kiln.runtime.chat import ChatTemplate
 
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages,
-                                            add_generation_prompt=add_generation_prompt, **extra)
+    return ChatTemplate(template, special).render(messages,
+                                                  add_generation_prompt=add_generation_prompt)

@@ -29,7 +29,8 @@ def gguf_path() -> Path:
 
 def export_smollm2(out_dir: Path | str, *, progress: Callable[[str], None] | None = None,
                    gguf_file: Path | None = None) -> Path:
-    """Write model.onnx, model.onnx.data, tokenizer.json, tokenizer_config.json, config.json.
+    """Write model.onnx, model.onnx.data, tokenizer.json, tokenizer_config.json,
+    generation_config.json and config.json.
 
     Returns the path of model.onnx. `progress` is called with a short message per step/weight.
     """

@@ -20,6 +20,7 @@ class Timing:
     decode_tokens: int = 0
     decode_s: float = 0.0
     first_token_s: float = 0.0  # prefill + sampling of the first token
+    cached_tokens: int = 0  # prompt tokens already in the cache (not prefilled)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -40,12 +41,17 @@ class Generation:
 
 def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
              sampler: Sampler | None = None, stop: Sequence[int] = (),
-             result: Generation | None = None) -> Iterator[int]:
-    """Yield generated token ids for one prompt; fills `result` with tokens and timing."""
+             result: Generation | None = None, cached: int = 0) -> Iterator[int]:
+    """Yield generated token ids for one prompt; fills `result` with tokens and timing.
+    `cached`: how many leading prompt tokens the session's cache holds already (a chat's earlier
+    turns): only the others are prefilled."""
     result = result if result is not None else Generation()
     n = len(prompt)
     if n == 0:
         raise KilnError("the prompt is empty")
+    if cached and not (0 < cached < n and cached <= session.past):
+        raise KilnError(f"{cached} cached tokens: the cache holds {session.past}, the prompt "
+                        f"{n} (at least one must be prefilled)")
     if n + max_new_tokens > session.capacity:
         raise KilnError(f"prompt of {n} tokens + {max_new_tokens} new tokens exceeds the "
                         f"context of {session.capacity} (compiled with --max-seq "
@@ -54,8 +60,13 @@ def generate(session: Session, prompt: Sequence[int], *, max_new_tokens: int,
     rng = sampler.generator()
     t = result.timing
     start = time.perf_counter()
-    logits = session.prefill(np.asarray(prompt, np.int64)[None], last_only=True)[:, -1]
-    t.prefill_s, t.prompt_tokens = time.perf_counter() - start, n
+    ids = np.asarray(prompt, np.int64)[None]
+    if cached:
+        session.rewind(cached)
+        logits = session.extend(ids[:, cached:], last_only=True)[:, -1]
+    else:
+        logits = session.prefill(ids, last_only=True)[:, -1]
+    t.prefill_s, t.prompt_tokens, t.cached_tokens = time.perf_counter() - start, n - cached, cached
     token = int(sampler(logits, rng)[0])
     t.first_token_s = time.perf_counter() - start
     for i in range(max_new_tokens):

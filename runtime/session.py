@@ -115,9 +115,26 @@ class Session:
         logits = self._step("prefill_last" if last else "prefill", ids)
         return logits[:, -1:] if last_only else logits
 
-    def extend(self, tokens) -> np.ndarray:
-        """Append several tokens per sequence to a non-empty cache (chunked prefill)."""
-        return self._step("prefill", np.atleast_2d(np.asarray(tokens, np.int64)))
+    def extend(self, tokens, *, last_only: bool = False) -> np.ndarray:
+        """Append several tokens per sequence to a non-empty cache (chunked prefill, a chat's
+        next turn); `last_only` as for prefill."""
+        ids = np.atleast_2d(np.asarray(tokens, np.int64))
+        last = last_only and "prefill_last" in self.artifact.manifest["entry_points"]
+        logits = self._step("prefill_last" if last else "prefill", ids)
+        return logits[:, -1:] if last_only else logits
+
+    def rewind(self, past: int) -> None:
+        """Keep only the first `past` cached tokens (the kernels read positions below `past`
+        alone, and the next step overwrites what follows)."""
+        if not 0 <= past <= self.past:
+            raise KilnError(f"cannot rewind a cache of {self.past} tokens to {past}")
+        self.past = past
+        self._greedy = None
+
+    @property
+    def threads(self) -> int | None:
+        """Threads of TVM's CPU pool (None on CUDA, where kernels run on the GPU)."""
+        return None if self._cuda else int(self._tvm.runtime.num_threads())
 
     def decode(self, tokens) -> np.ndarray:
         """One token per sequence; returns logits (batch, 1, vocab)."""

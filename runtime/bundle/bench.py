@@ -31,6 +31,7 @@ class Report:
     copy_gb_s: float
     rows: tuple[Row, ...]
     gpu: bool = False
+    threads: int | None = None  # TVM's CPU threads (None on a GPU)
 
     @property
     def read_gb_s(self) -> float:
@@ -62,7 +63,7 @@ def bench(artifact, *, prompt_lens: list[int], decode_len: int, repeat: int,
             for n in prompt_lens]
     rows.append(_decode(session, rng.integers(0, vocab, (1, 16)), decode_len, repeat))
     return Report(str(session.device), _weight_bytes(session), copy_bandwidth(session),
-                  tuple(rows), gpu=cuda)
+                  tuple(rows), gpu=cuda, threads=session.threads)
 
 
 def _prefill(session: Session, ids: np.ndarray, repeat: int, *, last_only: bool = False) -> Row:
@@ -120,7 +121,8 @@ def format_report(report: Report) -> str:
     lines = [f"device {report.device}: copy {report.copy_gb_s:.0f} GB/s (read + write), "
              f"weights stream at {report.read_gb_s:.0f} GB/s; "
              f"weights {report.weight_bytes / 1e6:.1f} MB -> decode roofline "
-             f"{report.roofline_tok_s:.0f} tok/s",
+             f"{report.roofline_tok_s:.0f} tok/s"
+             + (f"; {report.threads} CPU threads" if report.threads else ""),
              f"{'phase':12s} {'tokens':>6s} {'tok/s':>10s}  runs"]
     lines += [f"{r.phase:12s} {r.tokens:6d} {r.tok_s:10.1f}  "
               + " ".join(f"{x:.0f}" for x in r.runs) for r in report.rows]
