@@ -93,3 +93,28 @@ def _norm(norms) -> dict[str, Any] | None:
     return {"kind": norms[0].op, "eps": eps[0] if len(eps) == 1 else eps}
 
 
+
+
+#: a weight with fewer exact zeros than this is reported dense
+SPARSE_REPORT = 0.01
+
+
+def weight_sparsity(graph: Graph) -> list[dict[str, Any]] | None:
+    """Per linear weight: its shape, the fraction of exact zeros and the tightest N:M pattern
+    its zeros follow (kiln.runtime.sparse_format.nm_pattern); None when the weights are not
+    at hand (a graph imported without them)."""
+    from kiln.runtime.sparse_format import nm_pattern, zero_fraction
+
+    out = []
+    for n in graph.nodes:
+        p = graph.params.get(n.inputs[1]) if n.op == "linear" and len(n.inputs) > 1 else None
+        if p is None or len(p.type.shape or ()) != 2:
+            continue
+        if not p.source.available:
+            return None
+        w = p.load()
+        pattern = nm_pattern(w)
+        out.append({"node": n.name, "weight": p.name, "shape": list(w.shape),
+                    "zeros": round(zero_fraction(w), 4),
+                    "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None})
+    return out

@@ -32,6 +32,7 @@ from kiln.runtime.params import (
     to_float32,
     write_safetensors,
 )
+from kiln.runtime.pruning import prune_magnitude
 
 Progress = Callable[[str], None]
 Value = tuple[np.ndarray, str]  # an array and its dtype ("bfloat16": float32 holding bf16)
@@ -68,10 +69,13 @@ TRANSFORMS: dict[str, Callable[..., np.ndarray]] = {
     **transforms.SPARSE,
     "cast": _cast,
     "quantize": _quantize,
+    "prune_magnitude": prune_magnitude,
 }
+#: pruning that needs the compiler's calibration (kiln.passes.prune_weights)
+_CALIBRATED_PRUNING = {"sparsegpt": "SparseGPT", "prune_wanda": "Wanda"}
 #: the transforms whose result has their (first) input's dtype
 _SAME_DTYPE = {"transpose", "reshape", "slice", "concat", "scale", "add_scalar",
-               "quant_blocked", "broadcast_to"}
+               "quant_blocked", "broadcast_to", "prune_magnitude"}
 #: the dtypes it reads and computes in, and their sizes in bytes
 _ITEMSIZE = {**{d: np.dtype(d).itemsize for d in ("float32", "float16", "float64", "int64",
                                                   "int32", "int16", "int8", "uint8", "bool")},
@@ -109,6 +113,10 @@ def _check_tree(name: str, tree: dict, calibrated: bool) -> None:
         raise KilnError(f"parameter {name}: its data is {where}; run `kiln convert MODEL "
                         "ARTIFACT` on the build machine")
     fn = tree.get("fn")
+    if fn in _CALIBRATED_PRUNING:
+        raise KilnError(f"parameter {name}: pruned by {_CALIBRATED_PRUNING[fn]}, whose "
+                        "calibration needs the compiler; run `kiln convert MODEL ARTIFACT` on the "
+                        "build machine (or compile with --prune-method magnitude)")
     if fn == "gptq" or (fn == "quantize" and calibrated):
         raise KilnError(f"parameter {name}: GPTQ-quantized, and GPTQ's calibration needs the "
                         "compiler; run `kiln convert MODEL ARTIFACT` on the build machine (or "
