@@ -56,7 +56,7 @@ def _canonicalize(model: Path, dump_ir: Path | None, *, weights_optional: bool, 
 @quiet_option
 def inspect(model: Path, as_json: bool, dump_ir: Path | None, quiet: bool) -> None:
     """Show the architecture kiln recognizes in MODEL and its op histograms."""
-    from kiln.compiler.analysis import describe, generic_ops, ops_per_layer
+    from kiln.compiler.analysis import describe, generic_ops, ops_per_layer, weight_sparsity
 
     result = _canonicalize(model, dump_ir, weights_optional=True, quiet=quiet)
     g0, g = result.original, result.canonical
@@ -71,6 +71,7 @@ def inspect(model: Path, as_json: bool, dump_ir: Path | None, quiet: bool) -> No
         "generic_ops_left": generic_ops(g),
         "parameters": g.param_count(),
         "parameter_bytes": g.param_bytes(),
+        "weight_sparsity": weight_sparsity(g),
         "passes": [{"pass": p, "seconds": round(s, 3), "nodes": n} for p, s, n in
                    result.timings],
     }
@@ -102,6 +103,26 @@ def _print_inspect(r: dict) -> None:
     left = r["generic_ops_left"]
     con.print("generic ops left: " + (", ".join(f"{k} x{v}" for k, v in left.items())
                                       if left else "none"))
+    _print_sparsity(con, r["weight_sparsity"])
+
+
+def _print_sparsity(con, layers: list[dict] | None) -> None:
+    from rich.table import Table
+
+    from kiln.compiler.analysis import SPARSE_REPORT
+
+    if layers is None:
+        con.print("weight sparsity: unknown (the weights are not at hand)")
+        return
+    sparse = [w for w in layers if w["zeros"] >= SPARSE_REPORT]
+    if not sparse:
+        con.print(f"weight sparsity: dense (no linear weight is {SPARSE_REPORT:.0%} zeros)")
+        return
+    t = Table("linear", "weight [N, K]", "zeros", "N:M", title=f"weight sparsity ({len(sparse)} "
+              f"of {len(layers)} linear weights hold zeros)")
+    for w in sparse:
+        t.add_row(w["node"], f"{w['shape']}", f"{w['zeros']:.1%}", w["pattern"] or "-")
+    con.print(t)
 
 
 @main.command()
@@ -161,10 +182,20 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
               help="compute dtype on CUDA (default float16; accumulation stays float32)")
 @click.option("--tuning", type=click.Path(path_type=Path),
               help="per-shape kernel tilings measured by `kiln tune` (CPU)")
+@click.option("--sparsity", metavar="S",
+              help="prune linear weights: a fraction of every row (0.5) or N:M along the input "
+                   "dimension (2:4); embeddings and the LM head stay dense")
+@click.option("--prune-method", "prune_method",
+              type=click.Choice(["sparsegpt", "wanda", "magnitude"], case_sensitive=False),
+              help="how --sparsity chooses what goes (default sparsegpt; sparsegpt and wanda "
+                   "calibrate on kiln's calibration text)")
+@click.option("--sparsity-keep", "sparsity_keep", multiple=True, metavar="PATTERN",
+              help="keep matching layers (node/param names, fnmatch) dense")
 @quiet_option
 def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
                 quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
-                dtype: str | None, tuning: Path | None, quiet: bool) -> None:
+                dtype: str | None, tuning: Path | None, sparsity: str | None,
+                prune_method: str | None, sparsity_keep: tuple[str, ...], quiet: bool) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
     from kiln.compiler.progress import progress
@@ -172,7 +203,9 @@ def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: b
     with progress(f"compiling {model.name}", quiet=quiet) as report:
         path = compile_model(model, out, target=f"{target}:{arch}" if arch else target,
                              max_seq=max_seq, weights=not no_weights, progress=report,
-                             quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning)
+                             quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning,
+                             sparsity=sparsity, prune_method=prune_method,
+                             sparsity_keep=sparsity_keep)
     click.echo(str(path))
 
 
