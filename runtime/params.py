@@ -96,10 +96,16 @@ def synthetic_params(table: list[dict], seed: int) -> dict[str, np.ndarray]:
     (bfloat16_bits)."""
     out: dict[str, np.ndarray] = {}
     quantized: dict[str, dict[str, tuple[int, dict]]] = {}
+    sparse: dict[str, dict[str, tuple[int, dict]]] = {}
     for i, p in enumerate(table):
         part = _quant_part(p)
         if part is not None:
             quantized.setdefault(p["name"][: -len(part) - 1], {})[part] = (i, p)
+            continue
+        part = sparse_part(p)
+        if part is not None:  # values and meta of one weight: derived from the same source
+            key = json.dumps(p["derivation"]["sources"], sort_keys=True)
+            sparse.setdefault(key, {})[part] = (i, p)
             continue
         rng = np.random.default_rng([seed, i])
         shape, role = tuple(p["shape"]), p.get("role", "")
@@ -120,7 +126,40 @@ def synthetic_params(table: list[dict], seed: int) -> dict[str, np.ndarray]:
         out[p["name"]] = as_float(x, p["dtype"])
     for base, parts in quantized.items():
         out.update(_synthetic_quantized(base, parts, seed))
+    for parts in sparse.values():
+        out.update(_synthetic_sparse(parts, seed))
     return out
+
+
+# -- sparse weights (sparse_linear's layouts, kiln.runtime.sparse_format) ---------------------
+
+def sparse_part(p: dict) -> str | None:
+    """"values" or "meta" for a parameter derived by the `sparse_encode` transform, else None."""
+    d = p.get("derivation")
+    if isinstance(d, dict) and d.get("kind") == "derived" and d.get("fn") == "sparse_encode":
+        part = d.get("attrs", {}).get("part")
+        return part if part in ("values", "meta") else None
+    return None
+
+
+def _synthetic_sparse(parts: dict[str, tuple[int, dict]], seed: int) -> dict[str, np.ndarray]:
+    """A seeded N(0, 1/K) matrix pruned 2:4 by magnitude, in the `nm` layout: what a pruned
+    checkpoint compiled to 2:4 kernels holds (the values in the parameter's dtype)."""
+    from kiln.runtime.pruning import prune_magnitude
+    from kiln.runtime.sparse_format import nm_encode
+
+    if set(parts) != {"values", "meta"}:
+        raise KilnError(f"parameter {next(iter(parts.values()))[1]['name']}: a sparse weight "
+                        "needs its values and meta")
+    i, v = parts["values"]
+    layout = v["derivation"]["attrs"].get("layout")
+    if layout != "nm":
+        raise KilnError(f"parameter {v['name']}: cannot synthesize the {layout!r} sparse layout "
+                        "(2:4 `nm` only)")
+    n, k = v["shape"][0], 2 * v["shape"][1]
+    w = np.random.default_rng([seed, i]).standard_normal((n, k), dtype=np.float32)
+    values, meta = nm_encode(prune_magnitude(w / np.sqrt(k), fraction=0.5, n=2, m=4))
+    return {v["name"]: as_float(values, v["dtype"]), parts["meta"][1]["name"]: meta}
 
 
 # -- quantized weights (the scheme of kiln.passes.quantize, `nk` layout) ----------------------

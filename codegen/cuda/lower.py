@@ -21,7 +21,7 @@ from tvm.relax import op as R
 
 from kiln.codegen.cuda.kernels import attention as attn
 from kiln.codegen.cuda.kernels import gemv as gemv_k
-from kiln.codegen.cuda.kernels import pdl, rowwise, te_ops
+from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.qkv import QkvPattern, find_qkv_patterns
 from kiln.codegen.lower import LowerContext, _numel, _static, dtype_of, reshape, shape_of
@@ -31,20 +31,25 @@ from kiln.compiler.ir import Node
 Lowering = Callable[["CudaLowerContext", Node], Sequence[relax.Expr | None]]
 CUDA_LOWERINGS: dict[str, Lowering] = {}
 #: ops whose decode GEMV can take a fused rms_norm in front and a residual Add behind
-LINEARS = ("linear", "quant_linear")
+LINEARS = ("linear", "quant_linear", "sparse_linear")
 
 
-def _gemv_ok(node: Node) -> bool:
-    """Whether the decode GEMV of this linear exists (quantized: a supported scheme)."""
+def _gemv_ok(node: Node, dtype: str) -> bool:
+    """Whether the decode GEMV of this linear exists (quantized: a supported scheme; sparse:
+    2:4 fp16/bf16 values, kernels/sparse_gemv.py), computing in `dtype`."""
+    a = node.attrs
+    if node.op == "sparse_linear":
+        scales = node.inputs[3] if len(node.inputs) > 3 else ""
+        return a.get("layout") == "nm" and not scales and sparse_gemv.supported(
+            int(a["in_features"]), dtype)
     if node.op != "quant_linear":
         return True
-    a = node.attrs
     return a.get("layout") == "nk" and qgemv.supported(int(a["bits"]), int(a["group_size"]),
                                                         int(a["in_features"]))
 
 
 def _bias_of(node: Node) -> str:
-    slot = 4 if node.op == "quant_linear" else 2
+    slot = 2 if node.op == "linear" else 4  # quant_linear, sparse_linear: after their tables
     return node.inputs[slot] if len(node.inputs) > slot else ""
 
 
@@ -75,7 +80,8 @@ class CudaLowerContext(LowerContext):
             and n.outputs[0] not in self.graph.outputs
             and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op in LINEARS
             and users[n.outputs[0]][0].inputs[0] == n.outputs[0]
-            and not _bias_of(users[n.outputs[0]][0]) and _gemv_ok(users[n.outputs[0]][0])}
+            and not _bias_of(users[n.outputs[0]][0])
+            and _gemv_ok(users[n.outputs[0]][0], self.target.dtype)}
         self.deferred: dict[str, tuple] = {}
         # q/k/v projection output -> its attention node: in decode, that projection, the
         # rotary and the KV append are one kernel (deferred: output -> (x, gamma, w, eps))
@@ -426,5 +432,6 @@ def _quant_embedding(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     return [reshape(ctx, rows, [*ids_shape, k])]
 
 
-# the attention lowerings (KV cache, q/k/v fusion) register themselves into CUDA_LOWERINGS
-from kiln.codegen.cuda import lower_attention  # noqa: E402, F401
+# the attention lowerings (KV cache, q/k/v fusion) and the 2:4 sparse linear register
+# themselves into CUDA_LOWERINGS
+from kiln.codegen.cuda import lower_attention, lower_sparse  # noqa: E402, F401

@@ -12,6 +12,7 @@ from tvm.relax import op as R
 from kiln.codegen.cuda.kernels import attention as attn
 from kiln.codegen.cuda.kernels import flash_attention as flash
 from kiln.codegen.cuda.kernels import gemv as gemv_k
+from kiln.codegen.cuda.kernels import sparse_gemv
 from kiln.codegen.cuda.lower import CudaLowerContext, lowering
 from kiln.codegen.cuda.qkv import QkvPattern
 from kiln.codegen.lower import _numel, _static, dtype_of, reshape, shape_of
@@ -79,15 +80,25 @@ def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: in
                    kc: relax.Expr, vc: relax.Expr, pst: relax.Expr) -> tuple[relax.Expr, ...]:
     """Decode: rms norm, q/k/v projection, rotary and KV append in one kernel."""
     x, gamma, w, eps = ctx.deferred_qkv[p.split.inputs[0]]
-    xs, k, dtype = shape_of(x), _static(shape_of(w)[1], "in features", p.split), dtype_of(x)
+    xs, dtype = shape_of(x), dtype_of(x)
     cos, sin = (ctx.values[p.rot_q.inputs[i]] for i in (1, 2))
     if dtype_of(cos) != dtype:
         cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
     m = _numel(xs[:-1])
-    gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
-                    lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps, pdl=ctx.pdl))
+    if isinstance(w, tuple):  # 2:4 sparse (values, meta): lower_sparse deferred it
+        k = 2 * _static(shape_of(w[0])[1], "in features", p.split)
+        gv = ctx.kernel(("cuda_sparse_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
+                        lambda: sparse_gemv.sparse_qkv_rope_gemv_kernel(h, kvh, d, k, dtype,
+                                                                        eps, pdl=ctx.pdl))
+    else:
+        k = _static(shape_of(w)[1], "in features", p.split)
+        gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
+                        lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps,
+                                                            pdl=ctx.pdl))
+    weights = list(w) if isinstance(w, tuple) else [w]
+    at = 4 + len(weights)  # the caches' argument positions (updated in place)
     upd = ctx.bb.emit(R.call_tir_inplace(
-        gv, [reshape(ctx, x, [m, k]), gamma, w, cos, sin, kc, vc, pst], [5, 6, -1],
+        gv, [reshape(ctx, x, [m, k]), gamma, *weights, cos, sin, kc, vc, pst], [at, at + 1, -1],
         [kc.ty, vc.ty, relax.TensorType([m, h * d], dtype)]))
     kc2, vc2, q = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1, 2))
     return reshape(ctx, q, [*xs[:-1], h * d]), kc2, vc2

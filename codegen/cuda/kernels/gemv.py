@@ -364,6 +364,35 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
     return swiglu_gemv
 
 
+def rope_store(heads: int, kv_heads: int, head_dim: int, dtype: str):
+    """A macro: with acc[0], acc[1] rows c and c + D/2 of one head of the q/k/v projection
+    (r0: the first one's row), rotate them (q and k) and write q_out, or the k/v caches at row
+    `past`; acc[2] is scratch. Shared by the dense and the sparse q/k/v kernels."""
+    d, half, f32 = head_dim, head_dim // 2, "float32"
+    hd, kvd = heads * head_dim, kv_heads * head_dim
+
+    @T.macro
+    def store_pair(acc, cos, sin, kc, vc, pst, q, mi, c, r0):
+        ci: T.let[T.int64] = T.min(mi, cos.shape[0] - 1)
+        row: T.let[T.int64] = T.Cast("int64", pst[0])
+        if r0 < hd + kvd:  # q or k: rotated
+            acc[2] = acc[0] * T.Cast(f32, cos[ci, 0, c]) - acc[1] * T.Cast(f32, sin[ci, 0, c])
+            acc[1] = acc[1] * T.Cast(f32, cos[ci, 0, c + half]) + acc[0] * T.Cast(
+                f32, sin[ci, 0, c + half])
+            acc[0] = acc[2]
+        if r0 < hd:
+            q[mi, r0] = T.Cast(dtype, acc[0])
+            q[mi, r0 + half] = T.Cast(dtype, acc[1])
+        elif r0 < hd + kvd:
+            kc[mi, (r0 - hd) // d, row, c] = T.Cast(dtype, acc[0])
+            kc[mi, (r0 - hd) // d, row, c + half] = T.Cast(dtype, acc[1])
+        else:
+            vc[mi, (r0 - hd - kvd) // d, row, c] = T.Cast(dtype, acc[0])
+            vc[mi, (r0 - hd - kvd) // d, row, c + half] = T.Cast(dtype, acc[1])
+
+    return store_pair
+
+
 @functools.cache
 def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype: str,
                          eps: float, *, pdl: bool = False) -> tirx.PrimFunc:
@@ -377,9 +406,10 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
     rotated. The q/k/v output never reaches memory (it is what kiln.codegen.cuda.lower
     otherwise splits, rotates and appends in qkv_rotary_append_kernel)."""
     d, half, f32 = head_dim, head_dim // 2, "float32"
-    n, hd, kvd = (heads + 2 * kv_heads) * head_dim, heads * head_dim, kv_heads * head_dim
+    n, hd = (heads + 2 * kv_heads) * head_dim, heads * head_dim
     pairs = n // 2
     pair_dot, vec = _pair_norm_dot(k, dtype, pdl)
+    store_pair = rope_store(heads, kv_heads, head_dim, dtype)
 
     @T.prim_func(private=True)
     def qkv_rope_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
@@ -412,24 +442,7 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
                                 # rounded to the storage dtype, as the unfused q/k/v output is
                                 acc[0] = T.Cast(f32, T.Cast(dtype, acc[0] * acc[2]))
                                 acc[1] = T.Cast(f32, T.Cast(dtype, acc[1] * acc[2]))
-                                ci: T.let[T.int64] = T.min(mi, cb - 1)
-                                row: T.let[T.int64] = T.Cast("int64", pst[0])
-                                if r0 < hd + kvd:  # q or k: rotated
-                                    acc[2] = acc[0] * T.Cast(f32, cos[ci, 0, c]) - acc[1] * T.Cast(
-                                        f32, sin[ci, 0, c])
-                                    acc[1] = acc[1] * T.Cast(f32, cos[ci, 0, c + half]) + acc[
-                                        0] * T.Cast(f32, sin[ci, 0, c + half])
-                                    acc[0] = acc[2]
-                                if r0 < hd:
-                                    q[mi, r0] = T.Cast(dtype, acc[0])
-                                    q[mi, r0 + half] = T.Cast(dtype, acc[1])
-                                elif r0 < hd + kvd:
-                                    kc[mi, (r0 - hd) // d, row, c] = T.Cast(dtype, acc[0])
-                                    kc[mi, (r0 - hd) // d, row, c + half] = T.Cast(dtype, acc[1])
-                                else:
-                                    vc[mi, (r0 - hd - kvd) // d, row, c] = T.Cast(dtype, acc[0])
-                                    vc[mi, (r0 - hd - kvd) // d, row, c + half] = T.Cast(
-                                        dtype, acc[1])
+                                store_pair(acc, cos, sin, kc, vc, pst, q, mi, c, r0)
 
     return qkv_rope_gemv
 

@@ -119,3 +119,28 @@ def quant_nt_matmul(x: te.Tensor, q: te.Tensor, scales: te.Tensor,
     leaves the dequantize a kernel of its own (a scratch weight per call)."""
     w = dequantize_nk(q, scales, zero_points, bits=bits, group=group, k=k, dtype=x.dtype)
     return nt_matmul(x, w, out_dtype)
+
+
+def nm_decode(values: te.Tensor, meta: te.Tensor, *, k: int) -> te.Tensor:
+    """The dense W[n, k] of a 2:4 `nm` weight (kiln.runtime.sparse_format): column 4g + c holds
+    values[n, 2g + j] when c is the j-th index of group g's nibble, else zero."""
+    n = values.shape[0]
+    zero = tirx.const(0, values.dtype)
+
+    def f(i, j):
+        g = j // 4
+        nib = tirx.bitwise_and(tirx.shift_right(meta[i, g // 2].astype("int32"),
+                                                (g % 2 * 4).astype("int32")), 15)
+        c = (j % 4).astype("int32")
+        return tirx.Select(c == tirx.bitwise_and(nib, 3), values[i, g * 2], tirx.Select(
+            c == tirx.shift_right(nib, 2), values[i, g * 2 + 1], zero))
+
+    return te.compute((n, k), f, name="nm_decode")
+
+
+def sparse_nt_matmul(x: te.Tensor, values: te.Tensor, meta: te.Tensor, *, k: int,
+                     out_dtype: str) -> te.Tensor:
+    """nt_matmul(x, nm_decode(...)) as one function, as quant_nt_matmul: dlight's tensor-core
+    Matmul inlines the 2:4 decode into its shared-memory fetch of the weight tile (the weight
+    is decompressed into shared memory, never written out)."""
+    return nt_matmul(x, nm_decode(values, meta, k=k), out_dtype)

@@ -1,0 +1,110 @@
+"""CUDA lowering of `sparse_linear` in the 2:4 `nm` layout (kiln.runtime.sparse_format).
+
+Decode (one token per row, no bias, fp16/bf16 values): the sparse GEMVs of
+kernels/sparse_gemv.py, which read the compressed values and the metadata (1.125 bytes per
+weight), with the dense decode path's fusions: the rms_norm in front, the residual Add behind,
+the SwiGLU of a gate/up projection, and the q/k/v projection + rotary + KV append (deferred to
+lower_attention as the dense one is). Prefill: the tensor-core GEMM with the 2:4 decode inlined
+into its weight-tile fetch (te_ops.sparse_nt_matmul), i.e. decompressed into shared memory;
+PREFILL = "scratch" (the benchmarks' A/B) decompresses into a dense scratch weight first.
+Other dtypes (float32) take the prefill path for decode too.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax import op as R
+
+from kiln.codegen.cuda.kernels import sparse_gemv as sg
+from kiln.codegen.cuda.kernels import te_ops
+from kiln.codegen.cuda.lower import (
+    CudaLowerContext,
+    _decode_shaped,
+    _gemm_epilogue,
+    _residual,
+    _rope_fusable,
+    _swiglu,
+    _te,
+    lowering,
+)
+from kiln.codegen.lower import _numel, dtype_of, reshape, shape_of
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Node
+
+#: prefill GEMM: "fused" (decode in the tile fetch) or "scratch" (decode kernel, plain GEMM)
+PREFILL = "fused"
+
+
+@lowering("sparse_linear")
+def _sparse_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
+    a = node.attrs
+    if a.get("layout") != "nm":
+        raise KilnError(f"node {node.name} (sparse_linear): layout {a.get('layout')!r} is for "
+                        "the CPU kernels; CUDA reads the 2:4 `nm` layout")
+    if ctx.input(node, 3) is not None:
+        raise KilnError(f"node {node.name} (sparse_linear): int8 sparse values have no CUDA "
+                        "kernel (2:4 values in the compute dtype only)")
+    n, k = int(a["out_features"]), int(a["in_features"])
+    values, meta, b = ctx.input(node, 1), ctx.input(node, 2), ctx.input(node, 4)
+    deferred = ctx.deferred.get(node.inputs[0])
+    x = deferred[0] if deferred else ctx.input(node, 0)
+    xs, dtype = shape_of(x), dtype_of(x)
+    out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
+    if b is None and _decode_shaped(x) and sg.supported(k, dtype) and dtype_of(
+            values) == dtype:
+        return [_decode(ctx, node, x, values, meta, deferred, n, k, out_dtype)]
+    if deferred:
+        raise KilnError(f"node {node.name} (sparse_linear): a fused norm needs the decode GEMV")
+    acc = "float32" if dtype in ("float16", "bfloat16") else dtype
+    x2 = reshape(ctx, x, [_numel(xs[:-1]), k])
+    if PREFILL == "scratch":
+        y = _te(ctx, te_ops.nt_matmul, x2, _te(ctx, te_ops.nm_decode, values, meta, k=k), acc)
+    else:
+        y = _te(ctx, te_ops.sparse_nt_matmul, x2, values, meta, k=k, out_dtype=acc)
+    return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
+
+
+def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr,
+            meta: relax.Expr, deferred: tuple | None, n: int, k: int,
+            out_dtype: str) -> relax.Expr | None:
+    """The decode GEMV: with the norm deferred into it (SwiGLU or q/k/v-rotary epilogue where
+    the graph has them), or with the residual Add behind."""
+    from kiln.codegen.lower import _split_sizes
+
+    xs, dtype, pdl = shape_of(x), dtype_of(x), ctx.pdl
+    m = _numel(xs[:-1])
+    x2 = reshape(ctx, x, [m, k])
+    if deferred:
+        gamma, eps = deferred[1], deferred[2]
+        if node.name in ctx.swiglu and n % 2 == 0:
+            sp, u = ctx.swiglu[node.name]
+            f = n // 2
+            if _split_sizes(ctx, sp, n) == [f, f]:
+                gv = ctx.kernel(("cuda_sparse_swiglu_gemv", f, k, dtype, eps, pdl),
+                                lambda: sg.sparse_swiglu_gemv_kernel(f, k, dtype, eps, pdl=pdl))
+                y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
+                                           relax.TensorType([m, f], dtype)))
+                ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
+                ctx.done.update((sp.name, u.name))
+                return None
+        if _rope_fusable(ctx, node, dtype, n):  # lower_attention emits the kernel
+            ctx.deferred_qkv[node.outputs[0]] = (x, gamma, (values, meta), eps)
+            return None
+        gv = ctx.kernel(("cuda_sparse_norm_gemv", n, k, dtype, out_dtype, eps, pdl),
+                        lambda: sg.sparse_gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
+                                                      pdl=pdl))
+        y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
+                                   relax.TensorType([m, n], out_dtype)))
+        return reshape(ctx, y, [*xs[:-1], n])
+    add, other = _residual(ctx, node, out_dtype)
+    args = [x2, values, meta] + ([reshape(ctx, other, [m, n])] if other is not None else [])
+    gv = ctx.kernel(("cuda_sparse_gemv", n, k, dtype, out_dtype, other is not None, pdl),
+                    lambda: sg.sparse_gemv_kernel(n, k, dtype, out_dtype,
+                                                  residual=other is not None, pdl=pdl))
+    y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
+    _swiglu(ctx, node, y2, xs, n)
+    y = reshape(ctx, y2, [*xs[:-1], n])
+    if other is not None:  # the Add's output is this GEMV's
+        ctx.values[add.outputs[0]] = y
+        ctx.done.add(add.name)
+    return y
