@@ -15,10 +15,11 @@ A weight W[N, K] (y = x @ W^T) with many exact zeros is stored in one of two lay
     meta   [N / B, K] uint16: bit l of meta[nb, k] says W[nb * B + l, k] != 0
     values [N / B, C] weight dtype: block nb's non-zeros in (k, lane) order, i.e. for k = 0..K-1
                        the set bits of meta[nb, k] from lane 0 up, then zero padding to C
-                       (C, the capacity, is the largest non-zero count of any block)
+                       (C, the capacity: the largest non-zero count of any block plus B, so that
+                       a full B-value load at any offset of a block stays inside its row)
     dense:  W[nb * B + l, k] = values[nb, popcount of the set bits before (k, l) in block nb]
-    One AVX-512 expand-load of values at a running offset, under the mask meta[nb, k], gives
-    the B weights of column k: 1 bit per weight plus the non-zeros, read in streaming order.
+    A B-value load at a running offset, expanded under the mask meta[nb, k] (AVX-512 vexpand),
+    gives the B weights of column k: 1 bit per weight plus the non-zeros, read in streaming order.
 
 Integer values (int8 codes) carry float32 per-row scales: W[n, k] = codes[n, k] * scales[n].
 """
@@ -27,11 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from kiln.compiler.errors import KilnError
+
 BLOCK = 16
 LAYOUTS = ("nm", "bitmap")
 
 
-class SparseFormatError(ValueError):
+class SparseFormatError(KilnError):
     """A weight that does not fit the requested layout (names what is wrong)."""
 
 
@@ -81,8 +84,14 @@ def _blocks(w: np.ndarray) -> np.ndarray:
 
 
 def bitmap_capacity(w: np.ndarray) -> int:
-    """C: the largest number of non-zeros in any block of BLOCK rows (at least 1)."""
-    return max(1, int((_blocks(w) != 0).sum(axis=(1, 2)).max()))
+    """C: the largest number of non-zeros in any block of BLOCK rows, plus BLOCK of slack."""
+    return int((_blocks(w) != 0).sum(axis=(1, 2)).max(initial=0)) + BLOCK
+
+
+def bitmap_bound(n: int, k: int, row_nonzeros: int) -> int:
+    """C for a weight of at most `row_nonzeros` non-zeros in every row (a pruning pattern's
+    bound, known without the weights)."""
+    return BLOCK * min(k, row_nonzeros) + BLOCK
 
 
 def bitmap_encode(w: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -93,9 +102,9 @@ def bitmap_encode(w: np.ndarray, capacity: int | None = None) -> tuple[np.ndarra
     meta = (nonzero.astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)).sum(-1)
     counts = nonzero.sum(axis=(1, 2))
     cap = bitmap_capacity(w) if capacity is None else int(capacity)
-    if counts.max(initial=0) > cap:
+    if counts.max(initial=0) + BLOCK > cap:
         raise SparseFormatError(f"a block of {BLOCK} rows holds {int(counts.max())} non-zeros, "
-                                f"more than the layout's capacity {cap}")
+                                f"more than the layout's capacity {cap} less {BLOCK} of slack")
     flat = nonzero.reshape(nonzero.shape[0], -1)
     slot = np.cumsum(flat, axis=1) - 1  # position of each non-zero within its block
     rows = np.broadcast_to(np.arange(flat.shape[0])[:, None], flat.shape)

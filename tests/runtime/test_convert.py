@@ -90,9 +90,9 @@ def _trees(s: dict[str, ExternalData]) -> dict[str, Derived]:
         t[f"bitmap.{part}"] = _d("sparse_encode", s["sp24"], layout="bitmap", part=part,
                                  capacity=600)
         t[f"bitmap_bf16.{part}"] = _d("sparse_encode", s["b"], layout="bitmap", part=part,
-                                      capacity=1024)
+                                      capacity=1040)
         t[f"bitmap_q8.{part}"] = _d("sparse_encode", q8, layout="bitmap", part=part,
-                                    capacity=16 * 70)
+                                    capacity=16 * 71)
     return t
 
 

@@ -74,10 +74,11 @@ def test_bitmap_round_trip(fraction, dtype):
 
 def test_bitmap_capacity_is_checked():
     w = pruned(np.random.default_rng(0), 16, 32, 0.5)
+    assert sf.bitmap_capacity(w) == 16 * 16 + 16 == sf.bitmap_bound(16, 32, 16)
     values, _ = sf.bitmap_encode(w, capacity=300)
     assert values.shape == (1, 300) and not values[0, 256:].any()
-    with pytest.raises(sf.SparseFormatError, match="capacity 200"):
-        sf.bitmap_encode(w, capacity=200)
+    with pytest.raises(sf.SparseFormatError, match="capacity 271"):
+        sf.bitmap_encode(w, capacity=271)
 
 
 def _node(layout, n, k, **extra):
