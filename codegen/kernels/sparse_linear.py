@@ -2,12 +2,18 @@
 
 Layout (kiln.runtime.sparse_format; B = 16 rows = one fp32 vector):
     meta   [N/B, K] uint16   bit l of meta[nb, k]: W[nb*B + l, k] != 0
-    values [N/B, C] f32|i8   block nb's non-zeros in (k, lane) order, zero-padded to C
+    values [N/B, C] f32|i8   block nb's non-zeros in (k, lane) order, zero-padded to C (C holds
+                             B values of slack past the largest block)
     scales [N] float32       int8 values only: W[n, k] = code * scales[n]
-`llvm.masked.expandload` under the mask meta[nb, k] (LLVM turns the bit test of a broadcast
-into one kmov) reads popcount(meta[nb, k]) consecutive values into the lanes whose bit is set,
-zeros elsewhere: the B weights of column k, after which the block's value offset advances by
-that popcount. Only the non-zeros and one bit per weight stream from memory.
+Per (block, k): a full B-value load at the block's running offset (int8: sign-extended to
+int32 by the load), `vexpand` under the mask meta[nb, k] (LLVM turns the bit test of a
+broadcast into one kmov) moves its first popcount values to the lanes whose bit is set, and a
+FMA masked by the same bits accumulates x[k] times them; the offset advances by the popcount.
+The register form of vexpand is used on purpose: AVX-512's memory form (what
+`llvm.masked.expandload` becomes) is microcoded on Zen 4, about 3x slower (measured:
+benchmarks/RESULTS.md, "Sparsity (session 5)"); the unselected lanes keep the loaded values
+(merge-masking, so LLVM cannot fold the load back into the memory form) and the masked FMA
+ignores them. Only the non-zeros and one bit per weight stream from memory.
 
 GEMV (m <= GEMV_ROWS; decode): tasks own panels of nv blocks; per k, one expand-load and one FMA
 per block (int8: expand 16 bytes, widen, convert), int8 scales applied once at the end.
@@ -57,18 +63,23 @@ def _bits() -> tirx.PrimExpr:
     return T.shift_left(T.Broadcast(T.int32(1), LANES), T.ramp(T.int32(0), 1, LANES))
 
 
-def expand(s: SparseShape, vb, mb, nb, kk, off) -> tirx.PrimExpr:
-    """The LANES weights W[nb*LANES + l, kk] (float32x16; int8 codes converted, unscaled),
-    read from vb[nb, off:]."""
-    mask = T.bitwise_and(T.Broadcast(T.Cast("int32", mb[nb, kk]), LANES), _bits()) != \
+def mask_of(mb, nb, kk) -> tirx.PrimExpr:
+    """The boolx16 mask of column kk of block nb (one kmov once LLVM has matched it)."""
+    return T.bitwise_and(T.Broadcast(T.Cast("int32", mb[nb, kk]), LANES), _bits()) != \
         T.Broadcast(T.int32(0), LANES)
+
+
+def expand(s: SparseShape, vb, mb, nb, kk, off) -> tirx.PrimExpr:
+    """float32x16: lane l holds W[nb*LANES + l, kk] where its mask bit is set (int8 codes
+    converted, unscaled) and garbage elsewhere: callers mask with mask_of(mb, nb, kk)."""
+    mask = mask_of(mb, nb, kk)
     if s.values == "float32":
-        return T.call_llvm_intrin("float32x16", "llvm.masked.expandload.v16f32",
-                                  T.address_of(vb[nb, off]), mask,
-                                  T.Broadcast(T.float32(0), LANES))
-    codes = T.call_llvm_intrin("int8x16", "llvm.masked.expandload.v16i8",
-                               T.address_of(vb[nb, off]), mask, T.Broadcast(T.int8(0), LANES))
-    return T.Cast("float32x16", codes)
+        packed = vb[nb, T.ramp(off, 1, LANES)]
+        return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.expand", packed,
+                                       packed, mask)
+    packed = T.Cast("int32x16", vb[nb, T.ramp(off, 1, LANES)])
+    return T.Cast("float32x16", T.call_llvm_pure_intrin(
+        "int32x16", "llvm.x86.avx512.mask.expand", packed, packed, mask))
 
 
 def _count(mb, nb, kk) -> tirx.PrimExpr:
@@ -159,8 +170,10 @@ def _gemv_panel(s: SparseShape, bias: bool):
                 xv: T.let[T.float32] = xb[r, kk]
                 for j in T.unroll(nv):
                     w: T.let[T.float32x16] = expand(s, vb, mb, nb0 + j, kk, off[j])
-                    acc[T.ramp(j * lanes, 1, lanes)] = (acc[T.ramp(j * lanes, 1, lanes)]
-                                                        + T.Broadcast(xv, lanes) * w)
+                    acc[T.ramp(j * lanes, 1, lanes)] = T.Select(
+                        mask_of(mb, nb0 + j, kk),
+                        acc[T.ramp(j * lanes, 1, lanes)] + T.Broadcast(xv, lanes) * w,
+                        acc[T.ramp(j * lanes, 1, lanes)])
                     off[j] = off[j] + _count(mb, nb0 + j, kk)
             if s.scaled:
                 for j in T.unroll(nv):
@@ -181,13 +194,14 @@ def _gemm_panel(s: SparseShape, mr: int, bias: bool):
         for j in range(nv):
             off[0] = 0
             for kk in range(k):
+                w: T.let[T.float32x16] = expand(s, vb, mb, nb0 + j, kk, off[0])
                 if s.scaled:
-                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = expand(
-                        s, vb, mb, nb0 + j, kk, off[0]) * sb[T.ramp((nb0 + j) * lanes, 1,
-                                                                    lanes)]
+                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = T.Select(
+                        mask_of(mb, nb0 + j, kk), w * sb[T.ramp((nb0 + j) * lanes, 1, lanes)],
+                        T.Broadcast(T.float32(0), lanes))
                 else:
-                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = expand(
-                        s, vb, mb, nb0 + j, kk, off[0])
+                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = T.Select(
+                        mask_of(mb, nb0 + j, kk), w, T.Broadcast(T.float32(0), lanes))
                 off[0] = off[0] + _count(mb, nb0 + j, kk)
 
     @T.macro
