@@ -1,4 +1,4 @@
-"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|bench|convert|info ...` on a host
+"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|chat|bench|convert|info ...` on a host
 with only Python and numpy (tokenizers too, for text prompts).
 
 The bundle holds (see kiln.compiler.package):
@@ -105,20 +105,32 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run = sub.add_parser("run", help="generate from the bundled artifact (as `kiln run`)")
     run.add_argument("--prompt", help="text, tokenized with the artifact's tokenizer.json")
     run.add_argument("--prompt-ids", help="comma-separated token ids")
-    run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    run.add_argument("--temperature", type=float, default=0.0)
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--chat", action="store_true", help="the prompt is a user message: apply "
+                     "the model's chat template (needs jinja2), stop at the end of the turn")
+    chat = sub.add_parser("chat", help="talk turn by turn, the KV cache kept (as `kiln chat`)")
+    for cmd, max_new in ((run, 32), (chat, 256)):
+        cmd.add_argument("--max-new-tokens", type=int, default=max_new)
+        cmd.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+        cmd.add_argument("--temperature", type=float, default=0.0)
+        cmd.add_argument("--top-k", type=int, default=0)
+        cmd.add_argument("--top-p", type=float, default=1.0)
+        cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument("--ignore-eos", action="store_true",
+                         help="do not stop on the model's end-of-sequence tokens")
+        cmd.add_argument("--stop-token", dest="stop_token_ids", type=int, action="append",
+                         default=[], metavar="ID", help="also stop on this token id")
+        cmd.add_argument("--stop", dest="stop_texts", action="append", default=[],
+                         metavar="TEXT", help="stop when the text contains TEXT")
+        cmd.add_argument("--system", help="the system message of the conversation")
     bench = sub.add_parser("bench", help="prefill and decode tok/s on the artifact's device")
     bench.add_argument("--prompt-lens", default="128,512")
     bench.add_argument("--decode-len", type=int, default=64)
     bench.add_argument("--repeat", type=int, default=5)
     bench.add_argument("--json", dest="json_path", type=Path, help="write the results here")
-    for cmd in (run, bench):
+    for cmd in (run, chat, bench):
         cmd.add_argument("--artifact", type=Path, default=HERE / "artifact")
-        cmd.add_argument("--threads", type=int, help="CPU threads (CPU artifacts)")
+        cmd.add_argument("--threads", type=int, help="CPU threads (CPU artifacts; default: "
+                         "all usable cores)")
         cmd.add_argument("--synthetic-weights", type=int, metavar="SEED",
                          help="seeded random weights of the right shapes")
     run.add_argument("--json", dest="as_json", action="store_true",
@@ -141,7 +153,19 @@ def cmd_run(a: argparse.Namespace) -> None:
                    max_new_tokens=a.max_new_tokens,
                    temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k,
                    top_p=a.top_p, seed=a.seed, threads=a.threads,
-                   synthetic_weights=a.synthetic_weights, as_json=a.as_json)
+                   synthetic_weights=a.synthetic_weights, as_json=a.as_json, chat=a.chat,
+                   system=a.system, ignore_eos=a.ignore_eos, stop_token_ids=a.stop_token_ids,
+                   stop_texts=a.stop_texts)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from kiln.runtime.cli import run_chat
+
+    run_chat(a.artifact, system=a.system, max_new_tokens=a.max_new_tokens,
+             temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
+             seed=a.seed, threads=a.threads, synthetic_weights=a.synthetic_weights,
+             ignore_eos=a.ignore_eos, stop_token_ids=a.stop_token_ids,
+             stop_texts=a.stop_texts)
 
 
 def cmd_bench(a: argparse.Namespace, info: dict) -> None:
@@ -190,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             cmd_run(args)
+        elif args.command == "chat":
+            cmd_chat(args)
         elif args.command == "bench":
             cmd_bench(args, info)
         elif args.command == "convert":
