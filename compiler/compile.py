@@ -49,6 +49,7 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
         "quantize_weights": {"preset": weights, "calibration": calibration},
         "pack_linear_weights": {"block": pack_block},
     }
+    progress(f"importing {model.name}")
     return canonicalize(model, pipeline="compile", weights_optional=weights_optional,
                         dump_ir=dump_ir, options=options,
                         on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes "
@@ -73,6 +74,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     `kiln tune` table of per-shape kernel tilings for a CPU target. `sparsity` (0.5, 2:4) prunes
     the linear weights first with `prune_method` (sparsegpt, wanda, magnitude), leaving those
     matching `sparsity_keep` dense (kiln.passes.prune_weights)."""
+    progress("loading TVM")  # its import alone takes seconds
     from kiln.codegen.build import build
     from kiln.codegen.targets import resolve
     from kiln.passes.prune_weights import parse_config
