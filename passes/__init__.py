@@ -28,7 +28,7 @@ PIPELINES: dict[str, list[str]] = {
 }
 #: the weight and cache transforms after canonicalization, in order; each does nothing unless its
 #: options ask for it (kiln.compiler.compile.compile_graph passes them), so a stage is one name here
-PIPELINES["quantize"] = ["prune_weights", "quantize_kv_cache", "quantize_weights",
+PIPELINES["quantize"] = ["prune_weights", "quantize_kv_cache", "quantize_weights", "sparsify",
                          "pack_linear_weights"]
 #: what `kiln compile` runs: the canonical graph, specialized to a context of max_positions, then
 #: quantized and laid out for the target's kernels
@@ -40,7 +40,7 @@ _PASS_MODULES = [
     "infer_shapes", "fold_constants", "eliminate_common_subexpressions", "eliminate_dead_code",
     "recognize_linear", "recognize_norms", "recognize_activations", "recognize_rotary",
     "recognize_attention", "fuse_projections", "tabulate_positions", "pack_linear_weights",
-    "quantize_kv_cache", "quantize", "prune_weights",
+    "quantize_kv_cache", "quantize", "prune_weights", "sparsify",
 ]
 
 
