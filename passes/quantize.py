@@ -9,18 +9,11 @@ The op this pass emits (its numpy specification: compiler/interpreter/transforme
     quant_embedding(qtable, scales, zero_points | "", ids[...]) -> [..., K]
         the same attributes; row ids of W (a tied LM head's table, read without a fp32 copy)
 
-Quantized values: bits 8 are signed int8 (zp default 0); bits 4 are unsigned nibbles 0..15
-(zp default 8, so a symmetric int4 weight is (q - 8) * scale). Zero points, when present, are
-float32 integers (onnxruntime's MatMulNBits and QDQ zero points convert to them exactly;
-see kiln.compiler.frontend.onnx_quant_import).
-K is padded to Kp = ceil(K / g) * g with zero weights, so every group is whole in storage.
-Layouts (G = Kp / g groups; B = 16 lanes, Np = N rounded up to B, padding rows all zero):
-    nk       qweight int8[N, Kp] | uint8[N, Kp/2] (byte j: k = 2j low nibble, 2j+1 high)
-             scales, zero_points float32[N, G]
-    blocked  qweight int8[Np/B, Kp, B] | uint8[Np/B, Kp/2, B] (the byte of lane l at k pair j
-             holds k = 2j in the low nibble, 2j+1 in the high one, of output row nb*B + l)
-             scales, zero_points float32[Np/B, G, B]: one group's B scales are one vector load
-`blocked` mirrors pack_linear_weights (see kiln.codegen.kernels.quant_linear).
+The stored format (code offsets, nibble order, groups, the `nk` and `blocked` layouts) and
+its dequantization are kiln.runtime.quant_format's, written down there once. Zero points, when
+present, are float32 integers (onnxruntime's MatMulNBits and QDQ zero points convert to them
+exactly; see kiln.compiler.frontend.onnx_quant_import). pack_linear_weights lays weights out
+`blocked` (see kiln.codegen.kernels.quant_linear).
 
 The pass quantizes every `linear` whose weight is a 2-D float32 parameter read by nothing but
 linears and (tied) embeddings, the LM head included, unless a `keep` pattern matches it; the
@@ -55,10 +48,13 @@ from kiln.compiler.ir import (
     TensorType,
 )
 from kiln.passes import register
+from kiln.runtime import quant_format as qf
 from kiln.runtime import transforms
-from kiln.runtime.params import CLIP_SEARCH, pack_nibbles, quantize_codes
-
-LANES = 16
+from kiln.runtime.quant_format import CLIP_SEARCH, quantize_codes
+from kiln.runtime.quant_format import LANES as LANES
+from kiln.runtime.quant_format import blocked as blocked
+from kiln.runtime.quant_format import groups_of as groups_of
+from kiln.runtime.quant_format import pack_nibbles as pack_nibbles
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,26 +144,15 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
 
 
 # ---------------------------------------------------------------------------------------------
-# the numpy quantizer and layouts (the compile-time transforms)
-
-
-def groups_of(k: int, group: int) -> tuple[int, int]:
-    """(group size, number of groups) for K; a group size of 0 means per output channel."""
-    g = group or k
-    return g, -(-k // g)
+# the compile-time transforms (the format and the quantizer: kiln.runtime.quant_format)
 
 
 def quantize(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """w[N, K] -> (q[N, Kp] unpacked codes, scales[N, G], zero_points[N, G] | None), rounded
-    to nearest with the searched clip (kiln.runtime.params.quantize_codes: numpy only, so the
-    GPU host's converter quantizes with the same code)."""
+    to nearest with the searched clip (kiln.runtime.quant_format.quantize_codes: numpy only, so
+    the GPU host's converter quantizes with the same code)."""
     return quantize_codes(w, bits=bits, group=group, symmetric=symmetric, clip=CLIP_SEARCH)
-
-
-def blocked(a: np.ndarray, block: int = LANES) -> np.ndarray:
-    """a[N, C] (qweight bytes or per-group values) -> [Np / block, C, block], zero-padded rows."""
-    return transforms.blocked(a, block)
 
 
 def _quantize_part(w: np.ndarray, *, bits: int, group: int, symmetric: bool, part: str,
@@ -175,7 +160,7 @@ def _quantize_part(w: np.ndarray, *, bits: int, group: int, symmetric: bool, par
     q, scales, zp = quantize(np.asarray(w, np.float32), bits=bits, group=group,
                              symmetric=symmetric)
     if part == "qweight":
-        return pack_nibbles(q) if bits == 4 else q
+        return qf.pack_codes(q, bits)
     return scales if part == "scales" else zp
 
 
@@ -295,8 +280,8 @@ def _add_quantized(params: dict, types: dict, p: Param, scheme: tuple[int, int, 
     n, k = p.type.shape
     g, ng = groups_of(k, group)
     base = dict(bits=bits, group=group, symmetric=symmetric)
-    q_shape = (n, ng * g // 2) if bits == 4 else (n, ng * g)
-    q_dtype = DType.u8 if bits == 4 else DType.i8
+    q_shape = (n, qf.packed_columns(ng * g, bits))
+    q_dtype = DType(qf.qweight_dtype(bits))
     specs = [("qweight", TensorType(q_dtype, q_shape)),
              ("scales", TensorType(DType.f32, (n, ng)))]
     if not symmetric:

@@ -1,5 +1,5 @@
 """Parameters for the runtime: read a safetensors file by memory map, write one, or synthesize
-seeded ones; the numpy quantizer they share with kiln.runtime.convert.
+seeded ones (quantized ones with kiln.runtime.quant_format's quantizer, re-exported here).
 
 The runtime may import only numpy, tokenizers and the TVM runtime, so it reads and writes
 safetensors' simple layout itself (8-byte little-endian header length, a JSON header of name ->
@@ -17,9 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from kiln.compiler.errors import KilnError
+from kiln.runtime import quant_format as qf
+from kiln.runtime.quant_format import CLIP_SEARCH as CLIP_SEARCH
+from kiln.runtime.quant_format import dequantize as dequantize
+from kiln.runtime.quant_format import pack_nibbles as pack_nibbles
+from kiln.runtime.quant_format import quantize_codes as quantize_codes
+from kiln.runtime.quant_format import quantize_rtn as quantize_rtn
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
-           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+           "U16": np.uint16}
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -162,7 +169,7 @@ def _synthetic_sparse(parts: dict[str, tuple[int, dict]], seed: int) -> dict[str
     return {v["name"]: as_float(values, v["dtype"]), parts["meta"][1]["name"]: meta}
 
 
-# -- quantized weights (the scheme of kiln.passes.quantize, `nk` layout) ----------------------
+# -- quantized weights (kiln.runtime.quant_format, `nk` layout) ------------------------------
 
 _QUANT_PARTS = ("qweight", "scales", "zero_points")
 
@@ -183,7 +190,7 @@ def _synthetic_quantized(base: str, parts: dict[str, tuple[int, dict]], seed: in
     attrs = q["derivation"]["attrs"]
     bits, symmetric = int(attrs["bits"]), bool(attrs.get("symmetric", True))
     n, cols = q["shape"]
-    kp = cols * 2 if bits == 4 else cols
+    kp = qf.unpacked_columns(cols, bits)
     groups = parts["scales"][1]["shape"][1]
     w = np.random.default_rng([seed, i]).standard_normal((n, kp), dtype=np.float32)
     codes, scales, zp = quantize_rtn(w / np.sqrt(kp), bits=bits, group=kp // groups,
@@ -195,109 +202,6 @@ def _synthetic_quantized(base: str, parts: dict[str, tuple[int, dict]], seed: in
     elif zp is not None:
         raise KilnError(f"parameter {base}: asymmetric scheme without zero points")
     return out
-
-
-#: scale shrink factors tried per group: clipping the largest weights a little can lower the
-#: rounding error of all the others (round-to-nearest with a searched clip, no calibration data)
-CLIP_SEARCH = tuple(float(f) for f in np.linspace(1.0, 0.7, 13))
-
-
-def quantize_codes(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
-                   clip: tuple[float, ...] = (1.0,),
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """w[N, K] -> (codes[N, Kp] unpacked, scales float32[N, G], zero_points float32[N, G] |
-    None), rounded to nearest; K zero-padded to whole groups (group 0: one group per row).
-
-    Symmetric: codes in [-2^(b-1), 2^(b-1) - 1] (int4 stored +8 as uint8); the group's largest
-    weight by magnitude sets the scale's sign so that it lands on the end with the extra level
-    (-8 for int4). Asymmetric: [min, max] mapped to [0, 2^b - 1] with a zero point (int8 codes
-    and zero points stored shifted by -128). Then, per group, the scale shrunk by the factor of
-    `clip` that reconstructs the group best is kept. kiln.passes.quantize quantizes with this
-    (clip=CLIP_SEARCH), so the GPU host's conversion gives the compiler's bytes."""
-    n, k = w.shape
-    g = group or k
-    wp = np.zeros((n, -(-k // g) * g), np.float32)
-    wp[:, :k] = w
-    wg = wp.reshape(n, -1, g)
-    if symmetric:
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        peak = np.take_along_axis(wg, np.abs(wg).argmax(axis=2)[..., None], axis=2)[..., 0]
-        base = (peak / np.float32(lo)).astype(np.float32)  # peak -> the lowest code
-        base = np.where(base != 0, base, np.float32(1)).astype(np.float32)
-
-        def codes(s: np.ndarray) -> tuple[np.ndarray, None]:
-            return np.clip(np.rint(wg / s[..., None]), lo, hi), None
-    else:
-        qmax = 255 if bits == 8 else 15
-        lo_v, hi_v = np.minimum(wg.min(axis=2), 0), np.maximum(wg.max(axis=2), 0)
-        base = ((hi_v - lo_v) / np.float32(qmax)).astype(np.float32)
-        base = np.where(base > 0, base, np.float32(1)).astype(np.float32)
-
-        def codes(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            zp = np.clip(np.rint(-lo_v / s), 0, qmax)
-            return np.clip(np.rint(wg / s[..., None]) + zp[..., None], 0, qmax), zp
-
-    c, zp, s = _clip_searched(wg, base, codes, clip)
-    c = c.reshape(n, -1)
-    if symmetric:
-        return (c.astype(np.int8) if bits == 8 else (c + 8).astype(np.uint8)), s, None
-    if bits == 8:  # stored signed: codes and zero points shifted by 128 (exact)
-        return (c - 128).astype(np.int8), s, (zp - 128).astype(np.float32)
-    return c.astype(np.uint8), s, zp.astype(np.float32)
-
-
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """codes[..., 2j] in the low nibble, codes[..., 2j+1] in the high one: [..., Kp / 2]."""
-    q = q.astype(np.uint8)
-    return (q[..., 0::2] & 15) | ((q[..., 1::2] & 15) << 4)
-
-
-def quantize_rtn(w: np.ndarray, *, bits: int, group: int, symmetric: bool = True,
-                 clip: tuple[float, ...] = (1.0,),
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """w[N, K] -> (qweight, scales, zero_points | None) as kiln.passes.quantize stores them
-    (`nk`): quantize_codes' codes, int4 packed two per byte (pack_nibbles)."""
-    q, s, zp = quantize_codes(w, bits=bits, group=group, symmetric=symmetric, clip=clip)
-    return (pack_nibbles(q) if bits == 4 else q), s, zp
-
-
-def _clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, ...]):
-    """(codes, zero points, scales) of the factor f in `clip` whose scale base * f
-    reconstructs each group of wg best (the first one on ties); `codes(scales)` gives the codes
-    and zero points (None without) of a candidate."""
-    best_q = best_zp = best_s = best_err = None
-    for f in clip:
-        s = (base * np.float32(f)).astype(np.float32)
-        q, zp = codes(s)
-        deq = (q - (zp[..., None] if zp is not None else 0)) * s[..., None]
-        err = ((deq - wg) ** 2).sum(axis=2)
-        if best_err is None:
-            best_q, best_zp, best_s, best_err = q, zp, s, err
-            continue
-        better = err < best_err
-        best_q = np.where(better[..., None], q, best_q)
-        best_s = np.where(better, s, best_s)
-        best_err = np.where(better, err, best_err)
-        if zp is not None:
-            best_zp = np.where(better, zp, best_zp)
-    return best_q, best_zp, best_s
-
-
-def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
-               bits: int) -> np.ndarray:
-    """The float32 weight [N, Kp] an `nk` quantized triple stands for:
-    W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g]."""
-    if bits == 4:
-        q = np.empty((qweight.shape[0], qweight.shape[1] * 2), np.float32)
-        q[:, 0::2], q[:, 1::2] = qweight & 15, qweight >> 4
-    else:
-        q = qweight.astype(np.float32)
-    n, kp = q.shape
-    groups = scales.shape[1]
-    zp = (np.float32(8 if bits == 4 else 0) if zero_points is None
-          else to_float32(zero_points)[..., None])
-    sc = to_float32(scales)[..., None]
-    return ((q.reshape(n, groups, kp // groups) - zp) * sc).reshape(n, kp).astype(np.float32)
 
 
 # -- bfloat16 without numpy support for it ----------------------------------------------------

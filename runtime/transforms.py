@@ -9,23 +9,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kiln.runtime import quant_format as qf
 from kiln.runtime import sparse_format
-
-
-def blocked(a: np.ndarray, block: int) -> np.ndarray:
-    """a[N, C] (qweight bytes or per-group values) -> [Np / block, C, block], zero-padded rows
-    (the CPU kernels' layout of quantized weights, kiln.passes.quantize)."""
-    n, c = a.shape
-    rows = -(-n // block) * block
-    pad = np.zeros((rows, c), a.dtype)
-    pad[:n] = a
-    return np.ascontiguousarray(pad.reshape(rows // block, block, c).transpose(0, 2, 1))
+from kiln.runtime.quant_format import blocked as blocked
 
 
 def nibble_zero_points(zp: np.ndarray, *, n: int, groups: int) -> np.ndarray:
     """MatMulNBits' packed uint4 zero points [N * ceil(G / 2)] -> float32[N, G]."""
-    b = np.asarray(zp, np.uint8).reshape(n, -1)
-    return np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1)[:, :groups].astype(np.float32)
+    return qf.unpack_nibbles(np.asarray(zp).reshape(n, -1))[:, :groups].astype(np.float32)
 
 
 #: layout and arithmetic transforms (the graph's own)
@@ -49,7 +40,7 @@ QUANT_LAYOUT: dict[str, Callable[..., np.ndarray]] = {
 QUANT_IMPORT: dict[str, Callable[..., np.ndarray]] = {
     "nibble_zero_points": nibble_zero_points,
     "astype_float32": lambda a: np.asarray(a).astype(np.float32),
-    "uint8_to_int8": lambda a: (np.asarray(a).astype(np.int16) - 128).astype(np.int8),
+    "uint8_to_int8": lambda a: (np.asarray(a).astype(np.int16) - qf.INT8_SHIFT).astype(np.int8),
     "broadcast_to": lambda a, shape: np.ascontiguousarray(
         np.broadcast_to(np.asarray(a).reshape(-1)[:1].reshape(1, 1), shape)),
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Derived, DType, Node, Param, TensorType
+from kiln.runtime import quant_format as qf
 from kiln.runtime import transforms
 
 MATMUL_NBITS = "com.microsoft.MatMulNBits"
@@ -79,7 +80,7 @@ def _matmul_nbits(n: Node, params: dict, types: dict) -> Node:
     src = Derived("reshape", (b.source,), Attrs({"shape": (nn, cols)}))
     if bits == 8:
         src = Derived("uint8_to_int8", (src,))
-    qw = _add(params, types, f"{base}.qweight", TensorType(DType.u8 if bits == 4 else DType.i8,
+    qw = _add(params, types, f"{base}.qweight", TensorType(DType(qf.qweight_dtype(bits)),
                                                           (nn, cols)), src)
     sc = _add(params, types, f"{base}.scales", TensorType(DType.f32, (nn, groups)),
               Derived("reshape", (s.source,), Attrs({"shape": (nn, groups)})))
@@ -91,7 +92,7 @@ def _matmul_nbits(n: Node, params: dict, types: dict) -> Node:
                 Derived("astype_float32", (Derived("reshape", (z.source,),
                                                    Attrs({"shape": (nn, groups)})),)))
         if bits == 8 and z.type.dtype is DType.u8:
-            zsrc = Derived("add_scalar", (zsrc,), Attrs({"value": -128.0}))
+            zsrc = Derived("add_scalar", (zsrc,), Attrs({"value": -float(qf.INT8_SHIFT)}))
         zp = _add(params, types, f"{base}.zero_points", TensorType(DType.f32, (nn, groups)), zsrc)
     bias = n.inputs[5] if len(n.inputs) > 5 else ""
     inputs = (n.inputs[0], qw, sc, zp, bias) if bias else (n.inputs[0], qw, sc, zp)
@@ -139,7 +140,7 @@ def _qdq_matmul(mm: Node, dq: Node, params: dict, types: dict) -> Node | None:
             if zsrc is None:
                 raise KilnError(f"node {dq.name} (DequantizeLinear): uint8 weights need a "
                                 "zero point")
-            zsrc = Derived("add_scalar", (zsrc,), Attrs({"value": -128.0}))
+            zsrc = Derived("add_scalar", (zsrc,), Attrs({"value": -float(qf.INT8_SHIFT)}))
         zp = _add(params, types, f"{base}.zero_points", TensorType(DType.f32, (nn, groups)),
                   zsrc)
     return Node("quant_linear", (mm.inputs[0], qw, sc, zp), mm.outputs, Attrs({

@@ -26,8 +26,8 @@ Layouts (b: batch, s: new tokens, P: past tokens, H/KV: query/key-value heads, D
                     y = x @ dequantize(qweight, scales, zero_points)^T (+ bias), in float32
     quant_embedding qtable, scales, zero_points?, ids[...]                    -> [..., K]
                     rows `ids` of the dequantized table (a tied LM head's weight)
-                    (quantized layouts and dequantization: kiln.passes.quantize; see
-                    `dequantize` below)
+                    (the quantized format and its dequantization: kiln.runtime.quant_format;
+                    `dequantize` below reads either layout)
     sparse_linear   x[..., K], values, meta, scales?[N], bias?[N]
                     layout ("nm" | "bitmap"), in_features K, out_features N
                     y = x @ W^T (+ bias), W[N, K] = sparse_format.decode(values, meta) (times
@@ -44,7 +44,7 @@ import math
 import numpy as np
 
 from kiln.compiler.interpreter import kernel
-from kiln.runtime import sparse_format
+from kiln.runtime import quant_format, sparse_format
 
 
 @kernel("linear")
@@ -193,22 +193,15 @@ def attention(inputs, attrs):
 
 def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
                attrs) -> np.ndarray:
-    """The float32 weight W[N, K] of a quantized linear (layouts: kiln.passes.quantize):
-    W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g], zp defaulting to 0 for int8 and
-    8 for the unsigned int4 nibbles."""
-    bits, g = int(attrs["bits"]), int(attrs["group_size"])
+    """The float32 weight W[N, K] of a quantized linear, in the `nk` or `blocked` layout:
+    W[n, k] = (q[n, k] - zp[n, k // g]) * scales[n, k // g] (kiln.runtime.quant_format)."""
     n, k = int(attrs["out_features"]), int(attrs["in_features"])
-    if attrs.get("layout", "nk") == "blocked":  # [Np/B, C, B] -> [Np, C]
-        qweight, scales = (a.transpose(0, 2, 1).reshape(-1, a.shape[1]) for a in (qweight, scales))
-        if zero_points is not None:
-            zero_points = zero_points.transpose(0, 2, 1).reshape(-1, zero_points.shape[1])
-    q = qweight[:n]
-    if bits == 4:
-        q = np.stack([q & 15, q >> 4], axis=-1).reshape(n, -1)
-    zp = np.float32(8 if bits == 4 else 0) if zero_points is None else \
-        np.repeat(zero_points[:n], g, axis=1)
-    w = (q.astype(np.float32) - zp) * np.repeat(scales[:n], g, axis=1)
-    return np.ascontiguousarray(w[:, :k], dtype=np.float32)
+    if attrs.get("layout", "nk") == "blocked":
+        qweight, scales, zero_points = (None if a is None else quant_format.unblocked(a, n)
+                                        for a in (qweight, scales, zero_points))
+    return quant_format.dequantize(qweight[:n], scales[:n],
+                                   None if zero_points is None else zero_points[:n],
+                                   bits=int(attrs["bits"]), k=k)
 
 
 @kernel("quant_linear")
