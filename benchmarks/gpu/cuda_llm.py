@@ -8,7 +8,8 @@
     python3 benchmarks/gpu/cuda_llm.py ctxdecode .device NAME... --lens 16,2048  # long contexts
 
 `build` compiles each CONFIG:DTYPE[:QUANT[:VARIANT]] (kiln.models.synthetic names, a
---quant preset, the attention kernel's operand loads) with --no-weights into
+--quant preset, the attention kernel's operand loads, `sp24`: --sparsity 2:4 --prune-method
+magnitude, so every linear but the LM head is a 2:4 `sparse_linear`) with --no-weights into
 .device/arts/NAME, writes its canonical graph as JSON beside it (the torch reference runs it),
 and packages one bundle (.device/bundle: TVM runtime, kiln runtime; the artifacts are passed
 with --artifact). On the GPU host, weights are synthesized from a seed by kiln's runtime
@@ -23,6 +24,10 @@ shapes (random weights, fp16; once per model shape, `--no-hf` skips it), device 
 printed as a table. Quantized artifacts: the runtime synthesizes their weights by rounding seeded
 float weights to nearest (kiln.runtime.params.quantize_rtn); the torch reference runs the float
 graph with those weights dequantized, so only the compute dtype's rounding differs.
+2:4 artifacts (`sp24`): the runtime synthesizes a seeded float matrix pruned 2:4 by magnitude
+in the `nm` layout (kiln.runtime.params); the reference runs the float graph with the weights
+densified from those values and metadata; `bench` prints each such artifact's ratio to its
+dense twin (the same spec without the sparse variants), measured in the same run.
 """
 
 from __future__ import annotations
@@ -62,13 +67,14 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
 
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
-    from kiln.codegen.cuda import lower
+    from kiln.codegen.cuda import lower, lower_sparse
     from kiln.codegen.cuda.kernels import attention, flash_attention, pdl
 
     default_ldsm = flash_attention.LDSM
     # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
     # kernel's operand loads), nopdl (no programmatic dependent launch), norope (decode's
-    # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention)
+    # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention),
+    # sp24 (2:4 sparse linears), spscratch (their prefill GEMM on a decompressed scratch weight)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -79,15 +85,17 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         pdl.ENABLED = "nopdl" not in flags
         lower.FUSE_ROPE = "norope" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
+        lower_sparse.PREFILL = "scratch" if "spscratch" in flags else "fused"
+        sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
-                      dtype=dtype, quant=quant or None)
+                      dtype=dtype, quant=quant or None, **sparse)
         flash_attention.LDSM, pdl.ENABLED, lower.FUSE_ROPE = default_ldsm, True, True
-        attention.WARP_DECODE = True
+        attention.WARP_DECODE, lower_sparse.PREFILL = True, "fused"
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
         (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))
         (dst / "spec.json").write_text(json.dumps({"model": name, "dtype": dtype,
-                                                   "quant": quant}))
+                                                   "quant": quant, "variant": variant}))
         size = (dst / "kernels.so").stat().st_size
         print(f"{dst.name}: compiled in {time.perf_counter() - t:.1f} s, kernels.so "
               f"{size / 1e6:.2f} MB", flush=True)
@@ -150,8 +158,8 @@ def torch_reference(art: Path, bundle: Path) -> dict:
     graph = json.loads((art / "graph.json").read_text())
     table = manifest["params"]
     arrays = dict(read_safetensors(art / "constants.safetensors"))
-    arrays.update(dequantized(synthetic_params(
-        [p for p in table if p["file"] == "params.safetensors"], SEED), table))
+    arrays.update(densified(dequantized(synthetic_params(
+        [p for p in table if p["file"] == "params.safetensors"], SEED), table), table))
     dev = torch.device("cuda")
     p = {k: torch.from_numpy(to_float64(np.asarray(v))).to(dev) for k, v in arrays.items()}
 
@@ -214,6 +222,23 @@ def dequantized(arrays: dict, table: list[dict]) -> dict:
         zp = out.pop(base + ".zero_points", None)
         out[base] = dequantize(out.pop(p["name"]), out.pop(base + ".scales"), zp,
                                bits=int(d["attrs"]["bits"]))
+    return out
+
+
+def densified(arrays: dict, table: list[dict]) -> dict:
+    """The parameters with each 2:4 (values, meta) pair replaced by the dense weight it
+    encodes (kiln.runtime.sparse_format.nm_decode), named as in the float graph (the pair is
+    `W.nm.values`, `W.nm.meta`)."""
+    from kiln.runtime.params import sparse_part
+    from kiln.runtime.sparse_format import nm_decode
+
+    out = dict(arrays)
+    for p in table:
+        if sparse_part(p) != "values" or p["derivation"]["attrs"].get("layout") != "nm":
+            continue
+        base = p["name"].rsplit(".", 2)[0]
+        values, meta = out.pop(p["name"]), out.pop(base + ".nm.meta")
+        out[base] = nm_decode(values, meta, 2 * values.shape[1])
     return out
 
 
@@ -436,6 +461,25 @@ def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
                   f"{peer:.1f} | {r['tok_s'] / peer:.2f}x | {extra}")
         print(f"{name}: copy {k['copy_gb_s']:.0f} GB/s (TVM), torch {hf['torch_copy_gb_s']:.0f}"
               f" GB/s; weights {k['weight_bytes'] / 1e6:.0f} MB read per decoded token")
+    twin_ratios(root, {name: k for name, k, _ in rows})
+
+
+def twin_ratios(root: Path, results: dict[str, dict]) -> None:
+    """Each 2:4 artifact's tok/s over its dense twin's (same model, dtype and quant; both
+    timed in this run)."""
+    for name, k in results.items():
+        spec = spec_of(root / "arts" / name)
+        if "sp24" not in spec.get("variant", "").split("+"):
+            continue
+        twin = "-".join(x for x in (spec["model"], spec["dtype"], spec["quant"]) if x)
+        if twin not in results:
+            continue
+        dense = {(r["phase"], r["tokens"]): r["tok_s"] for r in results[twin]["rows"]}
+        for r in k["rows"]:
+            d = dense.get((r["phase"], r["tokens"]))
+            if d:
+                print(f"{name} / {twin} | {r['phase']} {r['tokens']} | {r['tok_s']:.1f} / "
+                      f"{d:.1f} = {r['tok_s'] / d:.3f}x")
 
 
 def profile_run(art: Path, prompt: int, steps: int) -> None:
