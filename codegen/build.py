@@ -15,7 +15,7 @@ row only: logits (batch, 1, vocab), all a generation loop needs, at a fraction o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tvm import relax, tirx
@@ -121,10 +121,17 @@ def mark_noalias():
     return _mark
 
 
-def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, **kw) -> ModuleSignature:
-    """Build, compile and export the shared library at `path`; returns its calling convention."""
+def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, *,
+          progress: Callable[[str], None] = lambda msg: None, **kw) -> ModuleSignature:
+    """Build, compile and export the shared library at `path`; returns its calling convention.
+    `progress` hears of each step (the last two take most of a large model's compile)."""
+    progress(f"generating kernels for {target.name}")
     mod, sig = build_module(graph, target, **kw)
-    compile_module(mod, target).export_library(os.fspath(path))
+    progress(f"compiling kernels for {target.name} "
+             f"({'nvcc' if isinstance(target, CudaTarget) else 'LLVM'})")
+    executable = compile_module(mod, target)
+    progress(f"linking {os.path.basename(path)}")
+    executable.export_library(os.fspath(path))
     if isinstance(target, CudaTarget):  # machine code, never CUDA source
         from kiln.codegen.cuda_toolchain import require_fatbin
 
