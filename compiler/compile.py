@@ -31,11 +31,14 @@ def _kiln_version() -> str:
 
 def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                   weights_optional: bool, pack_block: int = 0, quant=None,
-                  dump_ir: Path | None = None, prune=None) -> Graph:
+                  dump_ir: Path | None = None, prune=None, sparse_target: str | None = None,
+                  sparse_plan: dict | None = None) -> Graph:
     """The graph after the `compile` pipeline: canonical; with `quant` (a
     kiln.passes.quantize.QuantPreset) its weights and KV cache quantized; with `pack_block`,
     weights in the CPU kernels' layout. `dump_ir`: the IR after each pass, as `kiln inspect`.
-    `prune` (a kiln.passes.prune_weights.PruneConfig): weights pruned before they are quantized."""
+    `prune` (a kiln.passes.prune_weights.PruneConfig): weights pruned before they are quantized.
+    `sparse_target` ("cpu", "cuda"): linears with enough zeros become sparse_linear in its layout
+    (kiln.passes.sparsify), or as `sparse_plan` (an artifact's recorded decisions) says."""
     from kiln.compiler.driver import canonicalize
 
     kv_bits = quant.kv_bits if quant is not None else 0
@@ -47,6 +50,7 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
         "prune_weights": {"config": prune, "calibration": calibration},
         "quantize_kv_cache": {"bits": kv_bits},
         "quantize_weights": {"preset": weights, "calibration": calibration},
+        "sparsify": {"target": sparse_target, "plan": sparse_plan},
         "pack_linear_weights": {"block": pack_block},
     }
     progress(f"importing {model.name}")
@@ -54,6 +58,11 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                         dump_ir=dump_ir, options=options,
                         on_pass=lambda name, g, s: progress(f"{name}: {len(g.nodes)} nodes "
                                                             f"({s:.2f} s)")).canonical
+
+
+def _sparse_target(kind: str | None) -> str | None:
+    """The kiln.passes.sparsify target of a KilnTarget kind or a TVM target kind."""
+    return {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda"}.get(kind or "")
 
 
 def _pack_block(target: dict[str, Any]) -> int:
@@ -92,7 +101,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
-                          quant=preset, prune=prune)
+                          quant=preset, prune=prune, sparse_target=_sparse_target(tgt.kind))
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out) as w:
@@ -113,6 +122,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
             manifest["quant"] = preset.to_dict()
         if prune is not None:
             manifest["sparsity"] = prune.to_dict()
+        if graph.meta.get("sparse"):  # the linears that went sparse (kiln.passes.sparsify)
+            manifest["sparse"] = graph.meta["sparse"]
         return w.commit(manifest)
 
 
@@ -124,7 +135,9 @@ def convert(model: str | Path, artifact_dir: str | Path, *,
     graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
                           weights_optional=False, pack_block=_pack_block(art.manifest["target"]),
                           quant=_recorded_preset(q) if q else None,
-                          prune=_recorded_prune(sparsity) if sparsity else None)
+                          prune=_recorded_prune(sparsity) if sparsity else None,
+                          sparse_target=_sparse_target(art.manifest["target"].get("kind")),
+                          sparse_plan=art.manifest.get("sparse", {}))
     want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
     have = {p["name"]: p for p in _in_dtype(param_table(graph, list(graph.params)),
                                             art.manifest["target"].get("dtype"))
