@@ -109,3 +109,35 @@ def test_kiln_run_streams_paris(smollm2_artifact):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["text"].startswith(" Paris") and len(out["tokens"]) == 8
     assert out["prefill_tok_s"] > 0 and out["decode_tok_s"] > 0
+
+
+@pytest.mark.tvm
+def test_kiln_run_stops_where_generation_config_says(smollm2_dir, smollm2_artifact):
+    """The export's generation_config.json names <|im_end|> (2); a chat answer stops on it by
+    itself, --ignore-eos runs to --max-new-tokens, and both are onnxruntime's greedy tokens."""
+    from tests.runtime.test_runtime import ort_greedy
+
+    manifest = json.loads((smollm2_artifact / "manifest.json").read_text())
+    assert (manifest["stop_token_ids"], manifest["stop_tokens_from"]) == \
+        ([2], "generation_config.json")
+    r = _kiln("run", smollm2_artifact, "--chat", "--prompt", "What is 2+2?",
+              "--max-new-tokens", "40", "--json")
+    assert r.exit_code == 0, r.output
+    chat = json.loads(r.stdout.strip().splitlines()[-1])
+    assert chat["stopped"] == "stop token" and chat["tokens"][-1] == 2
+    assert "4" in chat["text"] and len(chat["tokens"]) < 40
+    r = _kiln("run", smollm2_artifact, "--chat", "--prompt", "What is 2+2?", "--ignore-eos",
+              "--max-new-tokens", "40", "--json")
+    free = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(free["tokens"]) == 40 and free["stopped"] == "length"
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    template = (smollm2_artifact / "chat_template.jinja").read_text()
+    from kiln.runtime.chat import ChatTemplate
+
+    prompt = tok.encode(ChatTemplate(template).render([{"role": "user",
+                                                        "content": "What is 2+2?"}]),
+                        add_special_tokens=False).ids
+    assert free["prompt_tokens"] == len(prompt)
+    want = ort_greedy(smollm2_dir / "model.onnx", np.array([prompt]), 40)
+    assert free["tokens"] == want
+    assert chat["tokens"] == want[:want.index(2) + 1]
