@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from kiln.compiler.interpreter import run
-from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Graph, Node
+from kiln.compiler.ir import PARAM_TRANSFORMS, Graph, Node
+from kiln.runtime import quant_format as qf
 from kiln.runtime.pruning import Pattern, smallest
 
 BLOCK = 128  # columns per lazy batch update
@@ -99,21 +100,19 @@ class _Rounder:
     def __init__(self, n: int, kp: int, *, bits: int, group: int, symmetric: bool):
         self.bits, self.g, self.symmetric = bits, group, symmetric
         ng = kp // group
-        self.lo, self.hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric
-                            else (0, (1 << bits) - 1))
+        self.lo, self.hi = qf.code_range(bits, symmetric)
         self.scales = np.zeros((n, ng), np.float32)
         self.zps = None if symmetric else np.zeros((n, ng), np.float32)
         self.codes = np.zeros((n, kp), np.float64)
 
     def set_scales(self, cols: np.ndarray, first: int) -> None:
-        """Groups first.. take their scales from the weight columns `cols`."""
-        from kiln.passes.quantize import quantize
-
-        _, s, z = quantize(cols.astype(np.float32), bits=self.bits, group=self.g,
-                           symmetric=self.symmetric)
+        """Groups first.. take their scales from the weight columns `cols` (rounded to nearest
+        with the clip search, as kiln.passes.quantize.quantize)."""
+        _, s, z = qf.quantize_codes(cols.astype(np.float32), bits=self.bits, group=self.g,
+                                    symmetric=self.symmetric, clip=qf.CLIP_SEARCH)
         self.scales[:, first:first + s.shape[1]] = s
-        if self.zps is not None:  # unsigned codes
-            self.zps[:, first:first + s.shape[1]] = z + (128 if self.bits == 8 else 0)
+        if self.zps is not None:  # the codes' arithmetic zero points, not their stored form
+            self.zps[:, first:first + s.shape[1]] = z - qf.storage_shift(self.bits, False)
 
     def __call__(self, col: int, w: np.ndarray, pruned: np.ndarray) -> np.ndarray:
         s = self.scales[:, col // self.g].astype(np.float64)
@@ -123,13 +122,8 @@ class _Rounder:
         return (q - z) * s
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        codes, bits = self.codes, self.bits
-        if self.symmetric:
-            c = codes.astype(np.int8) if bits == 8 else (codes + 8).astype(np.uint8)
-            return c, self.scales, None
-        if bits == 8:  # stored signed, as `quantize` does
-            return (codes - 128).astype(np.int8), self.scales, self.zps - 128
-        return codes.astype(np.uint8), self.scales, self.zps
+        q, zp = qf.store(self.codes, self.zps, bits=self.bits, symmetric=self.symmetric)
+        return q, self.scales, zp
 
 
 def sweep(W: np.ndarray, U: np.ndarray, *, real: np.ndarray, pattern: Pattern | None = None,
@@ -194,10 +188,8 @@ def gptq(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool
     `keep_zeros`: w's exact zeros (a pruned weight) stay exactly zero, their share of the
     correction falling on the kept entries. `prune`: SparseGPT with joint quantization, the
     mask chosen inside the sweep (an N:M pattern sweeps in column order, without act order)."""
-    from kiln.passes.quantize import groups_of
-
     n, k = w.shape
-    g, ng = groups_of(k, group)
+    g, ng = qf.groups_of(k, group)
     kp = ng * g
     W = np.zeros((n, kp), np.float64)
     W[:, :k] = w
@@ -275,15 +267,9 @@ def solved_weight(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmet
                   act_order: bool = False, damp: float = DAMP, **pruning) -> np.ndarray:
     """The float32 weight [N, K] that `solve`'s codes and scales stand for (what a calibration
     run computes with downstream of a quantized linear); `pruning`: `_pruning`'s attributes."""
-    from kiln.compiler.interpreter.transformer_ops import dequantize
-    from kiln.passes.quantize import groups_of, pack_nibbles
-
     q, s, z = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
                     damp=damp, **_pruning(**pruning))
-    n, k = w.shape
-    attrs = Attrs({"bits": bits, "group_size": groups_of(k, group)[0], "in_features": k,
-                   "out_features": n})
-    return dequantize(pack_nibbles(q) if bits == 4 else q, s, z, attrs)
+    return qf.dequantize(qf.pack_codes(q, bits), s, z, bits=bits, k=w.shape[1])
 
 
 def _pruning(keep_zeros: bool = False, prune_fraction: float = 0.0, prune_n: int = 0,
@@ -295,12 +281,10 @@ def _pruning(keep_zeros: bool = False, prune_fraction: float = 0.0, prune_n: int
 
 def _gptq_part(w: np.ndarray, h: np.ndarray, *, bits: int, group: int, symmetric: bool,
                part: str, act_order: bool = False, **pruning) -> np.ndarray:
-    from kiln.passes.quantize import pack_nibbles
-
     q, scales, zp = solve(w, h, bits=bits, group=group, symmetric=symmetric, act_order=act_order,
                           **_pruning(**pruning))
     if part == "qweight":
-        return pack_nibbles(q) if bits == 4 else q
+        return qf.pack_codes(q, bits)
     return scales if part == "scales" else zp
 
 
