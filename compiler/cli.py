@@ -191,11 +191,14 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
                    "calibrate on kiln's calibration text)")
 @click.option("--sparsity-keep", "sparsity_keep", multiple=True, metavar="PATTERN",
               help="keep matching layers (node/param names, fnmatch) dense")
+@click.option("--force", is_flag=True,
+              help="replace OUT if it is an artifact (else an existing OUT is refused)")
 @quiet_option
 def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
                 quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
                 dtype: str | None, tuning: Path | None, sparsity: str | None,
-                prune_method: str | None, sparsity_keep: tuple[str, ...], quiet: bool) -> None:
+                prune_method: str | None, sparsity_keep: tuple[str, ...], force: bool,
+                quiet: bool) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
     from kiln.compiler.progress import progress
@@ -205,8 +208,22 @@ def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: b
                              max_seq=max_seq, weights=not no_weights, progress=report,
                              quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning,
                              sparsity=sparsity, prune_method=prune_method,
-                             sparsity_keep=sparsity_keep)
+                             sparsity_keep=sparsity_keep, force=force)
     click.echo(str(path))
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify_cmd(artifact: Path) -> None:
+    """Check every file of ARTIFACT against its manifest (size, sha256) and every parameter
+    against the manifest's table; exit 0 when all match, 2 naming the first that does not."""
+    from kiln.runtime.verify import verify_artifact
+
+    v = verify_artifact(artifact)
+    total = sum(v.files.values())
+    click.echo(f"{v.path}: {len(v.files)} files ({total / 1e6:.1f} MB) match their checksums; "
+               f"{v.params} parameters match the manifest"
+               + ("" if v.has_weights else "; no weights yet (compiled --no-weights)"))
 
 
 @main.command()

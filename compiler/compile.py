@@ -75,20 +75,23 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   progress: Progress = lambda msg: None, quant: str | None = None,
                   quant_keep: tuple[str, ...] = (), dtype: str | None = None,
                   tuning: str | Path | None = None, sparsity: str | None = None,
-                  prune_method: str | None = None, sparsity_keep: tuple[str, ...] = ()) -> Path:
+                  prune_method: str | None = None, sparsity_keep: tuple[str, ...] = (),
+                  force: bool = False) -> Path:
     """Compile an ONNX decoder into an artifact directory (written atomically); `quant` names
     a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
     of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
     a CUDA target (float16, bfloat16 or float32; parameters are stored in it); `tuning` a
     `kiln tune` table of per-shape kernel tilings for a CPU target. `sparsity` (0.5, 2:4) prunes
     the linear weights first with `prune_method` (sparsegpt, wanda, magnitude), leaving those
-    matching `sparsity_keep` dense (kiln.passes.prune_weights)."""
+    matching `sparsity_keep` dense (kiln.passes.prune_weights). An existing OUT is refused
+    unless `force`; then it is replaced whole (kiln.runtime.artifact.ArtifactWriter)."""
     progress("loading TVM")  # its import alone takes seconds
     from kiln.codegen.build import build
     from kiln.codegen.targets import resolve
     from kiln.passes.prune_weights import parse_config
 
     model, start = Path(model), time.perf_counter()
+    af.check_out(Path(out), force=force)  # before the minutes of work, not after
     tgt = _with_dtype(resolve(target), dtype)
     preset = _preset(quant, quant_keep)
     prune = parse_config(sparsity, prune_method, sparsity_keep)
@@ -104,7 +107,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                           quant=preset, prune=prune, sparse_target=_sparse_target(tgt.kind))
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
-    with af.ArtifactWriter(out) as w:
+    with af.ArtifactWriter(out, force=force) as w:
         configs = _tuned_configs(tuning, tgt)
         sig = build(graph, tgt, w.path(af.KERNELS), configs=configs, progress=progress)
         w.add(af.KERNELS)

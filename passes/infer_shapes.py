@@ -61,7 +61,16 @@ def _infer(node: Node, in_types: Sequence[TensorType | None],
            in_values: Sequence[np.ndarray | None]) -> list[TensorType] | None:
     if any(v and t is None for v, t in zip(node.inputs, in_types, strict=True)):
         return None
-    return shapes.infer(node, in_types, in_values)
+    try:
+        return shapes.infer(node, in_types, in_values)
+    except KilnError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError) as e:
+        # a type rule meeting inputs or attributes that make no sense together (a rewired or
+        # corrupted graph): name the node rather than show the rule's traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise KilnError(f"node {node.name} ({node.op}): invalid inputs or attributes (inputs "
+                        f"{', '.join(map(str, in_types))}; {type(e).__name__}: {first})") from e
 
 
 def input_symbols(graph: Graph) -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import AttrValue, DType, ExternalData, Inline, Param, TensorType
@@ -49,8 +49,33 @@ def tensor_param(name: str, t: TensorProto, base_dir: Path, *,
         return Param(name, TensorType(dt, shape), source)
     if t.HasField("segment"):
         raise KilnError(f"tensor {t.name}: segmented tensors are not supported")
-    arr = numpy_helper.to_array(t)
-    return Param(name, TensorType(dt, shape), Inline(np.asarray(arr, dt.numpy)))
+    return Param(name, TensorType(dt, shape), Inline(_inline_array(t, name, dt, shape)))
+
+
+def _inline_array(t: TensorProto, name: str, dt: DType, shape: tuple[int, ...]) -> np.ndarray:
+    """The data of a tensor held in the ONNX file, checked against its declared dims first
+    (numpy_helper would otherwise fail with a bare reshape error)."""
+    what = f"tensor {t.name or name}"
+    if any(d < 0 for d in shape):
+        raise KilnError(f"{what}: negative dim in its dims {list(shape)}")
+    count = math.prod(shape)
+    if t.HasField("raw_data"):
+        need = math.ceil(count * dt.itemsize)
+        if len(t.raw_data) != need:
+            raise KilnError(f"{what}: raw data holds {len(t.raw_data)} bytes, its dims "
+                            f"{list(shape)} of {dt.value} need {need}")
+    else:
+        have = len(getattr(t, helper.tensor_dtype_to_field(t.data_type)))
+        if have != count and not (dt.itemsize < 1 and have == math.ceil(count * dt.itemsize)):
+            raise KilnError(f"{what}: holds {have} values, its dims {list(shape)} need {count}")
+    try:
+        arr = np.asarray(numpy_helper.to_array(t), dt.numpy)
+    except (ValueError, TypeError) as e:
+        raise KilnError(f"{what}: unreadable data ({type(e).__name__}: {e})") from e
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise KilnError(f"{what}: holds {int(np.isnan(arr).sum())} NaN values (a corrupt "
+                        "weight; infinities are accepted, NaN never is)")
+    return arr
 
 
 def _external(t: TensorProto, base_dir: Path, dt: DType, shape: tuple[int, ...],
