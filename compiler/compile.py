@@ -95,6 +95,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     tgt = _with_dtype(resolve(target), dtype)
     preset = _preset(quant, quant_keep)
     prune = parse_config(sparsity, prune_method, sparsity_keep)
+    if prune is not None:
+        _check_pruning(prune, model, weights)
     if preset is not None and tgt.kind not in ("cpu", "cuda"):
         raise KilnError(f"--quant {preset.name}: quantized kernels exist for the cpu and cuda "
                         f"targets only, not target {tgt.name}")
@@ -168,6 +170,23 @@ def _recorded_preset(q: dict):
         raise KilnError(f"manifest: malformed quantization record {q!r} ({e})") from e
 
 
+def _check_pruning(prune, model: Path, weights: bool) -> None:
+    """Refuse, before any work, a calibrated pruning method that cannot calibrate or whose
+    parameters a --no-weights artifact could not derive later without the compiler."""
+    from kiln.passes.prune_weights import CALIBRATED
+
+    if prune.method not in CALIBRATED:
+        return
+    if not weights:
+        raise KilnError(f"--prune-method {prune.method} with --no-weights: the pruning is "
+                        "calibrated on the weights, so it needs them at compile time; compile "
+                        "with the weights, or use --prune-method magnitude")
+    if not model.with_name(af.TOKENIZER).is_file():
+        raise KilnError(f"--prune-method {prune.method} needs calibration text, tokenized with "
+                        f"the model's tokenizer: no {af.TOKENIZER} beside {model} (use "
+                        "--prune-method magnitude, or put the tokenizer there)")
+
+
 def _recorded_prune(d: dict):
     """The pruning an artifact was compiled with, from its manifest."""
     from kiln.passes.prune_weights import PruneConfig
@@ -207,7 +226,7 @@ def _calibration(model: Path, progress: Progress,
     text = (Path(kiln.models.__file__).parent / "data" / "calibration.txt").read_text()
     ids = np.asarray(Tokenizer.from_file(str(tok_path)).encode(text).ids, np.int64)
     n = min(CALIBRATION_WINDOW, max_seq)  # positions past the context have no table rows
-    progress(f"calibrating quantization on {min(len(ids) // n, CALIBRATION_WINDOWS) * n} tokens")
+    progress(f"calibrating on {min(len(ids) // n, CALIBRATION_WINDOWS) * n} tokens")
     return tuple(ids[i * n:(i + 1) * n][None] for i in range(min(len(ids) // n,
                                                                   CALIBRATION_WINDOWS)))
 
