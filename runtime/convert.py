@@ -269,6 +269,8 @@ def convert_artifact(artifact: str | Path, weights: str | Path, *, out: str | Pa
     external data file, or a folder holding it. In place (the manifest rewritten atomically),
     or with `out` into a converted copy. Returns the artifact directory written."""
     art = af.open_artifact(artifact, verify=False)
+    # the kernels the new weights will run with must be intact (the weights are rewritten)
+    af.check_files(art.path, art.manifest, skip=(af.PARAMS,))
     params = [p for p in art.manifest["params"] if p["file"] == af.PARAMS]
     calibrated = _calibrated(art.manifest)
     for p in params:

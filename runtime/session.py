@@ -19,6 +19,7 @@ import numpy as np
 
 from kiln.compiler.errors import KilnError
 from kiln.runtime import artifact as af
+from kiln.runtime import limits
 from kiln.runtime.params import bfloat16_dtype, read_safetensors, synthetic_params
 from kiln.runtime.tvm_runtime import import_tvm, load_cuda_runtime
 
@@ -52,6 +53,7 @@ class Session:
     def load(cls, path: str | Path, device: str = "cpu", *, synthetic_weights: int | None = None,
              threads: int | None = None, verify: bool = True) -> Session:
         art = af.open_artifact(path, verify=verify, check_target=can_run)
+        limits.check_fits(art)  # before anything is allocated
         tvm = import_tvm(threads)
         if art.manifest["target"]["kind"] == "cuda":
             load_cuda_runtime(tvm)
@@ -86,6 +88,8 @@ class Session:
         self.past = 0
         self._greedy = None
         if batch is not None and batch != self.batch:
+            if batch > 1:
+                limits.check_fits(self.artifact, batch=batch)
             self.batch = batch
             if self._cuda:
                 self._caches = self._cuda_caches(batch)
@@ -109,7 +113,7 @@ class Session:
     def prefill(self, tokens, *, last_only: bool = False) -> np.ndarray:
         """Run a prompt from an empty cache; returns logits (batch, seq, vocab), or with
         `last_only` (batch, 1, vocab) for the last position, computed for it alone."""
-        ids = np.atleast_2d(np.asarray(tokens, np.int64))
+        ids = np.atleast_2d(_token_array(tokens))
         self.reset(ids.shape[0])
         last = last_only and "prefill_last" in self.artifact.manifest["entry_points"]
         logits = self._step("prefill_last" if last else "prefill", ids)
@@ -118,7 +122,7 @@ class Session:
     def extend(self, tokens, *, last_only: bool = False) -> np.ndarray:
         """Append several tokens per sequence to a non-empty cache (chunked prefill, a chat's
         next turn); `last_only` as for prefill."""
-        ids = np.atleast_2d(np.asarray(tokens, np.int64))
+        ids = np.atleast_2d(_token_array(tokens))
         last = last_only and "prefill_last" in self.artifact.manifest["entry_points"]
         logits = self._step("prefill_last" if last else "prefill", ids)
         return logits[:, -1:] if last_only else logits
@@ -138,7 +142,7 @@ class Session:
 
     def decode(self, tokens) -> np.ndarray:
         """One token per sequence; returns logits (batch, 1, vocab)."""
-        ids = np.asarray(tokens, np.int64).reshape(-1, 1)
+        ids = _token_array(tokens).reshape(-1, 1)
         return self._step("decode", ids)
 
     def decode_greedy(self, tokens) -> np.ndarray:
@@ -147,7 +151,7 @@ class Session:
         copied back; else it is the host argmax of `decode`'s logits."""
         if not self.artifact.manifest["target"].get("decode_greedy"):
             return self.decode(tokens)[:, -1].argmax(-1)
-        return self._step("decode", np.asarray(tokens, np.int64).reshape(-1, 1), output=1)[:, 0]
+        return self._step("decode", _token_array(tokens).reshape(-1, 1), output=1)[:, 0]
 
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -163,6 +167,9 @@ class Session:
 
     def _step(self, entry: str, ids: np.ndarray, output: int = 0) -> np.ndarray:
         b, s = ids.shape
+        if s == 0 or b == 0:
+            raise KilnError(f"{entry}: no tokens (an empty prompt or batch); at least one is "
+                            "needed")
         if not self._caches or b != self.batch:
             raise KilnError(f"{entry}: batch {b} does not match the cache's {self.batch} "
                             "(call prefill first)")
@@ -174,7 +181,9 @@ class Session:
             np.array_equal(self._greedy[0], ids))
         vocab = self.vocab
         if not chained and vocab and (ids.min() < 0 or ids.max() >= vocab):
-            raise KilnError(f"token id {int(ids.max())} out of range for a vocab of {vocab}")
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise KilnError(f"token id {bad} out of range for a vocab of {vocab} (ids are "
+                            f"0..{vocab - 1})")
         tvm = self._tvm
         args = [tvm.runtime.ShapeTuple([self.past])]
         args += [self._greedy[1] if chained else
@@ -211,6 +220,14 @@ class Session:
         if name == "position_ids":
             return np.broadcast_to(np.arange(self.past, self.past + s), (b, s)).copy()
         raise KilnError(f"the runtime cannot feed graph input {name}")
+
+
+def _token_array(tokens) -> np.ndarray:
+    """Token ids as int64, or a one-line error (ids beyond int64, or not integers at all)."""
+    try:
+        return np.asarray(tokens, np.int64)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise KilnError(f"token ids must be integers within the vocabulary ({e})") from e
 
 
 def _param_arrays(art: af.Artifact, synthetic: int | None) -> dict[str, np.ndarray]:
