@@ -1,10 +1,12 @@
 """`quant_linear` with dequantization fused into the GEMV (decode) and GEMM (prefill) kernels.
 
-Weights are in kiln.passes.quantize's `blocked` layout (B = 16 fp32 lanes of AVX-512):
+Weights are in kiln.runtime.quant_format's `blocked` layout (B = LANES = 16 fp32 lanes of
+AVX-512):
     int8  qw[Np/B, Kp, B]       qw[nb, k, l]  = q[nb*B + l, k]
     int4  qw[Np/B, Kp/2, B]     qw[nb, j, l]  = q[nb*B + l, 2j] | q[nb*B + l, 2j+1] << 4
     scales, zero points [Np/B, G, B]: the B scales of one group are one vector load.
-W[n, k] = (q - zp) * scale, zp 0 for int8 and 8 for int4 unless zero points are given.
+W[n, k] = (q - zp) * scale, zp = quant_format.default_zero_point(bits) (0 for int8, 8 for int4)
+unless zero points are given.
 
 GEMV (m <= GEMV_ROWS; decode): tasks own panels of nv column blocks, as in packed_linear. Per
 group the kernel accumulates `part += x[k] * float(q)` in vectors (separate chains for the low
@@ -27,10 +29,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from kiln.codegen.kernels.packed_linear import PackedConfig
+from kiln.runtime import quant_format as qf
 
 #: scope of the small accumulator buffers: TVM 0.27 gives "global" ones under 1 KB a stack
 #: alloca that LLVM keeps in registers, while "local" ones go through the workspace pool
 SMALL = "global"
+#: an int4 code's mask in its byte (the TIR reads the format's constant, not a copy of it)
+NIBBLE = qf.NIBBLE_MASK
 #: at most this many rows run the GEMV path (no scratch); more run the dequantize-panel GEMM
 GEMV_ROWS = 4
 
@@ -51,24 +56,31 @@ class QuantScheme:
 
     @property
     def groups(self) -> int:
-        return -(-self.k // self.group)
+        return qf.groups_of(self.k, self.group)[1]
 
     @property
     def kp(self) -> int:  # padded K
-        return self.groups * self.group
+        return qf.padded_k(self.k, self.group)
+
+    @property
+    def qcols(self) -> int:  # qweight bytes per row
+        return qf.packed_columns(self.kp, self.bits)
+
+    @property
+    def qdtype(self) -> str:
+        return qf.qweight_dtype(self.bits)
 
     @property
     def default_zp(self) -> float:
-        return 8.0 if self.bits == 4 else 0.0
+        return float(qf.default_zero_point(self.bits))
 
 
 def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
-                        bias: bool = False, lanes: int = 16) -> tirx.PrimFunc:
+                        bias: bool = False, lanes: int = qf.LANES) -> tirx.PrimFunc:
     """PrimFunc(x[m, K], qw, scales, (zp,) (b[N],) y[m, N]) with m symbolic (int64)."""
     n, k, G = s.n, s.k, s.groups
     blocks, full = -(-n // lanes), n // lanes
-    qcols = s.kp // 2 if s.bits == 4 else s.kp
-    qdt = "uint8" if s.bits == 4 else "int8"
+    qcols, qdt = s.qcols, s.qdtype
     gemv = _gemv_panel(s, lanes, bias)
     gemm_panel = _gemm_panel(s, gemm.mr, lanes, bias)
 
@@ -143,7 +155,7 @@ def _dequant(s: QuantScheme, wb, nb, kk, lane):
         return T.Cast("float32", wb[nb, kk, lane])
     byte = wb[nb, kk // 2, lane]
     return T.Cast("float32", T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (kk % 2) * 4)),
-                                           T.uint8(15)))
+                                           T.uint8(NIBBLE)))
 
 
 def _gemv_panel(s: QuantScheme, lanes: int, bias: bool):
@@ -188,7 +200,7 @@ def _gemv_panel(s: QuantScheme, lanes: int, bias: bool):
                 for lane in T.vectorized(lanes):
                     # widen the byte once; both nibbles come out of the 32-bit lane
                     part[j * lanes + lane] += x0 * T.Cast("float32", T.bitwise_and(
-                        T.Cast("int32", wb[nb0 + j, gi * (g // 2) + kp, lane]), 15))
+                        T.Cast("int32", wb[nb0 + j, gi * (g // 2) + kp, lane]), NIBBLE))
                     hi[j * lanes + lane] += x1 * T.Cast("float32", T.shift_right(
                         T.Cast("int32", wb[nb0 + j, gi * (g // 2) + kp, lane]), 4))
 
@@ -247,7 +259,7 @@ def _gemm_panel(s: QuantScheme, mr: int, lanes: int, bias: bool):
                         for lane in T.vectorized(lanes):
                             put(scratch, sb, zb, j, nb0, gi, 2 * kq, lane, T.Cast(
                                 "float32", T.bitwise_and(wb[nb0 + j, gi * (g // 2) + kq, lane],
-                                                         T.uint8(15))))
+                                                         T.uint8(NIBBLE))))
                             put(scratch, sb, zb, j, nb0, gi, 2 * kq + 1, lane, T.Cast(
                                 "float32", T.shift_right(wb[nb0 + j, gi * (g // 2) + kq, lane],
                                                          T.uint8(4))))
@@ -306,15 +318,14 @@ def store(bb, yb, acc, m0, rows, nb0, nv, ragged, lanes, bias, n, width):
 
 
 def quant_embedding_kernel(s: QuantScheme, *, index_dtype: str = "int64", parallel: bool = True,
-                           lanes: int = 16) -> tirx.PrimFunc:
+                           lanes: int = qf.LANES) -> tirx.PrimFunc:
     """PrimFunc(qw, scales, (zp,) ids[m], y[m, K]): dequantized rows of a blocked table.
 
     The table is a tied LM head's quantized weight: row v is output channel v, a strided
     gather in the blocked layout, dequantized on the fly (a few KB per token)."""
     n, k, g, G = s.n, s.k, s.group, s.groups
     blocks = -(-n // lanes)
-    qcols = s.kp // 2 if s.bits == 4 else s.kp
-    qdt = "uint8" if s.bits == 4 else "int8"
+    qcols, qdt = s.qcols, s.qdtype
     loop = T.parallel if parallel else T.serial
     W, S = T.Buffer((blocks, qcols, lanes), qdt), T.Buffer((blocks, G, lanes), "float32")
     Z = T.Buffer((blocks, G, lanes), "float32")

@@ -1,4 +1,4 @@
-"""Decode GEMV over weight-only quantized weights (`nk` layout, see kiln.passes.quantize), CUDA,
+"""Decode GEMV over weight-only quantized weights (`nk` layout, kiln.runtime.quant_format), CUDA,
 hand-scheduled TIR: y[m, n] = x[m, :] . W[n, :] (+ residual[m, n]), optionally with the RMS
 norm of x fused in front, as kiln.codegen.cuda.kernels.gemv does for fp16 weights.
 
@@ -25,6 +25,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from kiln.codegen.cuda.kernels import pdl as P
+from kiln.runtime import quant_format as qf
 
 WARPS = 4  # rows per block
 MAGIC = 0x4B000000  # the bits of 2^23 as float32
@@ -50,18 +51,17 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
     if residual and norm_eps is not None:
         raise ValueError("quant_gemv: a fused norm and a fused residual together are not needed")
     e, f32, u32 = chunk_elems(bits), "float32", "uint32"
-    kp = -(-k // group) * group
+    kp = qf.padded_k(k, group)
     ng = kp // group
-    qcols = kp // 2 if bits == 4 else kp
-    qdtype = "uint8" if bits == 4 else "int8"
+    qcols, qdtype = qf.packed_columns(kp, bits), qf.qweight_dtype(bits)
     nchunk = k // e  # chunks holding real weights (the padding beyond k is never read)
     steps = -(-nchunk // 32)
     per_word = 32 // bits
     mask = (1 << bits) - 1
     flip = 0x80 if bits == 8 else 0  # int8 codes made unsigned (+128) before the OR
-    # the float 2^23 + stored code, minus this, is the code minus its offset
-    offset = float(2 ** 23 + (128 if bits == 8 else 0) + (8 if bits == 4 and not zero_points
-                                                           else 0))
+    # the float 2^23 + stored code, minus this, is the code minus its implied zero point
+    offset = float(2 ** 23 + (128 if bits == 8 else 0)
+                   + (0 if zero_points else qf.default_zero_point(bits)))
     norm = norm_eps is not None
     xv_n = 16 // {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]  # x elements per 16 bytes
 

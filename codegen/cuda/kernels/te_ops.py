@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from kiln.runtime import quant_format as qf
+
 F32 = "float32"
 
 
@@ -77,8 +79,8 @@ def last_position(x: te.Tensor) -> te.Tensor:
 
 def dequantize_nk(q: te.Tensor, scales: te.Tensor, zero_points: te.Tensor | None, *, bits: int,
                   group: int, k: int, dtype: str) -> te.Tensor:
-    """W[n, k] in `dtype` from a quantized `nk` weight (kiln.passes.quantize): int8 codes, or
-    uint8 pairs of nibbles (k = 2j low, 2j + 1 high; stored +8 without zero points)."""
+    """W[n, k] in `dtype` from a quantized `nk` weight (kiln.runtime.quant_format): int8 codes,
+    or uint8 pairs of nibbles (k = 2j low, 2j + 1 high; stored +8 without zero points)."""
     n = q.shape[0]
 
     def f(i, j):
@@ -100,13 +102,15 @@ def quant_rows(q: te.Tensor, scales: te.Tensor, zero_points: te.Tensor | None,
 
 
 def _dequant(q, scales, zero_points, bits, group, i, j, dtype):
+    """quant_format.dequantize's W[i, j], as TIR."""
     if bits == 4:
         byte = q[i, j // 2].astype("int32")
-        code = tirx.bitwise_and(tirx.shift_right(byte, (j % 2 * 4).astype("int32")), 15)
-        zp = tirx.const(8.0, F32) if zero_points is None else zero_points[i, j // group].astype(F32)
+        code = tirx.bitwise_and(tirx.shift_right(byte, (j % 2 * 4).astype("int32")),
+                                qf.NIBBLE_MASK)
     else:
         code = q[i, j].astype("int32")
-        zp = tirx.const(0.0, F32) if zero_points is None else zero_points[i, j // group].astype(F32)
+    zp = (tirx.const(float(qf.default_zero_point(bits)), F32) if zero_points is None
+          else zero_points[i, j // group].astype(F32))
     return ((code.astype(F32) - zp) * scales[i, j // group].astype(F32)).astype(dtype)
 
 
