@@ -25,14 +25,9 @@ import numpy as np
 from kiln.compiler.errors import KilnError
 from kiln.runtime import artifact as af
 from kiln.runtime import transforms
-from kiln.runtime.params import (
-    CLIP_SEARCH,
-    bfloat16_bits,
-    quantize_rtn,
-    to_float32,
-    write_safetensors,
-)
+from kiln.runtime.params import bfloat16_bits, to_float32, write_safetensors
 from kiln.runtime.pruning import prune_magnitude
+from kiln.runtime.quant_format import CLIP_SEARCH, quantize_rtn
 
 Progress = Callable[[str], None]
 Value = tuple[np.ndarray, str]  # an array and its dtype ("bfloat16": float32 holding bf16)

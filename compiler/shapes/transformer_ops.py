@@ -6,6 +6,7 @@ import sympy
 
 from kiln.compiler.ir import DType, TensorType
 from kiln.compiler.shapes import broadcast, dims_equal, fail, rule
+from kiln.runtime import quant_format as qf
 
 
 def _same(node, types, values):
@@ -96,8 +97,8 @@ def _quant_weight_shapes(node) -> tuple[tuple, tuple]:
     bits, g, k, n = (int(a[x]) for x in ("bits", "group_size", "in_features", "out_features"))
     if bits not in (4, 8) or g < 1 or (bits == 4 and g % 2):
         raise fail(node, f"bad quantization bits={bits} group_size={g}")
-    groups = -(-k // g)
-    cols = groups * g // (2 if bits == 4 else 1)
+    groups = qf.groups_of(k, g)[1]
+    cols = qf.packed_columns(qf.padded_k(k, g), bits)
     if a.get("layout", "nk") == "blocked":
         return None, (groups,)  # block count and lanes are checked against each other below
     return (n, cols), (n, groups)
