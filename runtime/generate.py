@@ -92,7 +92,7 @@ def generate_text(session: Session, prompt: str | Sequence[int], *, max_new_toke
     """Session.generate: continue `prompt` (text, tokenized with the artifact's tokenizer.json,
     or token ids) and return tokens, text and timing; `stop`: token ids that end generation
     (default: the artifact's end-of-sequence tokens; `()`: none)."""
-    from kiln.runtime.cli import load_tokenizer
+    from kiln.runtime.cli import load_tokenizer, stop_tokens
 
     tok = load_tokenizer(session.artifact.path)
     if isinstance(prompt, str):
@@ -101,7 +101,7 @@ def generate_text(session: Session, prompt: str | Sequence[int], *, max_new_toke
                             "package here); pass the prompt as token ids")
         prompt = tok.encode(prompt).ids
     if stop is None:
-        stop = default_stop_tokens(session)
+        stop = stop_tokens(session.artifact.manifest)
     result = Generation()
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     for _ in generate(session, list(prompt), max_new_tokens=max_new_tokens, sampler=sampler,
@@ -109,12 +109,3 @@ def generate_text(session: Session, prompt: str | Sequence[int], *, max_new_toke
         pass
     result.text = tok.decode(result.tokens) if tok is not None else None
     return result
-
-
-def default_stop_tokens(session: Session) -> list[int]:
-    """The token ids that end generation by default, as the artifact's manifest records them."""
-    manifest = session.artifact.manifest
-    if "stop_token_ids" in manifest:
-        return list(manifest["stop_token_ids"])
-    special = manifest.get("special_tokens", {})
-    return [special["eos_token_id"]] if "eos_token_id" in special else []

@@ -34,13 +34,16 @@ def test_token_prompt_greedy_matches_onnxruntime(session, rng):
     assert result.timing.prompt_tokens == 6 and result.timing.decode_tokens == 11
 
 
-def test_stop_tokens_end_generation(session, rng):
+def test_stop_tokens_end_generation(session, rng, monkeypatch):
     prompt = [int(t) for t in rng.integers(3, 256, 6)]
     free = session.generate(prompt, max_new_tokens=12, stop=())
     stop = free.tokens[4]
     first = free.tokens.index(stop)
     stopped = session.generate(prompt, max_new_tokens=12, stop=[stop])
     assert stopped.tokens == free.tokens[:first + 1] and stopped.stopped == "stop token"
+    # by default, the stop tokens the manifest records (kiln.runtime.cli.stop_tokens)
+    monkeypatch.setitem(session.artifact.manifest, "stop_token_ids", [stop])
+    assert session.generate(prompt, max_new_tokens=12).tokens == stopped.tokens
 
 
 def test_sampling_options_reach_the_loop(session, rng):
