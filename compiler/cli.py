@@ -272,7 +272,8 @@ def _decoding_options(f):
     """The options `run` and `chat` share: sampling, stopping, threads."""
     options = [
         click.option("--max-new-tokens", default=None, type=int,
-                     help="tokens to generate at most  [default: 32; chat: 256]"),
+                     help="tokens to generate at most  [default: 32; with --chat and in "
+                          "`kiln chat`: 256]"),
         click.option("--greedy", is_flag=True,
                      help="argmax decoding (the default when no --temperature)"),
         click.option("--temperature", default=0.0, show_default=True),
@@ -316,7 +317,8 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, chat: bool,
     from kiln.runtime.cli import run_generation
 
     run_generation(artifact, prompt=prompt, prompt_ids=prompt_ids,
-                   max_new_tokens=32 if max_new_tokens is None else max_new_tokens,
+                   max_new_tokens=(256 if chat else 32) if max_new_tokens is None
+                   else max_new_tokens,
                    temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                    seed=seed, threads=threads, synthetic_weights=synthetic_weights,
                    as_json=as_json, chat=chat, system=system, ignore_eos=ignore_eos,

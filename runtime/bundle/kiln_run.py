@@ -108,8 +108,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--chat", action="store_true", help="the prompt is a user message: apply "
                      "the model's chat template (needs jinja2), stop at the end of the turn")
     chat = sub.add_parser("chat", help="talk turn by turn, the KV cache kept (as `kiln chat`)")
-    for cmd, max_new in ((run, 32), (chat, 256)):
-        cmd.add_argument("--max-new-tokens", type=int, default=max_new)
+    for cmd in (run, chat):
+        cmd.add_argument("--max-new-tokens", type=int,
+                         help="default: 32; with --chat and in chat: 256")
         cmd.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
         cmd.add_argument("--temperature", type=float, default=0.0)
         cmd.add_argument("--top-k", type=int, default=0)
@@ -150,7 +151,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     from kiln.runtime.cli import run_generation
 
     run_generation(a.artifact, prompt=a.prompt, prompt_ids=a.prompt_ids,
-                   max_new_tokens=a.max_new_tokens,
+                   max_new_tokens=(256 if a.chat else 32) if a.max_new_tokens is None
+                   else a.max_new_tokens,
                    temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k,
                    top_p=a.top_p, seed=a.seed, threads=a.threads,
                    synthetic_weights=a.synthetic_weights, as_json=a.as_json, chat=a.chat,
@@ -161,7 +163,8 @@ def cmd_run(a: argparse.Namespace) -> None:
 def cmd_chat(a: argparse.Namespace) -> None:
     from kiln.runtime.cli import run_chat
 
-    run_chat(a.artifact, system=a.system, max_new_tokens=a.max_new_tokens,
+    run_chat(a.artifact, system=a.system,
+             max_new_tokens=256 if a.max_new_tokens is None else a.max_new_tokens,
              temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
              seed=a.seed, threads=a.threads, synthetic_weights=a.synthetic_weights,
              ignore_eos=a.ignore_eos, stop_token_ids=a.stop_token_ids,
