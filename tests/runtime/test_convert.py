@@ -1,7 +1,8 @@
 """kiln.runtime.convert evaluates the manifest's derivation trees with numpy alone: every transform
 gives, bit for bit, what the compiler's PARAM_TRANSFORMS give (then stored in the parameter's
-dtype as compile.py stores it); the quantizer is the compiler's; the safetensors writer is read
-back by the safetensors library."""
+dtype as compile.py stores it); the quantizer is the compiler's (one function,
+kiln.runtime.quant_format.quantize_codes: its own tests are tests/runtime/test_quant_format.py);
+the safetensors writer is read back by the safetensors library."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import pytest
 
 import kiln.compiler.frontend.onnx_quant_import
 import kiln.passes.gptq
+import kiln.passes.prune_weights
+import kiln.passes.quantize
 from kiln.compiler.compile import _as_dtype
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import PARAM_TRANSFORMS, Attrs, Derived, DType, ExternalData
-from kiln.passes.quantize import pack_nibbles, quantize
 from kiln.runtime import convert
 from kiln.runtime.convert import TRANSFORMS, derive
-from kiln.runtime.params import CLIP_SEARCH, quantize_rtn, read_safetensors, write_safetensors
+from kiln.runtime.params import read_safetensors, write_safetensors
 
 assert kiln.compiler.frontend.onnx_quant_import and kiln.passes.gptq  # their transforms
+assert kiln.passes.prune_weights and kiln.passes.quantize  # prune_magnitude, quantize
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,9 @@ def _trees(s: dict[str, ExternalData]) -> dict[str, Derived]:
          "to_int8": _d("uint8_to_int8", s["u8"]),
          "nibbles": _d("nibble_zero_points", s["zp"], n=48, groups=3),
          "broadcast": _d("broadcast_to", s["one"], shape=(4, 3)),
-         "blocked_b": _d("quant_blocked", _d("transpose", s["b"], perm=(1, 0)), block=16)}
+         "blocked_b": _d("quant_blocked", _d("transpose", s["b"], perm=(1, 0)), block=16),
+         "pruned_h": _d("prune_magnitude", s["h"], fraction=0.5, n=2, m=4),
+         "pruned_w": _d("prune_magnitude", s["w"], fraction=0.3)}
     for bits, group, sym in [(4, 32, False), (4, 32, True), (8, 0, True), (8, 64, False)]:
         for part in ("qweight", "scales") + (() if sym else ("zero_points",)):
             q = _d("quantize", _d("concat", s["w"], s["v"], axis=0), bits=bits, group=group,
@@ -104,8 +109,8 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
 
 
-def test_every_compiler_transform_but_gptq_has_a_numpy_twin():
-    assert set(TRANSFORMS) == set(PARAM_TRANSFORMS) - {"gptq"}
+def test_every_compiler_transform_but_the_calibrated_ones_has_a_numpy_twin():
+    assert set(TRANSFORMS) == set(PARAM_TRANSFORMS) - {"gptq", *convert._CALIBRATED_PRUNING}
 
 
 @pytest.mark.parametrize("stored", ["natural", "float16", "bfloat16"])
@@ -134,18 +139,6 @@ def _assert_derives_as_the_compiler(name: str, tree: Derived, stored: str) -> No
 
 def _path(src) -> str:
     return src.path if isinstance(src, ExternalData) else _path(src.sources[0])
-
-
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 32, False), (8, 0, True),
-                                                  (8, 0, False), (4, 128, False)])
-def test_quantize_rtn_with_the_clip_search_is_the_compilers_quantizer(bits, group, symmetric):
-    w = np.random.default_rng(bits + group).standard_normal((40, 100), dtype=np.float32)
-    w[3] = 0  # an all-zero row: scale 1
-    q, s, z = quantize(w, bits=bits, group=group, symmetric=symmetric)
-    got = quantize_rtn(w, bits=bits, group=group, symmetric=symmetric, clip=CLIP_SEARCH)
-    assert got[0].tobytes() == (pack_nibbles(q) if bits == 4 else q).tobytes()
-    assert got[1].tobytes() == s.tobytes()
-    assert (got[2] is None) == (z is None) and (z is None or got[2].tobytes() == z.tobytes())
 
 
 def test_written_safetensors_read_back_with_both_readers(tmp_path):
