@@ -1,10 +1,11 @@
 """The CPU threads kiln uses by default: the cores this process may run on, not the machine's.
 
 TVM's own default is `std::thread::hardware_concurrency() / 2` on x86 (it assumes two hardware
-threads per core): one thread on a 2-core VM without SMT, and it counts CPUs outside the
-process's affinity mask and ignores a container's CPU quota. Every entry point (`kiln run`,
-`eval`, `bench`, `tune`, the Python API through Session.load, a bundle's kiln_run.py) sizes
-the pool with `default_threads` instead.
+threads per core): one thread on a 2-core VM without SMT; and it counts CPUs outside the
+process's affinity mask and ignores a container's CPU quota. kiln counts physical cores (SMT
+siblings once) inside the mask, capped by the quota, and every entry point (`kiln run`,
+`chat`, `eval`, `bench`, `tune`, the Python API through Session.load, a bundle's kiln_run.py)
+sizes the pool with that (kiln.runtime.tvm_runtime.size_thread_pool).
 """
 
 from __future__ import annotations
@@ -14,21 +15,38 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SYSFS_CPU = Path("/sys/devices/system/cpu")
 #: where a cgroup v1 hierarchy with the cpu controller is usually mounted
 _V1_CPU_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 
 
-def affinity_cores() -> int:
-    """CPUs in this process's affinity mask (taskset, cpuset)."""
+def allowed_cpus() -> set[int]:
+    """Logical CPUs in this process's affinity mask (taskset, cpuset)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def affinity_cores(cpus: set[int] | None = None, *, sysfs: Path = SYSFS_CPU) -> int:
+    """Physical cores among `cpus` (default: the affinity mask): hardware threads of one core
+    (SMT siblings, same package and core id) count once, as TVM's halving meant to; where the
+    topology is unreadable, every CPU counts."""
+    cpus = allowed_cpus() if cpus is None else cpus
+    cores = set()
+    for cpu in cpus:
+        topo = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add((int((topo / "physical_package_id").read_text()),
+                       int((topo / "core_id").read_text())))
+        except (OSError, ValueError):
+            return len(cpus)
+    return max(len(cores), 1)
 
 
 def usable_cores(*, cgroup_root: Path = CGROUP_ROOT, proc_cgroup: str | None = None) -> int:
-    """Cores this process may keep busy: its affinity mask, capped by a cgroup CPU quota
-    rounded up (a quota of 1.5 CPUs still runs two threads part of the time)."""
+    """Cores this process may keep busy: the physical cores of its affinity mask, capped by a
+    cgroup CPU quota rounded up (a quota of 1.5 CPUs still runs two threads part of the time)."""
     cores = affinity_cores()
     quota = cgroup_cpu_quota(cgroup_root=cgroup_root, proc_cgroup=proc_cgroup)
     if quota is not None:

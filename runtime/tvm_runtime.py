@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from kiln.compiler.errors import KilnError
-from kiln.runtime.threads import affinity_cores, usable_cores
+from kiln.runtime.threads import allowed_cpus, usable_cores
 
 
 def import_tvm(threads: int | None = None):
@@ -31,7 +31,7 @@ def size_thread_pool(threads: int | None = None) -> None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
     else:
         os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
-    if affinity_cores() < (os.cpu_count() or 1):
+    if len(allowed_cpus()) < (os.cpu_count() or 1):
         # TVM pins its threads to CPUs 0..n-1 of the machine, outside a taskset/cpuset mask
         # (seen: `taskset -c 1` ran kernels on CPU 0); unpinned, they inherit the mask
         os.environ.setdefault("TVM_BIND_THREADS", "0")

@@ -1,4 +1,5 @@
-"""The default thread count: the affinity mask, capped by a cgroup v1 or v2 CPU quota."""
+"""The default thread count: the physical cores of the affinity mask, capped by a cgroup v1 or v2
+CPU quota."""
 
 from __future__ import annotations
 
@@ -40,3 +41,16 @@ def test_no_cgroup_files_and_explicit_threads(tmp_path):
     assert usable_cores(cgroup_root=tmp_path, proc_cgroup="") == len(os.sched_getaffinity(0))
     assert default_threads(3) == 3
     assert default_threads(None) == default_threads(0) == usable_cores()
+
+
+def test_smt_siblings_count_once(tmp_path):
+    """cpu0/cpu2 and cpu1/cpu3 are two hardware threads of one core each; cpu4 another package."""
+    for cpu, package, core in ((0, 0, 0), (1, 0, 1), (2, 0, 0), (3, 0, 1), (4, 1, 0)):
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text(f"{package}\n")
+        (topo / "core_id").write_text(f"{core}\n")
+    assert affinity_cores({0, 1, 2, 3}, sysfs=tmp_path) == 2
+    assert affinity_cores({0, 2}, sysfs=tmp_path) == 1
+    assert affinity_cores({0, 4}, sysfs=tmp_path) == 2
+    assert affinity_cores({0, 9}, sysfs=tmp_path) == 2  # no topology for cpu9: count CPUs
