@@ -71,16 +71,20 @@ def load_chat_template(art: af.Artifact) -> ChatTemplate:
     """The artifact's chat template, or a one-line error when the model has none."""
     name = art.manifest.get("chat_template")
     path = art.path / (name or CHAT_TEMPLATE)
+    special = art.manifest.get("special_tokens") or {}
+    if not path.is_file() and isinstance(special.get("chat_template"), str):
+        return ChatTemplate(special["chat_template"], special)  # compiled before the file
     if not path.is_file():
         raise KilnError(f"{art.path}: the model has no chat template (no chat_template in its "
                         "tokenizer_config.json, no chat_template.jinja); use --prompt without "
                         "--chat")
-    return ChatTemplate(path.read_text(encoding="utf-8"), art.manifest.get("special_tokens"))
+    return ChatTemplate(path.read_text(encoding="utf-8"), special)
 
 
 def chat_stop_tokens(manifest: dict[str, Any]) -> list[int]:
     """Where an assistant turn ends: the generation stop tokens and the tokenizer's eos token
-    (templates close a turn with it where generation_config names another, Qwen's <|im_end|>)."""
+    (chat templates close a turn with it even where generation_config.json names only the
+    pretraining end-of-text token)."""
     ids = list(manifest.get("stop_token_ids") or [])
     eos = manifest.get("special_tokens", {}).get("eos_token_id")
     return [*ids, eos] if eos is not None and eos not in ids else ids
