@@ -31,24 +31,28 @@ def operands(w: np.ndarray, values: str):
     return v, meta, scales
 
 
+#: (n, k, fraction of zeros, GEMM tile, GEMV panel width): odd K, no zeros, nearly all zeros,
+#: panels that divide the blocks and ones that leave a remainder
+CASES = [(48, 64, 0.5, PackedConfig(4, 2), 2), (32, 70, 0.7, PackedConfig(8, 3), 4),
+         (64, 40, 0.0, PackedConfig(8, 3), 3), (16, 33, 0.95, PackedConfig(4, 2), 2)]
+
+
 @pytest.mark.parametrize("values", ["float32", "int8"])
-@pytest.mark.parametrize(("n", "k", "fraction"), [(48, 64, 0.5), (32, 70, 0.7), (64, 40, 0.0),
-                                                  (16, 33, 0.95)])
-def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction):
+@pytest.mark.parametrize(("n", "k", "fraction", "cfg", "nv"), CASES)
+def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv):
     bias = k % 2 == 0
     w = pruned(rng, n, k, fraction)
     b = rng.standard_normal(n, dtype=np.float32)
     v, meta, scales = operands(w, values)
     s = sl.SparseShape(n, k, v.shape[1], values)
     attrs = Attrs({"layout": "bitmap", "in_features": k, "out_features": n})
-    for cfg, nv in ((PackedConfig(4, 2), 2), (PackedConfig(8, 3), 4)):
-        f = compile_kernel(sl.sparse_linear_kernel(s, cfg, nv, bias=bias))
-        for m in ROWS:
-            x = rng.standard_normal((m, k), dtype=np.float32)
-            y = t(np.full((m, n), np.nan, np.float32))
-            f(t(x), t(v), t(meta), *([t(scales)] if scales is not None else []),
-              *([t(b)] if bias else []), y)
-            want = ref.sparse_linear([x, v, meta, scales, b if bias else None], attrs)[0]
-            path = "GEMV" if m <= sl.GEMV_ROWS else "GEMM"
-            assert_close(y.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
-                         name=f"{values} {path} n={n} k={k} m={m} {cfg} nv={nv}")
+    f = compile_kernel(sl.sparse_linear_kernel(s, cfg, nv, bias=bias))
+    for m in ROWS:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        y = t(np.full((m, n), np.nan, np.float32))
+        f(t(x), t(v), t(meta), *([t(scales)] if scales is not None else []),
+          *([t(b)] if bias else []), y)
+        want = ref.sparse_linear([x, v, meta, scales, b if bias else None], attrs)[0]
+        path = "GEMV" if m <= sl.GEMV_ROWS else "GEMM"
+        assert_close(y.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
+                     name=f"{values} {path} n={n} k={k} m={m} {cfg} nv={nv}")
