@@ -1,0 +1,554 @@
+"""Every CUDA kernel of kiln.codegen.cuda.kernels as a test case: how to build it (on a machine
+with TVM's compiler), seeded inputs, and its expected outputs computed from those inputs by the
+numpy specification (kiln.compiler.interpreter.transformer_ops, kiln.runtime.quant_format).
+
+Building needs tvm's compiler and nvcc; the inputs and references need numpy alone, so the GPU
+host (runtime-only TVM) runs kernels built elsewhere: `build(dir)` writes kernels.so and
+cases.json there, and tests/codegen/test_cuda_kernels.py loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kiln.compiler.interpreter import transformer_ops as spec
+from kiln.runtime import quant_format as qf
+
+F16, F32 = "float16", "float32"
+EPS = 1e-5
+#: max |got - want| / max |want| allowed, per storage dtype (fp16 outputs are rounded once,
+#: accumulations run in float32 in the kernels and in float64 or float32 in the reference)
+TOL = {F16: 8e-3, F32: 2e-5}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel: `make()` its PrimFunc (or TE function to schedule with dlight: `te=True`),
+    `inputs(rng)` its arguments in order (outputs preallocated; ints pass as scalars) and
+    `expect(args)` the outputs (arg index -> array) the specification gives for those args."""
+
+    name: str
+    make: Callable[[], object]
+    inputs: Callable[[np.random.Generator], list]
+    expect: Callable[[list], dict[int, np.ndarray]]
+    te: bool = False
+    tol: float | None = None  # for every output (else TOL of its dtype); 0: bit-exact
+
+
+def seed_of(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _normal(rng, shape, dtype, scale=1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _empty(shape, dtype) -> np.ndarray:
+    """An output buffer, filled with a value no kernel writes (so unwritten elements show)."""
+    return np.full(shape, 1234.0 if np.dtype(dtype).kind == "f" else -7, dtype)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, np.float32)
+
+
+def _rms(x, gamma):
+    return spec.rms_norm([_f32(x), _f32(gamma)], {"eps": EPS})[0]
+
+
+def _dot(x, w) -> np.ndarray:
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+
+
+# -- GEMVs (kernels/gemv.py) -------------------------------------------------------------------
+
+def _gemv_cases() -> list[Case]:
+    def gemv(name, n, k, dtype, *, residual=False, norm=False, m=3):
+        def make():
+            from kiln.codegen.cuda.kernels.gemv import gemv_kernel
+            return gemv_kernel(n, k, dtype, dtype, residual=residual,
+                               norm_eps=EPS if norm else None)
+
+        def inputs(rng):
+            args = [_normal(rng, (m, k), dtype)]
+            if norm:
+                args.append(_normal(rng, (k,), dtype, 0.2) + np.asarray(1, dtype))
+            args.append(_normal(rng, (n, k), dtype, k ** -0.5))
+            if residual:
+                args.append(_normal(rng, (m, n), dtype))
+            return [*args, _empty((m, n), dtype)]
+
+        def expect(a):
+            x = _rms(a[0], a[1]) if norm else a[0]
+            y = _dot(x, a[2 if norm else 1])
+            return {len(a) - 1: y + (_f32(a[2]) if residual else 0)}
+
+        return Case(name, make, inputs, expect)
+
+    def swiglu(rng_f=64, k=256):
+        f = rng_f
+
+        def make():
+            from kiln.codegen.cuda.kernels.gemv import swiglu_gemv_kernel
+            return swiglu_gemv_kernel(f, k, F16, EPS)
+
+        def inputs(rng):
+            return [_normal(rng, (3, k), F16), _normal(rng, (k,), F16, 0.2) + np.float16(1),
+                    _normal(rng, (2 * f, k), F16, k ** -0.5), _empty((3, f), F16)]
+
+        def expect(a):
+            gu = _dot(_rms(a[0], a[1]), a[2])
+            return {3: spec.silu_mul([gu[:, :f], gu[:, f:]], {})[0]}
+
+        return Case("swiglu_gemv_f16", make, inputs, expect)
+
+    def argmax(v=1000, m=3):
+        def make():
+            from kiln.codegen.cuda.kernels.gemv import argmax_kernel
+            return argmax_kernel(v, F16)
+
+        return Case("argmax_f16", make,
+                    lambda rng: [_normal(rng, (m, v), F16), _empty((m,), "int64")],
+                    lambda a: {1: np.argmax(a[0], axis=1)}, tol=0.0)
+
+    return [gemv("gemv_f16", 96, 200, F16), gemv("gemv_residual_f32", 64, 96, F32, residual=True),
+            gemv("gemv_norm_f16", 80, 256, F16, norm=True),
+            gemv("gemv_splitk_f16", 64, 4096, F16), swiglu(), argmax(), _qkv_rope_gemv_case()]
+
+
+def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5) -> Case:
+    hd, kvd, n = h * d, kv * d, (h + 2 * kv) * d
+
+    def make():
+        from kiln.codegen.cuda.kernels.gemv import qkv_rope_gemv_kernel
+        return qkv_rope_gemv_kernel(h, kv, d, k, F16, EPS)
+
+    def inputs(rng):
+        ang = rng.uniform(0, 6.3, (m, 1, d))
+        return [_normal(rng, (m, k), F16), _normal(rng, (k,), F16, 0.2) + np.float16(1),
+                _normal(rng, (n, k), F16, k ** -0.5), np.cos(ang).astype(F16),
+                np.sin(ang).astype(F16), _normal(rng, (m, kv, cap, d), F16),
+                _normal(rng, (m, kv, cap, d), F16), np.array([past], np.int32),
+                _empty((m, hd), F16)]
+
+    def expect(a):
+        qkv = _dot(_rms(a[0], a[1]), a[2]).astype(F16)[:, None, :]  # [m, 1, n], stored dtype
+        rot = {"head_dim": d, "interleaved": False}
+        q = spec.rotary([_f32(qkv[..., :hd]), _f32(a[3]), _f32(a[4])], {**rot, "num_heads": h})
+        kk = spec.rotary([_f32(qkv[..., hd:hd + kvd]), _f32(a[3]), _f32(a[4])],
+                         {**rot, "num_heads": kv})
+        kc, vc = _f32(a[5]).copy(), _f32(a[6]).copy()
+        kc[:, :, past] = kk[0].reshape(m, kv, d)
+        vc[:, :, past] = _f32(qkv[:, 0, hd + kvd:]).reshape(m, kv, d)
+        return {5: kc, 6: vc, 8: q[0][:, 0]}
+
+    return Case("qkv_rope_gemv_f16", make, inputs, expect)
+
+
+# -- quantized decode GEMV (kernels/quant_gemv.py) ---------------------------------------------
+
+def _quant_case(name, n, k, bits, group, *, symmetric=True, residual=False, norm=False, m=3):
+    def make():
+        from kiln.codegen.cuda.kernels.quant_gemv import quant_gemv_kernel
+        return quant_gemv_kernel(n, k, bits, group, F16, F16, zero_points=not symmetric,
+                                 residual=residual, norm_eps=EPS if norm else None)
+
+    def inputs(rng):
+        q, s, z = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5,
+                                  bits=bits, group=group, symmetric=symmetric)
+        args = [_normal(rng, (m, k), F16)]
+        if norm:
+            args.append(_normal(rng, (k,), F16, 0.2) + np.float16(1))
+        args += [q, s.astype(F16)] + ([] if z is None else [z.astype(F16)])
+        if residual:
+            args.append(_normal(rng, (m, n), F16))
+        return [*args, _empty((m, n), F16)]
+
+    def expect(a):
+        x, i = (_rms(a[0], a[1]), 2) if norm else (a[0], 1)
+        zp = None if symmetric else a[i + 2]
+        w = qf.dequantize(a[i], a[i + 1], zp, bits=bits, k=k)  # the format's specification
+        return {len(a) - 1: _dot(x, w) + (_f32(a[-2]) if residual else 0)}
+
+    return Case(name, make, inputs, expect)
+
+
+def _quant_gemv_cases() -> list[Case]:
+    return [_quant_case("quant_gemv_int4_sym_g32", 128, 256, 4, 32),
+            _quant_case("quant_gemv_int4_zp_g64_residual", 96, 512, 4, 64, symmetric=False,
+                        residual=True),
+            _quant_case("quant_gemv_int8_channel_norm", 64, 256, 8, 256, norm=True),
+            _quant_case("quant_gemv_int8_zp_g32", 64, 128, 8, 32, symmetric=False)]
+
+
+# -- 2:4 sparse decode GEMVs (kernels/sparse_gemv.py) -----------------------------------------
+
+def _two_four(rng, n, k, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(values, meta) of a seeded 2:4 sparse W[n, k] (kiln.runtime.sparse_format's nm layout)."""
+    from kiln.runtime import sparse_format
+
+    g = rng.standard_normal((n, k // 4, 4)) * k ** -0.5
+    np.put_along_axis(g, np.argsort(np.abs(g), axis=-1)[..., :2], 0, axis=-1)
+    return sparse_format.nm_encode(g.reshape(n, k).astype(dtype))
+
+
+def _sparse_dense(values, meta, k) -> np.ndarray:
+    from kiln.runtime import sparse_format
+
+    return sparse_format.nm_decode(values, meta, k)  # the layout's numpy specification
+
+
+def _sparse_cases() -> list[Case]:
+    def gemv(name, n, k, *, residual=False, norm=False, m=3):
+        def make():
+            from kiln.codegen.cuda.kernels.sparse_gemv import sparse_gemv_kernel
+            return sparse_gemv_kernel(n, k, F16, F16, residual=residual,
+                                      norm_eps=EPS if norm else None)
+
+        def inputs(rng):
+            args = [_normal(rng, (m, k), F16)]
+            if norm:
+                args.append(_normal(rng, (k,), F16, 0.2) + np.float16(1))
+            args += list(_two_four(rng, n, k, F16))
+            if residual:
+                args.append(_normal(rng, (m, n), F16))
+            return [*args, _empty((m, n), F16)]
+
+        def expect(a):
+            x, i = (_rms(a[0], a[1]), 2) if norm else (a[0], 1)
+            y = _dot(x, _sparse_dense(a[i], a[i + 1], k))
+            return {len(a) - 1: y + (_f32(a[-2]) if residual else 0)}
+
+        return Case(name, make, inputs, expect)
+
+    def swiglu(f=64, k=256):
+        def make():
+            from kiln.codegen.cuda.kernels.sparse_gemv import sparse_swiglu_gemv_kernel
+            return sparse_swiglu_gemv_kernel(f, k, F16, EPS)
+
+        def inputs(rng):
+            return [_normal(rng, (3, k), F16), _normal(rng, (k,), F16, 0.2) + np.float16(1),
+                    *_two_four(rng, 2 * f, k, F16), _empty((3, f), F16)]
+
+        def expect(a):
+            gu = _dot(_rms(a[0], a[1]), _sparse_dense(a[2], a[3], k))
+            return {4: spec.silu_mul([gu[:, :f], gu[:, f:]], {})[0]}
+
+        return Case("sparse_swiglu_gemv_f16", make, inputs, expect)
+
+    return [gemv("sparse_gemv_f16", 96, 512), gemv("sparse_gemv_residual_f16", 64, 256,
+                                                   residual=True),
+            gemv("sparse_gemv_norm_f16", 64, 1024, norm=True), swiglu()]
+
+
+# -- row kernels (kernels/rowwise.py) ----------------------------------------------------------
+
+def _rowwise_cases() -> list[Case]:
+    def swiglu():
+        from_ = 256
+
+        def make():
+            from kiln.codegen.cuda.kernels.rowwise import swiglu_kernel
+            return swiglu_kernel(from_, F16)
+
+        return Case("swiglu_f16", make,
+                    lambda rng: [_normal(rng, (5, 2 * from_), F16), _empty((5, from_), F16)],
+                    lambda a: {1: spec.silu_mul([a[0][:, :from_], a[0][:, from_:]], {})[0]})
+
+    def rms():
+        def make():
+            from kiln.codegen.cuda.kernels.rowwise import rms_norm_kernel
+            return rms_norm_kernel(256, F16, EPS)
+
+        return Case("rms_norm_f16", make,
+                    lambda rng: [_normal(rng, (5, 256), F16, 3.0),
+                                 _normal(rng, (256,), F16, 0.2) + np.float16(1),
+                                 _empty((5, 256), F16)],
+                    lambda a: {2: _rms(a[0], a[1])})
+
+    return [swiglu(), rms()]
+
+
+# -- attention and the KV cache (kernels/attention.py, kernels/flash_attention.py) --------------
+
+def _attention_ref(q, kc, vc, past, h, kv, d):
+    """spec.attention over the cache: rows < past are the past, rows past..past+s the new keys."""
+    b, s = q.shape[:2]
+    new_k = kc[:, :, past:past + s].transpose(0, 2, 1, 3).reshape(b, s, kv * d)
+    new_v = vc[:, :, past:past + s].transpose(0, 2, 1, 3).reshape(b, s, kv * d)
+    attrs = {"num_heads": h, "num_kv_heads": kv, "head_dim": d, "scale": d ** -0.5,
+             "causal": True}
+    return spec.attention([_f32(q), _f32(new_k), _f32(new_v), _f32(kc[:, :, :past]),
+                           _f32(vc[:, :, :past])], attrs)[0]
+
+
+def _attention_case(name, kernel, h, kv, d, s, past, *, b=2, cap=None, **kw) -> Case:
+    cap = cap or past + s + 3  # rows beyond past + s hold garbage the kernel must not read
+
+    def make():
+        from kiln.codegen.cuda.kernels import attention, flash_attention
+        fn = {"decode": attention.decode_attention_kernel,
+              "prefill": attention.prefill_attention_kernel,
+              "flash": flash_attention.flash_prefill_kernel}[kernel]
+        return fn(h, kv, d, d ** -0.5, F16, **kw)
+
+    def inputs(rng):
+        return [_normal(rng, (b, s, h * d), F16), _normal(rng, (b, kv, cap, d), F16),
+                _normal(rng, (b, kv, cap, d), F16), np.array([past], np.int32),
+                _empty((b, s, h * d), F16)]
+
+    return Case(name, make, inputs,
+                lambda a: {4: _attention_ref(a[0], a[1], a[2], past, h, kv, d)})
+
+
+def _attention_cases() -> list[Case]:
+    def past():
+        def make():
+            from kiln.codegen.cuda.kernels.attention import past_kernel
+            return past_kernel()
+
+        return Case("kv_past", make, lambda rng: [int(rng.integers(1, 1000)),
+                                                  _empty((1,), "int32")],
+                    lambda a: {1: np.array([a[0]], np.int32)}, tol=0.0)
+
+    def append(kv=2, d=32, b=2, s=5, cap=16, p=3):
+        def make():
+            from kiln.codegen.cuda.kernels.attention import kv_append_kernel
+            return kv_append_kernel(kv, d, F16)
+
+        def inputs(rng):
+            return [_normal(rng, (b, kv, cap, d), F16), _normal(rng, (b, kv, cap, d), F16),
+                    _normal(rng, (b, s, kv * d), F16), _normal(rng, (b, s, kv * d), F16),
+                    np.array([p], np.int32)]
+
+        def expect(a):
+            kc, vc = a[0].copy(), a[1].copy()
+            kc[:, :, p:p + s] = a[2].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+            vc[:, :, p:p + s] = a[3].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+            return {0: kc, 1: vc}
+
+        return Case("kv_append_f16", make, inputs, expect, tol=0.0)
+
+    return [past(), append(),
+            _attention_case("decode_attention_warps_f16", "decode", 4, 2, 64, 1, 40),
+            _attention_case("decode_attention_warps_s3_f16", "decode", 4, 1, 64, 3, 17),
+            _attention_case("decode_attention_threads_f16", "decode", 6, 2, 48, 1, 23),
+            _attention_case("prefill_attention_f16", "prefill", 4, 2, 64, 37, 5),
+            _attention_case("flash_prefill_f16", "flash", 4, 2, 64, 70, 9),
+            _attention_case("flash_prefill_ldsm_f16", "flash", 8, 2, 128, 33, 0, ldsm=True),
+            *(_qkv_rotary_append_case(rot, inter) for rot, inter in ((32, False), (16, True)))]
+
+
+def _qkv_rotary_append_case(rot, interleaved, h=4, kv=2, d=32, b=2, s=4, cap=10, p=2) -> Case:
+    hd, kvd = h * d, kv * d
+
+    def make():
+        from kiln.codegen.cuda.kernels.attention import qkv_rotary_append_kernel
+        return qkv_rotary_append_kernel(h, kv, d, rot, interleaved, F16)
+
+    def inputs(rng):
+        ang = rng.uniform(0, 6.3, (1, s, rot))
+        return [_normal(rng, (b, s, hd + 2 * kvd), F16), np.cos(ang).astype(F16),
+                np.sin(ang).astype(F16), _normal(rng, (b, kv, cap, d), F16),
+                _normal(rng, (b, kv, cap, d), F16), np.array([p], np.int32),
+                _empty((b, s, hd), F16)]
+
+    def expect(a):
+        attrs = {"head_dim": d, "interleaved": interleaved}
+        q = spec.rotary([a[0][..., :hd], a[1], a[2]], {**attrs, "num_heads": h})[0]
+        k = spec.rotary([a[0][..., hd:hd + kvd], a[1], a[2]], {**attrs, "num_heads": kv})[0]
+        kc, vc = a[3].copy(), a[4].copy()
+        kc[:, :, p:p + s] = k.reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        vc[:, :, p:p + s] = a[0][..., hd + kvd:].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+        return {3: kc, 4: vc, 6: q}
+
+    return Case(f"qkv_rotary_append_r{rot}{'_interleaved' if interleaved else ''}_f16", make,
+                inputs, expect)
+
+
+# -- tensor-expression ops (kernels/te_ops.py), scheduled by dlight as the CUDA pipeline does ---
+
+def _te_cases() -> list[Case]:
+    def te_case(name, build, inputs, expect, **kw):
+        return Case(name, build, inputs, expect, te=True, **kw)
+
+    def placeholders(*specs):
+        from tvm import te
+        return [te.placeholder(shape, dtype, name=f"a{i}") for i, (shape, dtype) in
+                enumerate(specs)]
+
+    def nt_matmul():
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            x, w = placeholders(((33, 128), F16), ((96, 128), F16))
+            return [x, w, te_ops.nt_matmul(x, w, F32)]
+
+        return te_case("te_nt_matmul_f16", make,
+                       lambda rng: [_normal(rng, (33, 128), F16), _normal(rng, (96, 128), F16),
+                                    _empty((33, 96), F32)],
+                       lambda a: {2: _dot(a[0], a[1])}, tol=1e-4)
+
+    def rms_norm():
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            x, w = placeholders(((7, 320), F16), ((320,), F16))
+            return [x, w, te_ops.rms_norm(x, w, EPS)]
+
+        return te_case("te_rms_norm_f16", make,
+                       lambda rng: [_normal(rng, (7, 320), F16, 2.0),
+                                    _normal(rng, (320,), F16, 0.2) + np.float16(1),
+                                    _empty((7, 320), F16)],
+                       lambda a: {2: _rms(a[0], a[1])})
+
+    def silu_mul():
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            g, u = placeholders(((6, 160), F16), ((6, 160), F16))
+            return [g, u, te_ops.silu_mul(g, u)]
+
+        return te_case("te_silu_mul_f16", make,
+                       lambda rng: [_normal(rng, (6, 160), F16), _normal(rng, (6, 160), F16),
+                                    _empty((6, 160), F16)],
+                       lambda a: {2: spec.silu_mul([a[0], a[1]], {})[0]})
+
+    def rotary(interleaved, rot):
+        h, d, b, s = 3, 32, 2, 5
+
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            x, c, sn = placeholders(((b, s, h * d), F16), ((1, s, rot), F16), ((1, s, rot), F16))
+            return [x, c, sn, te_ops.rotary(x, c, sn, h, d, interleaved)]
+
+        def inputs(rng):
+            ang = rng.uniform(0, 6.3, (1, s, rot))
+            return [_normal(rng, (b, s, h * d), F16), np.cos(ang).astype(F16),
+                    np.sin(ang).astype(F16), _empty((b, s, h * d), F16)]
+
+        attrs = {"num_heads": h, "head_dim": d, "interleaved": interleaved}
+        return te_case(f"te_rotary_r{rot}{'_interleaved' if interleaved else ''}_f16", make,
+                       inputs, lambda a: {3: spec.rotary([_f32(x) for x in a[:3]], attrs)[0]})
+
+    def last_position():
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            (x,) = placeholders(((2, 9, 64), F16))
+            return [x, te_ops.last_position(x)]
+
+        return te_case("te_last_position_f16", make,
+                       lambda rng: [_normal(rng, (2, 9, 64), F16), _empty((2, 1, 64), F16)],
+                       lambda a: {1: a[0][:, -1:]}, tol=0.0)
+
+    def quant_matmul(bits, group, symmetric, m=40, n=64, k=160):
+        kp = qf.padded_k(k, group)
+
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            specs = [((m, k), F16), ((n, qf.packed_columns(kp, bits)), qf.qweight_dtype(bits)),
+                     ((n, kp // group), F16)] + ([] if symmetric else [((n, kp // group), F16)])
+            ph = placeholders(*specs)
+            zp = None if symmetric else ph[3]
+            return [*ph, te_ops.quant_nt_matmul(ph[0], ph[1], ph[2], zp, bits=bits, group=group,
+                                                k=k, out_dtype=F32)]
+
+        def inputs(rng):
+            q, s, z = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32) * 0.1,
+                                      bits=bits, group=group, symmetric=symmetric)
+            return [_normal(rng, (m, k), F16), q, s.astype(F16),
+                    *([] if z is None else [z.astype(F16)]), _empty((m, n), F32)]
+
+        def expect(a):
+            w = qf.dequantize(a[1], a[2], None if symmetric else a[3], bits=bits, k=k)
+            # the kernel rounds the dequantized weight to fp16 before the tensor-core product
+            return {len(a) - 1: _dot(a[0], w.astype(F16))}
+
+        return te_case(f"te_quant_nt_matmul_int{bits}_g{group}{'' if symmetric else '_zp'}",
+                       make, inputs, expect, tol=1e-4)
+
+    def quant_rows(bits=8, m=6, n=50, k=96):
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            q, s, ids = placeholders(((n, qf.packed_columns(k, bits)), qf.qweight_dtype(bits)),
+                                     ((n, 1), F16), ((m,), "int64"))
+            return [q, s, ids, te_ops.quant_rows(q, s, None, ids, bits=bits, group=k, k=k,
+                                                 dtype=F16)]
+
+        def inputs(rng):
+            q, s, _ = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32),
+                                      bits=bits, group=0)
+            return [q, s.astype(F16), rng.integers(0, n, m), _empty((m, k), F16)]
+
+        return te_case(f"te_quant_rows_int{bits}", make, inputs,
+                       lambda a: {3: qf.dequantize(a[0], a[1], None, bits=bits)[a[2]]})
+
+    def sparse_matmul(m=24, n=64, k=128):
+        def make():
+            from kiln.codegen.cuda.kernels import te_ops
+            x, v, meta = placeholders(((m, k), F16), ((n, k // 2), F16), ((n, k // 8), "uint8"))
+            return [x, v, meta, te_ops.sparse_nt_matmul(x, v, meta, k=k, out_dtype=F32)]
+
+        return te_case("te_sparse_nt_matmul_f16", make,
+                       lambda rng: [_normal(rng, (m, k), F16), *_two_four(rng, n, k, F16),
+                                    _empty((m, n), F32)],
+                       lambda a: {3: _dot(a[0], _sparse_dense(a[1], a[2], k))}, tol=1e-4)
+
+    return [nt_matmul(), rms_norm(), silu_mul(), rotary(False, 32), rotary(True, 16),
+            last_position(), quant_matmul(4, 32, False), quant_matmul(8, 32, True),
+            quant_rows(), sparse_matmul()]
+
+
+def cases() -> list[Case]:
+    return [*_gemv_cases(), *_quant_gemv_cases(), *_sparse_cases(), *_rowwise_cases(),
+            *_attention_cases(), *_te_cases()]
+
+
+# -- building (needs TVM's compiler and nvcc) ----------------------------------------------------
+
+def build(out: Path, arch: str = "sm_90") -> Path:
+    """Compile every case into out/kernels.so (one function per case, named after it) and list
+    them in out/cases.json; no inputs or outputs are written: they are made where the test runs."""
+    import tvm
+    from tvm import te
+
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels import pdl
+
+    ct.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    funcs = {}
+    for c in cases():
+        made = c.make()
+        func = te.create_prim_func(made) if c.te else made
+        funcs[c.name] = func.with_attr("global_symbol", c.name)
+    mod = tvm.IRModule(funcs)
+    with ct.cuda_compile_env(target):
+        mod = _schedule_te(mod, [c.name for c in cases() if c.te])
+        lib = tvm.tirx.build(mod, target, pipeline=pdl.PIPELINE)
+    out.mkdir(parents=True, exist_ok=True)
+    lib.export_library(str(out / "kernels.so"))
+    ct.require_fatbin(out / "kernels.so", arch)
+    (out / "cases.json").write_text(json.dumps({"arch": arch, "cases": sorted(funcs)}, indent=1))
+    return out
+
+
+def _schedule_te(mod, names: list[str]):
+    """The TE functions scheduled by dlight's GPU rules, in the CUDA pipeline's order."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    te_mod = tvm.IRModule({n: mod[n] for n in names})
+    te_mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                     dl.gpu.GeneralReduction(), dl.gpu.Fallback())(te_mod)
+    return tvm.IRModule({n: te_mod[n] if n in names else mod[n] for n in
+                         [gv.name_hint for gv in mod.get_global_vars()]})
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build(Path(sys.argv[1])))
