@@ -193,12 +193,14 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
               help="keep matching layers (node/param names, fnmatch) dense")
 @click.option("--force", is_flag=True,
               help="replace OUT if it is an artifact (else an existing OUT is refused)")
+@click.option("--dump-ir", type=click.Path(path_type=Path),
+              help="write the IR after each pass (the quantization and layout stages too)")
 @quiet_option
 def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
                 quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
                 dtype: str | None, tuning: Path | None, sparsity: str | None,
                 prune_method: str | None, sparsity_keep: tuple[str, ...], force: bool,
-                quiet: bool) -> None:
+                dump_ir: Path | None, quiet: bool) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
     from kiln.compiler.progress import progress
@@ -208,7 +210,7 @@ def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: b
                              max_seq=max_seq, weights=not no_weights, progress=report,
                              quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning,
                              sparsity=sparsity, prune_method=prune_method,
-                             sparsity_keep=sparsity_keep, force=force)
+                             sparsity_keep=sparsity_keep, force=force, dump_ir=dump_ir)
     click.echo(str(path))
 
 

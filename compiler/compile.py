@@ -76,7 +76,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   quant_keep: tuple[str, ...] = (), dtype: str | None = None,
                   tuning: str | Path | None = None, sparsity: str | None = None,
                   prune_method: str | None = None, sparsity_keep: tuple[str, ...] = (),
-                  force: bool = False) -> Path:
+                  force: bool = False, dump_ir: Path | None = None) -> Path:
     """Compile an ONNX decoder into an artifact directory (written atomically); `quant` names
     a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
     of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
@@ -84,7 +84,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     `kiln tune` table of per-shape kernel tilings for a CPU target. `sparsity` (0.5, 2:4) prunes
     the linear weights first with `prune_method` (sparsegpt, wanda, magnitude), leaving those
     matching `sparsity_keep` dense (kiln.passes.prune_weights). An existing OUT is refused
-    unless `force`; then it is replaced whole (kiln.runtime.artifact.ArtifactWriter)."""
+    unless `force`; then it is replaced whole (kiln.runtime.artifact.ArtifactWriter).
+    `dump_ir`: a folder for the IR after each pass of the compile pipeline, quantization and
+    layout stages included."""
     progress("loading TVM")  # its import alone takes seconds
     from kiln.codegen.build import build
     from kiln.codegen.targets import resolve
@@ -106,7 +108,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
-                          quant=preset, prune=prune, sparse_target=_sparse_target(tgt.kind))
+                          quant=preset, prune=prune, sparse_target=_sparse_target(tgt.kind),
+                          dump_ir=dump_ir)
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out, force=force) as w:
