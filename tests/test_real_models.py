@@ -55,6 +55,17 @@ def test_optimum_export_checks_and_is_recognized(smollm2_optimum):
     _assert_check_passes(smollm2_optimum)
 
 
+def test_optimum_export_stops_on_generation_configs_eos(smollm2_optimum):
+    """optimum's export of the GGUF-loaded model: the tokenizer files call <|im_start|> (1) the
+    eos token, generation_config.json says <|im_end|> (2); generate stops on 2, as kiln must."""
+    from kiln.compiler.generation_files import read_generation_files
+
+    g = read_generation_files(smollm2_optimum.parent)
+    assert (g.stop_token_ids, g.stop_tokens_from) == ([2], "generation_config.json")
+    assert g.special_tokens["eos_token_id"] == 1
+    assert g.chat_template is not None and "<|im_start|>assistant" in g.chat_template
+
+
 def test_capital_of_france_through_the_interpreter(smollm2_dir):
     tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     ids = np.array([tok.encode("The capital of France is").ids], np.int64)
