@@ -23,8 +23,9 @@ from kiln.runtime import quant_format as qf
 F16, F32 = "float16", "float32"
 EPS = 1e-5
 #: max |got - want| / max |want| allowed, per storage dtype (fp16 outputs are rounded once,
-#: accumulations run in float32 in the kernels and in float64 or float32 in the reference)
-TOL = {F16: 8e-3, F32: 2e-5}
+#: accumulations run in float32 in the kernels and in float64 or float32 in the reference); on
+#: the H200 the largest fp16 error was 9.4e-4 (benchmarks/gpu/logs/h3_kernels_run2_errors.log)
+TOL = {F16: 2e-3, F32: 2e-5}
 
 
 @dataclass(frozen=True)

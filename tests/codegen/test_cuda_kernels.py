@@ -5,7 +5,7 @@ The kernels come from KILN_CUDA_KERNELS, a folder `python -m tests.codegen.cuda_
 wrote on a build machine (kernels.so and the case names, no data), so that a GPU host with the
 runtime-only TVM runs them; without it they are built here, which needs TVM's compiler and
 nvcc. Inputs and expected outputs are always made at test time (tests/codegen/cuda_kernel_cases).
-Tolerance: max |kernel - spec| / max |spec| <= 8e-3 for fp16 outputs, 2e-5 for fp32 (tighter
+Tolerance: max |kernel - spec| / max |spec| <= 2e-3 for fp16 outputs, 2e-5 for fp32 (tighter
 where a case says; 0 for integer and copied outputs).
 """
 
