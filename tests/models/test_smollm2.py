@@ -76,6 +76,9 @@ def test_tokenizer_specials(tok: Tokenizer, exported: Path) -> None:
     conf = json.loads((exported / "tokenizer_config.json").read_text())
     assert (conf["bos_token_id"], conf["eos_token_id"]) == (1, 2)
     assert conf["eos_token"] == "<|im_end|>"
+    # as Hugging Face's SmolLM2-135M-Instruct has it: generation stops on <|im_end|>
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
 def test_capital_of_france(sess, tok: Tokenizer) -> None:
