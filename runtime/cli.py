@@ -182,8 +182,9 @@ def run_chat(artifact: Path, *, system: str | None, max_new_tokens: int, tempera
              stdin: TextIO | None = None, out: TextIO | None = None,
              err: TextIO | None = None) -> int:
     """`kiln chat`: read a user turn per line, stream the reply; the KV cache carries over
-    between turns. `/reset` starts a new conversation, `/exit` (or end of input) ends it.
-    Returns the number of turns answered."""
+    between turns. `/reset` starts a new conversation, `/exit` (or end of input, or Ctrl-C at
+    the prompt) ends it; Ctrl-C during a reply cuts it short. Returns the number of turns
+    answered."""
     from kiln.runtime.chat import ContextFull, Conversation, load_chat_template
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
@@ -200,7 +201,10 @@ def run_chat(artifact: Path, *, system: str | None, max_new_tokens: int, tempera
     while True:
         err.write("> ")
         err.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
         if not line:
             break
         text = line.rstrip("\n")
@@ -217,6 +221,10 @@ def run_chat(artifact: Path, *, system: str | None, max_new_tokens: int, tempera
                                result=result), result, TextStream(tok, stop_texts), out)
         except ContextFull as e:
             err.write(f"context full: {e}; /reset starts a new conversation\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C cuts the reply short; the conversation goes on
+            out.write("\n")
+            err.write("(interrupted)\n")
             continue
         out.write("\n")
         out.flush()
