@@ -14,7 +14,8 @@ compiled and checked with `kiln eval`.
 A variant is `w<bits>g<group>` then options: sym|asym, act (act order), seq (sequential
 calibration: each linear's Hessian taken with the layers before it quantized; otherwise all
 Hessians come from the fp32 model), int8=ROLES (ROLES joined by +: head, qkv, q, k, v, o, gate_up,
-down; q/k/v split a fused projection by rows), damp=F.
+down; q/k/v split a fused projection by rows), damp=F, rtn (round to nearest),
+auto=F (int8 weights by measured sensitivity within F of the weight bytes, as `-autoF`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from kiln.compiler.frontend.onnxruntime_lm import OrtLM
 from kiln.compiler.interpreter import run
 from kiln.compiler.ir import Derived, ExternalData, Graph
 from kiln.passes import gptq as G
-from kiln.passes.quantize import weight_roles
+from kiln.passes.quantize import AUTO_BUDGET, int8_by_sensitivity, weight_roles
 from kiln.runtime.evaluate import evaluate
 
 
@@ -49,6 +50,9 @@ class Variant:
     sequential: bool = False
     int8: set[str] = field(default_factory=set)
     damp: float = G.DAMP
+    rtn: bool = False  # round to nearest (GPTQ with an identity Hessian: no error feedback)
+    auto: float = 0.0  # int8 weights by measured sensitivity within this budget (fraction)
+    picked: set[str] = field(default_factory=set)  # the weights `auto` put at int8
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -67,6 +71,10 @@ class Variant:
                 v.int8 = set(val.split("+"))
             elif key == "damp":
                 v.damp = float(val)
+            elif key == "rtn":
+                v.rtn = True
+            elif key == "auto":
+                v.auto = float(val or AUTO_BUDGET)
             else:
                 raise click.BadParameter(f"{spec}: unknown option {o!r}")
         return v
@@ -92,6 +100,8 @@ def quantizer(graph: Graph, v: Variant, q_rows: tuple[int, int, int]):
 
     def one(w: np.ndarray, h: np.ndarray, eight: bool) -> np.ndarray:
         bits, group, sym = (8, 0, True) if eight else (v.bits, v.group, v.symmetric)
+        if v.rtn:
+            h = np.eye(h.shape[0])
         return G.solved_weight(w, h, bits=bits, group=group, symmetric=sym,
                                act_order=v.act_order, damp=v.damp)
 
@@ -101,9 +111,17 @@ def quantizer(graph: Graph, v: Variant, q_rows: tuple[int, int, int]):
             bounds = np.cumsum((0, *q_rows))
             return np.concatenate([one(w[a:b], h, part in v.int8) for part, a, b in
                                    zip("qkv", bounds[:-1], bounds[1:], strict=True)])
-        return one(w, h, kind in v.int8)
+        return one(w, h, kind in v.int8 or name in v.picked)
 
     return fn
+
+
+def pick_auto(graph: Graph, v: Variant, windows: list[np.ndarray]) -> set[str]:
+    """The weights kiln's `-auto` would put at int8 (kiln.passes.quantize.int8_by_sensitivity)."""
+    weights = list(dict.fromkeys(n.inputs[1] for n in graph.nodes if n.op == "linear"))
+    low = (v.bits, v.group, v.symmetric)
+    schemes = int8_by_sensitivity(graph, dict.fromkeys(weights, low), tuple(windows), v.auto)
+    return {n for n, s in schemes.items() if s != low}
 
 
 def calibrate(graph: Graph, v: Variant, windows: list[np.ndarray], fn) -> dict:
@@ -157,8 +175,12 @@ def write_copy(model: Path, graph: Graph, weights: dict[str, np.ndarray], out: P
 @click.option("--windows", default=16, show_default=True, help="calibration windows of 512")
 @click.option("--qkv-rows", default="576,192,192", show_default=True,
               help="rows of q, k, v in a fused projection (for int8=q/k/v)")
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="evaluation text, repeatable (default: kiln's default evaluation text)")
+@click.option("--eval-tokens", default=0, help="score only the first N tokens of each text")
 @click.option("--json", "json_out", type=click.Path(path_type=Path))
-def main(model: Path, variants, calibration, windows, qkv_rows, json_out) -> None:
+def main(model: Path, variants, calibration, windows, qkv_rows, texts, eval_tokens,
+         json_out) -> None:
     from tokenizers import Tokenizer
 
     import kiln.models
@@ -169,7 +191,8 @@ def main(model: Path, variants, calibration, windows, qkv_rows, json_out) -> Non
     n = CALIBRATION_WINDOW
     wins = [ids[i * n:(i + 1) * n][None] for i in range(min(len(ids) // n, windows))]
     graph = compile_graph(model, max_seq=1024, progress=lambda m: None, weights_optional=False)
-    eval_ids = tok.encode(read_text(default_text())).ids
+    texts = texts or (default_text(),)
+    eval_ids = {t: tok.encode(read_text(t)).ids[:eval_tokens or None] for t in texts}
     cache: dict = {}
     base = OrtLM(model, threads=2)
 
@@ -182,18 +205,23 @@ def main(model: Path, variants, calibration, windows, qkv_rows, json_out) -> Non
     rows = tuple(int(r) for r in qkv_rows.split(","))
     for spec in variants:
         v = Variant.parse(spec)
+        if v.auto:
+            v.picked = pick_auto(graph, v, wins)
+            print(f"{spec}: int8 by sensitivity: {sorted(v.picked)}", flush=True)
         deq = calibrate(graph, v, wins, quantizer(graph, v, rows))
         with tempfile.TemporaryDirectory() as tmp:
             copy = write_copy(model, graph, deq, Path(tmp))
-            r = evaluate(OrtLM(copy, threads=2), eval_ids, context=1024, stride=512,
-                         reference=reference)
-        row = {"variant": spec, "perplexity": r.perplexity,
-               "reference_perplexity": r.reference_perplexity,
-               "kl_divergence": r.kl_divergence, "top1_agreement": r.top1_agreement}
-        print(json.dumps(row), flush=True)
-        if json_out:
-            with open(json_out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            lm = OrtLM(copy, threads=2)
+            for t, ids in eval_ids.items():
+                r = evaluate(lm, ids, context=1024, stride=512, reference=reference)
+                row = {"variant": spec, "calibration": text.name, "text": t.name,
+                       "tokens": r.tokens, "perplexity": r.perplexity,
+                       "reference_perplexity": r.reference_perplexity,
+                       "kl_divergence": r.kl_divergence, "top1_agreement": r.top1_agreement}
+                print(json.dumps(row), flush=True)
+                if json_out:
+                    with open(json_out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

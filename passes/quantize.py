@@ -75,6 +75,9 @@ class QuantPreset:
     method: str = "gptq"  # "gptq" (calibrated, when weights are at hand) | "rtn"
     int8: tuple[str, ...] = ()  # roles quantized to int8 per channel: "lm_head", "attn_qkv"
     act_order: bool = True  # GPTQ's column order (kiln.passes.gptq)
+    #: > 0: the int8 weights are chosen by measured sensitivity (kiln.passes.quant_sensitivity)
+    #: instead of by `int8` roles, adding at most this fraction of the all-`bits` weight bytes
+    int8_budget: float = 0.0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -89,7 +92,7 @@ class QuantPreset:
 
     def scheme(self, roles: set[str]) -> tuple[int, int, bool]:
         """(bits, group size, symmetric) of a weight with these roles."""
-        if roles & set(self.int8):
+        if roles & set(self.int8) and not self.int8_budget:
             return 8, 0, True
         return self.bits, self.group_size, self.symmetric
 
@@ -100,12 +103,14 @@ class QuantPreset:
         return cls(d["preset"], bits=d["bits"], group_size=d["group_size"],
                    symmetric=d["symmetric"], kv_bits=d.get("kv_bits", 0),
                    keep=tuple(d.get("keep", ())), method=d.get("method", "gptq"),
-                   int8=tuple(d.get("int8", ())), act_order=d.get("act_order", False))
+                   int8=tuple(d.get("int8", ())), act_order=d.get("act_order", False),
+                   int8_budget=d.get("int8_budget", 0.0))
 
     def to_dict(self) -> dict:
         return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep),
-                "method": self.method, "int8": list(self.int8), "act_order": self.act_order}
+                "method": self.method, "int8": list(self.int8), "act_order": self.act_order,
+                "int8_budget": self.int8_budget}
 
 
 #: the roles a preset may keep at int8 (see QuantPreset.int8); the int4 presets keep all of them
@@ -113,8 +118,13 @@ class QuantPreset:
 #: session 3")
 ROLES = ("lm_head", "attn_qkv")
 
+#: the int8 budget of "-auto" (a fraction of the all-int4 weight bytes): about what the int8 roles
+#: cost on SmolLM2-135M at w4g32 (11.2 of 101 MB)
+AUTO_BUDGET = 0.11
+
 #: named presets; int4 ones have zero points, "s" makes them symmetric ("w4g32s"); combine with
-#: "-": "w4g32-kv8", "w4g32-pure" (no int8 roles), "w4g32-rtn" (round to nearest)
+#: "-": "w4g32-kv8", "w4g32-pure" (no int8 roles), "w4g32-rtn" (round to nearest), "w4g32-auto"
+#: (int8 weights by measured sensitivity within AUTO_BUDGET; "-auto0.2": within 0.2)
 PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
     QuantPreset("w8", bits=8),
     *(QuantPreset(f"w4g{g}{'s' if sym else ''}", bits=4, group_size=g, symmetric=sym,
@@ -126,9 +136,13 @@ PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
 def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPreset:
     """`w4g32`, `w8`, `w4g32-kv8`, `kv8`, `w4g32-rtn`, `w4g32-pure` ... -> a QuantPreset (keep
     patterns attached); `rtn` rounds to nearest instead of calibrating with GPTQ, `pure`
-    quantizes every weight with the preset's own scheme (no int8 roles)."""
+    quantizes every weight with the preset's own scheme (no int8 roles), `auto[F]` chooses the
+    int8 weights by measured sensitivity within a budget (F, default AUTO_BUDGET)."""
     modifiers = ("kv8", "rtn", "pure")
     parts = [p for p in spec.strip().lower().split("-") if p]
+    auto = [p for p in parts if p.startswith("auto")]
+    budget = _auto_budget(spec, auto[-1]) if auto else 0.0
+    parts = [p for p in parts if not p.startswith("auto")]
     weights = [p for p in parts if p not in modifiers]
     unknown = [p for p in weights if p not in PRESETS] + (["-"] if len(weights) > 1 else [])
     if not parts or unknown:
@@ -140,7 +154,19 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
     return dataclasses.replace(base, name=spec.strip().lower(), kv_bits=kv,
                                keep=tuple(keep) + (() if weights_on else ("*",)),
                                method="rtn" if "rtn" in parts else "gptq",
-                               int8=() if "pure" in parts else base.int8)
+                               int8=() if "pure" in parts else base.int8,
+                               int8_budget=budget if weights_on else 0.0)
+
+
+def _auto_budget(spec: str, part: str) -> float:
+    try:
+        budget = float(part[4:]) if part[4:] else AUTO_BUDGET
+    except ValueError:
+        budget = -1.0
+    if not 0 < budget <= 1:
+        raise KilnError(f"quantization preset {spec!r}: {part!r} needs a budget in (0, 1], "
+                        "a fraction of the weight bytes (e.g. auto0.2)")
+    return budget
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +226,8 @@ def _quantize_linears(graph: Graph, preset: QuantPreset, calibration: tuple = ()
         return graph
     roles = weight_roles(graph)
     schemes = {name: preset.scheme(roles.get(name, set())) for name in chosen}
+    if preset.int8_budget:
+        schemes = int8_by_sensitivity(graph, schemes, calibration, preset.int8_budget)
     hess = (_calibrate(graph, schemes, calibration, preset.act_order)
             if preset.method == "gptq" else {})
     params, types = dict(graph.params), dict(graph.types)
@@ -271,6 +299,30 @@ def _calibrate(graph: Graph, schemes: dict[str, tuple[int, int, bool]], calibrat
                              **pruning)
 
     return calibrate(graph, schemes, list(calibration), quantized)
+
+
+def int8_by_sensitivity(graph: Graph, schemes: dict[str, tuple[int, int, bool]],
+                        calibration: tuple, budget: float) -> dict[str, tuple[int, int, bool]]:
+    """`schemes` with the weights kiln.passes.quant_sensitivity picks within `budget` at int8,
+    measured with the fp32 model's Hessians over the calibration windows (the identity, i.e.
+    the weights' own error, without calibration text)."""
+    from kiln.passes import quant_sensitivity as qs
+
+    names = sorted(schemes)
+    if not all(graph.params[n].source.available for n in names):
+        raise KilnError("quantization with -auto measures each weight's sensitivity, so it "
+                        "needs the weights at compile time (not --no-weights)")
+    hess: dict = {}
+    if calibration:
+        from kiln.passes.gptq import calibrate
+
+        hess = calibrate(graph, names, list(calibration), lambda n, w, h: w)
+    weights = ((n, np.asarray(graph.params[n].load(), np.float32), schemes[n]) for n in names)
+    costs = qs.measure((n, w, hess.get(n, np.eye(w.shape[1])), s) for n, w, s in weights)
+    shapes = {n: tuple(graph.params[n].type.shape) for n in names}
+    picked = qs.choose_int8(costs, sum(qs.budget_of({n: shapes[n]}, schemes[n], budget)
+                                       for n in names))
+    return {n: qs.INT8 if n in picked else s for n, s in schemes.items()}
 
 
 def _add_quantized(params: dict, types: dict, p: Param, scheme: tuple[int, int, bool],
