@@ -59,20 +59,25 @@ class SparseShape:
         return self.values == "int8"
 
 
-def _bits() -> tirx.PrimExpr:
-    return T.shift_left(T.Broadcast(T.int32(1), LANES), T.ramp(T.int32(0), 1, LANES))
+@T.macro
+def lane_bits(bits):
+    """bits[l] = 1 << l, stored inside the parallel task: LLVM then sees the constants and turns
+    each mask test into one kmov (a vector TVM's CSE hoists out of the task reaches the task as
+    an opaque argument, and every test becomes a broadcast and a vptestmd)."""
+    for lane in T.unroll(LANES):
+        bits[lane] = T.shift_left(T.int32(1), lane)
 
 
-def mask_of(mb, nb, kk) -> tirx.PrimExpr:
-    """The boolx16 mask of column kk of block nb (one kmov once LLVM has matched it)."""
-    return T.bitwise_and(T.Broadcast(T.Cast("int32", mb[nb, kk]), LANES), _bits()) != \
-        T.Broadcast(T.int32(0), LANES)
+def mask_of(mb, nb, kk, bits) -> tirx.PrimExpr:
+    """The boolx16 mask of column kk of block nb (bits: filled by lane_bits)."""
+    return tirx.NE(T.bitwise_and(T.Broadcast(T.Cast("int32", mb[nb, kk]), LANES),
+                                 bits[T.ramp(0, 1, LANES)]), T.Broadcast(T.int32(0), LANES))
 
 
-def expand(s: SparseShape, vb, mb, nb, kk, off) -> tirx.PrimExpr:
-    """float32x16: lane l holds W[nb*LANES + l, kk] where its mask bit is set (int8 codes
-    converted, unscaled) and garbage elsewhere: callers mask with mask_of(mb, nb, kk)."""
-    mask = mask_of(mb, nb, kk)
+def expand(s: SparseShape, vb, nb, off, mask) -> tirx.PrimExpr:
+    """float32x16: lane l holds W[nb*LANES + l, kk] where `mask` (mask_of(mb, nb, kk, .)) has
+    its bit set (int8 codes converted, unscaled) and garbage elsewhere: callers mask with the
+    same expression object (one kmov; two equal expressions become two vector tests)."""
     if s.values == "float32":
         packed = vb[nb, T.ramp(off, 1, LANES)]
         return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.expand", packed,
@@ -162,6 +167,8 @@ def _gemv_panel(s: SparseShape, bias: bool):
     def panel(xb, vb, mb, sb, bb, yb, m, nb0, nv):
         acc = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
         off = T.decl_buffer((nv,), "int32", scope=SMALL)
+        bits = T.decl_buffer((lanes,), "int32", scope=SMALL)
+        lane_bits(bits)
         for r in range(m):
             zero(acc, nv, lanes)
             for j in T.unroll(nv):
@@ -169,11 +176,10 @@ def _gemv_panel(s: SparseShape, bias: bool):
             for kk in range(k):
                 xv: T.let[T.float32] = xb[r, kk]
                 for j in T.unroll(nv):
-                    w: T.let[T.float32x16] = expand(s, vb, mb, nb0 + j, kk, off[j])
+                    m = mask_of(mb, nb0 + j, kk, bits)
                     acc[T.ramp(j * lanes, 1, lanes)] = T.Select(
-                        mask_of(mb, nb0 + j, kk),
-                        acc[T.ramp(j * lanes, 1, lanes)] + T.Broadcast(xv, lanes) * w,
-                        acc[T.ramp(j * lanes, 1, lanes)])
+                        m, acc[T.ramp(j * lanes, 1, lanes)] + T.Broadcast(xv, lanes) * expand(
+                            s, vb, nb0 + j, off[j], m), acc[T.ramp(j * lanes, 1, lanes)])
                     off[j] = off[j] + _count(mb, nb0 + j, kk)
             if s.scaled:
                 for j in T.unroll(nv):
@@ -191,17 +197,20 @@ def _gemm_panel(s: SparseShape, mr: int, bias: bool):
     def unpack(vb, mb, sb, scratch, nb0, nv):
         # scratch[(j * K + k) * lanes + lane] = W[(nb0 + j) * lanes + lane, k]
         off = T.decl_buffer((1,), "int32", scope=SMALL)
+        bits = T.decl_buffer((lanes,), "int32", scope=SMALL)
+        lane_bits(bits)
         for j in range(nv):
             off[0] = 0
             for kk in range(k):
-                w: T.let[T.float32x16] = expand(s, vb, mb, nb0 + j, kk, off[0])
+                m = mask_of(mb, nb0 + j, kk, bits)
                 if s.scaled:
                     scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = T.Select(
-                        mask_of(mb, nb0 + j, kk), w * sb[T.ramp((nb0 + j) * lanes, 1, lanes)],
+                        m, expand(s, vb, nb0 + j, off[0], m) * sb[T.ramp((nb0 + j) * lanes, 1,
+                                                                          lanes)],
                         T.Broadcast(T.float32(0), lanes))
                 else:
                     scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = T.Select(
-                        mask_of(mb, nb0 + j, kk), w, T.Broadcast(T.float32(0), lanes))
+                        m, expand(s, vb, nb0 + j, off[0], m), T.Broadcast(T.float32(0), lanes))
                 off[0] = off[0] + _count(mb, nb0 + j, kk)
 
     @T.macro
