@@ -170,9 +170,13 @@ def stats_line(result: Generation, threads: int | None) -> str:
 
 def _parse_ids(prompt_ids: str) -> list[int]:
     try:
-        return [int(x) for x in prompt_ids.split(",") if x.strip()]
+        ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
     except ValueError as e:
         raise KilnError(f"--prompt-ids: not a list of integers: {prompt_ids!r}") from e
+    huge = [i for i in ids if not -(2**63) <= i < 2**63]
+    if huge:
+        raise KilnError(f"--prompt-ids: token id {huge[0]} out of range (not a vocabulary id)")
+    return ids
 
 
 def run_chat(artifact: Path, *, system: str | None, max_new_tokens: int, temperature: float,
