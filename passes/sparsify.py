@@ -12,10 +12,12 @@ export (a pruned checkpoint). What the zeros look like is known
   quantized from; a zero stays a zero code);
 - else it is unknown, and the linear stays dense.
 
-The cost model: decode reads every weight once per token and is bound by memory, so the
-predicted speedup of a layer is (dense bytes / sparse bytes) x the kernel's measured efficiency
-(SPARSE_TARGETS); a weight converts when that reaches `min_speedup`. A weight with few zeros
-stays dense. Prefill runs the dense micro-kernel on an expanded panel, so it does not decide.
+The cost model (SparseTarget.speedup): decode reads every weight once per token; a GEMV takes
+the longer of streaming its bytes and doing its arithmetic, each kernel at its measured speed
+(SPARSE_TARGETS). A weight converts when the predicted decode speedup reaches `min_speedup`: a
+weight with few zeros stays dense, and so does one whose dense kernel is already bound by
+arithmetic the sparse kernel cannot beat (int8 on the CPU). Prefill runs the dense
+micro-kernel on an expanded panel, so it does not decide.
 
 Targets: "cpu" takes the "bitmap" layout for float32 and int8 weights (kiln.codegen.kernels.
 sparse_linear); "cuda" takes the 2:4 "nm" layout for float weights that are exactly 2:4
@@ -42,27 +44,43 @@ from kiln.runtime import sparse_format as sf
 
 @dataclass(frozen=True, slots=True)
 class SparseTarget:
-    """What a target's sparse kernels take, and how fast they are per byte."""
+    """What a target's sparse kernels take, and how fast its decode GEMVs run.
+
+    A GEMV's time is the larger of streaming its bytes (memory) and its arithmetic (compute):
+    time = max(bytes / bandwidth, weights / rate), `rate` being the kernel's speed with its
+    weight in cache. The dense kernel of a memory-bound weight gains from fewer bytes as far as
+    the sparse kernel's arithmetic allows."""
 
     layout: str  # "bitmap" | "nm"
-    #: weight kind ("float32" | "int8") -> the sparse kernel's speed relative to the dense one at
-    #: equal bytes, measured in decode on this project's benchmark machine (the source of each
-    #: figure is beside SPARSE_TARGETS)
-    efficiency: tuple[tuple[str, float], ...]
+    bandwidth: float  # bytes/s the dense decode GEMVs stream weights at
+    #: weight kind ("float32" | "int8") -> (dense rate, sparse rate), weights/s in cache
+    rates: tuple[tuple[str, float, float], ...]
+    #: the fraction of `bandwidth` the sparse kernel streams its bytes at
+    sparse_stream: float = 1.0
     #: bytes of one stored float weight (CUDA stores float16)
     float_bytes: int = 4
     min_speedup: float = 1.1
 
-    def factor(self, kind: str) -> float | None:
-        return dict(self.efficiency).get(kind)
+    def speedup(self, kind: str, weights: int, dense_bytes: int, sparse_bytes: int,
+                ) -> float | None:
+        """Predicted decode speedup of one weight's GEMV (None: no sparse kernel for `kind`)."""
+        rate = {k: (d, s) for k, d, s in self.rates}.get(kind)
+        if rate is None:
+            return None
+        dense = max(dense_bytes / self.bandwidth, weights / rate[0])
+        sparse = max(sparse_bytes / (self.bandwidth * self.sparse_stream), weights / rate[1])
+        return dense / sparse
 
 
-#: cpu: benchmarks/sparse_kernels.py (decode GEMV vs the dense packed / w8 kernels, SmolLM2
-#: shapes, DRAM-cold; benchmarks/RESULTS.md "Sparsity (session 5)"). cuda: 2:4 fp16 decode
-#: GEMV vs the dense one on the H200 (benchmarks/gpu/sparse_kernels.py, H4c's runs).
+#: cpu (2-core Zen 4, 2 threads): bandwidth, and the GEMVs' rates with their weights in cache,
+#: from benchmarks/sparse_kernels.py (benchmarks/RESULTS.md, "Sparsity (session 5)").
+#: cuda: memory-bound GEMVs (H200, 4.2 TB/s measured in session 4); the 2:4 GEMV assumed to
+#: stream at 80% of the dense one's bandwidth until the H200 figure is measured.
+_INF = float("inf")
 SPARSE_TARGETS: dict[str, SparseTarget] = {
-    "cpu": SparseTarget("bitmap", (("float32", 0.9), ("int8", 0.8))),
-    "cuda": SparseTarget("nm", (("float32", 0.8),), float_bytes=2),
+    "cpu": SparseTarget("bitmap", 40e9, (("float32", 40e9, 20e9), ("int8", 40e9, 80e9))),
+    "cuda": SparseTarget("nm", 4.2e12, (("float32", _INF, _INF),), sparse_stream=0.8,
+                         float_bytes=2),
 }
 
 #: Derived transforms that prune (kiln.passes.prune_weights) and the attribute GPTQ carries when
@@ -82,13 +100,13 @@ class _Candidate:
 
 
 @register("sparsify")
-def sparsify(graph: Graph, *, target: str | None = None,
+def sparsify(graph: Graph, *, target: str | SparseTarget | None = None,
              plan: Mapping[str, Mapping] | None = None) -> Graph:
-    """`target` names a SPARSE_TARGETS entry (None: the pass does nothing); `plan`: decisions
-    recorded by an earlier run (graph.meta["sparse"]), replayed instead of deciding."""
-    if target is None or target not in SPARSE_TARGETS:
+    """`target`: a SPARSE_TARGETS name or a SparseTarget (None: the pass does nothing); `plan`:
+    decisions recorded by an earlier run (graph.meta["sparse"]), replayed instead of deciding."""
+    tgt = SPARSE_TARGETS.get(target) if isinstance(target, str) else target
+    if tgt is None:
         return graph
-    tgt = SPARSE_TARGETS[target]
     candidates = _candidates(graph)
     decisions = {}
     for c in candidates.values():
@@ -162,8 +180,7 @@ def _derived_by_pruning(src: ParamSource) -> bool:
 
 
 def _decide(graph: Graph, tgt: SparseTarget, c: _Candidate) -> dict | None:
-    factor = tgt.factor(c.kind)
-    if factor is None or not _fits(tgt.layout, c.n, c.k):
+    if c.kind not in {k for k, _, _ in tgt.rates} or not _fits(tgt.layout, c.n, c.k):
         return None
     pattern = _pruned_bound(graph, c.source)
     if pattern is not None:
@@ -183,7 +200,7 @@ def _decide(graph: Graph, tgt: SparseTarget, c: _Candidate) -> dict | None:
     dense = c.n * c.k * itemsize
     sparse = (c.n * c.k // 2 * itemsize + c.n * -(-c.k // 8) if tgt.layout == "nm" else
               c.n // sf.BLOCK * (capacity * itemsize + c.k * 2))
-    speedup = dense / sparse * factor
+    speedup = tgt.speedup(c.kind, c.n * c.k, dense, sparse)
     if speedup < tgt.min_speedup:
         return None
     return {"layout": tgt.layout, "kind": c.kind, "capacity": capacity,
