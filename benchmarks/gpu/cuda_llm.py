@@ -74,7 +74,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
     # kernel's operand loads), nopdl (no programmatic dependent launch), norope (decode's
     # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention),
-    # sp24 (2:4 sparse linears), spscratch (their prefill GEMM on a decompressed scratch weight)
+    # sp24 (2:4 sparse linears), spfused (their prefill GEMM with the 2:4 decode in its fetch)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -85,12 +85,12 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         pdl.ENABLED = "nopdl" not in flags
         lower.FUSE_ROPE = "norope" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
-        lower_sparse.PREFILL = "scratch" if "spscratch" in flags else "fused"
+        lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None, **sparse)
         flash_attention.LDSM, pdl.ENABLED, lower.FUSE_ROPE = default_ldsm, True, True
-        attention.WARP_DECODE, lower_sparse.PREFILL = True, "fused"
+        attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
         (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))

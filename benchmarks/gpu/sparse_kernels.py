@@ -10,7 +10,8 @@ densified weight, with seeded random inputs (x ~ N(0, 1), weights ~ N(0, 1/k) pr
 magnitude, a few groups holding fewer than two non-zeros), against a float64 numpy reference:
 relative error ||y - ref|| / ||ref||, every output element written (outputs poisoned with NaN
 first). Times: median of 5 repeats of 50 back-to-back calls (time_evaluator); the `big` cases
-stream 128-256 MB of weights (well past the 50 MB L2): achieved bytes per second there.
+stream 128-256 MB of weights (well past the 50 MB L2): achieved bytes per second there;
+`decompress` (the prefill's scratch weight) counts the bytes read and written.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def cases() -> list[dict]:
          dict(name="norm", kind="norm", n=3072, k=2048),
          dict(name="small", kind="gemv", n=1536, k=576, res=False, m=2),
          dict(name="big", kind="gemv", n=65536, k=2048, res=False),
-         dict(name="bigswiglu", kind="swiglu", n=65536, k=2048)]
+         dict(name="bigswiglu", kind="swiglu", n=65536, k=2048),
+         dict(name="decompress", kind="decompress", n=16384, k=2048)]
     return c
 
 
@@ -65,6 +67,8 @@ def build(root: Path) -> None:
                                                                         EPS, pdl=True)
             funcs[c["name"] + "_dense"] = gemv.swiglu_gemv_kernel(n // 2, k, "float16", EPS,
                                                                   pdl=True)
+        elif kind == "decompress":  # the prefill's scratch weight (no dense twin)
+            funcs[c["name"] + "_sparse"] = sg.nm_decompress_kernel(n, k, "float16")
         else:
             funcs[c["name"] + "_sparse"] = sg.sparse_qkv_rope_gemv_kernel(H, KV, D, k, "float16",
                                                                           EPS, pdl=True)
@@ -140,6 +144,10 @@ def run(root: Path, bundle: Path) -> None:
             ref = rms(x, gamma) @ w64.T
             args = {"sparse": [x, gamma, values, meta], "dense": [x, gamma, w]}
             out_shape, out_dtype = (m, n), np.float32
+        elif kind == "decompress":
+            ref = w64
+            args = {"sparse": [values, meta]}
+            out_shape, out_dtype = (n, k), np.float16
         elif kind == "swiglu":
             f = n // 2
             gu = rms(x, gamma) @ w64.T
@@ -181,6 +189,8 @@ def run(root: Path, bundle: Path) -> None:
             timer = lib.time_evaluator(f"{c['name']}_{name}", dev, number=50, repeat=5)
             sec = float(np.median(timer(*targs).results))
             wbytes = w.nbytes if name == "dense" else values.nbytes + meta.nbytes
+            if kind == "decompress":  # the dense weight written too
+                wbytes += w.nbytes
             rows.append((c["name"], name, n, k, err, nan, untouched, sec, wbytes))
     print("case | kernel | n x k | rel err vs float64 | NaN left | caches untouched | us | "
           "weight GB/s")

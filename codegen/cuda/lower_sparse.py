@@ -4,9 +4,12 @@ Decode (one token per row, no bias, fp16/bf16 values): the sparse GEMVs of
 kernels/sparse_gemv.py, which read the compressed values and the metadata (1.125 bytes per
 weight), with the dense decode path's fusions: the rms_norm in front, the residual Add behind,
 the SwiGLU of a gate/up projection, and the q/k/v projection + rotary + KV append (deferred to
-lower_attention as the dense one is). Prefill: the tensor-core GEMM with the 2:4 decode inlined
-into its weight-tile fetch (te_ops.sparse_nt_matmul), i.e. decompressed into shared memory;
-PREFILL = "scratch" (the benchmarks' A/B) decompresses into a dense scratch weight first.
+lower_attention as the dense one is). Prefill: the weight decompressed into a dense scratch
+weight by a 16-byte kernel (sparse_gemv.nm_decompress_kernel), then the dense tensor-core GEMM;
+PREFILL = "fused" (the benchmarks' A/B) inlines the 2:4 decode into the GEMM's weight-tile
+fetch instead (te_ops.sparse_nt_matmul: decompressed in shared memory, no scratch weight),
+which dlight schedules as scalar gathers: 0.64x dense at 2048 tokens on the H200 against the
+scratch weight's 0.82x (with te_ops.nm_decode; benchmarks/gpu/cuda_llm_log.md run 16).
 Other dtypes (float32) take the prefill path for decode too.
 """
 
@@ -31,8 +34,8 @@ from kiln.codegen.lower import _numel, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
 
-#: prefill GEMM: "fused" (decode in the tile fetch) or "scratch" (decode kernel, plain GEMM)
-PREFILL = "fused"
+#: prefill GEMM: "scratch" (decompress kernel, plain GEMM) or "fused" (decode in the tile fetch)
+PREFILL = "scratch"
 
 
 @lowering("sparse_linear")
@@ -57,7 +60,14 @@ def _sparse_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]
         raise KilnError(f"node {node.name} (sparse_linear): a fused norm needs the decode GEMV")
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
     x2 = reshape(ctx, x, [_numel(xs[:-1]), k])
-    if PREFILL == "scratch":
+    if PREFILL == "scratch" and k % sg.CHUNK == 0 and dtype_of(values) in ("float16",
+                                                                         "bfloat16"):
+        gv = ctx.kernel(("cuda_nm_decompress", n, k, dtype_of(values)),
+                        lambda: sg.nm_decompress_kernel(n, k, dtype_of(values)))
+        w = ctx.bb.emit(R.call_tir(gv, [values, meta], relax.TensorType([n, k], dtype_of(
+            values))))
+        y = _te(ctx, te_ops.nt_matmul, x2, w, acc)
+    elif PREFILL == "scratch":
         y = _te(ctx, te_ops.nt_matmul, x2, _te(ctx, te_ops.nm_decode, values, meta, k=k), acc)
     else:
         y = _te(ctx, te_ops.sparse_nt_matmul, x2, values, meta, k=k, out_dtype=acc)

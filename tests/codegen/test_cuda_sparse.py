@@ -113,3 +113,33 @@ def _cuda_source(ct, func) -> str:
         if "__global__" in src:
             return src
     raise AssertionError("no CUDA module")
+
+
+@needs_cuda_toolchain
+def test_pruned_model_compiles_to_sparse_kernels(tiny_model, tmp_path):
+    """--sparsity 2:4 for CUDA (no weights: the pruning config says every linear but the LM head
+    is exactly 2:4): each becomes a sparse_linear in the `nm` layout, decoded by the sparse
+    GEMVs with the dense path's fusions and prefilled by the dense GEMM on a weight the
+    decompress kernel writes."""
+    import json
+
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.compiler.compile import compile_model
+
+    art = compile_model(tiny_model, tmp_path / "sp", target="cuda:sm_90", max_seq=64,
+                        weights=False, dtype="float16", sparsity="2:4",
+                        prune_method="magnitude")
+    lib = art / "kernels.so"
+    ct.require_fatbin(lib, "sm_90")
+    data = lib.read_bytes()
+    for kernel in (b"cuda_sparse_qkv_rope_gemv_", b"cuda_sparse_swiglu_gemv_",
+                   b"cuda_sparse_gemv_", b"cuda_nm_decompress_", b"fused_nt_matmul"):
+        assert kernel in data, kernel
+    assert b"sparse_nt_matmul" not in data  # prefill: a decompressed weight, the dense GEMM
+    m = json.loads((art / "manifest.json").read_text())
+    parts = {p["name"]: p for p in m["params"] if p["name"].endswith((".nm.values", ".nm.meta"))}
+    assert len(parts) == 2 * 4 * 2  # q/k/v, o, gate/up, down in each of the 2 layers
+    for p in parts.values():
+        assert p["dtype"] == ("float16" if p["name"].endswith("values") else "uint8")
+        assert p["derivation"]["fn"] == "sparse_encode"
+        assert p["derivation"]["attrs"]["layout"] == "nm"

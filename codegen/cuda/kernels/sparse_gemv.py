@@ -31,7 +31,8 @@ from kiln.codegen.cuda.kernels import pdl as P
 WARPS = 4  # warps per block
 CHUNK = 32  # columns per lane and step: 16 values (32 bytes), 8 nibbles (4 bytes)
 STRIDE = CHUNK + 8  # halves per chunk of x in shared memory (16 bytes of padding)
-LOADS = 8  # 16-byte weight loads per lane issued before their first use (as the dense GEMV)
+LOADS = 16  # 16-byte weight loads per lane issued before their first use (all of a 8192-column
+# row: each group of loads is a full memory round trip)
 MAX_K = 16384  # x of the block in shared memory: 40 KB at most
 
 
@@ -103,7 +104,7 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
                             acc[r] += _half(sel[1], True, dtype) * _half(sel[2], True, dtype)
 
     @T.macro
-    def stage(x, gamma, xs, xr, red, ss, mi, ty, tx):
+    def stage(x, gamma, xs, xr, gr, red, ss, mi, ty, tx):
         """x[mi] (normalized with eps) into xs, chunk c at c * STRIDE; ends with a barrier."""
         if eps is None:
             for v in range(per_thread):
@@ -116,6 +117,9 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
             for v in T.unroll(per_thread):
                 if v * WARPS * 32 + ty * 32 + tx < nvec:
                     xr[T.ramp(v * 8, 1, 8)] = x[mi, T.ramp((v * WARPS * 32 + ty * 32 + tx) * 8,
+                                                           1, 8)]
+                    # gamma with x: one memory round trip, not a second one after the sum
+                    gr[T.ramp(v * 8, 1, 8)] = gamma[T.ramp((v * WARPS * 32 + ty * 32 + tx) * 8,
                                                            1, 8)]
                     for j in T.unroll(8):
                         ss[0] += T.Cast(f32, xr[v * 8 + j]) * T.Cast(f32, xr[v * 8 + j])
@@ -133,8 +137,7 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
                 if v * WARPS * 32 + ty * 32 + tx < nvec:
                     for j in T.unroll(8):  # as the rms_norm kernel rounds its output
                         xr[v * 8 + j] = T.Cast(dtype, T.Cast(f32, xr[v * 8 + j]) * ss[0]
-                                               * T.Cast(f32, gamma[(v * WARPS * 32 + ty * 32
-                                                                    + tx) * 8 + j]))
+                                               * T.Cast(f32, gr[v * 8 + j]))
                     xs[T.ramp((v * WARPS * 32 + ty * 32 + tx) // 4 * STRIDE + (
                         v * WARPS * 32 + ty * 32 + tx) % 4 * 8, 1, 8)] = xr[T.ramp(v * 8, 1, 8)]
         T.tvm_storage_sync("shared")
@@ -152,12 +155,13 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
                     xw = T.decl_buffer((16,), u32, scope="local")
                     sel = T.decl_buffer((3,), u32, scope="local")
                     xr = T.decl_buffer((per_thread * 8,), dtype, scope="local")
+                    gr = T.decl_buffer((per_thread * 8,), dtype, scope="local")
                     ss = T.decl_buffer((1,), f32, scope="local")
                     for mi in range(m):
                         if bx * WARPS + ty < warps:  # the weights first: they wait for nothing
                             load(values, meta, wv, mv, bx * WARPS + ty, 0, tx)
                         P.wait(pdl)
-                        stage(x, gamma, xs, xr, red, ss, mi, ty, tx)
+                        stage(x, gamma, xs, xr, gr, red, ss, mi, ty, tx)
                         if bx * WARPS + ty < warps:
                             for r in T.unroll(rows):
                                 acc[r] = T.float32(0)
@@ -301,3 +305,50 @@ def sparse_qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int
         body(x, gamma, values, meta, m, cos, sin, kc, vc, pst, q)
 
     return sparse_qkv_rope_gemv
+
+
+THREADS = 256  # nm_decompress: threads per block
+
+
+@functools.cache
+def nm_decompress_kernel(n: int, k: int, dtype: str) -> tirx.PrimFunc:
+    """PrimFunc(values[n, k/2], meta[n, k/8], w[n, k]): the dense weight of a 2:4 one, for the
+    prefill GEMM (a scratch weight): one thread per 32 columns of a row, 16-byte loads of
+    values, 4 bytes of meta, four 16-byte stores; a column takes its group's first value, its
+    second, or zero, by select."""
+    if k % CHUNK:
+        raise ValueError(f"nm_decompress: k {k} is not a multiple of {CHUNK}")
+    per_row = k // CHUNK
+    total = n * per_row
+
+    @T.prim_func(private=True)
+    def nm_decompress(values: T.Buffer((n, k // 2), dtype), meta: T.Buffer((n, k // 8), "uint8"),
+                      w: T.Buffer((n, k), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        for bx in T.thread_binding((total + THREADS - 1) // THREADS, thread="blockIdx.x"):
+            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                vv = T.decl_buffer((16,), dtype, scope="local")
+                ov = T.decl_buffer((32,), dtype, scope="local")
+                mw = T.decl_buffer((1,), "uint32", scope="local")
+                if bx * THREADS + tx < total:
+                    for h in T.unroll(2):
+                        for j in T.vectorized(8):
+                            vv[h * 8 + j] = values[(bx * THREADS + tx) // per_row, (
+                                bx * THREADS + tx) % per_row * 16 + h * 8 + j]
+                    mw[0] = T.reinterpret("uint32", meta[(bx * THREADS + tx) // per_row, T.ramp(
+                        (bx * THREADS + tx) % per_row * 4, 1, 4)])
+                    for g in T.unroll(8):
+                        for c in T.unroll(4):
+                            ov[g * 4 + c] = T.Select(
+                                T.bitwise_and(T.shift_right(mw[0], T.Cast("uint32", 4 * g)),
+                                              T.uint32(3)) == T.Cast("uint32", c),
+                                vv[g * 2], T.Select(
+                                    T.bitwise_and(T.shift_right(mw[0], T.Cast(
+                                        "uint32", 4 * g + 2)), T.uint32(3)) == T.Cast(
+                                        "uint32", c), vv[g * 2 + 1], T.Cast(dtype, 0)))
+                    for q in T.unroll(4):
+                        for j in T.vectorized(8):
+                            w[(bx * THREADS + tx) // per_row, (bx * THREADS + tx) % per_row * 32
+                              + q * 8 + j] = ov[q * 8 + j]
+
+    return nm_decompress
