@@ -9,7 +9,9 @@ weight by a 16-byte kernel (sparse_gemv.nm_decompress_kernel), then the dense te
 PREFILL = "fused" (the benchmarks' A/B) inlines the 2:4 decode into the GEMM's weight-tile
 fetch instead (te_ops.sparse_nt_matmul: decompressed in shared memory, no scratch weight),
 which dlight schedules as scalar gathers: 0.64x dense at 2048 tokens on the H200 against the
-scratch weight's 0.82x (with te_ops.nm_decode; benchmarks/gpu/cuda_llm_log.md run 16).
+scratch weight's 0.93x (0.82x with te_ops.nm_decode's generic schedule; benchmarks/gpu/
+cuda_llm_log.md runs 16-17). Neither reaches the dense GEMM: the zeros are still multiplied
+(no sparse tensor cores, `mma.sp`, here).
 Other dtypes (float32) take the prefill path for decode too.
 """
 

@@ -17,6 +17,9 @@ chunks hit distinct banks. The two x values a group's pair multiplies are picked
 group's four halves by one byte permute (prmt), its selector computed from the nibble with
 integer arithmetic (no divergent branch, no indexed register access): per pair of values one
 prmt, four conversions and two FMAs, float32 accumulation, warp-shuffle row sums.
+
+`nm_decompress_kernel` writes the dense weight for the prefill GEMM (kiln.codegen.cuda.
+lower_sparse).
 """
 
 from __future__ import annotations
