@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.codegen.cuda_kernel_cases import TOL, cases, seed_of
+from tests.codegen.cuda_kernel_cases import TOL, build, cases, seed_of
 from tests.conftest import has_gpu
+from tests.helpers import needs_cuda_toolchain
 
 CASES = cases()
 
@@ -37,8 +38,6 @@ def kernels(tmp_path_factory):
         pytest.importorskip("tvm.relax", reason="building the kernels needs TVM's compiler")
         import tvm
 
-        from tests.codegen.cuda_kernel_cases import build
-
         folder = build(tmp_path_factory.mktemp("cuda_kernels"))
     from kiln.runtime.tvm_runtime import load_cuda_runtime
 
@@ -55,6 +54,18 @@ def test_every_kernel_module_has_cases():
     covered = {m for m in modules if f"kernels.{m} import" in text or f"kernels import {m}" in
                text or f", {m}" in text}
     assert covered == modules, f"no cases for {sorted(modules - covered)}"
+
+
+@pytest.mark.slow
+@pytest.mark.tvm
+@needs_cuda_toolchain
+def test_every_case_builds_to_machine_code(tmp_path):
+    """Where there is no GPU, the cases still compile (nvcc, sm_90 machine code): the GPU host
+    gets kernels that build (about a minute on 2 cores)."""
+    pytest.importorskip("tvm.relax", reason="building the kernels needs TVM's compiler")
+    folder = build(tmp_path)  # refuses a library without a fatbin for sm_90
+    assert set(json.loads((folder / "cases.json").read_text())["cases"]) == {c.name for c in
+                                                                            CASES}
 
 
 @pytest.mark.gpu
