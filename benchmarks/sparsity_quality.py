@@ -73,9 +73,12 @@ def table(results: dict[str, dict], levels: list[str], methods: list[str],
                     cells += ["-", "-", "-"]
                     continue
                 rel = (r["perplexity"] / ref["perplexity"] - 1) * 100 if ref else float("nan")
-                cells += [f"{r['perplexity']:.3f} ({rel:+.1f}%)", f"{r['kl_divergence']:.3f}",
-                          f"{r['top1_agreement']:.3f}"]
+                mark = "*" if r.get("via", "artifact") == "artifact" else ""
+                cells += [f"{r['perplexity']:.3f} ({rel:+.1f}%){mark}",
+                          f"{r['kl_divergence']:.3f}", f"{r['top1_agreement']:.3f}"]
             lines.append(f"| {lv} | {q} | " + " | ".join(cells) + " |")
+    lines += ["", "*: `kiln compile` + `kiln eval` on the artifact; other rows: onnxruntime on the "
+              "same weights (`--via onnx`)"]
     return "\n".join(lines) + "\n"
 
 
