@@ -1,6 +1,6 @@
 """CUDA lowering of `sparse_linear` in the 2:4 `nm` layout (kiln.runtime.sparse_format).
 
-Decode (one token per row, no bias, fp16/bf16 values): the sparse GEMVs of
+Decode (one token per row, fp16/bf16 values): the sparse GEMVs of
 kernels/sparse_gemv.py, which read the compressed values and the metadata (1.125 bytes per
 weight), with the dense decode path's fusions: the rms_norm in front, the residual Add behind,
 the SwiGLU of a gate/up projection, and the q/k/v projection + rotary + KV append (deferred to
@@ -55,9 +55,8 @@ def _sparse_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]
     x = deferred[0] if deferred else ctx.input(node, 0)
     xs, dtype = shape_of(x), dtype_of(x)
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
-    if b is None and _decode_shaped(x) and sg.supported(k, dtype) and dtype_of(
-            values) == dtype:
-        return [_decode(ctx, node, x, values, meta, deferred, n, k, out_dtype)]
+    if _decode_shaped(x) and sg.supported(k, dtype) and dtype_of(values) == dtype:
+        return [_decode(ctx, node, x, values, meta, b, deferred, n, k, out_dtype)]
     if deferred:
         raise KilnError(f"node {node.name} (sparse_linear): a fused norm needs the decode GEMV")
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
@@ -77,10 +76,11 @@ def _sparse_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]
 
 
 def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr,
-            meta: relax.Expr, deferred: tuple | None, n: int, k: int,
+            meta: relax.Expr, b: relax.Expr | None, deferred: tuple | None, n: int, k: int,
             out_dtype: str) -> relax.Expr | None:
     """The decode GEMV: with the norm deferred into it (SwiGLU or q/k/v-rotary epilogue where
-    the graph has them), or with the residual Add behind."""
+    the graph has them), or with the residual Add behind; a bias (never with a deferred norm:
+    lower.CudaLowerContext defers none into a biased linear) is added after the GEMV."""
     from kiln.codegen.lower import _split_sizes
 
     xs, dtype, pdl = shape_of(x), dtype_of(x), ctx.pdl
@@ -108,12 +108,14 @@ def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr
         y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
                                    relax.TensorType([m, n], out_dtype)))
         return reshape(ctx, y, [*xs[:-1], n])
-    add, other = _residual(ctx, node, out_dtype)
+    add, other = _residual(ctx, node, out_dtype) if b is None else (None, None)
     args = [x2, values, meta] + ([reshape(ctx, other, [m, n])] if other is not None else [])
     gv = ctx.kernel(("cuda_sparse_gemv", n, k, dtype, out_dtype, other is not None, pdl),
                     lambda: sg.sparse_gemv_kernel(n, k, dtype, out_dtype,
                                                   residual=other is not None, pdl=pdl))
     y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
+    if b is not None:
+        y2 = ctx.bb.emit(R.add(y2, R.astype(b, out_dtype) if dtype_of(b) != out_dtype else b))
     _swiglu(ctx, node, y2, xs, n)
     y = reshape(ctx, y2, [*xs[:-1], n])
     if other is not None:  # the Add's output is this GEMV's

@@ -143,3 +143,23 @@ def test_pruned_model_compiles_to_sparse_kernels(tiny_model, tmp_path):
         assert p["dtype"] == ("float16" if p["name"].endswith("values") else "uint8")
         assert p["derivation"]["fn"] == "sparse_encode"
         assert p["derivation"]["attrs"]["layout"] == "nm"
+
+
+def test_biased_linears_decode_through_the_sparse_gemv(tmp_path):
+    """Qwen2's q/k/v projections carry a bias: in decode they still read the 2:4 weight through
+    the sparse GEMV (the bias added after it), never decompressing it per token."""
+    from kiln.codegen.build import build_module
+    from kiln.codegen.targets import resolve
+    from kiln.compiler.compile import compile_graph
+    from kiln.models.synthetic import write_synthetic
+    from kiln.passes.prune_weights import parse_config
+
+    model = write_synthetic("qwen2-tiny", tmp_path / "m", weights=False)
+    g = compile_graph(model, max_seq=64, progress=lambda m: None, weights_optional=True,
+                      prune=parse_config("2:4", "magnitude"), sparse_target="cuda")
+    biased = [n for n in g.nodes if n.op == "sparse_linear" and len(n.inputs) > 4]
+    assert biased  # the fused q/k/v projection of each layer
+    mod, _ = build_module(g, resolve("cuda:sm_90"))
+    decode, prefill = mod["decode"].script(), mod["prefill"].script()
+    assert "cuda_sparse_gemv" in decode and "cuda_nm_decompress" not in decode
+    assert "cuda_nm_decompress" in prefill
