@@ -19,7 +19,8 @@ with --artifact). On the GPU host, weights are synthesized from a seed by kiln's
 32 tokens (prefill + decode steps through the KV cache and the CUDA graph) against a float64
 torch forward of the same canonical graph on the GPU. kiln runs inside the bundle (runtime-only
 TVM; torch is kept out of that process), torch in a child process.
-`bench`: kiln prefill/decode tok/s (bundle bench), HF transformers eager `generate` on the same
+`bench [--rounds R]`: kiln prefill/decode tok/s (bundle bench; R rounds alternate the
+artifacts, A B A B, each round's ratios printed), HF transformers eager `generate` on the same
 shapes (random weights, fp16; once per model shape, `--no-hf` skips it), device copy bandwidth,
 printed as a table. Quantized artifacts: the runtime synthesizes their weights by rounding seeded
 float weights to nearest (kiln.runtime.params.quantize_rtn); the torch reference runs the float
@@ -419,9 +420,11 @@ def hf_numbers(config: dict, lens: list[int], decode: int) -> dict:
 
 
 def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
-          with_hf: bool = True) -> None:
-    rows, peers = [], {}
-    for art in sorted((root / "arts").iterdir()):
+          with_hf: bool = True, rounds: int = 1) -> None:
+    """`rounds` > 1: the artifacts benched in turn that many times (A B C A B C ...), each
+    round's twin ratios printed; the table is the first round's."""
+    rows, peers, by_round = [], {}, []
+    for rnd, art in ((r, a) for r in range(rounds) for a in sorted((root / "arts").iterdir())):
         if art.name.startswith(".") or (only and not re.search(only, art.name)):
             continue
         cfg_file = root / "models" / spec_of(art)["model"] / "config.json"
@@ -430,10 +433,16 @@ def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
              str(art), "--synthetic-weights", str(SEED), "--prompt-lens",
              ",".join(map(str, lens)), "--decode-len", str(decode), "--repeat", str(repeat),
              "--json", f"/tmp/bench-{art.name}.json"], capture_output=True, text=True)
-        print(f"== kiln {art.name}\n{child.stdout}{child.stderr[-3000:]}", flush=True)
+        print(f"== kiln {art.name} (round {rnd + 1})\n{child.stdout}{child.stderr[-3000:]}",
+              flush=True)
         if child.returncode:
             continue
         k = json.loads(Path(f"/tmp/bench-{art.name}.json").read_text())
+        while len(by_round) <= rnd:
+            by_round.append({})
+        by_round[rnd][art.name] = k
+        if rnd:
+            continue
         model = spec_of(art)["model"]
         if model not in peers and not with_hf:
             peers[model] = {"prefill": {}, "decode": float("nan"),
@@ -461,7 +470,9 @@ def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
                   f"{peer:.1f} | {r['tok_s'] / peer:.2f}x | {extra}")
         print(f"{name}: copy {k['copy_gb_s']:.0f} GB/s (TVM), torch {hf['torch_copy_gb_s']:.0f}"
               f" GB/s; weights {k['weight_bytes'] / 1e6:.0f} MB read per decoded token")
-    twin_ratios(root, {name: k for name, k, _ in rows})
+    for rnd, results in enumerate(by_round):
+        print(f"round {rnd + 1}:")
+        twin_ratios(root, results)
 
 
 def twin_ratios(root: Path, results: dict[str, dict]) -> None:
@@ -587,6 +598,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--only", default="")
     p.add_argument("--no-hf", action="store_true", help="bench: kiln only (no HF eager peer)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="bench: the artifacts in turn this many times (alternated A/B)")
     a = p.parse_args()
     if a.mode == "build":
         build(a.root, a.rest, a.max_seq)
@@ -594,7 +607,7 @@ def main() -> None:
         check(a.root, a.only)
     elif a.mode == "bench":
         bench(a.root, [int(x) for x in a.lens.split(",")], a.decode, a.repeat, a.only,
-              with_hf=not a.no_hf)
+              with_hf=not a.no_hf, rounds=a.rounds)
     elif a.mode == "torch-ref":
         art = a.root / "arts" / a.rest[0]
         np.savez(f"/tmp/ref-{art.name}.npz", **torch_reference(art, a.root / "bundle"))
