@@ -244,7 +244,6 @@ def sparse_swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
     gemv.swiglu_gemv_kernel, y[m, r] = silu(g) * u of g = x' . W[r], u = x' . W[f + r]."""
     if not supported(k, dtype):
         raise ValueError(f"sparse_swiglu_gemv: k {k}, dtype {dtype} not supported")
-    f32 = "float32"
 
     @T.macro
     def store(acc, mi, w, tx, y, o1, o2, o3, o4, o5):
@@ -263,7 +262,6 @@ def sparse_swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
         y = T.match_buffer(y_h, (m, f), dtype)
         body(x, gamma, values, meta, m, y, None, None, None, None, None)
 
-    del f32
     return sparse_swiglu_gemv
 
 
