@@ -74,8 +74,8 @@ def _matmul_nbits(n: Node, params: dict, types: dict) -> Node:
     if s.type.dtype is not DType.f32:
         raise KilnError(f"node {n.name} ({n.op}): scales are {s.type.dtype.value}; kiln "
                         "imports float32")
-    groups = -(-k // block)
-    cols = groups * block * bits // 8
+    groups = qf.groups_of(k, block)[1]
+    cols = qf.packed_columns(qf.padded_k(k, block), bits)  # MatMulNBits' blob is kiln's row
     base = n.inputs[1]
     src = Derived("reshape", (b.source,), Attrs({"shape": (nn, cols)}))
     if bits == 8:
