@@ -190,7 +190,13 @@ class Session:
                  self._device_input(name, self._feed(name, ids),
                                     reuse=self._cuda and entry == "decode")
                  for name in self.inputs]
-        out = self._vm[entry](*args, self._caches, self._params)
+        try:
+            out = self._vm[entry](*args, self._caches, self._params)
+        except Exception as e:  # TVM's checks of arity, shapes, dtypes: a manifest that
+            # does not describe its kernels (edited, or from another artifact)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KilnError(f"{self.artifact.path}: the kernels refused the {entry} call "
+                            f"(manifest and kernels disagree?): {first}") from e
         self.past += s
         self._greedy = None
         if not hasattr(out, "numpy"):  # several outputs come back as an array of tensors

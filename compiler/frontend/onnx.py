@@ -90,8 +90,8 @@ def _convert(model: onnx.ModelProto, where: str, base_dir: Path,
     for vi in g.input:
         if vi.name not in params:
             types[vi.name] = _value_type(vi, names, required=True)
-    nodes = import_quantized(_convert_nodes(g, params, types, base_dir, weights_optional),
-                             params, types)
+    nodes = import_quantized(_convert_nodes(g, params, types, base_dir, weights_optional,
+                                            opset), params, types)
     _check_imported(nodes, where)
     for vi in (*g.value_info, *g.output):
         if vi.name not in types and vi.type.tensor_type.elem_type:
@@ -161,7 +161,7 @@ def _value_type(vi: onnx.ValueInfoProto, names: DimNamer, *, required: bool) -> 
 
 def _convert_nodes(g: onnx.GraphProto, params: dict[str, Param],
                    types: dict[str, TensorType], base_dir: Path,
-                   weights_optional: bool) -> list[Node]:
+                   weights_optional: bool, opset: int) -> list[Node]:
     """IR nodes for the graph's nodes; Constant nodes become params (and types) instead."""
     nodes: list[Node] = []
     used: set[str] = set()
@@ -174,12 +174,31 @@ def _convert_nodes(g: onnx.GraphProto, params: dict[str, Param],
             params[p.name], types[p.name] = p, p.type
             continue
         op = op_name(n)
+        _check_arity(n, name, opset)
         node_attrs = attrs(n, op, f"node {name} ({op})")
         if op == "Split" and not (n.input[1:2] and n.input[1]) and "num_outputs" not in \
                 node_attrs:
             node_attrs["num_outputs"] = len(n.output)  # opset 13: the arity sets the parts
         nodes.append(Node(op, tuple(n.input), tuple(n.output), node_attrs, name))
     return nodes
+
+
+def _check_arity(n: onnx.NodeProto, name: str, opset: int) -> None:
+    """A default-domain node has as many inputs and outputs as its ONNX schema allows (a
+    rewired or corrupted export can hand a Mul one input; every later stage assumes two)."""
+    if n.domain not in _DEFAULT_DOMAINS:
+        return
+    try:
+        schema = onnx.defs.get_schema(n.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return  # not an ONNX op: _check_ops has refused it already unless kiln defines it
+    ins, outs = len(n.input), len(n.output)
+    if not schema.min_input <= ins <= schema.max_input:
+        raise KilnError(f"node {name} ({n.op_type}) has {ins} inputs; opset {opset} allows "
+                        f"{schema.min_input}..{schema.max_input}")
+    if not schema.min_output <= outs <= schema.max_output:
+        raise KilnError(f"node {name} ({n.op_type}) has {outs} outputs; opset {opset} allows "
+                        f"{schema.min_output}..{schema.max_output}")
 
 
 def _unique_name(name: str, used: set[str]) -> str:
