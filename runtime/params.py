@@ -160,13 +160,30 @@ def _synthetic_sparse(parts: dict[str, tuple[int, dict]], seed: int) -> dict[str
                         "needs its values and meta")
     i, v = parts["values"]
     layout = v["derivation"]["attrs"].get("layout")
+    if layout == "bitmap" and v["dtype"] == "float32":
+        return _synthetic_bitmap(v, parts["meta"][1], seed, i)
     if layout != "nm":
         raise KilnError(f"parameter {v['name']}: cannot synthesize the {layout!r} sparse layout "
-                        "(2:4 `nm` only)")
+                        f"with {v['dtype']} values (2:4 `nm`, and fp32 `bitmap`)")
     n, k = v["shape"][0], 2 * v["shape"][1]
     w = np.random.default_rng([seed, i]).standard_normal((n, k), dtype=np.float32)
     values, meta = nm_encode(prune_magnitude(w / np.sqrt(k), fraction=0.5, n=2, m=4))
     return {v["name"]: as_float(values, v["dtype"]), parts["meta"][1]["name"]: meta}
+
+
+def _synthetic_bitmap(v: dict, meta: dict, seed: int, i: int) -> dict[str, np.ndarray]:
+    """A seeded N(0, 1/K) matrix with the same number of zeros in every row, as many as the
+    layout's capacity says (C = 16 x non-zeros per row + 16), pruned by magnitude."""
+    from kiln.runtime.pruning import prune_magnitude
+    from kiln.runtime.sparse_format import BLOCK, bitmap_encode
+
+    (blocks, k), capacity = meta["shape"], v["shape"][1]
+    kept = min(k, max(0, (capacity - BLOCK) // BLOCK))
+    w = np.random.default_rng([seed, i]).standard_normal((blocks * BLOCK, k), dtype=np.float32)
+    w = w / np.float32(np.sqrt(k))
+    w = prune_magnitude(w, fraction=(k - kept) / k) if kept < k else w
+    values, bits = bitmap_encode(w, capacity)
+    return {v["name"]: values, meta["name"]: bits}
 
 
 # -- quantized weights (kiln.runtime.quant_format, `nk` layout) ------------------------------

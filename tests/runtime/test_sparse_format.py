@@ -114,3 +114,22 @@ def test_sparse_linear_type_rule_names_the_mismatch():
              TensorType(DType.u16, (2, 40))]
     with pytest.raises(KilnError, match=r"fc \(sparse_linear\): bitmap layout"):
         infer(node, types)
+
+
+def test_synthetic_bitmap_weights_fill_the_layout():
+    """`--synthetic-weights` on a CPU sparse artifact: every row keeps (C - 16) / 16 weights."""
+    from kiln.runtime.params import synthetic_params
+
+    def entry(part, shape, dtype):
+        return {"name": f"w.bitmap.{part}", "shape": shape, "dtype": dtype, "role": "constant",
+                "derivation": {"kind": "derived", "fn": "sparse_encode",
+                               "attrs": {"layout": "bitmap", "part": part,
+                                         "capacity": 16 * 12 + 16},
+                               "sources": [{"kind": "external", "path": "m.onnx.data"}]}}
+
+    out = synthetic_params([entry("values", [3, 208], "float32"),
+                            entry("meta", [3, 40], "uint16")], seed=5)
+    values, meta = out["w.bitmap.values"], out["w.bitmap.meta"]
+    assert values.shape == (3, 208) and values.dtype == np.float32 and meta.dtype == np.uint16
+    w = sf.bitmap_decode(values, meta)
+    assert w.shape == (48, 40) and ((w != 0).sum(1) == 12).all()
