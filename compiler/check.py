@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Graph
 
 #: the two settings every decoder is checked in: (name, seq, past)
@@ -60,7 +61,12 @@ def check_model(path: str | Path, graph: Graph, *, tol: float = 1e-4, seed: int 
             continue  # no KV-cache inputs (an encoder or a cache-less export)
         feeds = make_feeds(graph, batch=batch, seq=seq, past=past, rng=rng, vocab=vocab)
         ref = run_onnxruntime(path, feeds)
-        got = run(graph, feeds, params=params)
+        try:
+            got = run(graph, feeds, params=params)
+        except (ValueError, TypeError, IndexError, MemoryError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise KilnError(f"{path}: kiln's interpreter cannot run the {case} case (which "
+                            f"onnxruntime ran): {type(e).__name__}: {first}") from e
         res = CaseResult(case, seq, past)
         for name in graph.outputs:
             res.outputs.append(compare(got[name], ref[name], name, tol))

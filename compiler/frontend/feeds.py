@@ -10,6 +10,8 @@ from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import BATCH, PAST, SEQ, Graph, Shape, dim, evaluate_dim, shape_str
 
 _PAST_KV = re.compile(r"^past.*(key|value)")
+#: elements of one feed at most (a declared dim of 10^12 is a corrupt export, not a test case)
+MAX_FEED = 1 << 28
 
 
 def make_feeds(graph: Graph, *, batch: int, seq: int, past: int, rng: np.random.Generator,
@@ -25,8 +27,15 @@ def make_feeds(graph: Graph, *, batch: int, seq: int, past: int, rng: np.random.
     for name in graph.inputs:
         t = graph.types[name]
         shape = _concrete(name, t.shape, bindings)
-        feeds[name] = _feed(name, shape, t.dtype.numpy, rng, vocab, past, seq).astype(
-            t.dtype.numpy, copy=False)
+        if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) > MAX_FEED:
+            raise KilnError(f"input {name} {shape_str(t.shape)}: a feed of shape {list(shape)} "
+                            "is impossible or too large to check")
+        try:
+            feeds[name] = _feed(name, shape, t.dtype.numpy, rng, vocab, past, seq).astype(
+                t.dtype.numpy, copy=False)
+        except ValueError as e:  # declared dims that contradict its layout (position_ids)
+            raise KilnError(f"input {name} {shape_str(t.shape)}: cannot make a feed of shape "
+                            f"{list(shape)} ({e})") from e
     return feeds
 
 

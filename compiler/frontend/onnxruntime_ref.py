@@ -46,7 +46,12 @@ def run_onnxruntime(path: str | Path, feeds: Mapping[str, np.ndarray], *,
     if missing:
         raise KilnError(f"{path}: onnxruntime run is missing inputs {missing}")
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(names, {k: np.asarray(v) for k, v in feeds.items() if k in wanted})
+    try:
+        outs = sess.run(names, {k: np.asarray(v) for k, v in feeds.items() if k in wanted})
+    except Exception as e:  # onnxruntime's own exception types, raised by a node at run time
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KilnError(f"{path}: onnxruntime cannot run the model on the seeded inputs: "
+                        f"{first}") from e
     return dict(zip(names, outs, strict=True))
 
 
