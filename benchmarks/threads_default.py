@@ -52,12 +52,15 @@ def main() -> None:
     print(f"{args.artifact}: {cores} usable cores, prompt {args.prompt_len}, decode "
           f"{args.decode}, median of {args.rounds} alternated rounds")
     print(f"{'config':14s} {'threads':>7s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
-          f"{'decode vs all-core':>19s}  decode runs")
+          f"{'decode vs all-core':>19s} {'paired':>7s}  decode runs")
     for name, rs in runs.items():
         dec = statistics.median(x["decode_tok_s"] for x in rs)
         pre = statistics.median(x["prefill_tok_s"] for x in rs)
-        print(f"{name:14s} {rs[0]['threads']:7d} {pre:14.1f} {dec:13.1f} {dec / base:18.2f}x  "
-              + " ".join(f"{x['decode_tok_s']:.1f}" for x in rs))
+        # the median of each round's ratio: the two runs of a round share the machine's load
+        paired = statistics.median(x["decode_tok_s"] / y["decode_tok_s"]
+                                   for x, y in zip(rs, runs[f"--threads {cores}"], strict=True))
+        print(f"{name:14s} {rs[0]['threads']:7d} {pre:14.1f} {dec:13.1f} {dec / base:18.2f}x "
+              f"{paired:6.2f}x  " + " ".join(f"{x['decode_tok_s']:.1f}" for x in rs))
 
 
 if __name__ == "__main__":
