@@ -14,7 +14,7 @@ compiled and checked with `kiln eval`.
 A variant is `w<bits>g<group>` then options: sym|asym, act (act order), seq (sequential
 calibration: each linear's Hessian taken with the layers before it quantized; otherwise all
 Hessians come from the fp32 model), int8=ROLES (ROLES joined by +: head, qkv, q, k, v, o, gate_up,
-down; q/k/v split a fused projection by rows), damp=F, rtn (round to nearest),
+down; q/k/v split a fused projection by rows), damp=F,
 auto=F (int8 weights by measured sensitivity within F of the weight bytes, as `-autoF`).
 """
 
@@ -50,7 +50,6 @@ class Variant:
     sequential: bool = False
     int8: set[str] = field(default_factory=set)
     damp: float = G.DAMP
-    rtn: bool = False  # round to nearest (GPTQ with an identity Hessian: no error feedback)
     auto: float = 0.0  # int8 weights by measured sensitivity within this budget (fraction)
     picked: set[str] = field(default_factory=set)  # the weights `auto` put at int8
 
@@ -71,8 +70,6 @@ class Variant:
                 v.int8 = set(val.split("+"))
             elif key == "damp":
                 v.damp = float(val)
-            elif key == "rtn":
-                v.rtn = True
             elif key == "auto":
                 v.auto = float(val or AUTO_BUDGET)
             else:
@@ -100,8 +97,6 @@ def quantizer(graph: Graph, v: Variant, q_rows: tuple[int, int, int]):
 
     def one(w: np.ndarray, h: np.ndarray, eight: bool) -> np.ndarray:
         bits, group, sym = (8, 0, True) if eight else (v.bits, v.group, v.symmetric)
-        if v.rtn:
-            h = np.eye(h.shape[0])
         return G.solved_weight(w, h, bits=bits, group=group, symmetric=sym,
                                act_order=v.act_order, damp=v.damp)
 
