@@ -107,10 +107,21 @@ def lower_node(ctx: LowerContext, node: Node) -> None:
     if fn is None:
         raise KilnError(f"no lowering for op {node.op} (node {node.name}) on target "
                         f"{ctx.target.name}")
-    outs = fn(ctx, node)
+    outs = lowered(fn, ctx, node)
     for name, expr in zip(node.outputs, outs, strict=False):
         if name and expr is not None:
             ctx.values[name] = expr
+
+
+def lowered(fn: Lowering, ctx, node: Node):
+    """`fn(ctx, node)`, with a lowering that trips over its input (a shape it cannot read, a
+    dtype it does not take) reported as one line naming the node, op and target, not a trace."""
+    try:
+        return fn(ctx, node)
+    except (AttributeError, TypeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KilnError(f"cannot lower node {node.name} (op {node.op}) on target "
+                        f"{ctx.target.name}: {type(e).__name__}: {first}") from e
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,15 @@ from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.qkv import QkvPattern, find_qkv_patterns
-from kiln.codegen.lower import LowerContext, _numel, _static, dtype_of, reshape, shape_of
+from kiln.codegen.lower import (
+    LowerContext,
+    _numel,
+    _static,
+    dtype_of,
+    lowered,
+    reshape,
+    shape_of,
+)
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
 
@@ -132,7 +140,7 @@ def lower_node(ctx: CudaLowerContext, node: Node) -> None:
     ctx.past_on_device()  # first of all: the kernels after it form one CUDA graph
     if node.name in ctx.fused_away or node.name in ctx.done:  # lowered with another node
         return
-    for name, expr in zip(node.outputs, fn(ctx, node), strict=False):
+    for name, expr in zip(node.outputs, lowered(fn, ctx, node), strict=False):
         if name and expr is not None:
             ctx.values[name] = expr
 
