@@ -92,9 +92,9 @@ def _convert(model: onnx.ModelProto, where: str, base_dir: Path,
             types[vi.name] = _value_type(vi, names, required=True)
             fixed = [d.dim_value for d in vi.type.tensor_type.shape.dim
                      if d.HasField("dim_value")]
-            if any(d <= 0 for d in fixed):
-                raise KilnError(f"input {vi.name} declares a dim of {min(fixed)} (an input is "
-                                "never empty; a corrupt or mis-edited export)")
+            if any(d < 0 for d in fixed):
+                raise KilnError(f"input {vi.name} declares a dim of {min(fixed)} (a dim is "
+                                "never negative; a corrupt or mis-edited export)")
     nodes = import_quantized(_convert_nodes(g, params, types, base_dir, weights_optional,
                                             opset), params, types)
     _check_imported(nodes, where)
