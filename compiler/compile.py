@@ -259,6 +259,10 @@ def _check_inputs(graph: Graph) -> None:
                     "`kiln inspect` shows what was)" if "past" in name else "")
             raise KilnError(f"graph input {name}: the runtime feeds only {sorted(_FED)} and the "
                             f"KV cache{hint}")
+        shape = graph.types[name].shape or ()
+        if any(d == 0 for d in shape):
+            raise KilnError(f"graph input {name} declares an empty shape {list(shape)}: the "
+                            "runtime feeds tokens, so a static dim of 0 is a mis-edited export")
 
 
 def _check_positions(graph: Graph, max_seq: int, *, windows: bool = True) -> None:

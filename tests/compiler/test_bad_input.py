@@ -170,3 +170,22 @@ def test_unsupported_element_type(tmp_path):
                                  [tensor("y", F32, [2])]))
     msg = _error(path)
     assert "x" in msg and "STRING" in msg
+
+
+def test_empty_input_loads_but_does_not_compile(tmp_path):
+    """A static dim of 0 is a legal (empty) ONNX tensor, so import and the interpreter take it
+    (ONNX's CastLike and Split conformance tests use one); a decoder input declaring it is a
+    mis-edited export that compile refuses in one line before building anything."""
+    from kiln.compiler.compile import compile_model
+    from tests.fuzz.harness import FIXTURES
+
+    m = onnx.load(FIXTURES[0])
+    mask = next(vi for vi in m.graph.input if vi.name == "attention_mask")
+    mask.type.tensor_type.shape.dim[1].dim_value = 0
+    path = _save(tmp_path, m)
+    assert "attention_mask" in load_onnx(path).inputs
+    with pytest.raises(KilnError) as e:
+        compile_model(path, tmp_path / "art", max_seq=64)
+    msg = str(e.value)
+    assert "\n" not in msg and "attention_mask" in msg and "[batch, 0]" in msg, msg
+    assert not (tmp_path / "art").exists()
