@@ -35,6 +35,7 @@ from kiln.codegen.lower import (
     scale_cache,
     to_prim,
 )
+from kiln.codegen.schedules import Schedules
 from kiln.codegen.targets import CpuTarget, CudaTarget, KilnTarget
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
@@ -68,8 +69,11 @@ class ModuleSignature:
 def build_module(graph: Graph, target: KilnTarget, *,
                  entry_points: Sequence[str] = ENTRY_POINTS,
                  configs: dict[str, KernelConfigs] | None = None,
+                 schedules: Schedules | None = None,
                  ) -> tuple[object, ModuleSignature]:
-    """The Relax IRModule (kernels included) and its calling convention."""
+    """The Relax IRModule (kernels included) and its calling convention. `schedules` answers
+    the lowerings' config questions (a tuning database, else the cost model) and keeps what
+    each kernel instance got, for the manifest."""
     if not isinstance(target, CpuTarget | CudaTarget):
         raise KilnError(f"target {target.name}: no kernels (expected cpu or cuda)")
     sig = signature(graph, entry_points)
@@ -79,9 +83,10 @@ def build_module(graph: Graph, target: KilnTarget, *,
         sig = backend.cuda_signature(graph, target, sig)
     bb = relax.BlockBuilder()
     kernels: dict = {}
+    schedules = schedules if schedules is not None else Schedules(target)
     for entry in entry_points:
         cfg = (configs or {}).get(entry, PHASE_CONFIGS[_PHASE[entry]])
-        _emit_entry(bb, graph, target, sig, entry, cfg, kernels)
+        _emit_entry(bb, graph, target, sig, entry, cfg, kernels, schedules)
     return bb.get(), sig
 
 
@@ -178,7 +183,8 @@ def _present_outputs(graph: Graph) -> set[str]:
 
 
 def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
-                sig: ModuleSignature, entry: str, cfg: KernelConfigs, kernels: dict) -> None:
+                sig: ModuleSignature, entry: str, cfg: KernelConfigs, kernels: dict,
+                schedules: Schedules) -> None:
     b, past, cap = (tirx.Var(n, "int64") for n in ("batch", "past", "capacity"))
     seq = tirx.const(1, "int64") if entry == "decode" else tirx.Var("seq", "int64")
     symbols = {BATCH: b, SEQ: seq, PAST: past}
@@ -200,7 +206,7 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
     with bb.function(entry, [past_arg, *inputs, caches, params], attrs=attrs):
         with bb.dataflow():
             ctx = (cuda_lower.CudaLowerContext if cuda else LowerContext)(
-                bb, graph, target, cfg, past, kernels=kernels)
+                bb, graph, target, cfg, past, kernels=kernels, schedules=schedules)
             ctx.symbols.update(symbols)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
             if cuda:

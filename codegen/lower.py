@@ -21,6 +21,7 @@ from kiln.codegen.kernels import linear as lin
 from kiln.codegen.kernels import packed_linear as plin
 from kiln.codegen.kernels import prefill_attention as pattn
 from kiln.codegen.kernels import with_root_block
+from kiln.codegen.schedules import Schedules
 from kiln.codegen.targets import KilnTarget
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Graph, Node
@@ -66,6 +67,14 @@ class LowerContext:
     caches: dict[str, relax.Expr] = field(default_factory=dict)  # past_k/v input -> cache
     kernels: dict[tuple, relax.GlobalVar] = field(default_factory=dict)
     symbols: dict[str, tirx.PrimExpr] = field(default_factory=dict)  # batch, seq, past
+    #: where kernel configs come from (kiln.codegen.schedules: tuning database or cost model)
+    schedules: Schedules | None = None
+
+    def schedule(self, kernel: str, shape: dict) -> dict:
+        """The config of one kernel instance of schedule space `kernel` (recorded)."""
+        if self.schedules is None:
+            self.schedules = Schedules(self.target)
+        return self.schedules.pick(kernel, shape)
 
     def kernel(self, key: tuple, make: Callable[[], tirx.PrimFunc]) -> relax.GlobalVar:
         """The GlobalVar of the kernel for `key`, adding it to the module on first use."""

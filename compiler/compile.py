@@ -89,6 +89,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     layout stages included."""
     progress("loading TVM")  # its import alone takes seconds
     from kiln.codegen.build import build
+    from kiln.codegen.schedules import Schedules
     from kiln.codegen.targets import resolve
     from kiln.passes.prune_weights import parse_config
 
@@ -114,7 +115,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out, force=force) as w:
         configs = _tuned_configs(tuning, tgt)
-        sig = build(graph, tgt, w.path(af.KERNELS), configs=configs, progress=progress)
+        schedules = Schedules(tgt)
+        sig = build(graph, tgt, w.path(af.KERNELS), configs=configs, schedules=schedules,
+                    progress=progress)
         w.add(af.KERNELS)
         table = _in_dtype(param_table(graph, sig.params), _float_dtype(tgt))
         progress("writing parameters")
@@ -132,6 +135,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
             manifest["sparsity"] = prune.to_dict()
         if graph.meta.get("sparse"):  # the linears that went sparse (kiln.passes.sparsify)
             manifest["sparse"] = graph.meta["sparse"]
+        manifest["schedules"] = schedules.manifest()  # each kernel instance's config, and why
         return w.commit(manifest)
 
 

@@ -43,7 +43,10 @@ class ForkServer:
     """One tests/fuzz/forkserver.py process; `run` is thread-safe (one command at a time)."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TVM_NUM_THREADS": "1"}
+        # the server compiles: it must not inherit the runtime-only switch that importing
+        # kiln.runtime in this process (an earlier test) sets in os.environ
+        env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
+        env.update(PYTHONPATH=str(ROOT), TVM_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.forkserver"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
                                      env=env, text=True)
