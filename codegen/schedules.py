@@ -54,6 +54,13 @@ class Space:
     #: dims that vary at run time (prefill rows): bucketed by powers of two in the database key
     dynamic: tuple[str, ...] = ()
     doc: str = ""
+    #: the kernel alone, for measuring: (shape, config, target) -> tirx.PrimFunc whose symbolic
+    #: dims are tirx.Vars named after keys of `shape`; its last `outputs` params are written
+    build: Callable[[Shape, Config, Any], Any] | None = None
+    outputs: int = 1
+    #: its arguments when seeded random values of each param's dtype will not do (indices,
+    #: packed metadata): (shape, numpy Generator) -> one numpy array per param, outputs included
+    make_args: Callable[[Shape, Any], list] | None = None
 
     def configs(self, shape: Shape, target) -> list[Config]:
         """Every valid config for `shape`, the default first."""
