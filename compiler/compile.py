@@ -60,8 +60,12 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                                                             f"({s:.2f} s)")).canonical
 
 
-def _sparse_target(kind: str | None) -> str | None:
-    """The kiln.passes.sparsify target of a KilnTarget kind or a TVM target kind."""
+def _sparse_target(kind: str | None, vector_bits: int | None = None) -> str | None:
+    """The kiln.passes.sparsify target of a KilnTarget kind or a TVM target kind (with its
+    SIMD width when known): none for a CPU without AVX-512, whose bitmap kernels expand
+    packed values with AVX-512's vexpand (pruned weights stay dense there)."""
+    if kind in ("cpu", "llvm") and vector_bits is not None and vector_bits < 512:
+        return None
     return {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda"}.get(kind or "")
 
 
@@ -109,7 +113,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
-                          quant=preset, prune=prune, sparse_target=_sparse_target(tgt.kind),
+                          quant=preset, prune=prune, sparse_target=_sparse_target(
+                              tgt.kind, getattr(tgt, "vector_bits", None)),
                           dump_ir=dump_ir)
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")

@@ -11,6 +11,18 @@ import pytest
 needs_cuda_toolchain = pytest.mark.skipif(
     not (shutil.which("nvcc") and shutil.which("gcc")), reason="needs nvcc and gcc")
 
+
+def _host_has(flag: str) -> bool:
+    from kiln.codegen.targets import _cpu_flags
+
+    return flag in _cpu_flags()
+
+
+#: the CPU sparse kernels expand packed values with AVX-512 (kiln.codegen.kernels.sparse_linear);
+#: on another CPU kiln compiles pruned weights dense (tests/passes/test_sparsify.py checks that)
+needs_avx512 = pytest.mark.skipif(not _host_has("avx512f"),
+                                  reason="runs AVX-512 kernels; this CPU has no avx512f")
+
 #: (rtol, atol) per dtype; fp32 relative error <= 1e-4 is the project's contract with onnxruntime
 TOLERANCES = {
     np.dtype(np.float32): (1e-4, 1e-5),

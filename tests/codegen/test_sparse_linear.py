@@ -8,11 +8,11 @@ import pytest
 from kiln.compiler.interpreter import transformer_ops as ref
 from kiln.compiler.ir import Attrs
 from kiln.runtime import sparse_format as sf
-from tests.helpers import assert_close
+from tests.helpers import assert_close, needs_avx512
 from tests.runtime.test_sparse_format import pruned
 
 tvm = pytest.importorskip("tvm")
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, needs_avx512]
 
 from kiln.codegen.kernels import sparse_linear as sl  # noqa: E402
 from kiln.codegen.kernels.packed_linear import PackedConfig  # noqa: E402

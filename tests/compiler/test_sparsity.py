@@ -166,3 +166,20 @@ def test_calibrated_pruning_without_a_tokenizer_exits_2(tmp_path):
     assert p.exit_code == 2 and len(lines) == 1, p.stderr
     assert "--prune-method sparsegpt needs calibration text" in lines[0]
     assert "no tokenizer.json beside" in lines[0]
+
+
+def test_a_cpu_without_avx512_keeps_pruned_weights_dense(tmp_path):
+    """The bitmap kernels need AVX-512's vexpand: for a 256-bit CPU the same pre-pruned export
+    compiles to dense linears (its zeros kept as stored), for a 512-bit one to sparse_linear."""
+    from kiln.compiler.compile import _sparse_target, compile_graph
+    from tests.runtime.test_sparse_artifacts import pre_pruned
+
+    model = pre_pruned(tmp_path)
+
+    def ops(vector_bits: int) -> set[str]:
+        graph = compile_graph(model, max_seq=MAX_SEQ, weights_optional=False, progress=print,
+                              sparse_target=_sparse_target("cpu", vector_bits))
+        return {n.op for n in graph.nodes}
+
+    assert "sparse_linear" not in ops(256)
+    assert "sparse_linear" in ops(512)

@@ -12,9 +12,9 @@ import pytest
 
 from kiln.runtime import artifact as af
 from kiln.runtime.params import read_safetensors
-from tests.helpers import assert_close
+from tests.helpers import assert_close, needs_avx512
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, needs_avx512]
 
 DATA = Path(__file__).parent.parent / "data"
 MAX_SEQ = 64
