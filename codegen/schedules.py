@@ -61,6 +61,14 @@ class Space:
     #: its arguments when seeded random values of each param's dtype will not do (indices,
     #: packed metadata): (shape, numpy Generator) -> one numpy array per param, outputs included
     make_args: Callable[[Shape, Any], list] | None = None
+    #: values of the built kernel's symbolic dims and scalar params by name, where they are not
+    #: the shape's own keys (attention's batch and cache capacity): shape -> {name: int}
+    bind: Callable[[Shape], dict[str, int]] | None = None
+
+    def dims(self, shape: Shape) -> dict[str, int]:
+        """Values for the symbolic dims and scalar params of `build`'s PrimFunc."""
+        own = {k: v for k, v in shape.items() if isinstance(v, int) and not isinstance(v, bool)}
+        return {**own, **(self.bind(shape) if self.bind is not None else {})}
 
     def configs(self, shape: Shape, target) -> list[Config]:
         """Every valid config for `shape`, the default first."""
@@ -131,6 +139,7 @@ class Choice:
     shape: str  # its bucket
     config: Config
     source: str  # "tuned" | "default"
+    dims: dict[str, Any] = field(default_factory=dict)  # the shape dict itself (for `kiln tune`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "shape": self.shape, "config": self.config,
@@ -203,8 +212,13 @@ class Schedules:
         source = "tuned"
         if config is None or not sp.valid(shape, config, self.target):
             config, source = sp.default(shape, self.target), "default"
-        self.choices[(kernel, key)] = Choice(kernel, key, config, source)
+        self.choices[(kernel, key)] = Choice(kernel, key, config, source, dict(shape))
         return dict(config)
 
     def manifest(self) -> list[dict[str, Any]]:
         return [c.to_dict() for _, c in sorted(self.choices.items())]
+
+    def instances(self) -> list[Choice]:
+        """Every kernel instance picked so far, one per kernel and bucket (what `kiln tune`
+        measures)."""
+        return [c for _, c in sorted(self.choices.items())]
