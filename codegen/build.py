@@ -100,6 +100,33 @@ def compile_module(mod: object, target: KilnTarget):
         return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=pipeline)
 
 
+def compile_kernels(funcs: dict[str, tirx.PrimFunc], target: KilnTarget,
+                    path: str | os.PathLike) -> None:
+    """Compile standalone kernels (`kiln tune`'s candidates) into one library at `path`, each
+    exported under its name, through the target's toolchain as `build` does (CUDA: nvcc
+    machine code for the arch, cross-compiled where no GPU exists)."""
+    import tvm
+
+    from kiln.codegen.kernels import with_root_block
+
+    mod = tvm.IRModule({name: with_root_block(f).with_attr("global_symbol", name)
+                        for name, f in funcs.items()})
+    if isinstance(target, CudaTarget):
+        from kiln.codegen import cuda_toolchain as ct
+        from kiln.codegen.cuda.kernels import pdl
+
+        with tvm.transform.PassContext(opt_level=3):
+            lib = ct.compile_for_cuda(mod, target.tvm_target(), tir_pipeline=pdl.PIPELINE)
+    else:
+        with target.tvm_target():
+            lib = tvm.compile(mark_noalias()(mod), target=target.tvm_target())
+    lib.export_library(os.fspath(path))
+    if isinstance(target, CudaTarget):
+        from kiln.codegen.cuda_toolchain import require_fatbin
+
+        require_fatbin(path, target.arch)
+
+
 def mark_noalias():
     """Mark every PrimFunc `tirx.noalias`, the VM's generated shape functions included.
 

@@ -1,0 +1,135 @@
+"""`kiln tune`, build side: a model's kernel instances and their candidate schedules, compiled
+ahead of time into a tuning plan that kiln.runtime.tune measures (here, or on a GPU host).
+
+The model graph is lowered as `kiln compile` lowers it, with a recording `Schedules`: every
+kernel instance (kernel family, shape dict) the lowerings asked a config for. For each, the
+space's valid configs (the default first, at most `max_candidates`) are built alone by
+`Space.build` and compiled into one library per instance through the target's own toolchain
+(kiln.codegen.build.compile_kernels). The plan (plan.json, beside lib/ and args/) says per
+instance which function is which config, the argument shapes and dtypes with every dynamic dim
+bound, which arguments are outputs, and how closely a candidate must match the default.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tvm import arith, tirx
+
+from kiln.codegen.build import build_module, compile_kernels
+from kiln.codegen.schedules import Choice, Config, Schedules, Space, space, target_key
+from kiln.codegen.targets import KilnTarget
+from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Graph
+
+PLAN = "plan.json"
+PLAN_FORMAT = 1
+MAX_CANDIDATES = 12
+#: largest relative error (max |candidate - default| / max |default|) of a candidate's output
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
+
+
+def instances(graph: Graph, target: KilnTarget, prefill_rows: int) -> list[Choice]:
+    """Every kernel instance `kiln compile` would schedule for `graph` (nothing compiled)."""
+    schedules = Schedules(target)
+    build_module(graph, target, schedules=schedules, prefill_rows=prefill_rows)
+    return schedules.instances()
+
+
+def candidates(sp: Space, shape: dict, target, cap: int = MAX_CANDIDATES) -> list[Config]:
+    """The default and valid configs, at most `cap`: evenly spread over the rest if more."""
+    configs = sp.configs(shape, target)
+    if len(configs) <= cap:
+        return configs
+    rest, step = configs[1:], (len(configs) - 1) / (cap - 1)
+    return [configs[0]] + [rest[int(i * step)] for i in range(cap - 1)]
+
+
+def write_plan(found: list[Choice], target: KilnTarget, out: Path, *,
+               skip: Collection[tuple[str, str]] = (), max_candidates: int = MAX_CANDIDATES,
+               deadline: float | None = None,
+               progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Compile the candidates of every instance not in `skip` ((kernel, bucket) pairs already
+    measured) into `out`/lib and write `out`/plan.json; stops adding instances at `deadline`
+    (time.monotonic())."""
+    (out / "lib").mkdir(parents=True, exist_ok=True)
+    plan = {"format": PLAN_FORMAT, "target": target_key(target), "kind": target.kind,
+            "instances": []}
+    todo = [c for c in found if space(c.kernel).build is not None and
+            (c.kernel, c.shape) not in skip]
+    for i, inst in enumerate(todo):
+        if deadline is not None and time.monotonic() > deadline:
+            progress(f"budget spent: {len(todo) - i} kernel instances left unbuilt")
+            break
+        entry = _build_instance(inst, target, out, len(plan["instances"]), max_candidates)
+        if entry is not None:
+            plan["instances"].append(entry)
+            progress(f"[{i + 1}/{len(todo)}] built {len(entry['candidates'])} candidates of "
+                     f"{inst.kernel} {inst.shape}")
+    (out / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def _build_instance(inst: Choice, target, out: Path, index: int,
+                    cap: int) -> dict[str, Any] | None:
+    sp = space(inst.kernel)
+    funcs, configs = {}, []
+    for j, config in enumerate(candidates(sp, inst.dims, target, cap)):
+        f = sp.build(inst.dims, config, target)
+        if f is None:  # this instance's op has no standalone kernel: not measured
+            return None
+        funcs[f"k{index}_c{j}"] = f
+        configs.append(config)
+    dims = sp.dims(inst.dims)
+    specs = [arg_specs(f, dims) for f in funcs.values()]
+    if any(s != specs[0] for s in specs):
+        raise KilnError(f"{inst.kernel} {inst.shape}: candidates take different arguments")
+    lib = f"lib/k{index}.so"
+    compile_kernels(funcs, target, out / lib)
+    entry = {"kernel": inst.kernel, "bucket": inst.shape, "shape": inst.dims, "lib": lib,
+             "candidates": [{"func": name, "config": c}
+                            for name, c in zip(funcs, configs, strict=True)],
+             "args": specs[0], "outputs": sp.outputs,
+             "cold": inst.dims.get("phase") == "decode",
+             "tolerance": TOLERANCE.get(specs[0][-1]["dtype"], 1e-4), "args_file": None}
+    if sp.make_args is not None:  # arguments random values would not do (sparse metadata)
+        (out / "args").mkdir(exist_ok=True)
+        arrays = sp.make_args(inst.dims, np.random.default_rng(index))
+        entry["args_file"] = f"args/k{index}.npz"
+        np.savez(out / entry["args_file"], *arrays)
+    return entry
+
+
+def arg_specs(func: tirx.PrimFunc, dims: dict[str, int]) -> list[dict[str, Any]]:
+    """Each param of `func`: {"shape", "dtype"} of a buffer with its symbolic dims bound by
+    name from `dims`, or {"scalar", "dtype"} of a scalar param."""
+    specs, ana = [], arith.Analyzer()
+    for p in func.params:
+        if p not in func.buffer_map:
+            if p.name not in dims:
+                raise KilnError(f"kernel param {p.name}: no value in {sorted(dims)}")
+            specs.append({"scalar": int(dims[p.name]), "dtype": str(p.dtype)})
+            continue
+        buf = func.buffer_map[p]
+        shape = [int(ana.simplify(tirx.stmt_functor.substitute(d, _vars(d, dims))))
+                 for d in buf.shape]
+        specs.append({"shape": shape, "dtype": str(buf.dtype)})
+    return specs
+
+
+def _vars(expr, dims: dict[str, int]) -> dict:
+    found: dict = {}
+
+    def visit(node) -> None:
+        if isinstance(node, tirx.Var):
+            if node.name not in dims:
+                raise KilnError(f"symbolic dim {node.name}: no value in {sorted(dims)}")
+            found[node] = tirx.const(int(dims[node.name]), node.dtype)
+
+    tirx.stmt_functor.post_order_visit(expr, visit)
+    return found
