@@ -96,6 +96,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     model, start = Path(model), time.perf_counter()
     af.check_out(Path(out), force=force)  # before the minutes of work, not after
     tgt = _with_dtype(resolve(target), dtype)
+    db = tuning_db(tuning, tgt)  # a bad file is refused before the minutes of work
     preset = _preset(quant, quant_keep)
     prune = parse_config(sparsity, prune_method, sparsity_keep)
     if prune is not None:
@@ -114,7 +115,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out, force=force) as w:
-        schedules = Schedules(tgt, tuning_db(tuning, tgt))
+        schedules = Schedules(tgt, db)
         sig = build(graph, tgt, w.path(af.KERNELS), schedules=schedules,
                     prefill_rows=prefill_rows(max_seq), progress=progress)
         w.add(af.KERNELS)
