@@ -28,6 +28,8 @@ def run_variant(model: Path, work: Path, quant: str | None, args) -> dict:
     tune_model(model, db, budget_s=args.budget_s, threads=args.threads, quant=quant,
                progress=lambda m: print(f"  {m}", flush=True))
     tune_s = time.perf_counter() - start
+    if not db.exists():
+        raise SystemExit(f"{name}: the budget of {args.budget_s:g} s measured no kernel")
     arts = {label: compile_model(model, work / f"{name}-{label}", max_seq=args.max_seq,
                                  quant=quant, tuning=db if label == "tuned" else None,
                                  force=True)
