@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     import tvm
 
+    from kiln.codegen.cpu_spaces import QUANT_GEMV_NV as GEMV_NV
     from kiln.codegen.kernels import quant_linear as ql
-    from kiln.codegen.lower_quant import GEMM, GEMV_NV
+    from kiln.codegen.kernels.packed_linear import PREFILL as GEMM
     from kiln.codegen.targets import host_cpu
     from kiln.runtime import quant_format as qf
 

@@ -48,11 +48,12 @@ def _compile(func):
 
 def _kernels(w: np.ndarray, dtype: str):
     """{"dense": (kernel, operands), "sparse": (...)} for weight w, and their byte counts."""
+    from kiln.codegen.cpu_spaces import QUANT_GEMV_NV as GEMV_NV
+    from kiln.codegen.cpu_spaces import SPARSE_GEMV_NV as SPARSE_NV
     from kiln.codegen.kernels import packed_linear as plin
     from kiln.codegen.kernels import quant_linear as ql
     from kiln.codegen.kernels import sparse_linear as sl
-    from kiln.codegen.lower_quant import GEMM, GEMV_NV
-    from kiln.codegen.lower_sparse import GEMV_NV as SPARSE_NV
+    from kiln.codegen.kernels.packed_linear import PREFILL as GEMM
     from kiln.passes.quantize import blocked
     from kiln.runtime import sparse_format as sf
 

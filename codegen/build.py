@@ -27,8 +27,6 @@ from kiln.codegen import (
     lower_sparse,  # noqa: F401 - registers sparse_linear
 )
 from kiln.codegen.lower import (
-    PHASE_CONFIGS,
-    KernelConfigs,
     LowerContext,
     last_position,
     lower_node,
@@ -41,7 +39,7 @@ from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
 
 ENTRY_POINTS = ("prefill", "decode", "prefill_last")
-#: the kernel configurations each entry point uses
+#: the phase each entry point's kernel instances are scheduled for
 _PHASE = {"prefill": "prefill", "decode": "decode", "prefill_last": "prefill"}
 
 
@@ -68,12 +66,12 @@ class ModuleSignature:
 
 def build_module(graph: Graph, target: KilnTarget, *,
                  entry_points: Sequence[str] = ENTRY_POINTS,
-                 configs: dict[str, KernelConfigs] | None = None,
-                 schedules: Schedules | None = None,
+                 schedules: Schedules | None = None, prefill_rows: int = 512,
                  ) -> tuple[object, ModuleSignature]:
     """The Relax IRModule (kernels included) and its calling convention. `schedules` answers
     the lowerings' config questions (a tuning database, else the cost model) and keeps what
-    each kernel instance got, for the manifest."""
+    each kernel instance got, for the manifest; prefill kernel instances are looked up at
+    `prefill_rows` rows (the prompt length they are tuned for)."""
     if not isinstance(target, CpuTarget | CudaTarget):
         raise KilnError(f"target {target.name}: no kernels (expected cpu or cuda)")
     sig = signature(graph, entry_points)
@@ -85,8 +83,7 @@ def build_module(graph: Graph, target: KilnTarget, *,
     kernels: dict = {}
     schedules = schedules if schedules is not None else Schedules(target)
     for entry in entry_points:
-        cfg = (configs or {}).get(entry, PHASE_CONFIGS[_PHASE[entry]])
-        _emit_entry(bb, graph, target, sig, entry, cfg, kernels, schedules)
+        _emit_entry(bb, graph, target, sig, entry, kernels, schedules, prefill_rows)
     return bb.get(), sig
 
 
@@ -101,6 +98,33 @@ def compile_module(mod: object, target: KilnTarget):
     pipeline = tvm.transform.Sequential([tvm.relax.get_pipeline("default"), mark_noalias()])
     with target.tvm_target():
         return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=pipeline)
+
+
+def compile_kernels(funcs: dict[str, tirx.PrimFunc], target: KilnTarget,
+                    path: str | os.PathLike) -> None:
+    """Compile standalone kernels (`kiln tune`'s candidates) into one library at `path`, each
+    exported under its name, through the target's toolchain as `build` does (CUDA: nvcc
+    machine code for the arch, cross-compiled where no GPU exists)."""
+    import tvm
+
+    from kiln.codegen.kernels import with_root_block
+
+    mod = tvm.IRModule({name: with_root_block(f).with_attr("global_symbol", name)
+                        for name, f in funcs.items()})
+    if isinstance(target, CudaTarget):
+        from kiln.codegen import cuda_toolchain as ct
+        from kiln.codegen.cuda.kernels import pdl
+
+        with tvm.transform.PassContext(opt_level=3):
+            lib = ct.compile_for_cuda(mod, target.tvm_target(), tir_pipeline=pdl.PIPELINE)
+    else:
+        with target.tvm_target():
+            lib = tvm.compile(mark_noalias()(mod), target=target.tvm_target())
+    lib.export_library(os.fspath(path))
+    if isinstance(target, CudaTarget):
+        from kiln.codegen.cuda_toolchain import require_fatbin
+
+        require_fatbin(path, target.arch)
 
 
 def mark_noalias():
@@ -183,8 +207,8 @@ def _present_outputs(graph: Graph) -> set[str]:
 
 
 def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
-                sig: ModuleSignature, entry: str, cfg: KernelConfigs, kernels: dict,
-                schedules: Schedules) -> None:
+                sig: ModuleSignature, entry: str, kernels: dict, schedules: Schedules,
+                prefill_rows: int) -> None:
     b, past, cap = (tirx.Var(n, "int64") for n in ("batch", "past", "capacity"))
     seq = tirx.const(1, "int64") if entry == "decode" else tirx.Var("seq", "int64")
     symbols = {BATCH: b, SEQ: seq, PAST: past}
@@ -206,7 +230,8 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
     with bb.function(entry, [past_arg, *inputs, caches, params], attrs=attrs):
         with bb.dataflow():
             ctx = (cuda_lower.CudaLowerContext if cuda else LowerContext)(
-                bb, graph, target, cfg, past, kernels=kernels, schedules=schedules)
+                bb, graph, target, _PHASE[entry], past, kernels=kernels, schedules=schedules,
+                prefill_rows=prefill_rows)
             ctx.symbols.update(symbols)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
             if cuda:

@@ -15,6 +15,7 @@ import sympy
 from tvm import relax, tirx
 from tvm.relax import op as R
 
+from kiln.codegen import cpu_spaces  # noqa: F401 - registers the cpu.* schedule spaces
 from kiln.codegen.kernels import attention as attn_k
 from kiln.codegen.kernels import elementwise as ew
 from kiln.codegen.kernels import linear as lin
@@ -27,33 +28,6 @@ from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Graph, Node
 
 
-@dataclass(frozen=True, slots=True)
-class KernelConfigs:
-    """Per-entry-point kernel choices; `kiln tune` fills `packed_by_shape` per (N, K)."""
-
-    linear: lin.LinearConfig
-    packed: plin.PackedConfig = plin.PREFILL
-    attention_block: int = 32
-    query_tiles: bool = True  # prefill attention: several queries per task share K/V loads
-    parallel_small: bool = True  # element-wise/row kernels on the thread pool
-    linear_by_shape: tuple[tuple[tuple[int, int], lin.LinearConfig], ...] = ()
-    packed_by_shape: tuple[tuple[tuple[int, int], plin.PackedConfig], ...] = ()
-
-    def linear_for(self, n: int, k: int) -> lin.LinearConfig:
-        return dict(self.linear_by_shape).get((n, k), self.linear)
-
-    def packed_for(self, n: int, k: int) -> plin.PackedConfig:
-        return dict(self.packed_by_shape).get((n, k), self.packed)
-
-
-PHASE_CONFIGS = {
-    "prefill": KernelConfigs(linear=lin.PREFILL),
-    # one token: launching the thread pool costs more than the element-wise work itself
-    "decode": KernelConfigs(linear=lin.DECODE, packed=plin.DECODE, parallel_small=False,
-                            query_tiles=False),
-}
-
-
 @dataclass
 class LowerContext:
     """State shared by the lowerings while one entry point is emitted."""
@@ -61,7 +35,7 @@ class LowerContext:
     bb: relax.BlockBuilder
     graph: Graph
     target: KilnTarget
-    configs: KernelConfigs
+    phase: str  # "prefill" | "decode": part of every kernel instance's schedule shape
     past: tirx.Var  # tokens already in the KV cache
     values: dict[str, relax.Expr] = field(default_factory=dict)
     caches: dict[str, relax.Expr] = field(default_factory=dict)  # past_k/v input -> cache
@@ -69,6 +43,8 @@ class LowerContext:
     symbols: dict[str, tirx.PrimExpr] = field(default_factory=dict)  # batch, seq, past
     #: where kernel configs come from (kiln.codegen.schedules: tuning database or cost model)
     schedules: Schedules | None = None
+    #: the rows a prefill is tuned for (kernel instances' `m`; decode runs 1)
+    prefill_rows: int = 512
 
     def schedule(self, kernel: str, shape: dict) -> dict:
         """The config of one kernel instance of schedule space `kernel` (recorded)."""
@@ -89,8 +65,15 @@ class LowerContext:
         return self.values[node.inputs[i]]
 
     @property
-    def par(self) -> bool:
-        return self.configs.parallel_small
+    def rows(self) -> int:
+        """Rows (tokens) one call of this entry point's kernels sees, as tuned."""
+        return 1 if self.phase == "decode" else self.prefill_rows
+
+    def par(self, op: str, e: int, dtype: str = "float32") -> bool:
+        """Whether the memory-bound kernel `op` over rows of `e` elements runs on the thread
+        pool (schedule space cpu.rowwise)."""
+        shape = {"phase": self.phase, "op": op, "e": int(e), "m": self.rows, "dtype": dtype}
+        return bool(self.schedule("cpu.rowwise", shape)["parallel"])
 
     @property
     def lanes(self) -> int:
@@ -202,7 +185,10 @@ def _linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         return [_packed_linear(ctx, node, x, w, b)]
     xs, (n, k) = shape_of(x), shape_of(w)
     n, k = _static(n, "out features", node), _static(k, "in features", node)
-    cfg, dtype = ctx.configs.linear_for(n, k), dtype_of(x)
+    dtype = dtype_of(x)
+    shape = {"phase": ctx.phase, "m": ctx.rows, "n": n, "k": k, "bias": b is not None,
+             "dtype": dtype}
+    cfg = lin.LinearConfig(**ctx.schedule("cpu.linear", shape))
     tiling = (cfg.mr, cfg.nr, cfg.mb, cfg.nb, cfg.prefetch)
     gv = ctx.kernel(("linear", n, k, *tiling, b is not None, dtype),
                     lambda: lin.linear_kernel(n, k, cfg, bias=b is not None, lanes=ctx.lanes,
@@ -219,7 +205,9 @@ def _packed_linear(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr,
     xs, (nb, k, block) = shape_of(x), shape_of(w)
     k, block = _static(k, "in features", node), _static(block, "pack block", node)
     n, dtype = _static(nb, "weight blocks", node) * block, dtype_of(x)
-    cfg = ctx.configs.packed_for(n, k)
+    shape = {"phase": ctx.phase, "m": ctx.rows, "n": n, "k": k, "block": block,
+             "bias": b is not None, "dtype": dtype}
+    cfg = plin.PackedConfig(**ctx.schedule("cpu.packed_linear", shape))
     gv = ctx.kernel(("plinear", n, k, block, cfg.mr, cfg.nv, b is not None, dtype),
                     lambda: plin.packed_linear_kernel(n, k, cfg, bias=b is not None,
                                                       lanes=block, dtype=dtype))
@@ -238,9 +226,10 @@ def _rms_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     if node.attrs.get("group_size"):  # per-head norm: each run of group_size features alone
         group = int(node.attrs["group_size"])
         groups, e = e // group, group
-    gv = ctx.kernel(("rms_norm", e, eps, dtype, ctx.par),
+    par = ctx.par("rms_norm", e, dtype)
+    gv = ctx.kernel(("rms_norm", e, eps, dtype, par),
                     lambda: ew.rms_norm_kernel(e, eps, lanes=ctx.lanes, dtype=dtype,
-                                               parallel=ctx.par))
+                                               parallel=par))
     m = _numel(xs[:-1]) * groups
     y = call(ctx, gv, [reshape(ctx, x, [m, e]), w], [m, e], dtype)
     return [reshape(ctx, y, xs)]
@@ -253,15 +242,16 @@ def _embedding(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     block = int(node.attrs.get("packed", 0))
     if block:  # a tied table packed for the LM head: [V / block, E, block]
         nb, e, _ = (_static(d, "table dims", node) for d in shape_of(table))
-        v = nb * block
-        gv = ctx.kernel(("pembedding", v, e, block, dtype, idt, ctx.par),
+        v, par = nb * block, ctx.par("embedding", e, dtype)
+        gv = ctx.kernel(("pembedding", v, e, block, dtype, idt, par),
                         lambda: ew.packed_embedding_kernel(v, e, block, dtype=dtype,
-                                                           index_dtype=idt, parallel=ctx.par))
+                                                           index_dtype=idt, parallel=par))
     else:
         v, e = (_static(d, "table dims", node) for d in shape_of(table))
-        gv = ctx.kernel(("embedding", v, e, dtype, idt, ctx.par),
+        par = ctx.par("embedding", e, dtype)
+        gv = ctx.kernel(("embedding", v, e, dtype, idt, par),
                         lambda: ew.embedding_kernel(v, e, lanes=ctx.lanes, dtype=dtype,
-                                                    index_dtype=idt, parallel=ctx.par))
+                                                    index_dtype=idt, parallel=par))
     m = _numel(ids_shape)
     y = call(ctx, gv, [table, reshape(ctx, ids, [m])], [m, e], dtype)
     return [reshape(ctx, y, [*ids_shape, e])]
@@ -273,25 +263,26 @@ def _rotary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     h, d = int(node.attrs["num_heads"]), int(node.attrs["head_dim"])
     r = _static(shape_of(cos)[-1], "rotary dim", node)
     inter, dtype = bool(node.attrs.get("interleaved", False)), dtype_of(x)
-    gv = ctx.kernel(("rotary", h, d, r, inter, dtype, ctx.par),
+    par = ctx.par("rotary", h * d, dtype)
+    gv = ctx.kernel(("rotary", h, d, r, inter, dtype, par),
                     lambda: ew.rotary_kernel(h, d, r, interleaved=inter, dtype=dtype,
-                                             parallel=ctx.par))
+                                             parallel=par))
     return [call(ctx, gv, [x, cos, sin], shape_of(x), dtype)]
 
 
 @lowering("silu")
 def _silu(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     return [_flat_map(ctx, ("unary", "silu"), [ctx.input(node, 0)],
-                      lambda dt: ew.unary_kernel(ew.UNARY["silu"], lanes=ctx.lanes, dtype=dt,
-                                                 parallel=ctx.par))]
+                      lambda dt, par: ew.unary_kernel(ew.UNARY["silu"], lanes=ctx.lanes,
+                                                      dtype=dt, parallel=par))]
 
 
 @lowering("gelu")
 def _gelu(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     name = "gelu_tanh" if node.attrs.get("approximate", "none") == "tanh" else "gelu"
     return [_flat_map(ctx, ("unary", name), [ctx.input(node, 0)],
-                      lambda dt: ew.unary_kernel(ew.UNARY[name], lanes=ctx.lanes, dtype=dt,
-                                                 parallel=ctx.par))]
+                      lambda dt, par: ew.unary_kernel(ew.UNARY[name], lanes=ctx.lanes,
+                                                      dtype=dt, parallel=par))]
 
 
 @lowering("layer_norm")
@@ -299,9 +290,10 @@ def _layer_norm(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     x, w, b = ctx.input(node, 0), ctx.input(node, 1), ctx.input(node, 2)
     xs, dtype = shape_of(x), dtype_of(x)
     e, eps = _static(xs[-1], "hidden size", node), float(node.attrs["eps"])
-    gv = ctx.kernel(("layer_norm", e, eps, b is not None, dtype, ctx.par),
+    par = ctx.par("layer_norm", e, dtype)
+    gv = ctx.kernel(("layer_norm", e, eps, b is not None, dtype, par),
                     lambda: ew.layer_norm_kernel(e, eps, bias=b is not None, dtype=dtype,
-                                                 parallel=ctx.par))
+                                                 parallel=par))
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, e]), w] + ([b] if b is not None else [])
     return [reshape(ctx, call(ctx, gv, args, [m, e], dtype), xs)]
@@ -320,10 +312,11 @@ def _split(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     sizes = _split_sizes(ctx, node, n)
     m = _numel(xs[:-1])
     x2, outs, start = reshape(ctx, x, [m, n]), [], 0
+    par = ctx.par("columns", n, dtype)
     for width in sizes:
-        gv = ctx.kernel(("columns", n, start, width, dtype, ctx.par),
+        gv = ctx.kernel(("columns", n, start, width, dtype, par),
                         lambda s=start, w=width: ew.columns_kernel(n, s, w, dtype=dtype,
-                                                                   parallel=ctx.par))
+                                                                   parallel=par))
         outs.append(reshape(ctx, call(ctx, gv, [x2], [m, width], dtype), [*xs[:-1], width]))
         start += width
     return outs
@@ -353,15 +346,20 @@ def _binary(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         return [ctx.bb.emit(fallback[node.op](a, b))]  # broadcasting: TVM's legalized op
     fn = ew.BINARY[node.op]
     return [_flat_map(ctx, ("binary", node.op), [a, b],
-                      lambda dt: ew.binary_kernel(fn, lanes=ctx.lanes, dtype=dt,
-                                                  parallel=ctx.par))]
+                      lambda dt, par: ew.binary_kernel(fn, lanes=ctx.lanes, dtype=dt,
+                                                       parallel=par))]
 
 
 def _flat_map(ctx: LowerContext, key: tuple, args: list[relax.Expr],
-              make: Callable[[str], tirx.PrimFunc], *, out_dtype: str | None = None,
+              make: Callable[[str, bool], tirx.PrimFunc], *, out_dtype: str | None = None,
               ) -> relax.Expr:
+    """One flat kernel over all elements; `make(dtype, parallel)`. Its schedule shape names
+    the op by `key` and the rows by the static last dim (the width of a row)."""
     shape, dtype = shape_of(args[0]), dtype_of(args[0])
-    gv = ctx.kernel((*key, dtype, ctx.par), lambda: make(dtype))
+    last = shape[-1] if shape else tirx.const(1, "int64")
+    e = int(last.value) if isinstance(last, tirx.IntImm) else 0
+    par = ctx.par(":".join(str(k) for k in key), e, dtype)
+    gv = ctx.kernel((*key, dtype, par), lambda: make(dtype, par))
     n = _numel(shape)
     flat = [reshape(ctx, a, [n]) for a in args]
     return reshape(ctx, call(ctx, gv, flat, [n], out_dtype or dtype), shape)
@@ -384,8 +382,9 @@ def _attention(ctx: LowerContext, node: Node) -> list[relax.Expr | None]:
     names = [past_k, past_v] + ([scale_cache(past_k), scale_cache(past_v)] if q8 else [])
     caches = [ctx.caches[n] for n in names]
     make = attn_k.kv_append_q8_kernel if q8 else attn_k.kv_append_kernel
-    append = ctx.kernel(("kv_append", q8, kvh, d, dtype, ctx.par),
-                        lambda: make(kvh, d, dtype=dtype, parallel=ctx.par))
+    par = ctx.par("kv_append", kvh * d, dtype)
+    append = ctx.kernel(("kv_append", q8, kvh, d, dtype, par),
+                        lambda: make(kvh, d, dtype=dtype, parallel=par))
     past = relax.prim_value(ctx.past)
     upd = ctx.bb.emit(R.call_tir_inplace(append, [*caches, k, v, past], list(range(len(caches))),
                                          [c.ty for c in caches]))
@@ -411,14 +410,20 @@ def scale_cache(name: str) -> str:
 def _attention_kernel(ctx: LowerContext, h: int, kvh: int, d: int, scale: float, causal: bool,
                       masked: bool, dtype: str, mdt: str, q8: bool,
                       window: int = 0) -> relax.GlobalVar:
-    """Query-tiled kernel for prefill (when D fills whole vectors), one query per task else."""
-    if ctx.configs.query_tiles and d % pattn.B == 0 and dtype == "float32":
-        qt = pattn.tile_queries(h, kvh)
+    """Query-tiled kernel (prefill, when D fills whole vectors) or one query per task, as the
+    schedule space cpu.attention says."""
+    rows = ctx.rows
+    shape = {"phase": ctx.phase, "heads": h, "kv_heads": kvh, "head_dim": d, "scale": scale,
+             "causal": causal, "masked": masked, "dtype": dtype, "mask_dtype": mdt, "q8": q8,
+             "window": window, "s": rows, "past": 0 if ctx.phase == "prefill" else rows}
+    c = ctx.schedule("cpu.attention", shape)
+    if c["tiled"]:
+        qt = c["queries"]
         return ctx.kernel(("pattention", h, kvh, d, scale, causal, masked, qt, mdt, q8, window),
                           lambda: pattn.prefill_attention_kernel(
                               h, kvh, d, scale, queries=qt, causal=causal, masked=masked,
                               dtype=dtype, mask_dtype=mdt, quantized=q8, window=window))
-    blk = ctx.configs.attention_block
+    blk = c["block"]
     return ctx.kernel(("attention", h, kvh, d, scale, causal, masked, blk, dtype, mdt, q8,
                        window),
                       lambda: attn_k.attention_kernel(h, kvh, d, scale, causal=causal,

@@ -34,7 +34,8 @@ def _map(ctx: LowerContext, key: tuple, fn: Callable[..., PrimExpr], args: list[
          out_dtype: str) -> relax.Expr:
     dts = tuple(dtype_of(a) for a in args)
     return _flat_map(ctx, (*key, dts, out_dtype), args,
-                     lambda _: map_kernel(fn, dts, out_dtype, lanes=ctx.lanes, parallel=ctx.par),
+                     lambda _, par: map_kernel(fn, dts, out_dtype, lanes=ctx.lanes,
+                                               parallel=par),
                      out_dtype=out_dtype)
 
 

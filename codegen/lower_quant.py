@@ -23,13 +23,6 @@ from kiln.codegen.lower import (
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
 
-#: GEMM register tile (prefill) and GEMV panel width (decode, and m <= GEMV_ROWS in prefill)
-GEMM = plin.PREFILL
-#: by bits. int4: one-block panels (48 of them for N = 768) split evenly over the threads and beat
-#: 4-block ones by 18% in SmolLM2's decode (benchmarks/RESULTS.md); the int4 loop is bound by its
-#: unpacking, not by FMA latency. int8: the width made no difference
-GEMV_NV = {4: 1, 8: 4}
-
 
 def scheme(node: Node, *, zero_points: bool) -> qk.QuantScheme:
     a = node.attrs
@@ -47,10 +40,13 @@ def _quant_linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         raise KilnError(f"node {node.name} (quant_linear): activations must be float32, got "
                         f"{dtype_of(x)}")
     s = scheme(node, zero_points=zp is not None)
+    c = ctx.schedule("cpu.quant_linear", {
+        "phase": ctx.phase, "m": ctx.rows, "n": s.n, "k": s.k, "bits": s.bits,
+        "group": s.group, "zp": s.zero_points, "bias": b is not None})
+    gemm, gemv_nv = plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"]
     gv = ctx.kernel(("qlinear", s.n, s.k, s.bits, s.group, s.zero_points, b is not None,
-                     GEMM.mr, GEMM.nv, GEMV_NV[s.bits]),
-                    lambda: qk.quant_linear_kernel(s, GEMM, GEMV_NV[s.bits],
-                                                    bias=b is not None))
+                     gemm.mr, gemm.nv, gemv_nv),
+                    lambda: qk.quant_linear_kernel(s, gemm, gemv_nv, bias=b is not None))
     xs = shape_of(x)
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, s.k]), qw, sc] + [a for a in (zp, b) if a is not None]
@@ -63,8 +59,9 @@ def _quant_embedding(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     qw, sc, zp, ids = (ctx.input(node, i) for i in range(4))
     s = scheme(node, zero_points=zp is not None)
     idt, ids_shape = dtype_of(ids), shape_of(ids)
-    gv = ctx.kernel(("qembedding", s.n, s.k, s.bits, s.group, s.zero_points, idt, ctx.par),
-                    lambda: qk.quant_embedding_kernel(s, index_dtype=idt, parallel=ctx.par))
+    par = ctx.par("qembedding", s.k)
+    gv = ctx.kernel(("qembedding", s.n, s.k, s.bits, s.group, s.zero_points, idt, par),
+                    lambda: qk.quant_embedding_kernel(s, index_dtype=idt, parallel=par))
     m = _numel(ids_shape)
     args = [qw, sc] + ([zp] if zp is not None else []) + [reshape(ctx, ids, [m])]
     y = call(ctx, gv, args, [m, s.k], "float32")

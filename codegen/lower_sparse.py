@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from tvm import relax
 
+from kiln.codegen.kernels import packed_linear as plin
 from kiln.codegen.kernels import sparse_linear as sk
 from kiln.codegen.lower import LowerContext, _numel, call, dtype_of, lowering, reshape, shape_of
-from kiln.codegen.lower_quant import GEMM
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
-
-#: GEMV panel width (decode): two blocks keep two FMA chains in flight per task, as the dense
-#: packed GEMV (kiln.codegen.kernels.packed_linear.DECODE)
-GEMV_NV = 2
 
 
 @lowering("sparse_linear")
@@ -32,9 +28,13 @@ def _sparse_linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     vdt = dtype_of(values)
     s = sk.SparseShape(int(a["out_features"]), int(a["in_features"]),
                        int(shape_of(values)[1]), vdt)
-    gv = ctx.kernel(("sparse_linear", s.n, s.k, s.capacity, vdt, b is not None, GEMM.mr,
-                     GEMM.nv, GEMV_NV),
-                    lambda: sk.sparse_linear_kernel(s, GEMM, GEMV_NV, bias=b is not None))
+    c = ctx.schedule("cpu.sparse_linear", {
+        "phase": ctx.phase, "m": ctx.rows, "n": s.n, "k": s.k, "capacity": s.capacity,
+        "values": vdt, "bias": b is not None})
+    gemm, gemv_nv = plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"]
+    gv = ctx.kernel(("sparse_linear", s.n, s.k, s.capacity, vdt, b is not None, gemm.mr,
+                     gemm.nv, gemv_nv),
+                    lambda: sk.sparse_linear_kernel(s, gemm, gemv_nv, bias=b is not None))
     xs = shape_of(x)
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, s.k]), values, meta] + [v for v in (scales, b) if v is not None]

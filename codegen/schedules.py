@@ -16,7 +16,6 @@ another target or kiln version is ignored with one warning line, never applied.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kiln.compiler.errors import KilnError
+from kiln.runtime import tuning_file
 
-FORMAT = 2
+FORMAT = tuning_file.FORMAT
 Config = dict[str, Any]
 Shape = Mapping[str, Any]  # named dims and flags of one kernel instance: {"phase", "n", "k"...}
 
@@ -61,6 +61,14 @@ class Space:
     #: its arguments when seeded random values of each param's dtype will not do (indices,
     #: packed metadata): (shape, numpy Generator) -> one numpy array per param, outputs included
     make_args: Callable[[Shape, Any], list] | None = None
+    #: values of the built kernel's symbolic dims and scalar params by name, where they are not
+    #: the shape's own keys (attention's batch and cache capacity): shape -> {name: int}
+    bind: Callable[[Shape], dict[str, int]] | None = None
+
+    def dims(self, shape: Shape) -> dict[str, int]:
+        """Values for the symbolic dims and scalar params of `build`'s PrimFunc."""
+        own = {k: v for k, v in shape.items() if isinstance(v, int) and not isinstance(v, bool)}
+        return {**own, **(self.bind(shape) if self.bind is not None else {})}
 
     def configs(self, shape: Shape, target) -> list[Config]:
         """Every valid config for `shape`, the default first."""
@@ -131,6 +139,7 @@ class Choice:
     shape: str  # its bucket
     config: Config
     source: str  # "tuned" | "default"
+    dims: dict[str, Any] = field(default_factory=dict)  # the shape dict itself (for `kiln tune`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "shape": self.shape, "config": self.config,
@@ -155,25 +164,11 @@ class TuningDB:
 
     def save(self, path: Path) -> None:
         """Atomically (a resumed or interrupted tuning never leaves half a file)."""
-        doc = {"format": FORMAT, "target": self.target, "entries": self.entries}
-        tmp = Path(path).with_name(Path(path).name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        tuning_file.write(path, self.target, self.entries)
 
     @classmethod
     def load(cls, path: Path) -> TuningDB:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise KilnError(f"{path}: not a kiln tuning file ({e.__class__.__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            got = doc.get("format") if isinstance(doc, dict) else None
-            raise KilnError(f"{path}: tuning file format {got!r}, this kiln reads format "
-                            f"{FORMAT} (re-run `kiln tune`)")
-        if not isinstance(doc.get("target"), dict) or not isinstance(doc.get("entries"), dict):
-            raise KilnError(f"{path}: tuning file without its target or entries")
-        return cls(doc["target"], doc["entries"])
+        return cls(*tuning_file.read(path))
 
     def for_target(self, target, path: Path | str = "tuning file") -> TuningDB | None:
         """This database if it was measured on `target` (same kind, arch, dtype, threads and
@@ -203,8 +198,13 @@ class Schedules:
         source = "tuned"
         if config is None or not sp.valid(shape, config, self.target):
             config, source = sp.default(shape, self.target), "default"
-        self.choices[(kernel, key)] = Choice(kernel, key, config, source)
+        self.choices[(kernel, key)] = Choice(kernel, key, config, source, dict(shape))
         return dict(config)
 
     def manifest(self) -> list[dict[str, Any]]:
         return [c.to_dict() for _, c in sorted(self.choices.items())]
+
+    def instances(self) -> list[Choice]:
+        """Every kernel instance picked so far, one per kernel and bucket (what `kiln tune`
+        measures)."""
+        return [c for _, c in sorted(self.choices.items())]

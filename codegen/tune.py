@@ -1,139 +1,135 @@
-"""`kiln tune`: choose the packed GEMM/GEMV register tiling per weight shape on the machine at hand.
+"""`kiln tune`, build side: a model's kernel instances and their candidate schedules, compiled
+ahead of time into a tuning plan that kiln.runtime.tune measures (here, or on a GPU host).
 
-The tilings in `packed_linear.SEARCH_SPACE` trade registers, loads and parallel balance
-differently, and which one wins depends on N, K, the core count and the cache sizes. The tuner
-compiles each candidate for every distinct (N, K) of a model, checks it against numpy, and times
-it the way the model runs it: prefill at `m` rows with the weight hot in cache (it is reused by
-every row tile), decode at one row cycling through weight copies larger than the last-level
-cache (each weight comes from DRAM once per token). Medians of `repeat` runs. The result is a
-small JSON table that `kiln compile --tuning` turns into per-shape kernel choices.
+The model graph is lowered as `kiln compile` lowers it, with a recording `Schedules`: every
+kernel instance (kernel family, shape dict) the lowerings asked a config for. For each, the
+space's valid configs (the default first, at most `max_candidates`) are built alone by
+`Space.build` and compiled into one library per instance through the target's own toolchain
+(kiln.codegen.build.compile_kernels). The plan (plan.json, beside lib/ and args/) says per
+instance which function is which config, the argument shapes and dtypes with every dynamic dim
+bound, which arguments are outputs, and how closely a candidate must match the default.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tvm import arith, tirx
 
-from kiln.codegen.kernels import packed_linear as plin
-from kiln.codegen.lower import PHASE_CONFIGS, KernelConfigs
-from kiln.codegen.targets import CpuTarget
+from kiln.codegen.build import build_module, compile_kernels
+from kiln.codegen.schedules import Choice, Config, Schedules, Space, space, target_key
+from kiln.codegen.targets import KilnTarget
 from kiln.compiler.errors import KilnError
+from kiln.compiler.ir import Graph
 
-FORMAT = 1
-_COLD_BYTES = 96 << 20  # decode weights cycle through copies this large (> a 32 MB L3)
-
-
-@dataclass(frozen=True, slots=True)
-class Trial:
-    phase: str  # "prefill" | "decode"
-    n: int
-    k: int
-    config: plin.PackedConfig
-    seconds: float
+PLAN = "plan.json"
+PLAN_FORMAT = 1
+MAX_CANDIDATES = 12
+#: largest relative error (max |candidate - default| / max |default|) of a candidate's output
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 
 
-def candidates(phase: str) -> tuple[plin.PackedConfig, ...]:
-    """Decode runs one row: only mr = 1 tilings; prefill any with mr > 1."""
-    if phase == "decode":
-        return tuple(c for c in plin.SEARCH_SPACE if c.mr == 1)
-    return tuple(c for c in plin.SEARCH_SPACE if c.mr > 1)
+def instances(graph: Graph, target: KilnTarget, prefill_rows: int) -> list[Choice]:
+    """Every kernel instance `kiln compile` would schedule for `graph` (nothing compiled)."""
+    schedules = Schedules(target)
+    build_module(graph, target, schedules=schedules, prefill_rows=prefill_rows)
+    return schedules.instances()
 
 
-def tune(shapes: Iterable[tuple[int, int]], target: CpuTarget, *, m: int = 128, repeat: int = 5,
-         progress: Callable[[str], None] = lambda msg: None) -> list[Trial]:
-    """Every candidate tiling of every (N, K) in both phases, checked and timed."""
-    trials = []
-    rng = np.random.default_rng(0)
-    for n, k in sorted(set(shapes)):
-        if n % target.lanes(4):
+def candidates(sp: Space, shape: dict, target, cap: int = MAX_CANDIDATES) -> list[Config]:
+    """The default and valid configs, at most `cap`: evenly spread over the rest if more."""
+    configs = sp.configs(shape, target)
+    if len(configs) <= cap:
+        return configs
+    rest, step = configs[1:], (len(configs) - 1) / (cap - 1)
+    return [configs[0]] + [rest[int(i * step)] for i in range(cap - 1)]
+
+
+def write_plan(found: list[Choice], target: KilnTarget, out: Path, *,
+               skip: Collection[tuple[str, str]] = (), max_candidates: int = MAX_CANDIDATES,
+               deadline: float | None = None,
+               progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Compile the candidates of every instance not in `skip` ((kernel, bucket) pairs already
+    measured) into `out`/lib and write `out`/plan.json; stops adding instances at `deadline`
+    (time.monotonic())."""
+    (out / "lib").mkdir(parents=True, exist_ok=True)
+    plan = {"format": PLAN_FORMAT, "target": target_key(target), "kind": target.kind,
+            "instances": []}
+    todo = [c for c in found if space(c.kernel).build is not None and
+            (c.kernel, c.shape) not in skip]
+    for i, inst in enumerate(todo):
+        if deadline is not None and time.monotonic() > deadline:
+            progress(f"budget spent: {len(todo) - i} kernel instances left unbuilt")
+            break
+        entry = _build_instance(inst, target, out, len(plan["instances"]), max_candidates)
+        if entry is not None:
+            plan["instances"].append(entry)
+            progress(f"[{i + 1}/{len(todo)}] built {len(entry['candidates'])} candidates of "
+                     f"{inst.kernel} {inst.shape}")
+    (out / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def _build_instance(inst: Choice, target, out: Path, index: int,
+                    cap: int) -> dict[str, Any] | None:
+    sp = space(inst.kernel)
+    funcs, configs = {}, []
+    for j, config in enumerate(candidates(sp, inst.dims, target, cap)):
+        f = sp.build(inst.dims, config, target)
+        if f is None:  # this instance's op has no standalone kernel: not measured
+            return None
+        funcs[f"k{index}_c{j}"] = f
+        configs.append(config)
+    dims = sp.dims(inst.dims)
+    specs = [arg_specs(f, dims) for f in funcs.values()]
+    if any(s != specs[0] for s in specs):
+        raise KilnError(f"{inst.kernel} {inst.shape}: candidates take different arguments")
+    lib = f"lib/k{index}.so"
+    compile_kernels(funcs, target, out / lib)
+    entry = {"kernel": inst.kernel, "bucket": inst.shape, "shape": inst.dims, "lib": lib,
+             "candidates": [{"func": name, "config": c}
+                            for name, c in zip(funcs, configs, strict=True)],
+             "args": specs[0], "outputs": sp.outputs,
+             "cold": inst.dims.get("phase") == "decode",
+             "tolerance": TOLERANCE.get(specs[0][-1]["dtype"], 1e-4), "args_file": None}
+    if sp.make_args is not None:  # arguments random values would not do (sparse metadata)
+        (out / "args").mkdir(exist_ok=True)
+        arrays = sp.make_args(inst.dims, np.random.default_rng(index))
+        entry["args_file"] = f"args/k{index}.npz"
+        np.savez(out / entry["args_file"], *arrays)
+    return entry
+
+
+def arg_specs(func: tirx.PrimFunc, dims: dict[str, int]) -> list[dict[str, Any]]:
+    """Each param of `func`: {"shape", "dtype"} of a buffer with its symbolic dims bound by
+    name from `dims`, or {"scalar", "dtype"} of a scalar param."""
+    specs, ana = [], arith.Analyzer()
+    for p in func.params:
+        if p not in func.buffer_map:
+            if p.name not in dims:
+                raise KilnError(f"kernel param {p.name}: no value in {sorted(dims)}")
+            specs.append({"scalar": int(dims[p.name]), "dtype": str(p.dtype)})
             continue
-        for phase in ("prefill", "decode"):
-            rows = m if phase == "prefill" else 1
-            copies = 1 if phase == "prefill" else max(1, -(-_COLD_BYTES // (n * k * 4)))
-            ws = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(copies)]
-            x = rng.standard_normal((rows, k), dtype=np.float32)
-            for cfg in candidates(phase):
-                progress(f"{phase} {n}x{k} mr={cfg.mr} nv={cfg.nv}")
-                trials.append(Trial(phase, n, k, cfg, _time(target, cfg, x, ws, repeat)))
-    return trials
+        buf = func.buffer_map[p]
+        shape = [int(ana.simplify(tirx.stmt_functor.substitute(d, _vars(d, dims))))
+                 for d in buf.shape]
+        specs.append({"shape": shape, "dtype": str(buf.dtype)})
+    return specs
 
 
-def _time(target: CpuTarget, cfg: plin.PackedConfig, x: np.ndarray, ws: list[np.ndarray],
-          repeat: int) -> float:
-    import tvm
+def _vars(expr, dims: dict[str, int]) -> dict:
+    found: dict = {}
 
-    (m, k), n, lanes = x.shape, ws[0].shape[0], target.lanes(4)
-    f = plin.packed_linear_kernel(n, k, cfg, lanes=lanes)
-    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
-                      target=target.tvm_target())
-    kernel = lib["main"]
-    xt, yt = tvm.runtime.tensor(x), tvm.runtime.tensor(np.empty((m, n), np.float32))
-    wts = [tvm.runtime.tensor(plin.pack(w, lanes)) for w in ws]
-    kernel(xt, wts[0], yt)
-    ref = x @ ws[0].T
-    err = float(np.abs(yt.numpy() - ref).max() / max(np.abs(ref).max(), 1e-30))
-    if err > 1e-4:
-        raise KilnError(f"tune: packed linear {n}x{k} {cfg} disagrees with numpy "
-                        f"(rel err {err:.2e})")
-    for w in wts:  # warm: page faults, thread pool
-        kernel(xt, w, yt)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for w in wts:
-            kernel(xt, w, yt)
-        times.append((time.perf_counter() - t0) / len(wts))
-    return statistics.median(times)
+    def visit(node) -> None:
+        if isinstance(node, tirx.Var):
+            if node.name not in dims:
+                raise KilnError(f"symbolic dim {node.name}: no value in {sorted(dims)}")
+            found[node] = tirx.const(int(dims[node.name]), node.dtype)
 
-
-def best(trials: list[Trial]) -> dict[str, dict[str, dict]]:
-    """phase -> "NxK" -> the fastest tiling, its time and the default's time."""
-    out: dict[str, dict[str, dict]] = {"prefill": {}, "decode": {}}
-    for phase in out:
-        default = PHASE_CONFIGS[phase].packed
-        by_shape: dict[tuple[int, int], list[Trial]] = {}
-        for t in trials:
-            if t.phase == phase:
-                by_shape.setdefault((t.n, t.k), []).append(t)
-        for (n, k), ts in sorted(by_shape.items()):
-            win = min(ts, key=lambda t: t.seconds)
-            base = next((t.seconds for t in ts if t.config == default), None)
-            out[phase][f"{n}x{k}"] = {"mr": win.config.mr, "nv": win.config.nv,
-                                      "seconds": win.seconds, "default_seconds": base}
-    return out
-
-
-def save(path: Path, table: dict, target: CpuTarget, *, m: int, threads: int) -> None:
-    doc = {"format": FORMAT, "kernel": "packed_linear", "target": target.tvm_dict(),
-           "prefill_rows": m, "threads": threads, **table}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-
-
-def load_configs(path: Path) -> dict[str, KernelConfigs]:
-    """Entry point -> KernelConfigs with the tuned per-shape tilings (for codegen.build)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise KilnError(f"{path}: not a kiln tuning file ({e.__class__.__name__})") from e
-    if doc.get("format") != FORMAT or doc.get("kernel") != "packed_linear":
-        raise KilnError(f"{path}: not a kiln tuning file of format {FORMAT}")
-    from dataclasses import replace
-
-    configs = {}
-    for entry, phase in (("prefill", "prefill"), ("prefill_last", "prefill"),
-                         ("decode", "decode")):
-        table = []
-        for shape, c in doc.get(phase, {}).items():
-            try:
-                n, k = (int(v) for v in shape.split("x"))
-                table.append(((n, k), plin.PackedConfig(int(c["mr"]), int(c["nv"]))))
-            except (ValueError, KeyError, TypeError) as e:
-                raise KilnError(f"{path}: bad {phase} entry {shape!r}: {e}") from e
-        configs[entry] = replace(PHASE_CONFIGS[phase], packed_by_shape=tuple(table))
-    return configs
+    tirx.stmt_functor.post_order_visit(expr, visit)
+    return found

@@ -81,7 +81,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
     of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
     a CUDA target (float16, bfloat16 or float32; parameters are stored in it); `tuning` a
-    `kiln tune` table of per-shape kernel tilings for a CPU target. `sparsity` (0.5, 2:4) prunes
+    `kiln tune` database of per-kernel schedules (docs/tuning.md). `sparsity` (0.5, 2:4) prunes
     the linear weights first with `prune_method` (sparsegpt, wanda, magnitude), leaving those
     matching `sparsity_keep` dense (kiln.passes.prune_weights). An existing OUT is refused
     unless `force`; then it is replaced whole (kiln.runtime.artifact.ArtifactWriter).
@@ -114,10 +114,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
     with af.ArtifactWriter(out, force=force) as w:
-        configs = _tuned_configs(tuning, tgt)
-        schedules = Schedules(tgt)
-        sig = build(graph, tgt, w.path(af.KERNELS), configs=configs, schedules=schedules,
-                    progress=progress)
+        schedules = Schedules(tgt, tuning_db(tuning, tgt))
+        sig = build(graph, tgt, w.path(af.KERNELS), schedules=schedules,
+                    prefill_rows=prefill_rows(max_seq), progress=progress)
         w.add(af.KERNELS)
         table = _in_dtype(param_table(graph, sig.params), _float_dtype(tgt))
         progress("writing parameters")
@@ -238,14 +237,24 @@ def _calibration(model: Path, progress: Progress,
                                                                   CALIBRATION_WINDOWS)))
 
 
-def _tuned_configs(tuning: str | Path | None, tgt) -> dict | None:
+#: prefill kernels are tuned (and looked up) for prompts of at most this many tokens
+TUNED_PROMPT = 512
+
+
+def prefill_rows(max_seq: int) -> int:
+    """The rows a prefill kernel instance is scheduled for: the prompt length `kiln tune`
+    measures at, the same for `kiln tune` and `kiln compile` with the same --max-seq."""
+    return min(max_seq, TUNED_PROMPT)
+
+
+def tuning_db(tuning: str | Path | None, tgt):
+    """The `kiln tune` database at `tuning` if it was measured for `tgt`; None (after one
+    warning line) when it was measured elsewhere; an unreadable or old file is an error."""
     if tuning is None:
         return None
-    if tgt.kind != "cpu":
-        raise KilnError(f"--tuning: tables are for CPU kernels, not target {tgt.name}")
-    from kiln.codegen.tune import load_configs
+    from kiln.codegen.schedules import TuningDB
 
-    return load_configs(Path(tuning))
+    return TuningDB.load(Path(tuning)).for_target(tgt, tuning)
 
 
 #: the graph inputs kiln's runtime feeds (past_key_values become its in-place KV cache)

@@ -8,6 +8,8 @@
     BUNDLE/lib/kiln/       kiln's runtime and the kiln modules it imports, nothing else
     BUNDLE/lib/typing_extensions.py   tvm-ffi's one pure-Python dependency
     BUNDLE/wheels/         the apache-tvm-ffi wheel for the host's Python (the launcher unzips it)
+A tuning bundle (`kiln tune --bundle`) holds tuning/ (kiln.codegen.tune's plan and candidate
+kernels) in place of artifact/; `python BUNDLE/kiln_run.py tune -o TUNING.json` measures it.
 
 This module never imports tvm: it finds the installed package with importlib.
 """
@@ -42,6 +44,8 @@ TVM_DROP = ("lib/libtvm_compiler.so", "lib/libtvm_runtime_extra.so", "lib64", "3
 #: where the import closure of the bundled kiln code starts
 KILN_ROOTS = ("kiln.runtime", "kiln.runtime.bundle")
 LAUNCHER = "kiln_run.py"
+#: a tuning bundle's folder of candidate kernels and their plan (kiln.codegen.tune)
+TUNING = "tuning"
 Progress = Callable[[str], None]
 
 
@@ -67,15 +71,8 @@ def package(artifact_dir: str | Path, bundle_dir: str | Path, *, python: str = "
         cuda = art.manifest["target"].get("kind") == "cuda"
         progress("copying the artifact")
         _copy_artifact(art, stage / "artifact", params=params)
-        progress("copying the TVM runtime")
-        _copy_tvm(stage / "lib" / "tvm", cuda=cuda)
-        shutil.copyfile(_module_file("typing_extensions"), stage / "lib" / "typing_extensions.py")
-        _copy_kiln(stage / "lib")
-        progress(f"finding the {FFI_DIST} wheel for Python {python}")
-        wheel = ffi_wheel or find_ffi_wheel(python)
-        (stage / "wheels").mkdir()
-        shutil.copyfile(wheel, stage / "wheels" / wheel.name)
-        shutil.copyfile(_launcher(), stage / LAUNCHER)
+        wheel = _copy_runtime(stage, cuda=cuda, python=python, ffi_wheel=ffi_wheel,
+                              progress=progress)
         sizes = part_sizes(stage)
         _write_info(stage, art, python=python, wheel=wheel.name, params=params, sizes=sizes)
         _replace(stage, out)
@@ -83,6 +80,46 @@ def package(artifact_dir: str | Path, bundle_dir: str | Path, *, python: str = "
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return Bundle(out, sizes)
+
+
+def package_tuning(plan_dir: Path, bundle_dir: str | Path, *, cuda: bool, python: str = "3.12",
+                   ffi_wheel: Path | None = None,
+                   progress: Progress = lambda msg: None) -> Path:
+    """A tuning bundle: the plan and candidate kernels of `kiln tune --bundle` (tuning/) and
+    the runtime to measure them (`python BUNDLE/kiln_run.py tune -o TUNING.json`)."""
+    from importlib.metadata import version
+
+    out = Path(bundle_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        shutil.copytree(plan_dir, stage / TUNING)
+        wheel = _copy_runtime(stage, cuda=cuda, python=python, ffi_wheel=ffi_wheel,
+                              progress=progress)
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "python": python,
+                "ffi_wheel": wheel.name, "tvm_version": version("apache-tvm"),
+                "tuning": TUNING, "params": False, "sizes": part_sizes(stage)}
+        (stage / "bundle.json").write_text(json.dumps(info, indent=2))
+        _replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_runtime(stage: Path, *, cuda: bool, python: str, ffi_wheel: Path | None,
+                  progress: Progress) -> Path:
+    """The TVM runtime, kiln's runtime, the tvm-ffi wheel and the launcher; returns the wheel."""
+    progress("copying the TVM runtime")
+    _copy_tvm(stage / "lib" / "tvm", cuda=cuda)
+    shutil.copyfile(_module_file("typing_extensions"), stage / "lib" / "typing_extensions.py")
+    _copy_kiln(stage / "lib")
+    progress(f"finding the {FFI_DIST} wheel for Python {python}")
+    wheel = ffi_wheel or find_ffi_wheel(python)
+    (stage / "wheels").mkdir()
+    shutil.copyfile(wheel, stage / "wheels" / wheel.name)
+    shutil.copyfile(_launcher(), stage / LAUNCHER)
+    return wheel
 
 
 def part_sizes(bundle: Path) -> dict[str, int]:

@@ -1,36 +1,88 @@
-"""`kiln tune MODEL`: the weight shapes of a compiled model, timed by kiln.codegen.tune."""
+"""`kiln tune MODEL`: measure every kernel instance's schedule candidates (docs/tuning.md).
+
+Build (kiln.codegen.tune): the model lowered as `kiln compile` lowers it, its kernel instances
+collected and each one's candidates compiled into a tuning plan. Measure
+(kiln.runtime.tune): here for the CPU, or on the GPU host from a tuning bundle
+(`--bundle DIR`, then `python DIR/kiln_run.py tune -o TUNING.json` there).
+"""
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from kiln.compiler.errors import KilnError
 
+Progress = Callable[[str], None]
 
-def tune_model(model: Path, out: Path, *, prompt_len: int = 128, repeat: int = 5,
-               threads: int | None = None,
-               progress: Callable[[str], None] = lambda msg: None) -> dict:
-    """Tune the packed linear kernels for every (N, K) of MODEL's fp32 linears; writes `out`."""
-    from kiln.runtime.tvm_runtime import size_thread_pool
 
-    size_thread_pool(threads)  # before TVM's pool starts (its own default is half the CPUs)
-    from kiln.codegen import tune
-    from kiln.codegen.targets import host_cpu
-    from kiln.compiler.compile import compile_graph
+def tune_model(model: str | Path, out: str | Path | None = None, *, target: str = "cpu",
+               bundle: str | Path | None = None, budget_s: float | None = None,
+               threads: int | None = None, max_seq: int = 512, quant: str | None = None,
+               max_candidates: int | None = None, repeat: int = 7,
+               python: str | None = None, progress: Progress = lambda msg: None) -> Path:
+    """Tune MODEL's kernels for `target` into the database `out` (resumed when it exists), or
+    write a tuning bundle to `bundle` for measuring elsewhere; returns the path written."""
+    if (out is None) == (bundle is None):
+        raise KilnError("kiln tune: give -o TUNING.json (measure here) or --bundle DIR")
+    start = time.monotonic()
+    deadline = None if budget_s is None else start + budget_s
+    if threads or not target.startswith("cuda"):
+        from kiln.runtime.tvm_runtime import size_thread_pool
 
-    target = host_cpu(threads)
-    block = target.lanes(4)
-    graph = compile_graph(Path(model), max_seq=prompt_len, progress=progress,
-                          weights_optional=True, pack_block=block)
-    shapes = set()
-    for n in graph.nodes:
-        if n.op == "linear" and n.attrs.get("packed"):
-            nb, k, lanes = graph.types[n.inputs[1]].shape
-            shapes.add((int(nb) * int(lanes), int(k)))
-    if not shapes:
-        raise KilnError(f"{model}: no packed fp32 linear to tune")
-    trials = tune.tune(shapes, target, m=prompt_len, repeat=repeat, progress=progress)
-    table = tune.best(trials)
-    tune.save(Path(out), table, target, m=prompt_len, threads=target.threads)
-    return table
+        size_thread_pool(threads)  # before TVM's pool starts (its own default is half the CPUs)
+    progress("loading TVM")
+    from kiln.codegen import tune as build_side
+    from kiln.compiler.compile import _pack_block, _preset, _sparse_target, compile_graph
+    from kiln.compiler.compile import prefill_rows as rows_for
+
+    tgt = _target(target, threads)
+    if bundle is None and tgt.kind != "cpu":
+        raise KilnError(f"target {tgt.name}: this host cannot run its kernels; write a tuning "
+                        "bundle (--bundle DIR) and measure it on the GPU host")
+    graph = compile_graph(Path(model), max_seq=max_seq, progress=progress,
+                          weights_optional=True, quant=_preset(quant, ()),
+                          pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
+                          sparse_target=_sparse_target(tgt.kind))
+    progress("collecting kernel instances")
+    found = build_side.instances(graph, tgt, rows_for(max_seq))
+    cap = max_candidates or build_side.MAX_CANDIDATES
+    if bundle is not None:
+        from kiln.compiler.package import package_tuning
+
+        with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
+            build_side.write_plan(found, tgt, Path(tmp), max_candidates=cap, progress=progress)
+            return package_tuning(Path(tmp), Path(bundle), cuda=tgt.kind == "cuda",
+                                  progress=progress, **({"python": python} if python else {}))
+    done = _measured(Path(out), tgt)
+    with tempfile.TemporaryDirectory(prefix="kiln-tune-") as tmp:
+        build_side.write_plan(found, tgt, Path(tmp), skip=done, max_candidates=cap,
+                              deadline=deadline, progress=progress)
+        from kiln.runtime.tune import measure
+
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        measure(tmp, out, budget_s=left, repeat=repeat, threads=threads, progress=progress)
+    return Path(out)
+
+
+def _target(name: str, threads: int | None):
+    from kiln.codegen.targets import host_cpu, resolve
+
+    if name == "cpu":
+        return host_cpu(threads)
+    return resolve(name)
+
+
+def _measured(out: Path, tgt) -> set[tuple[str, str]]:
+    """(kernel, bucket) pairs `out` already holds for `tgt` (a resumed tuning skips them)."""
+    if not out.exists():
+        return set()
+    from kiln.codegen.schedules import TuningDB, target_key
+
+    db = TuningDB.load(out)
+    if db.target != target_key(tgt):
+        raise KilnError(f"{out}: measured for another target ({db.target}); write to another "
+                        "file")
+    return {(k, b) for k, buckets in db.entries.items() for b in buckets}

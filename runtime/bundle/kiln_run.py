@@ -1,11 +1,13 @@
-"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|chat|bench|convert|info ...` on a host
-with only Python and numpy (tokenizers too, for text prompts).
+"""Launcher of a kiln bundle: `python BUNDLE/kiln_run.py run|chat|bench|convert|tune|info ...` on a
+host with only Python and numpy (tokenizers too, for text prompts).
 
 The bundle holds (see kiln.compiler.package):
     kiln_run.py    this file
     bundle.json    what is inside, and the Python it was made for
     artifact/      the compiled artifact (`convert --weights` writes its parameters when it
                    was compiled --no-weights)
+    tuning/        instead of artifact/ in a tuning bundle (`kiln tune --bundle`): candidate
+                   kernels and their plan, which `tune -o TUNING.json` measures
     lib/           tvm (runtime only), kiln's runtime, typing_extensions
     wheels/        the apache-tvm-ffi wheel for that Python
     site/          that wheel unzipped, on the first run (elsewhere if the bundle is read-only)
@@ -143,6 +145,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     conv.add_argument("--out", type=Path, help="write a converted copy of the artifact here "
                       "(else it is converted in place)")
     conv.add_argument("--artifact", type=Path, default=HERE / "artifact")
+    tune = sub.add_parser("tune", help="measure a tuning bundle's candidate kernels and write "
+                          "the tuning database (`kiln compile --tuning` reads it)")
+    tune.add_argument("-o", "--out", type=Path, required=True,
+                      help="the database to write (resumed when it exists)")
+    tune.add_argument("--budget-s", type=float, help="start no kernel after this many seconds")
+    tune.add_argument("--repeat", type=int, default=7, help="timed repeats (median)")
+    tune.add_argument("--threads", type=int, help="CPU threads (default: all usable cores)")
     sub.add_parser("info", help="what the bundle holds, and where its imports come from")
     return p.parse_args(argv)
 
@@ -197,6 +206,17 @@ def cmd_convert(a: argparse.Namespace, info: dict) -> None:
     print(out)
 
 
+def cmd_tune(a: argparse.Namespace, info: dict) -> None:
+    from kiln.runtime.tune import measure
+
+    if not info.get("tuning"):
+        fail("this bundle holds an artifact, not a tuning plan (make one with `kiln tune "
+             "MODEL --bundle DIR`)")
+    measure(HERE / info["tuning"], a.out, budget_s=a.budget_s, repeat=a.repeat,
+            threads=a.threads, progress=lambda msg: sys.stderr.write(f"kiln_run: {msg}\n"))
+    print(a.out)
+
+
 def cmd_info(info: dict) -> None:
     from kiln.runtime.tvm_runtime import import_tvm
 
@@ -223,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd_bench(args, info)
         elif args.command == "convert":
             cmd_convert(args, info)
+        elif args.command == "tune":
+            cmd_tune(args, info)
         else:
             cmd_info(info)
     except KilnError as e:

@@ -195,13 +195,19 @@ def _named(sig, ids: np.ndarray, past: int) -> list:
 
 
 def test_linear_tiling_per_shape_override():
-    from kiln.codegen.kernels.linear import DECODE, LinearConfig
-    from kiln.codegen.lower import KernelConfigs
+    """A database entry for one (phase, n, k) instance changes that instance's tiling only."""
+    from kiln.codegen import cpu_spaces
+    from kiln.codegen.schedules import Schedules, TuningDB, bucket, target_key
+    from kiln.codegen.targets import cpu
 
-    tuned = LinearConfig(mr=1, nr=8, prefetch=1)
-    cfg = KernelConfigs(linear=DECODE, linear_by_shape=(((576, 576), tuned),))
-    assert cfg.linear_for(576, 576) == tuned
-    assert cfg.linear_for(192, 576) == DECODE
+    target = cpu("znver4")
+    shape = {"phase": "decode", "m": 1, "n": 576, "k": 576, "bias": False, "dtype": "float32"}
+    tuned = {"mr": 1, "nr": 8, "mb": 0, "nb": 0, "prefetch": 4}
+    db = TuningDB(target_key(target))
+    db.record("cpu.linear", bucket(shape, ("m",)), tuned, 1.0, 2.0)
+    s = Schedules(target, db)
+    assert s.pick("cpu.linear", shape) == tuned
+    assert s.pick("cpu.linear", {**shape, "n": 192}) == cpu_spaces.LINEAR.default(shape, target)
 
 
 def test_packed_weights_and_prefill_last(graph, rng, tmp_path):
