@@ -24,6 +24,7 @@ from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.qkv import QkvPattern, find_qkv_patterns
+from kiln.codegen.cuda.spaces import config_key  # (registers the cuda.* schedule spaces)
 from kiln.codegen.lower import (
     LowerContext,
     _numel,
@@ -181,9 +182,13 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
     args = [reshape(ctx, x, [m, k]), w]
     if other is not None:
         args.append(reshape(ctx, other, [m, n]))
-    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None, ctx.pdl),
-                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype,
-                                               residual=other is not None, pdl=ctx.pdl))
+    c = ctx.schedule("cuda.gemv", {"m": 1, "n": n, "k": k, "dtype": dtype,
+                                   "out_dtype": out_dtype,
+                                   "epilogue": "residual" if other is not None else ""})
+    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None, ctx.pdl,
+                     *config_key(c)),
+                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, residual=other is not None,
+                                               pdl=ctx.pdl, **c))
     y = reshape(ctx, ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype))),
                 [*xs[:-1], n])
     if other is not None:  # the Add's output is this GEMV's
@@ -221,8 +226,10 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         sp, u = ctx.swiglu[node.name]
         if _split_sizes(ctx, sp, n) == [n // 2, n // 2] and n % 2 == 0:
             f, m = n // 2, _numel(xs[:-1])
-            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl),
-                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl))
+            c = ctx.schedule("cuda.gemv_swiglu", {"m": 1, "f": f, "k": k, "dtype": dtype})
+            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl, *config_key(c)),
+                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl,
+                                                              **c))
             y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                        relax.TensorType([m, f], dtype)))
             ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
@@ -233,9 +240,11 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         return None
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
-    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl),
+    c = ctx.schedule("cuda.gemv", {"m": 1, "n": n, "k": k, "dtype": dtype,
+                                   "out_dtype": out_dtype, "epilogue": "norm"})
+    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl, *config_key(c)),
                     lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
-                                               pdl=ctx.pdl))
+                                               pdl=ctx.pdl, **c))
     y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                relax.TensorType([m, n], out_dtype)))
     return reshape(ctx, y, [*xs[:-1], n])
@@ -281,8 +290,9 @@ def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
         groups, e = e // group, group
     m = _numel(xs[:-1]) * groups
     if groups == 1 and dtype_of(w) == dtype_of(x) and rowwise.rms_norm_supported(e, dtype_of(x)):
-        gv = ctx.kernel(("cuda_rms_norm", e, dtype_of(x), eps),
-                        lambda: rowwise.rms_norm_kernel(e, dtype_of(x), eps))
+        c = ctx.schedule("cuda.rms_norm", {"m": ctx.rows, "e": e, "dtype": dtype_of(x)})
+        gv = ctx.kernel(("cuda_rms_norm", e, dtype_of(x), eps, c["rows"]),
+                        lambda: rowwise.rms_norm_kernel(e, dtype_of(x), eps, rows=c["rows"]))
         y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, e]), w],
                                    relax.TensorType([m, e], dtype_of(x))))
     else:
@@ -421,7 +431,9 @@ def _swiglu(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int) -> Non
     if _split_sizes(ctx, sp, n) != [f, f] or not rowwise.swiglu_supported(f, dtype):
         return
     m = _numel(xs[:-1])
-    gv = ctx.kernel(("cuda_swiglu", f, dtype), lambda: rowwise.swiglu_kernel(f, dtype))
+    c = ctx.schedule("cuda.swiglu", {"m": ctx.rows, "f": f, "dtype": dtype})
+    gv = ctx.kernel(("cuda_swiglu", f, dtype, c["threads"]),
+                    lambda: rowwise.swiglu_kernel(f, dtype, threads=c["threads"]))
     out = ctx.bb.emit(R.call_tir(gv, [y], relax.TensorType([m, f], dtype)))
     ctx.values[u.outputs[0]] = reshape(ctx, out, [*xs[:-1], f])
     ctx.done.update((sp.name, u.name))
