@@ -378,11 +378,15 @@ def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         m = _numel(xs[:-1])
         add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
         eps = deferred[2] if deferred else None
+        c = ctx.schedule("cuda.quant_gemv", {
+            "m": 1, "n": n, "k": k, "bits": bits, "group": group, "dtype": dtype,
+            "out_dtype": out_dtype, "zero_points": zp is not None,
+            "epilogue": "norm" if deferred else "residual" if other is not None else ""})
         gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
-                         other is not None, eps, ctx.pdl),
+                         other is not None, eps, ctx.pdl, *config_key(c)),
                         lambda: qgemv.quant_gemv_kernel(
                             n, k, bits, group, dtype, out_dtype, zero_points=zp is not None,
-                            residual=other is not None, norm_eps=eps, pdl=ctx.pdl))
+                            residual=other is not None, norm_eps=eps, pdl=ctx.pdl, **c))
         args = [reshape(ctx, x, [m, k])] + ([deferred[1]] if deferred else []) + [qw, sc]
         args += [zp] if zp is not None else []
         args += [reshape(ctx, other, [m, n])] if other is not None else []

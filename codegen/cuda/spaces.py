@@ -16,7 +16,9 @@ import numpy as np
 from kiln.codegen.cuda.kernels import attention as attn
 from kiln.codegen.cuda.kernels import flash_attention as flash
 from kiln.codegen.cuda.kernels import gemv as gemv_k
+from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.kernels import rowwise
+from kiln.codegen.cuda.kernels import sparse_gemv as sgemv
 from kiln.codegen.schedules import Knob, Space, register
 
 EPS = 1e-5  # the norm epsilon of a kernel built for measuring (its speed does not depend on it)
@@ -79,6 +81,32 @@ GEMV_QKV_ROPE = register(Space(
         warps=c["warps"], chunk=c["chunk"]),
     # cos/sin rows; a cache of 16 rows (the kernel writes row past[0], 1 or 2 when measured)
     bind=lambda shape: {"cb": 1, "cap": 16}))
+
+
+
+QUANT_GEMV = register(Space(
+    "cuda.quant_gemv", (Knob("warps", (2, 4, 8)), Knob("rows", (1, 2, 4))),
+    lambda shape, target: {"warps": qgemv.WARPS, "rows": qgemv.rows_default(shape["n"])},
+    lambda shape, c, target: shape["n"] % c["rows"] == 0,
+    dynamic=("m",),
+    doc="int4/int8 weight GEMV: warps per block, output rows per warp (x converted once for "
+        "all of them, rows x 16 bytes in flight per lane)",
+    build=lambda shape, c, target: qgemv.quant_gemv_kernel(
+        shape["n"], shape["k"], shape["bits"], shape["group"], shape["dtype"],
+        shape["out_dtype"], zero_points=shape["zero_points"],
+        residual=shape["epilogue"] == "residual",
+        norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+
+SPARSE_GEMV = register(Space(
+    "cuda.sparse_gemv", (Knob("warps", (2, 4, 8)), Knob("loads", (8, 16, 32))),
+    lambda shape, target: {"warps": sgemv.WARPS, "loads": sgemv.LOADS},
+    dynamic=("m",),
+    doc="2:4 sparse GEMV (x of a block in shared memory): warps (output rows) per block, "
+        "16-byte weight loads a lane issues together",
+    build=lambda shape, c, target: sgemv.sparse_gemv_kernel(
+        shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+        residual=shape["epilogue"] == "residual",
+        norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
 
 
 # -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------
