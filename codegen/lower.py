@@ -415,7 +415,8 @@ def _attention_kernel(ctx: LowerContext, h: int, kvh: int, d: int, scale: float,
     rows = ctx.rows
     shape = {"phase": ctx.phase, "heads": h, "kv_heads": kvh, "head_dim": d, "scale": scale,
              "causal": causal, "masked": masked, "dtype": dtype, "mask_dtype": mdt, "q8": q8,
-             "window": window, "s": rows, "past": 0 if ctx.phase == "prefill" else rows}
+             "window": window, "s": rows,  # decode: one query over a prompt's worth of keys
+             "past": 0 if ctx.phase == "prefill" else ctx.prefill_rows}
     c = ctx.schedule("cpu.attention", shape)
     if c["tiled"]:
         qt = c["queries"]

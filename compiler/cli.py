@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -30,6 +31,11 @@ class KilnGroup(click.Group):
 @click.version_option(package_name="kiln")
 def main() -> None:
     """kiln: compile ONNX transformer exports into per-target kernels, and run them."""
+    warnings.formatwarning = _one_line  # a warning is one line, as an error is
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"kiln: warning: {message}\n"
 
 
 #: --quiet on every command that shows progress (kiln.compiler.progress)
@@ -181,7 +187,8 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="compute dtype on CUDA (default float16; accumulation stays float32)")
 @click.option("--tuning", type=click.Path(path_type=Path),
-              help="per-shape kernel tilings measured by `kiln tune` (CPU)")
+              help="kernel schedules measured by `kiln tune` (a database for another target or "
+                   "kiln version is ignored with a warning)")
 @click.option("--sparsity", metavar="S",
               help="prune linear weights: a fraction of every row (0.5) or N:M along the input "
                    "dimension (2:4); embeddings and the LM head stay dense")
@@ -230,30 +237,34 @@ def verify_cmd(artifact: Path) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
-              help="the tuning table (JSON) to write")
-@click.option("--prompt-len", default=128, show_default=True,
-              help="rows of the prefill GEMMs timed")
-@click.option("--repeat", default=5, show_default=True, help="timed runs per candidate (median)")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="the tuning database (JSON) to write; resumed when it exists")
+@click.option("--target", default="cpu", show_default=True,
+              help="cpu (measured here), cuda or cuda:<sm_XX> (with --bundle)")
+@click.option("--bundle", type=click.Path(path_type=Path),
+              help="write a tuning bundle to measure on another host: "
+                   "`python DIR/kiln_run.py tune -o TUNING.json` there")
+@click.option("--budget-s", type=float, help="start no kernel after this many seconds")
 @click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
+@click.option("--max-seq", default=512, show_default=True,
+              help="context length; prefill kernels are tuned at min(max-seq, 512) rows")
+@click.option("--quant", metavar="PRESET", help="tune the kernels of this quantization preset")
+@click.option("--max-candidates", type=int, help="configs per kernel instance (default 12)")
+@click.option("--python", help="the GPU host's Python for --bundle (default 3.12)")
 @quiet_option
-def tune(model: Path, out: Path, prompt_len: int, repeat: int, threads: int | None,
-         quiet: bool) -> None:
-    """Time every packed GEMM/GEMV tiling for each weight shape of MODEL on this CPU and write
-    the fastest per shape; `kiln compile --tuning OUT` uses them."""
+def tune(model: Path, out: Path | None, target: str, bundle: Path | None,
+         budget_s: float | None, threads: int | None, max_seq: int, quant: str | None,
+         max_candidates: int | None, python: str | None, quiet: bool) -> None:
+    """Measure the schedule candidates of MODEL's kernels and write the fastest per kernel and
+    shape bucket; `kiln compile --tuning OUT` uses them (docs/tuning.md)."""
     from kiln.compiler.progress import progress
     from kiln.compiler.tuning import tune_model
 
     with progress(f"tuning {model.name}", quiet=quiet) as report:
-        table = tune_model(model, out, prompt_len=prompt_len, repeat=repeat, threads=threads,
-                           progress=report)
-    for phase in ("prefill", "decode"):
-        for shape, c in table[phase].items():
-            base = c["default_seconds"]
-            gain = f"{base / c['seconds']:.2f}x vs default" if base else ""
-            click.echo(f"{phase:8s} {shape:>11s}  mr={c['mr']} nv={c['nv']}  "
-                       f"{c['seconds'] * 1e3:8.3f} ms  {gain}")
-    click.echo(str(out))
+        path = tune_model(model, out, target=target, bundle=bundle, budget_s=budget_s,
+                          threads=threads, max_seq=max_seq, quant=quant,
+                          max_candidates=max_candidates, python=python, progress=report)
+    click.echo(str(path))
 
 
 @main.command()
