@@ -182,7 +182,7 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
     args = [reshape(ctx, x, [m, k]), w]
     if other is not None:
         args.append(reshape(ctx, other, [m, n]))
-    c = ctx.schedule("cuda.gemv", {"m": 1, "n": n, "k": k, "dtype": dtype,
+    c = ctx.schedule("cuda.gemv", {"phase": "decode", "m": 1, "n": n, "k": k, "dtype": dtype,
                                    "out_dtype": out_dtype,
                                    "epilogue": "residual" if other is not None else ""})
     gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None, ctx.pdl,
@@ -226,7 +226,8 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         sp, u = ctx.swiglu[node.name]
         if _split_sizes(ctx, sp, n) == [n // 2, n // 2] and n % 2 == 0:
             f, m = n // 2, _numel(xs[:-1])
-            c = ctx.schedule("cuda.gemv_swiglu", {"m": 1, "f": f, "k": k, "dtype": dtype})
+            c = ctx.schedule("cuda.gemv_swiglu", {"phase": "decode", "m": 1, "f": f, "k": k,
+                                                  "dtype": dtype})
             gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl, *config_key(c)),
                             lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl,
                                                               **c))
@@ -240,7 +241,7 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         return None
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
-    c = ctx.schedule("cuda.gemv", {"m": 1, "n": n, "k": k, "dtype": dtype,
+    c = ctx.schedule("cuda.gemv", {"phase": "decode", "m": 1, "n": n, "k": k, "dtype": dtype,
                                    "out_dtype": out_dtype, "epilogue": "norm"})
     gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl, *config_key(c)),
                     lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
@@ -290,7 +291,8 @@ def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
         groups, e = e // group, group
     m = _numel(xs[:-1]) * groups
     if groups == 1 and dtype_of(w) == dtype_of(x) and rowwise.rms_norm_supported(e, dtype_of(x)):
-        c = ctx.schedule("cuda.rms_norm", {"m": ctx.rows, "e": e, "dtype": dtype_of(x)})
+        c = ctx.schedule("cuda.rms_norm", {"phase": ctx.phase, "m": ctx.rows, "e": e,
+                                           "dtype": dtype_of(x)})
         gv = ctx.kernel(("cuda_rms_norm", e, dtype_of(x), eps, c["rows"]),
                         lambda: rowwise.rms_norm_kernel(e, dtype_of(x), eps, rows=c["rows"]))
         y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, e]), w],
@@ -379,8 +381,8 @@ def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
         eps = deferred[2] if deferred else None
         c = ctx.schedule("cuda.quant_gemv", {
-            "m": 1, "n": n, "k": k, "bits": bits, "group": group, "dtype": dtype,
-            "out_dtype": out_dtype, "zero_points": zp is not None,
+            "phase": "decode", "m": 1, "n": n, "k": k, "bits": bits, "group": group,
+            "dtype": dtype, "out_dtype": out_dtype, "zero_points": zp is not None,
             "epilogue": "norm" if deferred else "residual" if other is not None else ""})
         gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
                          other is not None, eps, ctx.pdl, *config_key(c)),
@@ -435,7 +437,7 @@ def _swiglu(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int) -> Non
     if _split_sizes(ctx, sp, n) != [f, f] or not rowwise.swiglu_supported(f, dtype):
         return
     m = _numel(xs[:-1])
-    c = ctx.schedule("cuda.swiglu", {"m": ctx.rows, "f": f, "dtype": dtype})
+    c = ctx.schedule("cuda.swiglu", {"phase": ctx.phase, "m": ctx.rows, "f": f, "dtype": dtype})
     gv = ctx.kernel(("cuda_swiglu", f, dtype, c["threads"]),
                     lambda: rowwise.swiglu_kernel(f, dtype, threads=c["threads"]))
     out = ctx.bb.emit(R.call_tir(gv, [y], relax.TensorType([m, f], dtype)))

@@ -93,8 +93,9 @@ def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: in
                                                                         eps, pdl=ctx.pdl))
     else:
         k = _static(shape_of(w)[1], "in features", p.split)
-        c = ctx.schedule("cuda.gemv_qkv_rope", {"m": 1, "heads": h, "kv_heads": kvh,
-                                                "head_dim": d, "k": k, "dtype": dtype})
+        c = ctx.schedule("cuda.gemv_qkv_rope", {"phase": "decode", "m": 1, "heads": h,
+                                                "kv_heads": kvh, "head_dim": d, "k": k,
+                                                "dtype": dtype})
         gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl,
                          *config_key(c)),
                         lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps,
@@ -118,7 +119,8 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     shape = {"heads": h, "kv_heads": kvh, "head_dim": d, "dtype": dtype}
     if isinstance(seq, tirx.IntImm) and seq.value == 1:
         warps = attn.WARP_DECODE
-        c = ctx.schedule("cuda.decode_attention", {**shape, "s": 1, "past": DECODE_PAST}) if (
+        c = ctx.schedule("cuda.decode_attention", {
+            **shape, "phase": "decode", "s": 1, "past": DECODE_PAST}) if (
             warps and d % 32 == 0) else {}
         gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps,
                          *config_key(c)),
@@ -126,8 +128,8 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
                                                              pdl=ctx.pdl, warps=warps, **c))
     elif flash.supported(d, dtype):  # tensor cores
         ldsm = flash.LDSM
-        c = ctx.schedule("cuda.flash_prefill", {**shape, "s": ctx.rows, "past": 0,
-                                                "ldsm": ldsm})
+        c = ctx.schedule("cuda.flash_prefill", {**shape, "phase": "prefill", "s": ctx.rows,
+                                                "past": 0, "ldsm": ldsm})
         gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype, *config_key(c))
                         + (("ldsm",) if ldsm else ()),
                         lambda: flash.flash_prefill_kernel(h, kvh, d, scale, dtype, ldsm=ldsm,

@@ -103,8 +103,9 @@ def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr
         if _rope_fusable(ctx, node, dtype, n):  # lower_attention emits the kernel
             ctx.deferred_qkv[node.outputs[0]] = (x, gamma, (values, meta), eps)
             return None
-        c = ctx.schedule("cuda.sparse_gemv", {"m": 1, "n": n, "k": k, "dtype": dtype,
-                                              "out_dtype": out_dtype, "epilogue": "norm"})
+        c = ctx.schedule("cuda.sparse_gemv", {"phase": "decode", "m": 1, "n": n, "k": k,
+                                              "dtype": dtype, "out_dtype": out_dtype,
+                                              "epilogue": "norm"})
         gv = ctx.kernel(("cuda_sparse_norm_gemv", n, k, dtype, out_dtype, eps, pdl,
                          *config_key(c)),
                         lambda: sg.sparse_gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
@@ -115,7 +116,7 @@ def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr
     add, other = _residual(ctx, node, out_dtype) if b is None else (None, None)
     args = [x2, values, meta] + ([reshape(ctx, other, [m, n])] if other is not None else [])
     c = ctx.schedule("cuda.sparse_gemv", {
-        "m": 1, "n": n, "k": k, "dtype": dtype, "out_dtype": out_dtype,
+        "phase": "decode", "m": 1, "n": n, "k": k, "dtype": dtype, "out_dtype": out_dtype,
         "epilogue": "residual" if other is not None else ""})
     gv = ctx.kernel(("cuda_sparse_gemv", n, k, dtype, out_dtype, other is not None, pdl,
                      *config_key(c)),

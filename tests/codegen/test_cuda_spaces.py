@@ -18,29 +18,30 @@ pytestmark = pytest.mark.tvm
 pytest.importorskip("kiln.codegen.cuda.spaces")  # registers the cuda.* spaces
 
 F16 = "float16"
+D = {"phase": "decode", "m": 1}  # a GEMV's rows
 #: a small instance of every cuda.* space (the shapes lower.py would pass)
 SHAPES = {
     "cuda.gemv": [
-        {"m": 1, "n": 64, "k": 4096, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
-        {"m": 1, "n": 40, "k": 520, "dtype": F16, "out_dtype": "float32", "epilogue": ""},
-        {"m": 1, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "norm"}],
-    "cuda.gemv_swiglu": [{"m": 1, "f": 64, "k": 512, "dtype": F16}],
-    "cuda.gemv_qkv_rope": [{"m": 1, "heads": 4, "kv_heads": 2, "head_dim": 64, "k": 512,
+        {**D, "n": 64, "k": 4096, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
+        {**D, "n": 40, "k": 520, "dtype": F16, "out_dtype": "float32", "epilogue": ""},
+        {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "norm"}],
+    "cuda.gemv_swiglu": [{**D, "f": 64, "k": 512, "dtype": F16}],
+    "cuda.gemv_qkv_rope": [{**D, "heads": 4, "kv_heads": 2, "head_dim": 64, "k": 512,
                             "dtype": F16}],
     "cuda.decode_attention": [{"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
-                               "s": 1, "past": 100}],
+                               "phase": "decode", "s": 1, "past": 100}],
     "cuda.flash_prefill": [{"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
-                            "s": 96, "past": 0, "ldsm": True}],
+                            "phase": "prefill", "s": 96, "past": 0, "ldsm": True}],
     "cuda.quant_gemv": [
-        {"m": 1, "n": 64, "k": 512, "bits": 4, "group": 32, "dtype": F16, "out_dtype": F16,
+        {**D, "n": 64, "k": 512, "bits": 4, "group": 32, "dtype": F16, "out_dtype": F16,
          "zero_points": False, "epilogue": "residual"},
-        {"m": 1, "n": 96, "k": 256, "bits": 8, "group": 64, "dtype": F16, "out_dtype": F16,
+        {**D, "n": 96, "k": 256, "bits": 8, "group": 64, "dtype": F16, "out_dtype": F16,
          "zero_points": True, "epilogue": "norm"}],
     "cuda.sparse_gemv": [
-        {"m": 1, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
-        {"m": 1, "n": 40, "k": 1024, "dtype": F16, "out_dtype": "float32", "epilogue": "norm"}],
-    "cuda.rms_norm": [{"m": 5, "e": 512, "dtype": F16}],
-    "cuda.swiglu": [{"m": 5, "f": 512, "dtype": F16}],
+        {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
+        {**D, "n": 40, "k": 1024, "dtype": F16, "out_dtype": "float32", "epilogue": "norm"}],
+    "cuda.rms_norm": [{"phase": "prefill", "m": 5, "e": 512, "dtype": F16}],
+    "cuda.swiglu": [{"phase": "prefill", "m": 5, "f": 512, "dtype": F16}],
 }
 CASES = [(k, s) for k, shapes in SHAPES.items() for s in shapes]
 
