@@ -20,6 +20,7 @@ from tvm import relax, tirx
 from tvm.relax import op as R
 
 from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import gemm as gemm_k
 from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
@@ -166,9 +167,39 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     if b is None and len(xs) == 3 and isinstance(xs[1], tirx.IntImm) and xs[1].value == 1:
         return [_gemv(ctx, node, x, w, n, k)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
-    y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     out_dtype = acc if node.outputs[0] in ctx.graph.outputs else dtype  # logits stay fp32
+    if ctx.phase == "prefill" and dtype == "float16":  # the tensor-core GEMM's tile: tunable
+        c = ctx.schedule("cuda.gemm", {
+            "phase": ctx.phase, "m": ctx.rows, "n": n, "k": k, "dtype": dtype,
+            "out_dtype": out_dtype, "bias": b is not None,
+            "residual": _residual(ctx, node, out_dtype)[1] is not None})
+        if c != gemm_k.DLIGHT:
+            return [_tiled_gemm(ctx, node, x, w, b, n, k, out_dtype, c)]
+    y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
+
+
+def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
+                b: relax.Expr | None, n: int, k: int, out_dtype: str, c: dict) -> relax.Expr:
+    """A tuned tile (kernels/gemm.py) instead of dlight's: the GEMM and its epilogue (bias,
+    cast, the residual Add consuming it) as one kernel of kiln's own schedule."""
+    xs, dtype = shape_of(x), dtype_of(x)
+    m = _numel(xs[:-1])
+    add, other = _residual(ctx, node, out_dtype)
+    args = [reshape(ctx, x, [m, k]), w]
+    args += [] if b is None else [b if dtype_of(b) == dtype else ctx.bb.emit(R.astype(b, dtype))]
+    args += [] if other is None else [reshape(ctx, other, [m, n])]
+    gv = ctx.kernel(("cuda_gemm", n, k, dtype, out_dtype, b is not None, other is not None,
+                     *config_key(c)),
+                    lambda: gemm_k.gemm_kernel(n, k, dtype, out_dtype, bias=b is not None,
+                                               residual=other is not None, **c))
+    y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
+    _swiglu(ctx, node, y, xs, n)
+    y = reshape(ctx, y, [*xs[:-1], n])
+    if other is not None:
+        ctx.values[add.outputs[0]] = y
+        ctx.done.add(add.name)
+    return y
 
 
 def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: int,

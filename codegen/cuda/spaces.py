@@ -15,6 +15,7 @@ import numpy as np
 
 from kiln.codegen.cuda.kernels import attention as attn
 from kiln.codegen.cuda.kernels import flash_attention as flash
+from kiln.codegen.cuda.kernels import gemm as gemm_k
 from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.kernels import rowwise
@@ -107,6 +108,33 @@ SPARSE_GEMV = register(Space(
         shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
         residual=shape["epilogue"] == "residual",
         norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+
+
+# -- the prefill GEMM (kernels/gemm.py): the default is dlight's schedule, other tiles kiln's ---
+
+def _gemm_valid(shape, c, target) -> bool:
+    warps = c["wm"] * c["wn"]
+    frags = (c["bm"] // 16 // c["wm"]) * (c["bn"] // 16 // c["wn"])  # accumulators per warp
+    return warps in (4, 8, 16) and frags in (4, 8) and gemm_k.tile_ok(
+        shape["n"], shape["k"], c)
+
+
+def _gemm_build(shape, c, target):
+    kw = {"bias": shape["bias"], "residual": shape["residual"]}
+    if c == gemm_k.DLIGHT:
+        return gemm_k.dlight_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+                                    target=target.tvm_target() if target else None, **kw)
+    return gemm_k.gemm_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+                              **kw, **c)
+
+
+GEMM = register(Space(
+    "cuda.gemm", (Knob("bm", (64, 128, 256)), Knob("bn", (64, 128, 256)), Knob("bk", (32, 64)),
+                  Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4))),
+    lambda shape, target: dict(gemm_k.DLIGHT), _gemm_valid, dynamic=("m",),
+    doc="fp16 tensor-core GEMM with its epilogue (bias, cast, residual add): block tile "
+        "bm x bn, k tile bk, wm x wn warps; the default is dlight's Matmul schedule",
+    build=_gemm_build))
 
 
 # -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------

@@ -40,6 +40,8 @@ SHAPES = {
     "cuda.sparse_gemv": [
         {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
         {**D, "n": 40, "k": 1024, "dtype": F16, "out_dtype": "float32", "epilogue": "norm"}],
+    "cuda.gemm": [{"phase": "prefill", "m": 100, "n": 256, "k": 512, "dtype": F16,
+                   "out_dtype": F16, "bias": True, "residual": True}],
     "cuda.rms_norm": [{"phase": "prefill", "m": 5, "e": 512, "dtype": F16}],
     "cuda.swiglu": [{"phase": "prefill", "m": 5, "f": 512, "dtype": F16}],
 }
@@ -102,7 +104,7 @@ def test_default_and_another_config_compile_to_machine_code(tmp_path):
 
 def test_defaults_are_the_kernels_constants():
     """An untuned artifact's kernels are the ones built before the spaces existed."""
-    from kiln.codegen.cuda.kernels import attention, flash_attention, gemv, rowwise
+    from kiln.codegen.cuda.kernels import attention, flash_attention, gemm, gemv, rowwise
     from kiln.codegen.schedules import space
 
     g = space("cuda.gemv").default(SHAPES["cuda.gemv"][0], None)
@@ -114,6 +116,7 @@ def test_defaults_are_the_kernels_constants():
                                                               "bk": flash_attention.BK}
     assert space("cuda.rms_norm").default({}, None) == {"rows": rowwise.ROWS}
     assert space("cuda.swiglu").default({}, None) == {"threads": rowwise.THREADS}
+    assert space("cuda.gemm").default({}, None) == gemm.DLIGHT  # dlight schedules it
 
 
 def test_invalid_configs_are_left_out():
