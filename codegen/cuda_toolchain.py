@@ -158,8 +158,23 @@ def compile_for_cuda(mod, target, **kwargs):
 
     with cheap_frame_stacks():  # dlight's Matmul imports the tensor-core intrinsics
         import tvm.s_tir.tensor_intrin
-    with cuda_compile_env(target):
+    with cuda_compile_env(target), async_copies():
         return tvm.compile(mod, target, **kwargs)
+
+
+@contextlib.contextmanager
+def async_copies() -> Iterator[None]:
+    """The current pass context plus `tirx.use_async_copy`: copies a kernel's schedule marks
+    as asynchronous pipeline stages (kernels/gemm.py's tuned tiles) become cp.async. Kernels
+    without such stages (every other kiln kernel, dlight's GEMM) compile as before."""
+    import tvm
+
+    cur = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(
+            opt_level=cur.opt_level, required_pass=list(cur.required_pass),
+            disabled_pass=list(cur.disabled_pass), instruments=list(cur.instruments),
+            config={**dict(cur.config), "tirx.use_async_copy": True}):
+        yield
 
 
 @contextlib.contextmanager

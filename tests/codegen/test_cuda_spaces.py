@@ -77,7 +77,9 @@ def test_every_valid_config_lowers_to_cuda_source(kernel, shape):
     configs = space(kernel).configs(shape, None)
     assert len(configs) >= 2, f"{kernel}: nothing to tune for {shape}"
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
-    with _target():
+    from kiln.codegen.cuda_toolchain import async_copies
+
+    with _target(), async_copies():  # as cuda_toolchain.compile_for_cuda, without nvcc
         lib = tvm.compile(_module(kernel, shape, configs), target=_target())
     src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
     assert all(f"c{i}_kernel" in src for i in range(len(configs)))
@@ -117,6 +119,7 @@ def test_defaults_are_the_kernels_constants():
     assert space("cuda.rms_norm").default({}, None) == {"rows": rowwise.ROWS}
     assert space("cuda.swiglu").default({}, None) == {"threads": rowwise.THREADS}
     assert space("cuda.gemm").default({}, None) == gemm.DLIGHT  # dlight schedules it
+    assert gemm.DLIGHT["stages"] == 1
 
 
 def test_invalid_configs_are_left_out():

@@ -17,16 +17,17 @@ import functools
 from tvm import s_tir, te, tirx
 
 #: dlight's fp16 tensor-core tiling (s_tir/dlight/gpu/matmul.py, MatmulTensorization)
-DLIGHT = {"bm": 128, "bn": 128, "bk": 64, "wm": 4, "wn": 4}
+DLIGHT = {"bm": 128, "bn": 128, "bk": 64, "wm": 4, "wn": 4, "stages": 1}
 SHARED_LIMIT = 227 * 1024
 
 
 def tile_ok(n: int, k: int, c: dict) -> bool:
     """Whether tile config `c` divides the static dims and fits one block: warps holding whole
-    16x16 fragments, at most 1024 threads, A/B tiles and the fp32 output tile in 227 KB."""
+    16x16 fragments, at most 1024 threads, `stages` A/B tiles and the fp32 output tile in
+    227 KB."""
     bm, bn, bk, wm, wn = (c[x] for x in ("bm", "bn", "bk", "wm", "wn"))
     frags = bm % (16 * wm) == 0 and bn % (16 * wn) == 0 and bk % 16 == 0
-    shared = (bm + bn) * (bk + 8) * 2 + bm * (bn + 4) * 4
+    shared = (bm + bn) * (bk + 8) * 2 * c.get("stages", 1) + bm * (bn + 4) * 4
     fetch = bm * bk % (wm * wn * 32 * 8) == 0 and bn * bk % (wm * wn * 32 * 8) == 0
     return (frags and fetch and n % bn == 0 and k % bk == 0 and wm * wn * 32 <= 1024
             and shared <= SHARED_LIMIT)
@@ -59,9 +60,10 @@ def gemm_func(n: int, k: int, dtype: str, out_dtype: str, *, bias: bool = False,
 @functools.cache
 def gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, bias: bool = False,
                 residual: bool = False, bm: int = 128, bn: int = 128, bk: int = 64,
-                wm: int = 4, wn: int = 4) -> tirx.PrimFunc:
-    """gemm_func scheduled for the tensor cores with the given tile (see tile_ok)."""
-    c = {"bm": bm, "bn": bn, "bk": bk, "wm": wm, "wn": wn}
+                wm: int = 4, wn: int = 4, stages: int = 1) -> tirx.PrimFunc:
+    """gemm_func scheduled for the tensor cores with the given tile (see tile_ok); `stages` 2:
+    the next k tile is copied to shared memory (cp.async) while this one is multiplied."""
+    c = {"bm": bm, "bn": bn, "bk": bk, "wm": wm, "wn": wn, "stages": stages}
     if not tile_ok(n, k, c):
         raise ValueError(f"gemm_kernel: tile {c} does not fit n = {n}, k = {k}")
     sch = s_tir.Schedule(gemm_func(n, k, dtype, out_dtype, bias=bias, residual=residual))
@@ -153,6 +155,10 @@ def _schedule(sch: s_tir.Schedule, dtype: str, c: dict) -> None:
     init = sch.decompose_reduction(outer, ko)
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
     sch.tensorize(sch.get_loops(sch.get_sblock("matmul"))[-3], intrin["compute"])
+    if c["stages"] == 2:  # under ko: the x fetch, the w fetch, the k steps
+        sch.annotate(ko, "software_pipeline_stage", [0, 0, 1])
+        sch.annotate(ko, "software_pipeline_order", [0, 1, 2])
+        sch.annotate(ko, "software_pipeline_async_stages", [0])
 
 
 def _finish(func: tirx.PrimFunc) -> tirx.PrimFunc:
