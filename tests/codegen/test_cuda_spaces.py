@@ -187,3 +187,24 @@ def test_every_config_computes_what_the_default_does(kernel, shape, tmp_path):
         for want, g in zip(outs[0], got, strict=True):
             err = np.abs(g - want).max() / max(np.abs(want).max(), 1e-6)
             assert err <= 2e-3, f"{kernel} {c}: relative error {err:.2e} vs the default"
+
+
+@pytest.mark.slow
+@needs_cuda_toolchain
+def test_tuning_plan_builds_for_cuda(tiny_model, tmp_path):
+    """`kiln tune --target cuda`'s build side on the tiny llama: every instance's candidates
+    compile to one sm_90 library each, the default first."""
+    from kiln.codegen.cuda_toolchain import require_fatbin
+    from kiln.codegen.targets import CudaTarget
+    from kiln.codegen.tune import instances, write_plan
+    from kiln.compiler.compile import compile_graph
+
+    target = CudaTarget(arch="sm_90", dtype="float16")
+    graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
+                          weights_optional=True)
+    found = instances(graph, target, 32)
+    plan = write_plan(found, target, tmp_path, max_candidates=2)
+    assert {i["kernel"] for i in plan["instances"]} >= {"cuda.gemv", "cuda.gemm"}
+    for inst in plan["instances"]:
+        require_fatbin(tmp_path / inst["lib"], "sm_90")
+        assert 1 <= len(inst["candidates"]) <= 2
