@@ -114,7 +114,7 @@ SPARSE_GEMV = register(Space(
 
 def _gemm_valid(shape, c, target) -> bool:
     """Tiles that fit, 4-16 warps of 4 or 8 accumulator fragments; kiln's own tiles always
-    with the cp.async pipeline (one stage is dlight's default alone)."""
+    with a cp.async pipeline of 2 or 3 k tiles (one stage is dlight's default alone)."""
     if c == gemm_k.DLIGHT:
         return True
     warps = c["wm"] * c["wn"]
@@ -122,7 +122,7 @@ def _gemm_valid(shape, c, target) -> bool:
     # TVM 0.27 fails to lower these (StorageRewrite hands the fp32 output tile a reused fp16
     # buffer: "tvm_access_ptr element type must match"), seen for every one of them
     broken = c["bk"] == 64 and min(c["bm"], c["bn"]) == 64
-    return (c["stages"] == 2 and not broken and warps in (4, 8, 16) and frags in (4, 8)
+    return (c["stages"] > 1 and not broken and warps in (4, 8, 16) and frags in (4, 8)
             and gemm_k.tile_ok(shape["n"], shape["k"], c))
 
 
@@ -137,10 +137,10 @@ def _gemm_build(shape, c, target):
 
 GEMM = register(Space(
     "cuda.gemm", (Knob("bm", (64, 128, 256)), Knob("bn", (64, 128, 256)), Knob("bk", (32, 64)),
-                  Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4)), Knob("stages", (1, 2))),
+                  Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4)), Knob("stages", (1, 2, 3))),
     lambda shape, target: dict(gemm_k.DLIGHT), _gemm_valid, dynamic=("m",),
     doc="fp16 tensor-core GEMM with its epilogue (bias, cast, residual add): block tile "
-        "bm x bn, k tile bk, wm x wn warps, k tiles in flight (2: cp.async double buffer); "
+        "bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async pipeline); "
         "the default is dlight's Matmul schedule",
     build=_gemm_build))
 

@@ -61,8 +61,9 @@ def gemm_func(n: int, k: int, dtype: str, out_dtype: str, *, bias: bool = False,
 def gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, bias: bool = False,
                 residual: bool = False, bm: int = 128, bn: int = 128, bk: int = 64,
                 wm: int = 4, wn: int = 4, stages: int = 1) -> tirx.PrimFunc:
-    """gemm_func scheduled for the tensor cores with the given tile (see tile_ok); `stages` 2:
-    the next k tile is copied to shared memory (cp.async) while this one is multiplied."""
+    """gemm_func scheduled for the tensor cores with the given tile (see tile_ok); `stages` 2
+    or 3: the next 1 or 2 k tiles are copied to shared memory (cp.async) while this one is
+    multiplied."""
     c = {"bm": bm, "bn": bn, "bk": bk, "wm": wm, "wn": wn, "stages": stages}
     if not tile_ok(n, k, c):
         raise ValueError(f"gemm_kernel: tile {c} does not fit n = {n}, k = {k}")
@@ -155,8 +156,8 @@ def _schedule(sch: s_tir.Schedule, dtype: str, c: dict) -> None:
     init = sch.decompose_reduction(outer, ko)
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], intrin["init"])
     sch.tensorize(sch.get_loops(sch.get_sblock("matmul"))[-3], intrin["compute"])
-    if c["stages"] == 2:  # under ko: the x fetch, the w fetch, the k steps
-        sch.annotate(ko, "software_pipeline_stage", [0, 0, 1])
+    if c["stages"] > 1:  # under ko: the x fetch, the w fetch, the k steps
+        sch.annotate(ko, "software_pipeline_stage", [0, 0, c["stages"] - 1])
         sch.annotate(ko, "software_pipeline_order", [0, 1, 2])
         sch.annotate(ko, "software_pipeline_async_stages", [0])
 
