@@ -75,7 +75,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
     # kernel's operand loads), nopdl (no programmatic dependent launch), norope (decode's
     # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention),
-    # sp24 (2:4 sparse linears), spfused (their prefill GEMM with the 2:4 decode in its fetch)
+    # sp24 (2:4 sparse linears), spfused (their prefill GEMM with the 2:4 decode in its fetch),
+    # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -88,8 +89,9 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         attention.WARP_DECODE = "oldattn" not in flags
         lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
+        tuning = out / "tuning.json" if "tuned" in flags else None
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
-                      dtype=dtype, quant=quant or None, **sparse)
+                      dtype=dtype, quant=quant or None, tuning=tuning, **sparse)
         flash_attention.LDSM, pdl.ENABLED, lower.FUSE_ROPE = default_ldsm, True, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
         # the reference runs the float graph; quantized weights are dequantized into it

@@ -20,10 +20,12 @@ from tvm import relax, tirx
 from tvm.relax import op as R
 
 from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import gemm as gemm_k
 from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.qkv import QkvPattern, find_qkv_patterns
+from kiln.codegen.cuda.spaces import config_key  # (registers the cuda.* schedule spaces)
 from kiln.codegen.lower import (
     LowerContext,
     _numel,
@@ -165,9 +167,39 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     if b is None and len(xs) == 3 and isinstance(xs[1], tirx.IntImm) and xs[1].value == 1:
         return [_gemv(ctx, node, x, w, n, k)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
-    y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     out_dtype = acc if node.outputs[0] in ctx.graph.outputs else dtype  # logits stay fp32
+    if ctx.phase == "prefill" and dtype == "float16":  # the tensor-core GEMM's tile: tunable
+        c = ctx.schedule("cuda.gemm", {
+            "phase": ctx.phase, "m": ctx.rows, "n": n, "k": k, "dtype": dtype,
+            "out_dtype": out_dtype, "bias": b is not None,
+            "residual": _residual(ctx, node, out_dtype)[1] is not None})
+        if c != gemm_k.DLIGHT:
+            return [_tiled_gemm(ctx, node, x, w, b, n, k, out_dtype, c)]
+    y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
+
+
+def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
+                b: relax.Expr | None, n: int, k: int, out_dtype: str, c: dict) -> relax.Expr:
+    """A tuned tile (kernels/gemm.py) instead of dlight's: the GEMM and its epilogue (bias,
+    cast, the residual Add consuming it) as one kernel of kiln's own schedule."""
+    xs, dtype = shape_of(x), dtype_of(x)
+    m = _numel(xs[:-1])
+    add, other = _residual(ctx, node, out_dtype)
+    args = [reshape(ctx, x, [m, k]), w]
+    args += [] if b is None else [b if dtype_of(b) == dtype else ctx.bb.emit(R.astype(b, dtype))]
+    args += [] if other is None else [reshape(ctx, other, [m, n])]
+    gv = ctx.kernel(("cuda_gemm", n, k, dtype, out_dtype, b is not None, other is not None,
+                     *config_key(c)),
+                    lambda: gemm_k.gemm_kernel(n, k, dtype, out_dtype, bias=b is not None,
+                                               residual=other is not None, **c))
+    y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
+    _swiglu(ctx, node, y, xs, n)
+    y = reshape(ctx, y, [*xs[:-1], n])
+    if other is not None:
+        ctx.values[add.outputs[0]] = y
+        ctx.done.add(add.name)
+    return y
 
 
 def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: int,
@@ -181,9 +213,13 @@ def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: in
     args = [reshape(ctx, x, [m, k]), w]
     if other is not None:
         args.append(reshape(ctx, other, [m, n]))
-    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None, ctx.pdl),
-                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype,
-                                               residual=other is not None, pdl=ctx.pdl))
+    c = ctx.schedule("cuda.gemv", {"phase": "decode", "m": 1, "n": n, "k": k, "dtype": dtype,
+                                   "out_dtype": out_dtype,
+                                   "epilogue": "residual" if other is not None else ""})
+    gv = ctx.kernel(("cuda_gemv", n, k, dtype, out_dtype, other is not None, ctx.pdl,
+                     *config_key(c)),
+                    lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, residual=other is not None,
+                                               pdl=ctx.pdl, **c))
     y = reshape(ctx, ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype))),
                 [*xs[:-1], n])
     if other is not None:  # the Add's output is this GEMV's
@@ -221,8 +257,11 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         sp, u = ctx.swiglu[node.name]
         if _split_sizes(ctx, sp, n) == [n // 2, n // 2] and n % 2 == 0:
             f, m = n // 2, _numel(xs[:-1])
-            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl),
-                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl))
+            c = ctx.schedule("cuda.gemv_swiglu", {"phase": "decode", "m": 1, "f": f, "k": k,
+                                                  "dtype": dtype})
+            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl, *config_key(c)),
+                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl,
+                                                              **c))
             y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                        relax.TensorType([m, f], dtype)))
             ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
@@ -233,9 +272,11 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
         return None
     out_dtype = "float32" if node.outputs[0] in ctx.graph.outputs else dtype
     m = _numel(xs[:-1])
-    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl),
+    c = ctx.schedule("cuda.gemv", {"phase": "decode", "m": 1, "n": n, "k": k, "dtype": dtype,
+                                   "out_dtype": out_dtype, "epilogue": "norm"})
+    gv = ctx.kernel(("cuda_norm_gemv", n, k, dtype, out_dtype, eps, ctx.pdl, *config_key(c)),
                     lambda: gemv_k.gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
-                                               pdl=ctx.pdl))
+                                               pdl=ctx.pdl, **c))
     y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
                                relax.TensorType([m, n], out_dtype)))
     return reshape(ctx, y, [*xs[:-1], n])
@@ -281,8 +322,10 @@ def _rms_norm(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
         groups, e = e // group, group
     m = _numel(xs[:-1]) * groups
     if groups == 1 and dtype_of(w) == dtype_of(x) and rowwise.rms_norm_supported(e, dtype_of(x)):
-        gv = ctx.kernel(("cuda_rms_norm", e, dtype_of(x), eps),
-                        lambda: rowwise.rms_norm_kernel(e, dtype_of(x), eps))
+        c = ctx.schedule("cuda.rms_norm", {"phase": ctx.phase, "m": ctx.rows, "e": e,
+                                           "dtype": dtype_of(x)})
+        gv = ctx.kernel(("cuda_rms_norm", e, dtype_of(x), eps, c["rows"]),
+                        lambda: rowwise.rms_norm_kernel(e, dtype_of(x), eps, rows=c["rows"]))
         y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, e]), w],
                                    relax.TensorType([m, e], dtype_of(x))))
     else:
@@ -368,11 +411,15 @@ def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         m = _numel(xs[:-1])
         add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
         eps = deferred[2] if deferred else None
+        c = ctx.schedule("cuda.quant_gemv", {
+            "phase": "decode", "m": 1, "n": n, "k": k, "bits": bits, "group": group,
+            "dtype": dtype, "out_dtype": out_dtype, "zero_points": zp is not None,
+            "epilogue": "norm" if deferred else "residual" if other is not None else ""})
         gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
-                         other is not None, eps, ctx.pdl),
+                         other is not None, eps, ctx.pdl, *config_key(c)),
                         lambda: qgemv.quant_gemv_kernel(
                             n, k, bits, group, dtype, out_dtype, zero_points=zp is not None,
-                            residual=other is not None, norm_eps=eps, pdl=ctx.pdl))
+                            residual=other is not None, norm_eps=eps, pdl=ctx.pdl, **c))
         args = [reshape(ctx, x, [m, k])] + ([deferred[1]] if deferred else []) + [qw, sc]
         args += [zp] if zp is not None else []
         args += [reshape(ctx, other, [m, n])] if other is not None else []
@@ -421,7 +468,9 @@ def _swiglu(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int) -> Non
     if _split_sizes(ctx, sp, n) != [f, f] or not rowwise.swiglu_supported(f, dtype):
         return
     m = _numel(xs[:-1])
-    gv = ctx.kernel(("cuda_swiglu", f, dtype), lambda: rowwise.swiglu_kernel(f, dtype))
+    c = ctx.schedule("cuda.swiglu", {"phase": ctx.phase, "m": ctx.rows, "f": f, "dtype": dtype})
+    gv = ctx.kernel(("cuda_swiglu", f, dtype, c["threads"]),
+                    lambda: rowwise.swiglu_kernel(f, dtype, threads=c["threads"]))
     out = ctx.bb.emit(R.call_tir(gv, [y], relax.TensorType([m, f], dtype)))
     ctx.values[u.outputs[0]] = reshape(ctx, out, [*xs[:-1], f])
     ctx.done.update((sp.name, u.name))

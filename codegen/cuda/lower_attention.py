@@ -15,6 +15,7 @@ from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import sparse_gemv
 from kiln.codegen.cuda.lower import CudaLowerContext, lowering
 from kiln.codegen.cuda.qkv import QkvPattern
+from kiln.codegen.cuda.spaces import DECODE_PAST, config_key
 from kiln.codegen.lower import _numel, _static, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
@@ -92,9 +93,13 @@ def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: in
                                                                         eps, pdl=ctx.pdl))
     else:
         k = _static(shape_of(w)[1], "in features", p.split)
-        gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
+        c = ctx.schedule("cuda.gemv_qkv_rope", {"phase": "decode", "m": 1, "heads": h,
+                                                "kv_heads": kvh, "head_dim": d, "k": k,
+                                                "dtype": dtype})
+        gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl,
+                         *config_key(c)),
                         lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps,
-                                                            pdl=ctx.pdl))
+                                                            pdl=ctx.pdl, **c))
     weights = list(w) if isinstance(w, tuple) else [w]
     at = 4 + len(weights)  # the caches' argument positions (updated in place)
     upd = ctx.bb.emit(R.call_tir_inplace(
@@ -111,16 +116,24 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     dtype = dtype_of(q)
     scale = float(a.get("scale", d ** -0.5))
     seq = shape_of(q)[1]
+    shape = {"heads": h, "kv_heads": kvh, "head_dim": d, "dtype": dtype}
     if isinstance(seq, tirx.IntImm) and seq.value == 1:
         warps = attn.WARP_DECODE
-        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps),
+        c = ctx.schedule("cuda.decode_attention", {
+            **shape, "phase": "decode", "s": 1, "past": DECODE_PAST}) if (
+            warps and d % 32 == 0) else {}
+        gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps,
+                         *config_key(c)),
                         lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype,
-                                                             pdl=ctx.pdl, warps=warps))
+                                                             pdl=ctx.pdl, warps=warps, **c))
     elif flash.supported(d, dtype):  # tensor cores
         ldsm = flash.LDSM
-        gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype) + (("ldsm",) if ldsm
-                                                                            else ()),
-                        lambda: flash.flash_prefill_kernel(h, kvh, d, scale, dtype, ldsm=ldsm))
+        c = ctx.schedule("cuda.flash_prefill", {**shape, "phase": "prefill", "s": ctx.rows,
+                                                "past": 0, "ldsm": ldsm})
+        gv = ctx.kernel(("cuda_flash_prefill", h, kvh, d, scale, dtype, *config_key(c))
+                        + (("ldsm",) if ldsm else ()),
+                        lambda: flash.flash_prefill_kernel(h, kvh, d, scale, dtype, ldsm=ldsm,
+                                                           **c))
     else:
         gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype),
                         lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype))

@@ -32,6 +32,7 @@ from kiln.codegen.cuda.lower import (
     _te,
     lowering,
 )
+from kiln.codegen.cuda.spaces import config_key
 from kiln.codegen.lower import _numel, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
@@ -102,17 +103,25 @@ def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr
         if _rope_fusable(ctx, node, dtype, n):  # lower_attention emits the kernel
             ctx.deferred_qkv[node.outputs[0]] = (x, gamma, (values, meta), eps)
             return None
-        gv = ctx.kernel(("cuda_sparse_norm_gemv", n, k, dtype, out_dtype, eps, pdl),
+        c = ctx.schedule("cuda.sparse_gemv", {"phase": "decode", "m": 1, "n": n, "k": k,
+                                              "dtype": dtype, "out_dtype": out_dtype,
+                                              "epilogue": "norm"})
+        gv = ctx.kernel(("cuda_sparse_norm_gemv", n, k, dtype, out_dtype, eps, pdl,
+                         *config_key(c)),
                         lambda: sg.sparse_gemv_kernel(n, k, dtype, out_dtype, norm_eps=eps,
-                                                      pdl=pdl))
+                                                      pdl=pdl, **c))
         y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
                                    relax.TensorType([m, n], out_dtype)))
         return reshape(ctx, y, [*xs[:-1], n])
     add, other = _residual(ctx, node, out_dtype) if b is None else (None, None)
     args = [x2, values, meta] + ([reshape(ctx, other, [m, n])] if other is not None else [])
-    gv = ctx.kernel(("cuda_sparse_gemv", n, k, dtype, out_dtype, other is not None, pdl),
+    c = ctx.schedule("cuda.sparse_gemv", {
+        "phase": "decode", "m": 1, "n": n, "k": k, "dtype": dtype, "out_dtype": out_dtype,
+        "epilogue": "residual" if other is not None else ""})
+    gv = ctx.kernel(("cuda_sparse_gemv", n, k, dtype, out_dtype, other is not None, pdl,
+                     *config_key(c)),
                     lambda: sg.sparse_gemv_kernel(n, k, dtype, out_dtype,
-                                                  residual=other is not None, pdl=pdl))
+                                                  residual=other is not None, pdl=pdl, **c))
     y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
     if b is not None:
         y2 = ctx.bb.emit(R.add(y2, R.astype(b, out_dtype) if dtype_of(b) != out_dtype else b))

@@ -248,6 +248,35 @@ def _sparse_cases() -> list[Case]:
             gemv("sparse_gemv_norm_f16", 64, 1024, norm=True), swiglu()]
 
 
+# -- prefill GEMM tiles (kernels/gemm.py; its default, dlight's schedule, is te_ops' case) -------
+
+def _gemm_cases() -> list[Case]:
+    def gemm(name, tile, *, m=100, n=256, k=512, out=F16, bias=True, residual=True):
+        def make():
+            from kiln.codegen.cuda.kernels.gemm import gemm_kernel
+            return gemm_kernel(n, k, F16, out, bias=bias, residual=residual, **tile)
+
+        def inputs(rng):  # m not a multiple of any tile: the padded rows are never written
+            args = [_normal(rng, (m, k), F16), _normal(rng, (n, k), F16, k ** -0.5)]
+            args += [_normal(rng, (n,), F16)] if bias else []
+            args += [_normal(rng, (m, n), out)] if residual else []
+            return [*args, _empty((m, n), out)]
+
+        def expect(a):
+            y = _dot(a[0], a[1]) + (_f32(a[2]) if bias else 0)
+            return {len(a) - 1: y + (_f32(a[-2]) if residual else 0)}
+
+        return Case(name, make, inputs, expect)
+
+    return [
+        gemm("gemm_128x128x32_2x4_s3", dict(bm=128, bn=128, bk=32, wm=2, wn=4, stages=3)),
+        gemm("gemm_64x128x32_2x2_s2", dict(bm=64, bn=128, bk=32, wm=2, wn=2, stages=2)),
+        gemm("gemm_256x64x32_2x4_s3", dict(bm=256, bn=64, bk=32, wm=2, wn=4, stages=3)),
+        gemm("gemm_logits_64x64x32_1x4_s2", dict(bm=64, bn=64, bk=32, wm=1, wn=4, stages=2),
+             m=37, out=F32, bias=False, residual=False),
+    ]
+
+
 # -- row kernels (kernels/rowwise.py) ----------------------------------------------------------
 
 def _rowwise_cases() -> list[Case]:
@@ -504,8 +533,8 @@ def _te_cases() -> list[Case]:
 
 
 def cases() -> list[Case]:
-    return [*_gemv_cases(), *_quant_gemv_cases(), *_sparse_cases(), *_rowwise_cases(),
-            *_attention_cases(), *_te_cases()]
+    return [*_gemv_cases(), *_quant_gemv_cases(), *_sparse_cases(), *_gemm_cases(),
+            *_rowwise_cases(), *_attention_cases(), *_te_cases()]
 
 
 # -- building (needs TVM's compiler and nvcc) ----------------------------------------------------
@@ -527,7 +556,7 @@ def build(out: Path, arch: str = "sm_90") -> Path:
         func = te.create_prim_func(made) if c.te else made
         funcs[c.name] = func.with_attr("global_symbol", c.name)
     mod = tvm.IRModule(funcs)
-    with ct.cuda_compile_env(target):
+    with ct.cuda_compile_env(target), ct.async_copies():  # cp.async, as kiln compile has it
         mod = _schedule_te(mod, [c.name for c in cases() if c.te])
         lib = tvm.tirx.build(mod, target, pipeline=pdl.PIPELINE)
     out.mkdir(parents=True, exist_ok=True)

@@ -126,3 +126,22 @@ def test_runs_on_the_gpu(kernels, rng):
     w = rng.standard_normal((K, N), dtype=np.float32)
     y = vm["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)).numpy()
     assert_close(y, np.maximum(x.astype(np.float64) @ w, 0).astype(np.float32))
+
+
+def test_cheap_frame_stacks_give_what_inspect_stack_gives():
+    """The frames, file names, line numbers, function names and line of context TVMScript reads
+    are the same as inspect.stack()'s (only the per-frame module search is skipped)."""
+    import inspect
+
+    from kiln.codegen.cuda_toolchain import cheap_frame_stacks
+
+    def fields(frames):
+        return [(f.frame, f.filename, f.lineno, f.function, f.code_context, f.index)
+                for f in frames]
+
+    want = fields(inspect.stack())
+    with cheap_frame_stacks():
+        got = fields(inspect.stack())
+    assert got[0][1:4] == (want[0][1], want[0][2] + 2, want[0][3])  # this function, 2 lines on
+    assert got[1:] == want[1:]
+    assert inspect.stack is not None and inspect.stack.__module__ == "inspect"  # restored

@@ -84,22 +84,23 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
 
 @functools.cache
 def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
-                            dtype: str, *, pdl: bool = False, warps: bool = True
-                            ) -> tirx.PrimFunc:
+                            dtype: str, *, pdl: bool = False, warps: bool = True,
+                            dw: int = DW, du: int = DU) -> tirx.PrimFunc:
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal; any s, best
     for s = 1. Query i (0-based in the new rows) sees keys 0..past+i.
 
-    One block of DW warps per (batch, query, head). The lanes of a warp split the head
-    dimension (D / 32 elements each: a key row is one coalesced load) and a warp takes DU keys
+    One block of dw warps per (batch, query, head). The lanes of a warp split the head
+    dimension (D / 32 elements each: a key row is one coalesced load) and a warp takes du keys
     at a time, all their K and V loads issued before the first use; scores are summed across
     the lanes by a butterfly of shuffles, so every lane holds them and keeps its slice of the
     online-softmax output. The warps' states are merged once, at the end, in shared memory.
+    (dw, du: DW and DU, the schedule space cuda.decode_attention's knobs.)
     Head dims that are not a multiple of 32 (or `warps` false) take
     `_decode_attention_threads`."""
     if head_dim % 32 or not warps:
         return _decode_attention_threads(heads, kv_heads, head_dim, scale, dtype, pdl)
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
-    per, keys = head_dim // 32, DW * DU  # elements per lane; keys per block per step
+    per, keys = head_dim // 32, dw * du  # elements per lane; keys per block per step
     full = T.uint32(0xFFFFFFFF)
 
     @T.prim_func(private=True)
@@ -112,16 +113,16 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
         vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
         o = T.match_buffer(o_h, (b, s, hd), dtype)
         for blk in T.thread_binding(b * s * heads, thread="blockIdx.x"):
-            for ty in T.thread_binding(DW, thread="threadIdx.y"):
+            for ty in T.thread_binding(dw, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
-                    ms = T.decl_buffer((DW,), f32, scope="shared")
-                    ls = T.decl_buffer((DW,), f32, scope="shared")
-                    os = T.decl_buffer((DW * d,), f32, scope="shared")
+                    ms = T.decl_buffer((dw,), f32, scope="shared")
+                    ls = T.decl_buffer((dw,), f32, scope="shared")
+                    os = T.decl_buffer((dw * d,), f32, scope="shared")
                     qv = T.decl_buffer((per,), f32, scope="local")
                     acc = T.decl_buffer((per,), f32, scope="local")
-                    kr = T.decl_buffer((DU * per,), dtype, scope="local")
-                    vr = T.decl_buffer((DU * per,), dtype, scope="local")
-                    sc = T.decl_buffer((DU,), f32, scope="local")
+                    kr = T.decl_buffer((du * per,), dtype, scope="local")
+                    vr = T.decl_buffer((du * per,), dtype, scope="local")
+                    sc = T.decl_buffer((du,), f32, scope="local")
                     # running max, running sum, new max, rescale of the old state
                     st = T.decl_buffer((4,), f32, scope="local")
                     bi: T.let[T.int64] = blk // (s * heads)
@@ -136,33 +137,33 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                     st[0] = T.float32(F32_MIN)
                     st[1] = T.float32(0)
                     for it in range((kend + keys - 1) // keys):
-                        for u in T.unroll(DU):
+                        for u in T.unroll(du):
                             for c in T.vectorized(per):
-                                kr[u * per + c] = kc[bi, g, T.min(it * keys + ty * DU + u,
+                                kr[u * per + c] = kc[bi, g, T.min(it * keys + ty * du + u,
                                                                   kend - 1), tx * per + c]
-                        for u in T.unroll(DU):
+                        for u in T.unroll(du):
                             for c in T.vectorized(per):
-                                vr[u * per + c] = vc[bi, g, T.min(it * keys + ty * DU + u,
+                                vr[u * per + c] = vc[bi, g, T.min(it * keys + ty * du + u,
                                                                   kend - 1), tx * per + c]
-                        for u in T.unroll(DU):
+                        for u in T.unroll(du):
                             sc[u] = T.float32(0)
                             for c in T.unroll(per):
                                 sc[u] += qv[c] * T.Cast(f32, kr[u * per + c])
                         for lvl in T.unroll(5):
-                            for u in T.unroll(DU):
+                            for u in T.unroll(du):
                                 sc[u] = sc[u] + T.tvm_warp_shuffle_xor(full, sc[u], 16 >> lvl,
                                                                        32, 32)
                         st[2] = st[0]
-                        for u in T.unroll(DU):
-                            sc[u] = T.Select(it * keys + ty * DU + u < kend, sc[u],
+                        for u in T.unroll(du):
+                            sc[u] = T.Select(it * keys + ty * du + u < kend, sc[u],
                                              T.float32(F32_MIN))
                             st[2] = T.max(st[2], sc[u])
                         st[3] = T.exp(st[0] - st[2])
                         st[1] = st[1] * st[3]
                         for c in T.unroll(per):
                             acc[c] = acc[c] * st[3]
-                        for u in T.unroll(DU):
-                            sc[u] = T.Select(it * keys + ty * DU + u < kend,
+                        for u in T.unroll(du):
+                            sc[u] = T.Select(it * keys + ty * du + u < kend,
                                              T.exp(sc[u] - st[2]), T.float32(0))
                             st[1] += sc[u]
                             for c in T.unroll(per):
@@ -174,18 +175,18 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                     for c in T.unroll(per):
                         os[ty * d + tx * per + c] = acc[c]
                     T.tvm_storage_sync("shared")
-                    for c0 in range((d + DW * 32 - 1) // (DW * 32)):
-                        if c0 * DW * 32 + ty * 32 + tx < d:
+                    for c0 in range((d + dw * 32 - 1) // (dw * 32)):
+                        if c0 * dw * 32 + ty * 32 + tx < d:
                             st[2] = T.float32(F32_MIN)
-                            for w in T.unroll(DW):
+                            for w in T.unroll(dw):
                                 st[2] = T.max(st[2], ms[w])
                             st[1] = T.float32(0)
                             st[0] = T.float32(0)
-                            for w in T.unroll(DW):
+                            for w in T.unroll(dw):
                                 st[3] = T.exp(ms[w] - st[2])
                                 st[1] += ls[w] * st[3]
-                                st[0] += os[w * d + c0 * DW * 32 + ty * 32 + tx] * st[3]
-                            o[bi, si, h * d + c0 * DW * 32 + ty * 32 + tx] = T.Cast(
+                                st[0] += os[w * d + c0 * dw * 32 + ty * 32 + tx] * st[3]
+                            o[bi, si, h * d + c0 * dw * 32 + ty * 32 + tx] = T.Cast(
                                 dtype, st[0] / st[1])
 
     return decode_attention

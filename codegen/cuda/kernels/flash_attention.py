@@ -41,22 +41,32 @@ def supported(head_dim: int, dtype: str) -> bool:
     return dtype in PTX and head_dim % 16 == 0 and head_dim <= 256
 
 
+def tile_ok(head_dim: int, warps: int, bk: int) -> bool:
+    """Whether `warps` warps load a tile of `bk` keys in whole 16-byte vectors per thread,
+    the tile is whole m16n8k16 k-steps, and K and V tiles fit in shared memory (227 KB)."""
+    chunks = head_dim // VEC
+    return (bk % 16 == 0 and bk * chunks % (warps * 32) == 0
+            and 2 * bk * (head_dim + VEC) * 2 <= 227 * 1024)
+
+
 @functools.cache
 def flash_prefill_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
-                         dtype: str, *, ldsm: bool = False) -> tirx.PrimFunc:
+                         dtype: str, *, ldsm: bool = False, warps: int = WARPS,
+                         bk: int = BK) -> tirx.PrimFunc:
     """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal. `ldsm`:
     K/V operands from shared memory by ldmatrix (x4, .trans for V) instead of 16/32-bit
-    loads."""
+    loads; `warps` warps of 16 rows per block, `bk` keys per K/V tile (see tile_ok)."""
     if not supported(head_dim, dtype):
         raise ValueError(f"flash_prefill_kernel: head_dim {head_dim}, {dtype} not supported")
     d, group, hd, f32, ab = head_dim, heads // kv_heads, heads * head_dim, "float32", PTX[dtype]
     stride = d + VEC  # shared row stride in elements (16 bytes of padding)
     chunks = d // VEC  # 16-byte vectors per K/V row
-    loads = BK * chunks // (WARPS * 32)  # per thread per tile (for K, and as many for V)
-    assert loads * WARPS * 32 == BK * chunks
-    kd, kb = d // 16, BK // 16  # k-steps of S = Q K^T and of O = P V
-    nd, nk = d // 8, BK // 8  # n-tiles of O and of S
-    rows_per_block = WARPS * 16
+    loads = bk * chunks // (warps * 32)  # per thread per tile (for K, and as many for V)
+    if not tile_ok(d, warps, bk):
+        raise ValueError(f"flash_prefill_kernel: {warps} warps, {bk}-key tiles, head_dim {d}")
+    kd, kb = d // 16, bk // 16  # k-steps of S = Q K^T and of O = P V
+    nd, nk = d // 8, bk // 8  # n-tiles of O and of S
+    rows_per_block = warps * 16
     scale_log2 = float(scale) * math.log2(math.e)
 
     def mma(a, a_off, b, b_off, c, c_off):
@@ -74,10 +84,10 @@ def flash_prefill_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
         o = T.match_buffer(o_h, (b, s, hd), dtype)
         ntiles: T.let[T.int64] = (s * group + rows_per_block - 1) // rows_per_block
         for blk in T.thread_binding(b * kv_heads * ntiles, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
-                    ks = T.decl_buffer((BK * stride,), dtype, scope="shared")
-                    vs = T.decl_buffer((BK * stride,), dtype, scope="shared")
+                    ks = T.decl_buffer((bk * stride,), dtype, scope="shared")
+                    vs = T.decl_buffer((bk * stride,), dtype, scope="shared")
                     # separate staging vectors for K and V (see attention.py: TVM's codegen
                     # reuses a converted local vector after it was overwritten)
                     ldk = T.decl_buffer((VEC,), dtype, scope="local")
@@ -112,25 +122,25 @@ def flash_prefill_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
                         st[2 + i] = T.float32(0)
                     for c in T.unroll(nd * 4):
                         oacc[c] = T.float32(0)
-                    for kt in range((kend + BK - 1) // BK):
+                    for kt in range((kend + bk - 1) // bk):
                         for ld in T.unroll(loads):
                             for lane in T.vectorized(VEC):
                                 ldk[lane] = kc[bi, kvh, T.min(
-                                    kt * BK + (ld * WARPS * 32 + ty * 32 + tx) // chunks,
-                                    kend - 1), (ld * WARPS * 32 + ty * 32 + tx) % chunks
+                                    kt * bk + (ld * warps * 32 + ty * 32 + tx) // chunks,
+                                    kend - 1), (ld * warps * 32 + ty * 32 + tx) % chunks
                                     * VEC + lane]
                             for lane in T.vectorized(VEC):
                                 ldv[lane] = vc[bi, kvh, T.min(
-                                    kt * BK + (ld * WARPS * 32 + ty * 32 + tx) // chunks,
-                                    kend - 1), (ld * WARPS * 32 + ty * 32 + tx) % chunks
+                                    kt * bk + (ld * warps * 32 + ty * 32 + tx) // chunks,
+                                    kend - 1), (ld * warps * 32 + ty * 32 + tx) % chunks
                                     * VEC + lane]
                             for lane in T.vectorized(VEC):
-                                ks[(ld * WARPS * 32 + ty * 32 + tx) // chunks * stride
-                                   + (ld * WARPS * 32 + ty * 32 + tx) % chunks * VEC
+                                ks[(ld * warps * 32 + ty * 32 + tx) // chunks * stride
+                                   + (ld * warps * 32 + ty * 32 + tx) % chunks * VEC
                                    + lane] = ldk[lane]
                             for lane in T.vectorized(VEC):
-                                vs[(ld * WARPS * 32 + ty * 32 + tx) // chunks * stride
-                                   + (ld * WARPS * 32 + ty * 32 + tx) % chunks * VEC
+                                vs[(ld * warps * 32 + ty * 32 + tx) // chunks * stride
+                                   + (ld * warps * 32 + ty * 32 + tx) % chunks * VEC
                                    + lane] = ldv[lane]
                         T.tvm_storage_sync("shared")
                         for c in T.unroll(nk * 4):
@@ -157,7 +167,7 @@ def flash_prefill_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
                             for nt in T.unroll(nk):
                                 for e in T.unroll(2):
                                     sacc[nt * 4 + i * 2 + e] = T.Select(
-                                        kt * BK + nt * 8 + t2 + e
+                                        kt * bk + nt * 8 + t2 + e
                                         <= past + (r0 + 8 * i) // group,
                                         sacc[nt * 4 + i * 2 + e] * T.float32(scale_log2),
                                         T.float32(F32_MIN))

@@ -25,6 +25,13 @@ WARPS = 4  # rows per block
 CHUNK = 8  # 16-byte weight loads in flight per lane
 
 
+def split_default(k: int, dtype: str, warps: int = WARPS) -> bool:
+    """Whether the block's warps share one row: long rows (at least 4 loads per lane in
+    each warp's share of k, the share a whole number of warp-wide loads)."""
+    step = warps * 32 * _vec(dtype, k)
+    return k % step == 0 and k // step >= 4
+
+
 def _vec(dtype: str, k: int) -> int:
     vec = 16 // {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
     while k % vec:
@@ -34,33 +41,38 @@ def _vec(dtype: str, k: int) -> int:
 
 @functools.cache
 def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = False,
-                norm_eps: float | None = None, pdl: bool = False) -> tirx.PrimFunc:
-    """PrimFunc(x[m, k], (gamma[k],) w[n, k], (res[m, n],) y[m, n])."""
+                norm_eps: float | None = None, pdl: bool = False, warps: int = WARPS,
+                chunk: int = CHUNK, split: bool | None = None) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], (gamma[k],) w[n, k], (res[m, n],) y[m, n]): `warps` rows per block
+    (or, `split`, the block's warps sharing one row; None: split_default), `chunk` 16-byte
+    loads in flight per lane."""
     if norm_eps is not None:
         if residual:
             raise ValueError("gemv: a fused norm and a fused residual together are not needed")
-        return _norm_gemv(n, k, dtype, out_dtype, norm_eps, pdl)
-    if k % (WARPS * 32 * _vec(dtype, k)) == 0 and k // (WARPS * 32 * _vec(dtype, k)) >= 4:
-        return _splitk_gemv(n, k, dtype, out_dtype, residual, pdl)
+        return _norm_gemv(n, k, dtype, out_dtype, norm_eps, pdl, warps, chunk)
+    if split is None:
+        split = split_default(k, dtype, warps)
+    if split:
+        return _splitk_gemv(n, k, dtype, out_dtype, residual, pdl, warps, chunk)
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec  # elements a warp covers per load
     full, tail = k // step, k % step
-    chunks = (full + CHUNK - 1) // CHUNK
+    chunks = (full + chunk - 1) // chunk
 
     @T.macro
     def row_dot(x, w, acc, xv, wv, mi, row, tx):
         acc[0] = T.float32(0)
         for ch in range(chunks):
-            for it in T.unroll(CHUNK):
-                if ch * CHUNK + it < full:
+            for it in T.unroll(chunk):
+                if ch * chunk + it < full:
                     for v in T.vectorized(vec):
-                        wv[it * vec + v] = w[row, (ch * CHUNK + it) * step + tx * vec + v]
+                        wv[it * vec + v] = w[row, (ch * chunk + it) * step + tx * vec + v]
             if ch == 0:
                 P.wait(pdl)
-            for it in T.unroll(CHUNK):
-                if ch * CHUNK + it < full:
+            for it in T.unroll(chunk):
+                if ch * chunk + it < full:
                     for v in T.vectorized(vec):
-                        xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
+                        xv[v] = x[mi, (ch * chunk + it) * step + tx * vec + v]
                     for v in T.unroll(vec):
                         acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, wv[it * vec + v])
         if tail != 0:
@@ -75,7 +87,7 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
         for off in T.unroll(5):
             acc[0] = acc[0] + T.tvm_warp_shuffle_down(mask, acc[0], 16 >> off, 32, 32)
 
-    nregs = CHUNK * vec
+    nregs = chunk * vec
 
     if residual:
 
@@ -87,18 +99,18 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
             y = T.match_buffer(y_h, (m, n), out_dtype)
-            for bx in T.thread_binding((n + WARPS - 1) // WARPS, thread="blockIdx.x"):
-                for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+            for bx in T.thread_binding((n + warps - 1) // warps, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         acc = T.decl_buffer((1,), f32, scope="local")
                         xv = T.decl_buffer((vec,), dtype, scope="local")
                         wv = T.decl_buffer((nregs,), dtype, scope="local")
                         for mi in range(m):
-                            if bx * WARPS + ty < n:
-                                row_dot(x, w, acc, xv, wv, mi, bx * WARPS + ty, tx)
+                            if bx * warps + ty < n:
+                                row_dot(x, w, acc, xv, wv, mi, bx * warps + ty, tx)
                                 if tx == 0:
-                                    y[mi, bx * WARPS + ty] = T.Cast(
-                                        out_dtype, acc[0] + T.Cast(f32, r[mi, bx * WARPS + ty]))
+                                    y[mi, bx * warps + ty] = T.Cast(
+                                        out_dtype, acc[0] + T.Cast(f32, r[mi, bx * warps + ty]))
 
         return gemv_residual
 
@@ -108,28 +120,28 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
-        for bx in T.thread_binding((n + WARPS - 1) // WARPS, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+        for bx in T.thread_binding((n + warps - 1) // warps, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     acc = T.decl_buffer((1,), f32, scope="local")
                     xv = T.decl_buffer((vec,), dtype, scope="local")
                     wv = T.decl_buffer((nregs,), dtype, scope="local")
                     for mi in range(m):
-                        if bx * WARPS + ty < n:
-                            row_dot(x, w, acc, xv, wv, mi, bx * WARPS + ty, tx)
+                        if bx * warps + ty < n:
+                            row_dot(x, w, acc, xv, wv, mi, bx * warps + ty, tx)
                             if tx == 0:
-                                y[mi, bx * WARPS + ty] = T.Cast(out_dtype, acc[0])
+                                y[mi, bx * warps + ty] = T.Cast(out_dtype, acc[0])
 
     return gemv
 
 
 @functools.cache
 def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
-               pdl: bool) -> tirx.PrimFunc:
+               pdl: bool, warps: int, chunk: int) -> tirx.PrimFunc:
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec
     full, tail = k // step, k % step
-    chunks = (full + CHUNK - 1) // CHUNK
+    chunks = (full + chunk - 1) // chunk
 
     @T.macro
     def fma(acc, xv, gv, wval, v):
@@ -143,31 +155,31 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
-        for bx in T.thread_binding((n + WARPS - 1) // WARPS, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+        for bx in T.thread_binding((n + warps - 1) // warps, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     acc = T.decl_buffer((2,), f32, scope="local")  # dot, sum of squares
                     xv = T.decl_buffer((vec,), dtype, scope="local")
                     gv = T.decl_buffer((vec,), dtype, scope="local")
-                    wv = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    wv = T.decl_buffer((chunk * vec,), dtype, scope="local")
                     for mi in range(m):
-                        if bx * WARPS + ty < n:
+                        if bx * warps + ty < n:
                             acc[0] = T.float32(0)
                             acc[1] = T.float32(0)
                             for ch in range(chunks):
-                                for it in T.unroll(CHUNK):
-                                    if ch * CHUNK + it < full:
+                                for it in T.unroll(chunk):
+                                    if ch * chunk + it < full:
                                         for v in T.vectorized(vec):
-                                            wv[it * vec + v] = w[bx * WARPS + ty, (
-                                                ch * CHUNK + it) * step + tx * vec + v]
+                                            wv[it * vec + v] = w[bx * warps + ty, (
+                                                ch * chunk + it) * step + tx * vec + v]
                                 if ch == 0:
                                     P.wait(pdl)
-                                for it in T.unroll(CHUNK):
-                                    if ch * CHUNK + it < full:
+                                for it in T.unroll(chunk):
+                                    if ch * chunk + it < full:
                                         for v in T.vectorized(vec):
-                                            xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
+                                            xv[v] = x[mi, (ch * chunk + it) * step + tx * vec + v]
                                         for v in T.vectorized(vec):
-                                            gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
+                                            gv[v] = gamma[(ch * chunk + it) * step + tx * vec + v]
                                         for v in T.unroll(vec):
                                             fma(acc, xv, gv, T.Cast(f32, wv[it * vec + v]), v)
                             if tail != 0:
@@ -180,13 +192,13 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
                                         gv[v] = gamma[full * step + tx * vec + v]
                                     for v in T.unroll(vec):
                                         fma(acc, xv, gv, T.Cast(f32, w[
-                                            bx * WARPS + ty, full * step + tx * vec + v]), v)
+                                            bx * warps + ty, full * step + tx * vec + v]), v)
                             for off in T.unroll(5):
                                 for r in T.unroll(2):
                                     acc[r] = acc[r] + T.tvm_warp_shuffle_down(
                                         T.uint32(0xFFFFFFFF), acc[r], 16 >> off, 32, 32)
                             if tx == 0:
-                                y[mi, bx * WARPS + ty] = T.Cast(out_dtype, acc[0] * T.rsqrt(
+                                y[mi, bx * warps + ty] = T.Cast(out_dtype, acc[0] * T.rsqrt(
                                     acc[1] / T.float32(k) + T.float32(eps)))
 
     return norm_gemv
@@ -194,38 +206,38 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
 
 @functools.cache
 def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
-                 pdl: bool) -> tirx.PrimFunc:
-    """Long rows (k >= 4 x 4 warps x 512 bytes): the block's warps share one row, each a
-    quarter of k, partial sums added through shared memory: 4x the warps in flight."""
+                 pdl: bool, warps: int, chunk: int) -> tirx.PrimFunc:
+    """Long rows: the block's warps share one row, each a 1/warps of k, partial sums added
+    through shared memory: `warps` times the warps in flight."""
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec
-    part = k // WARPS  # elements per warp
+    part = k // warps  # elements per warp
     full = part // step
-    chunks = (full + CHUNK - 1) // CHUNK
+    chunks = (full + chunk - 1) // chunk
 
     @T.macro
     def body(x, w, r, y, m):
         for bx in T.thread_binding(n, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
-                    red = T.decl_buffer((WARPS,), f32, scope="shared")
+                    red = T.decl_buffer((warps,), f32, scope="shared")
                     acc = T.decl_buffer((1,), f32, scope="local")
                     xv = T.decl_buffer((vec,), dtype, scope="local")
-                    wv = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    wv = T.decl_buffer((chunk * vec,), dtype, scope="local")
                     for mi in range(m):
                         acc[0] = T.float32(0)
                         for ch in range(chunks):
-                            for it in T.unroll(CHUNK):
-                                if ch * CHUNK + it < full:
+                            for it in T.unroll(chunk):
+                                if ch * chunk + it < full:
                                     for v in T.vectorized(vec):
                                         wv[it * vec + v] = w[bx, ty * part + (
-                                            ch * CHUNK + it) * step + tx * vec + v]
+                                            ch * chunk + it) * step + tx * vec + v]
                             if ch == 0:
                                 P.wait(pdl)
-                            for it in T.unroll(CHUNK):
-                                if ch * CHUNK + it < full:
+                            for it in T.unroll(chunk):
+                                if ch * chunk + it < full:
                                     for v in T.vectorized(vec):
-                                        xv[v] = x[mi, ty * part + (ch * CHUNK + it) * step
+                                        xv[v] = x[mi, ty * part + (ch * chunk + it) * step
                                                   + tx * vec + v]
                                     for v in T.unroll(vec):
                                         acc[0] += T.Cast(f32, xv[v]) * T.Cast(
@@ -237,7 +249,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
                             red[ty] = acc[0]
                         T.tvm_storage_sync("shared")
                         if ty == 0 and tx == 0:
-                            for t in range(1, WARPS):
+                            for t in range(1, warps):
                                 acc[0] += red[t]
                             if residual:
                                 y[mi, bx] = T.Cast(out_dtype, acc[0] + T.Cast(f32, r[mi, bx]))
@@ -270,14 +282,14 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
     return splitk_gemv
 
 
-def _pair_norm_dot(k: int, dtype: str, pdl: bool):
+def _pair_norm_dot(k: int, dtype: str, pdl: bool, chunk: int):
     """A macro: with x' = x * gamma, acc[0] = x' . w[ra], acc[1] = x' . w[rb] and
     acc[2] = sum(x^2), over row `mi` of x, summed across the warp (lane 0 holds them). The two
     weight rows stream together, their first chunk issued before the PDL wait."""
     vec, f32 = _vec(dtype, k), "float32"
     step = 32 * vec
     full, tail = k // step, k % step
-    chunks = (full + CHUNK - 1) // CHUNK
+    chunks = (full + chunk - 1) // chunk
 
     @T.macro
     def fma(acc, xv, gv, wa, wb, v):
@@ -291,20 +303,20 @@ def _pair_norm_dot(k: int, dtype: str, pdl: bool):
         acc[1] = T.float32(0)
         acc[2] = T.float32(0)
         for ch in range(chunks):
-            for it in T.unroll(CHUNK):
-                if ch * CHUNK + it < full:
+            for it in T.unroll(chunk):
+                if ch * chunk + it < full:
                     for v in T.vectorized(vec):
-                        wa[it * vec + v] = w[ra, (ch * CHUNK + it) * step + tx * vec + v]
+                        wa[it * vec + v] = w[ra, (ch * chunk + it) * step + tx * vec + v]
                     for v in T.vectorized(vec):
-                        wb[it * vec + v] = w[rb, (ch * CHUNK + it) * step + tx * vec + v]
+                        wb[it * vec + v] = w[rb, (ch * chunk + it) * step + tx * vec + v]
             if ch == 0:
                 P.wait(pdl)
-            for it in T.unroll(CHUNK):
-                if ch * CHUNK + it < full:
+            for it in T.unroll(chunk):
+                if ch * chunk + it < full:
                     for v in T.vectorized(vec):
-                        xv[v] = x[mi, (ch * CHUNK + it) * step + tx * vec + v]
+                        xv[v] = x[mi, (ch * chunk + it) * step + tx * vec + v]
                     for v in T.vectorized(vec):
-                        gv[v] = gamma[(ch * CHUNK + it) * step + tx * vec + v]
+                        gv[v] = gamma[(ch * chunk + it) * step + tx * vec + v]
                     for v in T.unroll(vec):
                         fma(acc, xv, gv, T.Cast(f32, wa[it * vec + v]),
                             T.Cast(f32, wb[it * vec + v]), v)
@@ -328,12 +340,12 @@ def _pair_norm_dot(k: int, dtype: str, pdl: bool):
 
 
 @functools.cache
-def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
-                       pdl: bool = False) -> tirx.PrimFunc:
+def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = False,
+                       warps: int = WARPS, chunk: int = CHUNK) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], gamma[k], w[2f, k], y[m, f]): with x' = rmsnorm(x) * gamma,
     g = x' . w[r], u = x' . w[f + r], y[m, r] = silu(g) * u. The gate/up projection, the
     split of its output and the SwiGLU in one kernel: one warp per output, two weight rows."""
-    pair_dot, vec = _pair_norm_dot(k, dtype, pdl)
+    pair_dot, vec = _pair_norm_dot(k, dtype, pdl, chunk)
     f32 = "float32"
 
     @T.prim_func(private=True)
@@ -343,22 +355,22 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, f), dtype)
-        for bx in T.thread_binding((f + WARPS - 1) // WARPS, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+        for bx in T.thread_binding((f + warps - 1) // warps, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     acc = T.decl_buffer((3,), f32, scope="local")  # gate, up, sum of squares
                     xv = T.decl_buffer((vec,), dtype, scope="local")
                     gv = T.decl_buffer((vec,), dtype, scope="local")
-                    wg = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
-                    wu = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
+                    wg = T.decl_buffer((chunk * vec,), dtype, scope="local")
+                    wu = T.decl_buffer((chunk * vec,), dtype, scope="local")
                     for mi in range(m):
-                        if bx * WARPS + ty < f:
-                            pair_dot(x, gamma, w, acc, xv, gv, wg, wu, mi, bx * WARPS + ty,
-                                     f + bx * WARPS + ty, tx)
+                        if bx * warps + ty < f:
+                            pair_dot(x, gamma, w, acc, xv, gv, wg, wu, mi, bx * warps + ty,
+                                     f + bx * warps + ty, tx)
                             if tx == 0:
                                 acc[2] = T.rsqrt(acc[2] / T.float32(k) + T.float32(eps))
                                 acc[0] = acc[0] * acc[2]
-                                y[mi, bx * WARPS + ty] = T.Cast(dtype, acc[0] / (
+                                y[mi, bx * warps + ty] = T.Cast(dtype, acc[0] / (
                                     T.float32(1) + T.exp(-acc[0])) * acc[1] * acc[2])
 
     return swiglu_gemv
@@ -395,7 +407,8 @@ def rope_store(heads: int, kv_heads: int, head_dim: int, dtype: str):
 
 @functools.cache
 def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype: str,
-                         eps: float, *, pdl: bool = False) -> tirx.PrimFunc:
+                         eps: float, *, pdl: bool = False, warps: int = WARPS,
+                         chunk: int = CHUNK) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], gamma[k], w[(H + 2 KV) D, k], cos[cb, 1, D], sin[cb, 1, D],
     k_cache, v_cache, past[1], q_out[m, H D]): decode's whole attention input in one kernel:
     the rms norm, the q/k/v projection, rotary position embedding (full width, halves
@@ -408,7 +421,7 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
     d, half, f32 = head_dim, head_dim // 2, "float32"
     n, hd = (heads + 2 * kv_heads) * head_dim, heads * head_dim
     pairs = n // 2
-    pair_dot, vec = _pair_norm_dot(k, dtype, pdl)
+    pair_dot, vec = _pair_norm_dot(k, dtype, pdl, chunk)
     store_pair = rope_store(heads, kv_heads, head_dim, dtype)
 
     @T.prim_func(private=True)
@@ -423,15 +436,15 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
         kc = T.match_buffer(kc_h, (m, kv_heads, cap, d), dtype)
         vc = T.match_buffer(vc_h, (m, kv_heads, cap, d), dtype)
         q = T.match_buffer(q_h, (m, hd), dtype)
-        for bx in T.thread_binding((pairs + WARPS - 1) // WARPS, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+        for bx in T.thread_binding((pairs + warps - 1) // warps, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     acc = T.decl_buffer((3,), f32, scope="local")  # row c, row c + D/2, x^2
                     xv = T.decl_buffer((vec,), dtype, scope="local")
                     gv = T.decl_buffer((vec,), dtype, scope="local")
-                    wa = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
-                    wb = T.decl_buffer((CHUNK * vec,), dtype, scope="local")
-                    pi: T.let[T.int32] = bx * WARPS + ty  # pair: head pi // half, dim c
+                    wa = T.decl_buffer((chunk * vec,), dtype, scope="local")
+                    wb = T.decl_buffer((chunk * vec,), dtype, scope="local")
+                    pi: T.let[T.int32] = bx * warps + ty  # pair: head pi // half, dim c
                     c: T.let[T.int32] = pi % half
                     r0: T.let[T.int32] = pi // half * d + c  # its two rows of w
                     for mi in range(m):

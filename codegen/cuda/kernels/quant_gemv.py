@@ -41,11 +41,19 @@ def supported(bits: int, group: int, k: int) -> bool:
     return bits in (4, 8) and group % e == 0 and k % e == 0
 
 
+def rows_default(n: int) -> int:
+    """Output rows per warp: x is loaded and converted once for all of them, and a warp keeps
+    rows x 16 bytes per step in flight; only where there are rows enough to fill the GPU."""
+    return next(r for r in (4, 2, 1) if (n % r == 0 and n // r >= 512 * r) or r == 1)
+
+
 @functools.cache
 def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dtype: str, *,
                       zero_points: bool = False, residual: bool = False,
-                      norm_eps: float | None = None, pdl: bool = False) -> tirx.PrimFunc:
-    """PrimFunc(x[m, k], (gamma[k],) qweight, scales, (zero_points,) (res[m, n],) y[m, n])."""
+                      norm_eps: float | None = None, pdl: bool = False, warps: int = WARPS,
+                      rows: int | None = None) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], (gamma[k],) qweight, scales, (zero_points,) (res[m, n],) y[m, n]):
+    `warps` per block, `rows` output rows per warp (None: rows_default)."""
     if not supported(bits, group, k):
         raise ValueError(f"quant_gemv: bits {bits}, group {group}, k {k} not supported")
     if residual and norm_eps is not None:
@@ -65,9 +73,9 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
     norm = norm_eps is not None
     xv_n = 16 // {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]  # x elements per 16 bytes
 
-    # rows per warp: x is loaded and converted once for all of them, and a warp keeps
-    # R x 16 bytes per step in flight; only where there are rows enough to fill the GPU
-    rows = next(r for r in (4, 2, 1) if (n % r == 0 and n // r >= 512 * r) or r == 1)
+    rows = rows_default(n) if rows is None else rows
+    if n % rows:
+        raise ValueError(f"quant_gemv: {rows} rows per warp do not divide n = {n}")
     # steps whose weights are loaded together: 256 (int8) or 128 (int4) bytes per lane, a
     # compromise between loads in flight and registers (occupancy)
     sg = max(1, min(steps, (16 if bits == 8 else 8) // (rows * 2)))
@@ -136,8 +144,8 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
 
     @T.macro
     def body(x, gamma, qw, sc, zp, res, y, m):
-        for bx in T.thread_binding((warps_needed + WARPS - 1) // WARPS, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+        for bx in T.thread_binding((warps_needed + warps - 1) // warps, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     acc = T.decl_buffer((racc,), f32, scope="local")
                     w = T.decl_buffer((rows * sg * 4,), u32, scope="local")
@@ -145,17 +153,17 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                     gv = T.decl_buffer((xv_n,), dtype, scope="local")
                     xf = T.decl_buffer((e,), f32, scope="local")
                     for mi in range(m):
-                        if bx * WARPS + ty < warps_needed:
+                        if bx * warps + ty < warps_needed:
                             rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, mi,
-                                     (bx * WARPS + ty) * rows, tx)
+                                     (bx * warps + ty) * rows, tx)
                             if tx == 0:
                                 for r in T.unroll(rows):
                                     if residual:
-                                        y[mi, (bx * WARPS + ty) * rows + r] = T.Cast(
+                                        y[mi, (bx * warps + ty) * rows + r] = T.Cast(
                                             out_dtype, acc[r] + T.Cast(
-                                                f32, res[mi, (bx * WARPS + ty) * rows + r]))
+                                                f32, res[mi, (bx * warps + ty) * rows + r]))
                                     else:
-                                        y[mi, (bx * WARPS + ty) * rows + r] = T.Cast(
+                                        y[mi, (bx * warps + ty) * rows + r] = T.Cast(
                                             out_dtype, acc[r])
 
     return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm)

@@ -33,8 +33,8 @@ def rms_norm_supported(e: int, dtype: str) -> bool:
 
 
 @functools.cache
-def swiglu_kernel(f: int, dtype: str) -> tirx.PrimFunc:
-    """PrimFunc(gu[m, 2f], y[m, f])."""
+def swiglu_kernel(f: int, dtype: str, threads: int = THREADS) -> tirx.PrimFunc:
+    """PrimFunc(gu[m, 2f], y[m, f]): one 16-byte vector per thread, `threads` per block."""
     vec, f32 = vec_of(dtype), "float32"
     per_row = f // vec
 
@@ -44,14 +44,14 @@ def swiglu_kernel(f: int, dtype: str) -> tirx.PrimFunc:
         m = T.int64()
         gu = T.match_buffer(gu_h, (m, 2 * f), dtype)
         y = T.match_buffer(y_h, (m, f), dtype)
-        for bx in T.thread_binding((m * per_row + THREADS - 1) // THREADS, thread="blockIdx.x"):
-            for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+        for bx in T.thread_binding((m * per_row + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
                 # one local vector per tensor (see attention.py on TVM's codegen and reuse)
                 gv = T.decl_buffer((vec,), dtype, scope="local")
                 uv = T.decl_buffer((vec,), dtype, scope="local")
                 ov = T.decl_buffer((vec,), dtype, scope="local")
                 g = T.decl_buffer((1,), f32, scope="local")
-                i: T.let[T.int64] = bx * THREADS + tx
+                i: T.let[T.int64] = bx * threads + tx
                 if i < m * per_row:
                     for j in T.vectorized(vec):
                         gv[j] = gu[i // per_row, i % per_row * vec + j]
@@ -68,8 +68,8 @@ def swiglu_kernel(f: int, dtype: str) -> tirx.PrimFunc:
 
 
 @functools.cache
-def rms_norm_kernel(e: int, dtype: str, eps: float) -> tirx.PrimFunc:
-    """PrimFunc(x[m, e], w[e], y[m, e])."""
+def rms_norm_kernel(e: int, dtype: str, eps: float, rows: int = ROWS) -> tirx.PrimFunc:
+    """PrimFunc(x[m, e], w[e], y[m, e]): one warp per row, `rows` rows per block."""
     vec, f32 = vec_of(dtype), "float32"
     per_lane = e // (32 * vec)  # vectors per lane
 
@@ -79,18 +79,18 @@ def rms_norm_kernel(e: int, dtype: str, eps: float) -> tirx.PrimFunc:
         m = T.int64()
         x = T.match_buffer(x_h, (m, e), dtype)
         y = T.match_buffer(y_h, (m, e), dtype)
-        for bx in T.thread_binding((m + ROWS - 1) // ROWS, thread="blockIdx.x"):
-            for ty in T.thread_binding(ROWS, thread="threadIdx.y"):
+        for bx in T.thread_binding((m + rows - 1) // rows, thread="blockIdx.x"):
+            for ty in T.thread_binding(rows, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     xr = T.decl_buffer((per_lane * vec,), dtype, scope="local")
                     wv = T.decl_buffer((vec,), dtype, scope="local")
                     ov = T.decl_buffer((vec,), dtype, scope="local")
                     ss = T.decl_buffer((1,), f32, scope="local")
-                    if bx * ROWS + ty < m:  # warp-uniform
+                    if bx * rows + ty < m:  # warp-uniform
                         ss[0] = T.float32(0)
                         for p in T.unroll(per_lane):
                             for j in T.vectorized(vec):
-                                xr[p * vec + j] = x[bx * ROWS + ty, (p * 32 + tx) * vec + j]
+                                xr[p * vec + j] = x[bx * rows + ty, (p * 32 + tx) * vec + j]
                         for p in T.unroll(per_lane * vec):
                             ss[0] += T.Cast(f32, xr[p]) * T.Cast(f32, xr[p])
                         for off in T.unroll(5):
@@ -104,6 +104,6 @@ def rms_norm_kernel(e: int, dtype: str, eps: float) -> tirx.PrimFunc:
                                 ov[j] = T.Cast(dtype, T.Cast(f32, xr[p * vec + j]) * ss[0]
                                                * T.Cast(f32, wv[j]))
                             for j in T.vectorized(vec):
-                                y[bx * ROWS + ty, (p * 32 + tx) * vec + j] = ov[j]
+                                y[bx * rows + ty, (p * 32 + tx) * vec + j] = ov[j]
 
     return rms_norm_rows

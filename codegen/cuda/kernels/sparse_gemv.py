@@ -65,17 +65,18 @@ def _perm(a, b, sel):
 
 
 def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, pdl: bool,
-          epilogue):
-    """The macro body(x, gamma, values, meta, m, o0..o5): warp w (of `warps`) computes
+          epilogue, wpb: int = WARPS, loads: int = LOADS):
+    """The macro body(x, gamma, values, meta, m, o0..o5): warp w (of `warps`, `wpb` a block;
+    `loads` 16-byte weight loads a lane issues together) computes
     acc[r] = x' . W[row_of(w, r)] for r < rows (x' = rmsnorm(x) * gamma with `eps`, else x) for
     every row mi of x, then runs epilogue(acc, mi, w, tx, o0..o5)."""
     f32, u32 = "float32", "uint32"
     nchunk = k // CHUNK
     steps = -(-nchunk // 32)  # per lane
-    sg = max(1, min(steps, LOADS // (2 * rows)))  # steps whose loads are issued together
+    sg = max(1, min(steps, loads // (2 * rows)))  # steps whose loads are issued together
     groups = -(-steps // sg)
     nvec = k // 8  # 16-byte vectors of x
-    per_thread = -(-nvec // (WARPS * 32))
+    per_thread = -(-nvec // (wpb * 32))
 
     @T.macro
     def load(values, meta, wv, mv, w, gi, tx):
@@ -111,18 +112,18 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
         """x[mi] (normalized with eps) into xs, chunk c at c * STRIDE; ends with a barrier."""
         if eps is None:
             for v in range(per_thread):
-                if v * WARPS * 32 + ty * 32 + tx < nvec:
-                    xs[T.ramp((v * WARPS * 32 + ty * 32 + tx) // 4 * STRIDE + (
-                        v * WARPS * 32 + ty * 32 + tx) % 4 * 8, 1, 8)] = x[mi, T.ramp(
-                            (v * WARPS * 32 + ty * 32 + tx) * 8, 1, 8)]
+                if v * wpb * 32 + ty * 32 + tx < nvec:
+                    xs[T.ramp((v * wpb * 32 + ty * 32 + tx) // 4 * STRIDE + (
+                        v * wpb * 32 + ty * 32 + tx) % 4 * 8, 1, 8)] = x[mi, T.ramp(
+                            (v * wpb * 32 + ty * 32 + tx) * 8, 1, 8)]
         else:
             ss[0] = T.float32(0)
             for v in T.unroll(per_thread):
-                if v * WARPS * 32 + ty * 32 + tx < nvec:
-                    xr[T.ramp(v * 8, 1, 8)] = x[mi, T.ramp((v * WARPS * 32 + ty * 32 + tx) * 8,
+                if v * wpb * 32 + ty * 32 + tx < nvec:
+                    xr[T.ramp(v * 8, 1, 8)] = x[mi, T.ramp((v * wpb * 32 + ty * 32 + tx) * 8,
                                                            1, 8)]
                     # gamma with x: one memory round trip, not a second one after the sum
-                    gr[T.ramp(v * 8, 1, 8)] = gamma[T.ramp((v * WARPS * 32 + ty * 32 + tx) * 8,
+                    gr[T.ramp(v * 8, 1, 8)] = gamma[T.ramp((v * wpb * 32 + ty * 32 + tx) * 8,
                                                            1, 8)]
                     for j in T.unroll(8):
                         ss[0] += T.Cast(f32, xr[v * 8 + j]) * T.Cast(f32, xr[v * 8 + j])
@@ -133,25 +134,25 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
                 red[ty] = ss[0]
             T.tvm_storage_sync("shared")
             ss[0] = T.float32(0)
-            for t in T.unroll(WARPS):
+            for t in T.unroll(wpb):
                 ss[0] += red[t]
             ss[0] = T.rsqrt(ss[0] / T.float32(k) + T.float32(eps))
             for v in T.unroll(per_thread):
-                if v * WARPS * 32 + ty * 32 + tx < nvec:
+                if v * wpb * 32 + ty * 32 + tx < nvec:
                     for j in T.unroll(8):  # as the rms_norm kernel rounds its output
                         xr[v * 8 + j] = T.Cast(dtype, T.Cast(f32, xr[v * 8 + j]) * ss[0]
                                                * T.Cast(f32, gr[v * 8 + j]))
-                    xs[T.ramp((v * WARPS * 32 + ty * 32 + tx) // 4 * STRIDE + (
-                        v * WARPS * 32 + ty * 32 + tx) % 4 * 8, 1, 8)] = xr[T.ramp(v * 8, 1, 8)]
+                    xs[T.ramp((v * wpb * 32 + ty * 32 + tx) // 4 * STRIDE + (
+                        v * wpb * 32 + ty * 32 + tx) % 4 * 8, 1, 8)] = xr[T.ramp(v * 8, 1, 8)]
         T.tvm_storage_sync("shared")
 
     @T.macro
     def body(x, gamma, values, meta, m, o0, o1, o2, o3, o4, o5):
-        for bx in T.thread_binding((warps + WARPS - 1) // WARPS, thread="blockIdx.x"):
-            for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
+        for bx in T.thread_binding((warps + wpb - 1) // wpb, thread="blockIdx.x"):
+            for ty in T.thread_binding(wpb, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     xs = T.decl_buffer((nchunk * STRIDE,), dtype, scope="shared")
-                    red = T.decl_buffer((WARPS,), f32, scope="shared")
+                    red = T.decl_buffer((wpb,), f32, scope="shared")
                     acc = T.decl_buffer((rows + 1,), f32, scope="local")
                     wv = T.decl_buffer((rows * sg * 8,), u32, scope="local")
                     mv = T.decl_buffer((rows * sg,), u32, scope="local")
@@ -161,22 +162,22 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
                     gr = T.decl_buffer((per_thread * 8,), dtype, scope="local")
                     ss = T.decl_buffer((1,), f32, scope="local")
                     for mi in range(m):
-                        if bx * WARPS + ty < warps:  # the weights first: they wait for nothing
-                            load(values, meta, wv, mv, bx * WARPS + ty, 0, tx)
+                        if bx * wpb + ty < warps:  # the weights first: they wait for nothing
+                            load(values, meta, wv, mv, bx * wpb + ty, 0, tx)
                         P.wait(pdl)
                         stage(x, gamma, xs, xr, gr, red, ss, mi, ty, tx)
-                        if bx * WARPS + ty < warps:
+                        if bx * wpb + ty < warps:
                             for r in T.unroll(rows):
                                 acc[r] = T.float32(0)
                             for gi in range(groups):
                                 if gi > 0:
-                                    load(values, meta, wv, mv, bx * WARPS + ty, gi, tx)
+                                    load(values, meta, wv, mv, bx * wpb + ty, gi, tx)
                                 compute(xs, acc, wv, mv, xw, sel, gi, tx)
                             for off in T.unroll(5):
                                 for r in T.unroll(rows):
                                     acc[r] = acc[r] + T.tvm_warp_shuffle_down(
                                         T.uint32(0xFFFFFFFF), acc[r], 16 >> off, 32, 32)
-                            epilogue(acc, mi, bx * WARPS + ty, tx, o0, o1, o2, o3, o4, o5)
+                            epilogue(acc, mi, bx * wpb + ty, tx, o0, o1, o2, o3, o4, o5)
                         T.tvm_storage_sync("shared")  # xs is rewritten for the next row of x
 
     return body
@@ -187,8 +188,10 @@ _ATTRS = {"tirx.is_scheduled": True, "tirx.noalias": True}
 
 @functools.cache
 def sparse_gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = False,
-                       norm_eps: float | None = None, pdl: bool = False) -> tirx.PrimFunc:
-    """PrimFunc(x[m, k], (gamma[k],) values[n, k/2], meta[n, k/8], (res[m, n],) y[m, n])."""
+                       norm_eps: float | None = None, pdl: bool = False, warps: int = WARPS,
+                       loads: int = LOADS) -> tirx.PrimFunc:
+    """PrimFunc(x[m, k], (gamma[k],) values[n, k/2], meta[n, k/8], (res[m, n],) y[m, n]):
+    `warps` (one per output row) a block, `loads` 16-byte weight loads in flight per lane."""
     if not supported(k, dtype):
         raise ValueError(f"sparse_gemv: k {k}, dtype {dtype} not supported")
     if residual and norm_eps is not None:
@@ -203,7 +206,7 @@ def sparse_gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: 
             else:
                 y[mi, w] = T.Cast(out_dtype, acc[0])
 
-    body = _body(k, dtype, 1, n, lambda w, r: w, norm_eps, pdl, store)
+    body = _body(k, dtype, 1, n, lambda w, r: w, norm_eps, pdl, store, warps, loads)
     V, M = T.Buffer((n, k // 2), dtype), T.Buffer((n, k // 8), "uint8")
     if norm_eps is not None:
         @T.prim_func(private=True)

@@ -1,0 +1,201 @@
+"""The schedule spaces of kiln's CUDA kernels (kernel names `cuda.<family>`).
+
+Each space's `default` is the constant the kernel used before tuning existed, so an untuned
+artifact is the kernel it always was; `valid` keeps launchable configs (at most 1024 threads,
+227 KB of shared memory, tiles that divide what they tile, register arrays of sane size);
+`build` makes the kernel alone for `kiln tune` (no programmatic dependent launch: a lone
+kernel has no predecessor to overlap). Shape dicts name a kernel instance by its static dims
+and dtypes plus the rows a call sees: `m` / `s` (1 in decode, the tuned prompt length in
+prefill) and, for attention, `past`, the context it is measured at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.codegen.cuda.kernels import attention as attn
+from kiln.codegen.cuda.kernels import flash_attention as flash
+from kiln.codegen.cuda.kernels import gemm as gemm_k
+from kiln.codegen.cuda.kernels import gemv as gemv_k
+from kiln.codegen.cuda.kernels import quant_gemv as qgemv
+from kiln.codegen.cuda.kernels import rowwise
+from kiln.codegen.cuda.kernels import sparse_gemv as sgemv
+from kiln.codegen.schedules import Knob, Space, register
+
+EPS = 1e-5  # the norm epsilon of a kernel built for measuring (its speed does not depend on it)
+#: the decode context attention kernels are measured at (the kernels loop over it)
+DECODE_PAST = 1024
+
+
+def config_key(config: dict) -> tuple:
+    """A config's values in knob-name order: part of a kernel's cache key (and its name)."""
+    return tuple(config[name] for name in sorted(config))
+
+
+# -- decode GEMVs (kernels/gemv.py): a warp per output row, `chunk` loads in flight per lane ----
+# (one row per batch row wherever a GEMV runs: decode and the prefill's LM head, so `m` is 1)
+
+GEMV_KNOBS = (Knob("warps", (2, 4, 8)), Knob("chunk", (4, 8, 16)))
+
+
+def _gemv_default(shape, target) -> dict:
+    split = shape["epilogue"] != "norm" and gemv_k.split_default(shape["k"], shape["dtype"])
+    return {"warps": gemv_k.WARPS, "chunk": gemv_k.CHUNK, "split": split}
+
+
+def _gemv_valid(shape, c, target) -> bool:
+    if not c["split"]:
+        return True
+    step = c["warps"] * 32 * gemv_k._vec(shape["dtype"], shape["k"])
+    return shape["epilogue"] != "norm" and shape["k"] % step == 0
+
+
+def _gemv_build(shape, c, target):
+    e = shape["epilogue"]
+    return gemv_k.gemv_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+                              residual=e == "residual", norm_eps=EPS if e == "norm" else None,
+                              warps=c["warps"], chunk=c["chunk"], split=c["split"])
+
+
+GEMV = register(Space(
+    "cuda.gemv", (*GEMV_KNOBS, Knob("split", (False, True))), _gemv_default, _gemv_valid,
+    dynamic=("m",),
+    doc="rows (warps) per block, 16-byte loads in flight per lane, or the block's warps "
+        "splitting one long row; epilogue '' | 'residual' | 'norm' (rms_norm in front)",
+    build=_gemv_build))
+
+GEMV_SWIGLU = register(Space(
+    "cuda.gemv_swiglu", GEMV_KNOBS,
+    lambda shape, target: {"warps": gemv_k.WARPS, "chunk": gemv_k.CHUNK},
+    lambda shape, c, target: c["chunk"] <= 8 or c["warps"] <= 4,  # two weight rows in flight
+    dynamic=("m",), doc="rms_norm + gate/up GEMV + SwiGLU: warps per block, loads per lane",
+    build=lambda shape, c, target: gemv_k.swiglu_gemv_kernel(
+        shape["f"], shape["k"], shape["dtype"], EPS, warps=c["warps"], chunk=c["chunk"])))
+
+GEMV_QKV_ROPE = register(Space(
+    "cuda.gemv_qkv_rope", GEMV_KNOBS,
+    lambda shape, target: {"warps": gemv_k.WARPS, "chunk": gemv_k.CHUNK},
+    lambda shape, c, target: c["chunk"] <= 8 or c["warps"] <= 4,
+    dynamic=("m",), doc="rms_norm + q/k/v GEMV + rotary + KV append: warps, loads per lane",
+    build=lambda shape, c, target: gemv_k.qkv_rope_gemv_kernel(
+        shape["heads"], shape["kv_heads"], shape["head_dim"], shape["k"], shape["dtype"], EPS,
+        warps=c["warps"], chunk=c["chunk"]),
+    # cos/sin rows; a cache of 16 rows (the kernel writes row past[0], 1 or 2 when measured)
+    bind=lambda shape: {"cb": 1, "cap": 16}))
+
+
+
+QUANT_GEMV = register(Space(
+    "cuda.quant_gemv", (Knob("warps", (2, 4, 8)), Knob("rows", (1, 2, 4))),
+    lambda shape, target: {"warps": qgemv.WARPS, "rows": qgemv.rows_default(shape["n"])},
+    lambda shape, c, target: shape["n"] % c["rows"] == 0,
+    dynamic=("m",),
+    doc="int4/int8 weight GEMV: warps per block, output rows per warp (x converted once for "
+        "all of them, rows x 16 bytes in flight per lane)",
+    build=lambda shape, c, target: qgemv.quant_gemv_kernel(
+        shape["n"], shape["k"], shape["bits"], shape["group"], shape["dtype"],
+        shape["out_dtype"], zero_points=shape["zero_points"],
+        residual=shape["epilogue"] == "residual",
+        norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+
+SPARSE_GEMV = register(Space(
+    "cuda.sparse_gemv", (Knob("warps", (2, 4, 8)), Knob("loads", (8, 16, 32))),
+    lambda shape, target: {"warps": sgemv.WARPS, "loads": sgemv.LOADS},
+    dynamic=("m",),
+    doc="2:4 sparse GEMV (x of a block in shared memory): warps (output rows) per block, "
+        "16-byte weight loads a lane issues together",
+    build=lambda shape, c, target: sgemv.sparse_gemv_kernel(
+        shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+        residual=shape["epilogue"] == "residual",
+        norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+
+
+# -- the prefill GEMM (kernels/gemm.py): the default is dlight's schedule, other tiles kiln's ---
+
+def _gemm_valid(shape, c, target) -> bool:
+    """Tiles that fit, 4-16 warps of 4 or 8 accumulator fragments; kiln's own tiles always
+    with a cp.async pipeline of 2 or 3 k tiles (one stage is dlight's default alone)."""
+    if c == gemm_k.DLIGHT:
+        return True
+    warps = c["wm"] * c["wn"]
+    frags = (c["bm"] // 16 // c["wm"]) * (c["bn"] // 16 // c["wn"])  # accumulators per warp
+    # TVM 0.27 fails to lower these (StorageRewrite hands the fp32 output tile a reused fp16
+    # buffer: "tvm_access_ptr element type must match"), seen for every one of them
+    broken = c["bk"] == 64 and min(c["bm"], c["bn"]) == 64
+    return (c["stages"] > 1 and not broken and warps in (4, 8, 16) and frags in (4, 8)
+            and gemm_k.tile_ok(shape["n"], shape["k"], c))
+
+
+def _gemm_build(shape, c, target):
+    kw = {"bias": shape["bias"], "residual": shape["residual"]}
+    if c == gemm_k.DLIGHT:
+        return gemm_k.dlight_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+                                    target=target.tvm_target() if target else None, **kw)
+    return gemm_k.gemm_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+                              **kw, **c)
+
+
+GEMM = register(Space(
+    "cuda.gemm", (Knob("bm", (64, 128, 256)), Knob("bn", (64, 128, 256)), Knob("bk", (32, 64)),
+                  Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4)), Knob("stages", (1, 2, 3))),
+    lambda shape, target: dict(gemm_k.DLIGHT), _gemm_valid, dynamic=("m",),
+    doc="fp16 tensor-core GEMM with its epilogue (bias, cast, residual add): block tile "
+        "bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async pipeline); "
+        "the default is dlight's Matmul schedule",
+    build=_gemm_build))
+
+
+# -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------
+
+def _attention_args(shape, rng: np.random.Generator) -> list:
+    """q, k/v caches holding `past + s` rows, past[1] = `past`, the output."""
+    b, s, h, d = 1, shape["s"], shape["heads"], shape["head_dim"]
+    cap, dt = shape["s"] + shape["past"], shape["dtype"]
+    q = rng.standard_normal((b, s, h * d)).astype(dt)
+    kc, vc = (rng.standard_normal((b, shape["kv_heads"], cap, d)).astype(dt) for _ in "kv")
+    return [q, kc, vc, np.array([shape["past"]], "int32"), np.zeros((b, s, h * d), dt)]
+
+
+def _attention_bind(shape) -> dict:
+    return {"b": 1, "cap": shape["s"] + shape["past"]}
+
+
+DECODE_ATTENTION = register(Space(
+    "cuda.decode_attention", (Knob("dw", (4, 8, 16, 32)), Knob("du", (4, 8, 16))),
+    lambda shape, target: {"dw": attn.DW, "du": attn.DU},
+    lambda shape, c, target: c["dw"] * c["du"] <= 256,  # keys per step of a block
+    doc="decode attention, head dim a multiple of 32: warps per block (the keys split over "
+        "them, merged at the end), keys per warp per step (loads in flight)",
+    build=lambda shape, c, target: attn.decode_attention_kernel(
+        shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"] ** -0.5,
+        shape["dtype"], dw=c["dw"], du=c["du"]),
+    bind=_attention_bind, make_args=_attention_args))
+
+FLASH_PREFILL = register(Space(
+    "cuda.flash_prefill", (Knob("warps", (2, 4, 8)), Knob("bk", (32, 64, 128))),
+    lambda shape, target: {"warps": flash.WARPS, "bk": flash.BK},
+    lambda shape, c, target: flash.tile_ok(shape["head_dim"], c["warps"], c["bk"]),
+    dynamic=("s",),
+    doc="tensor-core prefill attention: warps of 16 (query, head) rows per block, keys per "
+        "K/V tile in shared memory",
+    build=lambda shape, c, target: flash.flash_prefill_kernel(
+        shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"] ** -0.5,
+        shape["dtype"], ldsm=shape["ldsm"], warps=c["warps"], bk=c["bk"]),
+    bind=_attention_bind, make_args=_attention_args))
+
+
+# -- row kernels (kernels/rowwise.py) -----------------------------------------------------------
+
+RMS_NORM = register(Space(
+    "cuda.rms_norm", (Knob("rows", (1, 2, 4, 8, 16)),),
+    lambda shape, target: {"rows": rowwise.ROWS}, dynamic=("m",),
+    doc="rms_norm: one warp per row, rows (warps) per block",
+    build=lambda shape, c, target: rowwise.rms_norm_kernel(
+        shape["e"], shape["dtype"], EPS, rows=c["rows"])))
+
+SWIGLU = register(Space(
+    "cuda.swiglu", (Knob("threads", (64, 128, 256, 512, 1024)),),
+    lambda shape, target: {"threads": rowwise.THREADS}, dynamic=("m",),
+    doc="SwiGLU of a gate/up GEMM output: one 16-byte vector per thread, threads per block",
+    build=lambda shape, c, target: rowwise.swiglu_kernel(
+        shape["f"], shape["dtype"], threads=c["threads"])))

@@ -1,0 +1,210 @@
+"""The CUDA schedule spaces (kiln.codegen.cuda.spaces): every valid config of a small instance of
+each space lowers to CUDA source here (no GPU, no nvcc); the default and one other config per
+space compile to sm_90 machine code through `kiln tune`'s path; on a GPU every config computes
+what the default does; an untuned artifact records a default schedule for every kernel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import has_gpu
+from tests.helpers import needs_cuda_toolchain
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+pytest.importorskip("kiln.codegen.cuda.spaces")  # registers the cuda.* spaces
+
+F16 = "float16"
+D = {"phase": "decode", "m": 1}  # a GEMV's rows
+#: a small instance of every cuda.* space (the shapes lower.py would pass)
+SHAPES = {
+    "cuda.gemv": [
+        {**D, "n": 64, "k": 4096, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
+        {**D, "n": 40, "k": 520, "dtype": F16, "out_dtype": "float32", "epilogue": ""},
+        {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "norm"}],
+    "cuda.gemv_swiglu": [{**D, "f": 64, "k": 512, "dtype": F16}],
+    "cuda.gemv_qkv_rope": [{**D, "heads": 4, "kv_heads": 2, "head_dim": 64, "k": 512,
+                            "dtype": F16}],
+    "cuda.decode_attention": [{"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
+                               "phase": "decode", "s": 1, "past": 100}],
+    "cuda.flash_prefill": [{"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
+                            "phase": "prefill", "s": 96, "past": 0, "ldsm": True}],
+    "cuda.quant_gemv": [
+        {**D, "n": 64, "k": 512, "bits": 4, "group": 32, "dtype": F16, "out_dtype": F16,
+         "zero_points": False, "epilogue": "residual"},
+        {**D, "n": 96, "k": 256, "bits": 8, "group": 64, "dtype": F16, "out_dtype": F16,
+         "zero_points": True, "epilogue": "norm"}],
+    "cuda.sparse_gemv": [
+        {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
+        {**D, "n": 40, "k": 1024, "dtype": F16, "out_dtype": "float32", "epilogue": "norm"}],
+    "cuda.gemm": [{"phase": "prefill", "m": 100, "n": 256, "k": 512, "dtype": F16,
+                   "out_dtype": F16, "bias": True, "residual": True}],
+    "cuda.rms_norm": [{"phase": "prefill", "m": 5, "e": 512, "dtype": F16}],
+    "cuda.swiglu": [{"phase": "prefill", "m": 5, "f": 512, "dtype": F16}],
+}
+CASES = [(k, s) for k, shapes in SHAPES.items() for s in shapes]
+
+
+def _target():
+    return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+
+
+def _module(kernel: str, shape: dict, configs: list[dict]):
+    from kiln.codegen.kernels import with_root_block
+    from kiln.codegen.schedules import space
+
+    sp = space(kernel)
+    return tvm.IRModule({f"c{i}": with_root_block(sp.build(shape, c, None)).with_attr(
+        "global_symbol", f"c{i}") for i, c in enumerate(configs)})
+
+
+def test_every_cuda_kernel_family_has_a_space():
+    from kiln.codegen.schedules import SPACES
+
+    assert {k for k in SPACES if k.startswith("cuda.")} == set(SHAPES)
+
+
+@pytest.mark.parametrize(("kernel", "shape"), CASES, ids=[f"{k}-{i}" for i, (k, _) in
+                                                          enumerate(CASES)])
+def test_every_valid_config_lowers_to_cuda_source(kernel, shape):
+    """All configs of the instance as one module, lowered to CUDA C (TVM embeds source when
+    nvcc is not selected): one kernel per config, none refused by TVM's checks."""
+    from kiln.codegen.schedules import space
+
+    configs = space(kernel).configs(shape, None)
+    assert len(configs) >= 2, f"{kernel}: nothing to tune for {shape}"
+    assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
+    from kiln.codegen.cuda_toolchain import async_copies
+
+    with _target(), async_copies():  # as cuda_toolchain.compile_for_cuda, without nvcc
+        lib = tvm.compile(_module(kernel, shape, configs), target=_target())
+    src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
+    assert all(f"c{i}_kernel" in src for i in range(len(configs)))
+
+
+@pytest.mark.slow
+@needs_cuda_toolchain
+def test_default_and_another_config_compile_to_machine_code(tmp_path):
+    """Through the harness's compile path (nvcc, sm_90 fatbin): the default and the last valid
+    config of every instance in one library."""
+    from kiln.codegen.build import compile_kernels
+    from kiln.codegen.cuda_toolchain import fatbin_entries
+    from kiln.codegen.schedules import space
+    from kiln.codegen.targets import CudaTarget
+
+    funcs = {}
+    for i, (kernel, shape) in enumerate(CASES):
+        configs = space(kernel).configs(shape, None)
+        for j, c in enumerate((configs[0], configs[-1])):
+            funcs[f"k{i}_c{j}"] = space(kernel).build(shape, c, None)
+    compile_kernels(funcs, CudaTarget(arch="sm_90"), tmp_path / "k.so")
+    assert ("cubin", "sm_90") in fatbin_entries(tmp_path / "k.so")
+
+
+def test_defaults_are_the_kernels_constants():
+    """An untuned artifact's kernels are the ones built before the spaces existed."""
+    from kiln.codegen.cuda.kernels import attention, flash_attention, gemm, gemv, rowwise
+    from kiln.codegen.schedules import space
+
+    g = space("cuda.gemv").default(SHAPES["cuda.gemv"][0], None)
+    assert g == {"warps": gemv.WARPS, "chunk": gemv.CHUNK, "split": True}  # k = 4096: split
+    assert not space("cuda.gemv").default(SHAPES["cuda.gemv"][1], None)["split"]
+    assert space("cuda.decode_attention").default({}, None) == {"dw": attention.DW,
+                                                                 "du": attention.DU}
+    assert space("cuda.flash_prefill").default({}, None) == {"warps": flash_attention.WARPS,
+                                                              "bk": flash_attention.BK}
+    assert space("cuda.rms_norm").default({}, None) == {"rows": rowwise.ROWS}
+    assert space("cuda.swiglu").default({}, None) == {"threads": rowwise.THREADS}
+    assert space("cuda.gemm").default({}, None) == gemm.DLIGHT  # dlight schedules it
+    assert gemm.DLIGHT["stages"] == 1
+
+
+def test_invalid_configs_are_left_out():
+    from kiln.codegen.schedules import space
+
+    gemv = space("cuda.gemv").configs(SHAPES["cuda.gemv"][1], None)  # k = 520: no split
+    assert not any(c["split"] for c in gemv)
+    flash = space("cuda.flash_prefill").configs(SHAPES["cuda.flash_prefill"][0], None)
+    assert {"warps": 8, "bk": 32} in flash and all(c["bk"] * 8 % (c["warps"] * 32) == 0
+                                                  for c in flash)
+
+
+def test_untuned_1b_model_picks_a_default_schedule_for_every_kernel(tmp_path):
+    """The Llama-3.2-1B shape (no weights; lowered, not compiled) uses every cuda.* space, each
+    instance's config from the cost model (source: default, what the manifest records)."""
+    pytest.importorskip("tvm.relax")
+    from kiln.codegen.build import build_module
+    from kiln.codegen.schedules import Schedules
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_graph
+    from kiln.models.synthetic import write_synthetic
+
+    src = write_synthetic("llama-3.2-1b", tmp_path / "m", weights=False)
+    graph = compile_graph(src, max_seq=256, progress=lambda m: None, weights_optional=True)
+    target = CudaTarget(arch="sm_90", dtype="float16")
+    schedules = Schedules(target)
+    build_module(graph, target, schedules=schedules)
+    picks = schedules.manifest()
+    assert {p["kernel"] for p in picks} == set(SHAPES) - {"cuda.quant_gemv", "cuda.sparse_gemv"}
+    assert all(p["source"] == "default" for p in picks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize(("kernel", "shape"), CASES, ids=[f"{k}-{i}" for i, (k, _) in
+                                                          enumerate(CASES)])
+def test_every_config_computes_what_the_default_does(kernel, shape, tmp_path):
+    """On the GPU: each valid config's outputs against the default config's, same inputs."""
+    from kiln.codegen.build import compile_kernels
+    from kiln.codegen.schedules import space
+    from kiln.codegen.targets import CudaTarget
+    from kiln.codegen.tune import arg_specs
+    from kiln.runtime.tvm_runtime import load_cuda_runtime
+
+    sp = space(kernel)
+    configs = sp.configs(shape, None)
+    funcs = {f"c{i}": sp.build(shape, c, None) for i, c in enumerate(configs)}
+    compile_kernels(funcs, CudaTarget(arch="sm_90"), tmp_path / "k.so")
+    load_cuda_runtime(tvm)
+    lib, dev = tvm.runtime.load_module(str(tmp_path / "k.so")), tvm.cuda(0)
+    rng = np.random.default_rng(0)
+    if sp.make_args is not None:
+        host = sp.make_args(shape, rng)
+    else:
+        specs = arg_specs(funcs["c0"], sp.dims(shape))
+        host = [rng.integers(1, 3, s["shape"]).astype(s["dtype"])
+                if s["dtype"].startswith("int") else
+                rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in specs]
+    outs = []
+    for name in funcs:
+        args = [tvm.runtime.tensor(a.copy(), dev) for a in host]
+        lib[name](*args)
+        outs.append([a.numpy().astype(np.float32) for a in args[-sp.outputs:]])
+    for c, got in zip(configs[1:], outs[1:], strict=True):
+        for want, g in zip(outs[0], got, strict=True):
+            err = np.abs(g - want).max() / max(np.abs(want).max(), 1e-6)
+            assert err <= 2e-3, f"{kernel} {c}: relative error {err:.2e} vs the default"
+
+
+@pytest.mark.slow
+@needs_cuda_toolchain
+def test_tuning_plan_builds_for_cuda(tiny_model, tmp_path):
+    """`kiln tune --target cuda`'s build side on the tiny llama: every instance's candidates
+    compile to one sm_90 library each, the default first."""
+    from kiln.codegen.cuda_toolchain import require_fatbin
+    from kiln.codegen.targets import CudaTarget
+    from kiln.codegen.tune import instances, write_plan
+    from kiln.compiler.compile import compile_graph
+
+    target = CudaTarget(arch="sm_90", dtype="float16")
+    graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
+                          weights_optional=True)
+    found = instances(graph, target, 32)
+    plan = write_plan(found, target, tmp_path, max_candidates=2)
+    assert {i["kernel"] for i in plan["instances"]} >= {"cuda.gemv", "cuda.gemm"}
+    for inst in plan["instances"]:
+        require_fatbin(tmp_path / inst["lib"], "sm_90")
+        assert 1 <= len(inst["candidates"]) <= 2
