@@ -4,7 +4,9 @@ quantized decode GEMV and the prefill's row kernels).
 
 Prefill GEMMs are TE NT-matmuls scheduled by dlight (tensor cores for fp16), with bias, cast and
 the residual Add as their fused epilogue and, for `quant_linear`, the dequantize as their fused
-prologue; decode linears are GEMVs with the rms_norm in front / residual behind fused.
+prologue; decode linears are GEMVs with the rms_norm in front / residual behind fused. Which ops
+fuse is read from the fusion groups the fusion passes recorded (kiln.passes.fusion), never
+matched here; an op outside a group, or whose fused kernel does not apply, lowers alone.
 
 Same contract as kiln.codegen.lower (a lowering returns one Relax expression per node output),
 its own table: CUDA_LOWERINGS. Compute dtype is the parameters' (cast at build time); matmuls
@@ -39,8 +41,6 @@ from kiln.passes.fusion import recorded
 
 Lowering = Callable[["CudaLowerContext", Node], Sequence[relax.Expr | None]]
 CUDA_LOWERINGS: dict[str, Lowering] = {}
-#: ops whose decode GEMV can take a fused rms_norm in front and a residual Add behind
-LINEARS = ("linear", "quant_linear", "sparse_linear")
 
 
 def _gemv_ok(node: Node, dtype: str) -> bool:
