@@ -27,14 +27,11 @@ from kiln.codegen import (
     lower_sparse,  # noqa: F401 - registers sparse_linear
 )
 from kiln.codegen.lower import (
-    LowerContext,
-    last_position,
-    lower_node,
     scale_cache,
     to_prim,
 )
 from kiln.codegen.schedules import Schedules
-from kiln.codegen.targets import CpuTarget, CudaTarget, KilnTarget
+from kiln.codegen.targets import KilnTarget
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
 
@@ -72,13 +69,8 @@ def build_module(graph: Graph, target: KilnTarget, *,
     the lowerings' config questions (a tuning database, else the cost model) and keeps what
     each kernel instance got, for the manifest; prefill kernel instances are looked up at
     `prefill_rows` rows (the prompt length they are tuned for)."""
-    if not isinstance(target, CpuTarget | CudaTarget):
-        raise KilnError(f"target {target.name}: no kernels (expected cpu or cuda)")
-    sig = signature(graph, entry_points)
-    if isinstance(target, CudaTarget):  # cache dtype, inputs the CUDA kernels never read
-        from kiln.codegen.cuda import backend
-
-        sig = backend.cuda_signature(graph, target, sig)
+    backend = target.backend()
+    sig = backend.signature(graph, target, signature(graph, entry_points))
     bb = relax.BlockBuilder()
     kernels: dict = {}
     schedules = schedules if schedules is not None else Schedules(target)
@@ -88,22 +80,15 @@ def build_module(graph: Graph, target: KilnTarget, *,
 
 
 def compile_module(mod: object, target: KilnTarget):
-    """tvm.compile: kiln's kernels are already scheduled, the default pipeline lowers to the VM."""
-    import tvm
-
-    if isinstance(target, CudaTarget):
-        from kiln.codegen.cuda import backend
-
-        return backend.compile_module(mod, target)
-    pipeline = tvm.transform.Sequential([tvm.relax.get_pipeline("default"), mark_noalias()])
-    with target.tvm_target():
-        return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=pipeline)
+    """The target backend's compile (kiln's kernels are already scheduled; TVM's pipeline
+    lowers the rest to the VM)."""
+    return target.backend().compile(mod, target)
 
 
 def compile_kernels(funcs: dict[str, tirx.PrimFunc], target: KilnTarget,
                     path: str | os.PathLike) -> None:
     """Compile standalone kernels (`kiln tune`'s candidates) into one library at `path`, each
-    exported under its name, through the target's toolchain as `build` does (CUDA: nvcc
+    exported under its name, through the target backend's toolchain as `build` does (CUDA:
     machine code for the arch, cross-compiled where no GPU exists)."""
     import tvm
 
@@ -111,43 +96,9 @@ def compile_kernels(funcs: dict[str, tirx.PrimFunc], target: KilnTarget,
 
     mod = tvm.IRModule({name: with_root_block(f).with_attr("global_symbol", name)
                         for name, f in funcs.items()})
-    if isinstance(target, CudaTarget):
-        from kiln.codegen import cuda_toolchain as ct
-        from kiln.codegen.cuda.kernels import pdl
-
-        with tvm.transform.PassContext(opt_level=3):
-            lib = ct.compile_for_cuda(mod, target.tvm_target(), tir_pipeline=pdl.PIPELINE)
-    else:
-        with target.tvm_target():
-            lib = tvm.compile(mark_noalias()(mod), target=target.tvm_target())
-    lib.export_library(os.fspath(path))
-    if isinstance(target, CudaTarget):
-        from kiln.codegen.cuda_toolchain import require_fatbin
-
-        require_fatbin(path, target.arch)
-
-
-def mark_noalias():
-    """Mark every PrimFunc `tirx.noalias`, the VM's generated shape functions included.
-
-    LLVM codegen drops the noalias parameter attributes of *every* function of a module as soon as
-    one function lacks `tirx.noalias` (the VM's shape_func does), and without them LLVM must assume
-    the output buffer may alias a kernel's register-tile accumulators: it stores each accumulator
-    after every FMA. Measured on the packed GEMM (3072x576, m = 512, one thread): 43 ms in a VM
-    module vs 17 ms alone. kiln's kernels never pass one buffer twice; the shape functions read and
-    write a single heap buffer.
-    """
-    import tvm
-
-    @tvm.transform.module_pass(opt_level=0, name="KilnMarkNoAlias")
-    def _mark(mod, _ctx):
-        for gv, func in list(mod.functions.items()):
-            marked = func.attrs is not None and func.attrs.get("tirx.noalias")
-            if isinstance(func, tvm.tirx.PrimFunc) and not marked:
-                mod[gv] = func.with_attr("tirx.noalias", True)
-        return mod
-
-    return _mark
+    backend = target.backend()
+    backend.compile_kernels(mod, target).export_library(os.fspath(path))
+    backend.check_export(path, target)
 
 
 def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, *,
@@ -156,15 +107,11 @@ def build(graph: Graph, target: KilnTarget, path: str | os.PathLike, *,
     `progress` hears of each step (the last two take most of a large model's compile)."""
     progress(f"generating kernels for {target.name}")
     mod, sig = build_module(graph, target, **kw)
-    progress(f"compiling kernels for {target.name} "
-             f"({'nvcc' if isinstance(target, CudaTarget) else 'LLVM'})")
+    progress(f"compiling kernels for {target.name} ({target.backend().compiler})")
     executable = compile_module(mod, target)
     progress(f"linking {os.path.basename(path)}")
     executable.export_library(os.fspath(path))
-    if isinstance(target, CudaTarget):  # machine code, never CUDA source
-        from kiln.codegen.cuda_toolchain import require_fatbin
-
-        require_fatbin(path, target.arch)
+    target.backend().check_export(path, target)
     return sig
 
 
@@ -220,22 +167,16 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
         [relax.TensorType([int(d) for d in graph.params[p].type.shape],
                           _param_dtype(target, graph.params[p].type.dtype.value))
          for p in sig.params]))
-    cuda = isinstance(target, CudaTarget)
-    if cuda:
-        from kiln.codegen.cuda import backend
-        from kiln.codegen.cuda import lower as cuda_lower
-    attrs = backend.entry_attrs(target, entry, 1 + len(inputs)) if cuda else None
-    lower, last = (cuda_lower.lower_node, cuda_lower.last_position) if cuda else (
-        lower_node, last_position)
+    backend = target.backend()
+    attrs = backend.entry_attrs(target, entry, 1 + len(inputs))
+    lower, last = backend.lower_node, backend.last_position
     with bb.function(entry, [past_arg, *inputs, caches, params], attrs=attrs):
         with bb.dataflow():
-            ctx = (cuda_lower.CudaLowerContext if cuda else LowerContext)(
-                bb, graph, target, _PHASE[entry], past, kernels=kernels, schedules=schedules,
-                prefill_rows=prefill_rows)
+            ctx = backend.context(bb, graph, target, _PHASE[entry], past, kernels=kernels,
+                                  schedules=schedules, prefill_rows=prefill_rows)
             ctx.symbols.update(symbols)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
-            if cuda:
-                ctx.values.update(backend.computed_inputs(ctx, graph, sig, b, seq))
+            ctx.values.update(backend.computed_inputs(ctx, graph, sig, b, seq))
             for i, p in enumerate(sig.params):
                 ctx.values[p] = bb.emit(relax.TupleGetItem(params, i))
             for i, c in enumerate(sig.caches):
@@ -246,18 +187,18 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
                     ctx.values[node.inputs[0]] = last(ctx, ctx.values[node.inputs[0]])
                 lower(ctx, node)
             outs = [ctx.values[o] for o in sig.outputs]
-            if cuda and entry == "decode":  # + the greedy tokens, picked on the device
-                outs.append(backend.greedy_tokens(ctx, outs[0]))
+            outs += backend.extra_outputs(ctx, entry, outs)  # CUDA decode: greedy tokens
             result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(result)
 
 
 def _param_dtype(target: KilnTarget, dtype: str) -> str:
-    if isinstance(target, CudaTarget):
-        from kiln.codegen.cuda.backend import param_dtype
+    """Floating-point parameters are stored (and computed) in the target's storage dtype."""
+    stored = target.storage_dtype()
+    return stored if stored is not None and dtype in _FLOATS else dtype
 
-        return param_dtype(target, dtype)
-    return dtype
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 def _output_linears(graph: Graph, sig: ModuleSignature) -> set[str]:

@@ -1,18 +1,81 @@
-"""Target facts, one frozen dataclass per target: what kernels and the TVM Target need."""
+"""Target facts, one frozen dataclass per target: what kernels and the TVM Target need, the
+capabilities the driver asks about, and the backend that builds for it.
+
+The driver and codegen/build.py never test a target's kind: they ask it (the `Target`
+protocol). A new target (ROCm, Arm) is a new dataclass registered with `register_target` and a
+backend module (kiln.codegen.backend.Backend); the driver is not edited.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from kiln.compiler.errors import KilnError
+from kiln.compiler.fusions import FUSIONS
+
+if TYPE_CHECKING:
+    from kiln.codegen.backend import Backend
+
+#: every fusion kiln has, for targets whose kernels take them all
+ALL_FUSIONS = tuple(FUSIONS)
+
+
+class Target(Protocol):
+    """What the driver and build code ask a target. Capabilities are class attributes (so a
+    recorded manifest's target name answers them without an instance)."""
+
+    name: str
+    kind: ClassVar[str]  # the name `resolve` knows it by ("cpu", "cuda")
+    kv8: ClassVar[bool]  # int8 KV cache kernels (--quant kv8)
+    sliding_windows: ClassVar[bool]  # attention kernels with a window shorter than the context
+    pack_block: ClassVar[int]  # weights laid out [N / block, K, block] for it (0: as imported)
+    sparse_layout: ClassVar[str | None]  # kiln.passes.sparsify target (None: no sparse kernels)
+    quant_kernels: ClassVar[bool]  # weight-quantized linears (--quant w8, w4g32 ...)
+    tuning_tables: ClassVar[bool]  # reads `kiln tune` tables (--tuning)
+    fusions: ClassVar[tuple[str, ...]]  # the kiln.passes.fusion fusions its lowering consumes
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Target: ...  # from the CLI's "<kind>:<arg>"
+
+    def tvm_dict(self) -> dict[str, Any]: ...
+    def with_dtype(self, dtype: str) -> Target: ...  # --dtype, refused where unsupported
+    def storage_dtype(self) -> str | None: ...  # floating parameters stored in (None: as is)
+    def requirements(self) -> dict[str, Any]: ...  # the manifest's record of what it needs
+    def backend(self) -> Backend: ...  # lowering and build hooks (imports TVM)
+
+
+#: target kind -> its class (`resolve`, `target_type`); register_target adds one
+TARGETS: dict[str, Callable[..., Any]] = {}
+
+
+def register_target(cls):
+    """Class decorator: make a Target resolvable by its `kind` (kiln compile --target KIND)."""
+    TARGETS[cls.kind] = cls
+    return cls
+
+
+def target_type(kind: str):
+    """The registered class of target `kind` (its capabilities, without an instance)."""
+    if kind not in TARGETS:
+        raise KilnError(f"unknown target {kind!r} (known: {', '.join(TARGETS)})")
+    return TARGETS[kind]
+
+
+def _float_only(target, dtype: str):
+    if dtype != "float32":
+        raise KilnError(f"--dtype {dtype}: the {target.name} target computes in float32 only")
+    return target
 
 #: /proc/cpuinfo flag -> SIMD width in bits, widest first
 _SIMD_FLAGS = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("asimd", 128))
 
 
+@register_target
 @dataclass(frozen=True, slots=True)
 class CpuTarget:
     """An LLVM CPU target: the -mcpu name, SIMD width and the threads kernels are written for."""
@@ -23,9 +86,35 @@ class CpuTarget:
     triple: str = ""
     name: str = "cpu"
 
-    @property
-    def kind(self) -> str:
-        return "cpu"
+    kind: ClassVar[str] = "cpu"
+    kv8: ClassVar[bool] = True
+    sliding_windows: ClassVar[bool] = True
+    pack_block: ClassVar[int] = 16  # one SIMD vector of fp32 per block
+    sparse_layout: ClassVar[str | None] = "cpu"
+    quant_kernels: ClassVar[bool] = True
+    tuning_tables: ClassVar[bool] = True
+    #: the CPU kernels are one op each; the projections are fused in the graph
+    fusions: ClassVar[tuple[str, ...]] = ("projections",)
+
+    @classmethod
+    def from_arg(cls, arg: str) -> CpuTarget:
+        """"cpu" is the host, "cpu:znver4" an explicit -mcpu with the host's SIMD width."""
+        return cpu(arg, vector_bits=host_cpu().vector_bits) if arg else host_cpu()
+
+    def with_dtype(self, dtype: str) -> CpuTarget:
+        return _float_only(self, dtype)
+
+    def storage_dtype(self) -> str | None:
+        return None
+
+    def requirements(self) -> dict[str, Any]:
+        flags = {512: ["avx512f"], 256: ["avx2"]}.get(self.vector_bits, [])
+        return {"cpu_flags": flags, "threads": self.threads}
+
+    def backend(self) -> Backend:
+        from kiln.codegen.cpu_backend import BACKEND
+
+        return BACKEND
 
     def lanes(self, itemsize: int = 4) -> int:
         """Elements of `itemsize` bytes in one SIMD register."""
@@ -47,6 +136,7 @@ class CpuTarget:
 CUDA_DTYPES = ("float16", "bfloat16", "float32")
 
 
+@register_target
 @dataclass(frozen=True, slots=True)
 class CudaTarget:
     """An NVIDIA GPU: its arch, the compute dtype (reductions, softmax and norms accumulate in
@@ -63,9 +153,34 @@ class CudaTarget:
         if not re.fullmatch(r"sm_\d+a?", self.arch):
             raise KilnError(f"cuda: arch {self.arch!r} is not of the form sm_XX")
 
-    @property
-    def kind(self) -> str:
-        return "cuda"
+    kind: ClassVar[str] = "cuda"
+    kv8: ClassVar[bool] = False
+    sliding_windows: ClassVar[bool] = False
+    pack_block: ClassVar[int] = 0
+    sparse_layout: ClassVar[str | None] = "cuda"
+    quant_kernels: ClassVar[bool] = True
+    tuning_tables: ClassVar[bool] = True
+    fusions: ClassVar[tuple[str, ...]] = ALL_FUSIONS
+
+    @classmethod
+    def from_arg(cls, arg: str) -> CudaTarget:
+        """"cuda" is sm_90, "cuda:sm_80" another arch."""
+        return cls(arch=arg or "sm_90")
+
+    def with_dtype(self, dtype: str) -> CudaTarget:
+        return dataclasses.replace(self, dtype=dtype)
+
+    def storage_dtype(self) -> str | None:
+        return self.dtype
+
+    def requirements(self) -> dict[str, Any]:
+        # decode also returns the argmax tokens (Session.decode_greedy)
+        return {"dtype": self.dtype, "max_batch": self.max_batch, "decode_greedy": True}
+
+    def backend(self) -> Backend:
+        from kiln.codegen.cuda.backend import BACKEND
+
+        return BACKEND
 
     def tvm_dict(self) -> dict[str, Any]:
         return {"kind": "cuda", "arch": self.arch}
@@ -76,7 +191,8 @@ class CudaTarget:
         return Target(self.tvm_dict(), host={"kind": "llvm"})
 
 
-KilnTarget = CpuTarget | CudaTarget
+#: the type hint of the lowerings and build code (any registered target)
+KilnTarget = Target
 
 
 @functools.cache
@@ -91,14 +207,14 @@ def cpu(mcpu: str, *, vector_bits: int = 512, threads: int = 2) -> CpuTarget:
     return CpuTarget(mcpu=mcpu, vector_bits=vector_bits, threads=threads)
 
 
-def resolve(name: str) -> KilnTarget:
-    """A target from its CLI name: "cpu" (the host), "cpu:znver4", "cuda" or "cuda:sm_90"."""
+def resolve(name: str) -> Target:
+    """A target from its CLI name "<kind>[:<arg>]": "cpu" (the host), "cpu:znver4", "cuda",
+    "cuda:sm_90", or any registered kind."""
     kind, _, arg = name.partition(":")
-    if kind == "cpu":
-        return cpu(arg, vector_bits=host_cpu().vector_bits) if arg else host_cpu()
-    if kind == "cuda":
-        return CudaTarget(arch=arg or "sm_90")
-    raise KilnError(f"unknown target {name!r} (expected cpu, cpu:<mcpu>, cuda or cuda:<sm_XX>)")
+    if kind not in TARGETS:
+        raise KilnError(f"unknown target {name!r} (expected cpu, cpu:<mcpu>, cuda or "
+                        f"cuda:<sm_XX>; registered: {', '.join(TARGETS)})")
+    return TARGETS[kind].from_arg(arg)
 
 
 def _llvm_host_cpu() -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from kiln.compiler.errors import KilnError, UnsupportedOps
+from kiln.compiler.fusions import FUSIONS
 
 
 class KilnGroup(click.Group):
@@ -202,12 +203,16 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
               help="replace OUT if it is an artifact (else an existing OUT is refused)")
 @click.option("--dump-ir", type=click.Path(path_type=Path),
               help="write the IR after each pass (the quantization and layout stages too)")
+@click.option("--no-fuse", "no_fuse", multiple=True, metavar="NAME",
+              type=click.Choice([*FUSIONS, "all"]),
+              help="leave out one fusion of those the target takes (repeatable; 'all': none), "
+                   "for A/B runs: " + "; ".join(f"{k}: {v}" for k, v in FUSIONS.items()))
 @quiet_option
 def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: bool,
                 quant: str | None, quant_keep: tuple[str, ...], arch: str | None,
                 dtype: str | None, tuning: Path | None, sparsity: str | None,
                 prune_method: str | None, sparsity_keep: tuple[str, ...], force: bool,
-                dump_ir: Path | None, quiet: bool) -> None:
+                dump_ir: Path | None, no_fuse: tuple[str, ...], quiet: bool) -> None:
     """Compile MODEL (ONNX decoder) into an artifact directory OUT."""
     from kiln.compiler.compile import compile_model
     from kiln.compiler.progress import progress
@@ -217,7 +222,8 @@ def compile_cmd(model: Path, out: Path, target: str, max_seq: int, no_weights: b
                              max_seq=max_seq, weights=not no_weights, progress=report,
                              quant=quant, quant_keep=quant_keep, dtype=dtype, tuning=tuning,
                              sparsity=sparsity, prune_method=prune_method,
-                             sparsity_keep=sparsity_keep, force=force, dump_ir=dump_ir)
+                             sparsity_keep=sparsity_keep, force=force, dump_ir=dump_ir,
+                             no_fuse=no_fuse)
     click.echo(str(path))
 
 

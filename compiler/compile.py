@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,18 @@ def _kiln_version() -> str:
 def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                   weights_optional: bool, pack_block: int = 0, quant=None,
                   dump_ir: Path | None = None, prune=None, sparse_target: str | None = None,
-                  sparse_plan: dict | None = None) -> Graph:
+                  sparse_plan: dict | None = None,
+                  fusions: Sequence[str] | None = None) -> Graph:
     """The graph after the `compile` pipeline: canonical; with `quant` (a
     kiln.passes.quantize.QuantPreset) its weights and KV cache quantized; with `pack_block`,
     weights in the CPU kernels' layout. `dump_ir`: the IR after each pass, as `kiln inspect`.
     `prune` (a kiln.passes.prune_weights.PruneConfig): weights pruned before they are quantized.
     `sparse_target` ("cpu", "cuda"): linears with enough zeros become sparse_linear in its layout
-    (kiln.passes.sparsify), or as `sparse_plan` (an artifact's recorded decisions) says."""
+    (kiln.passes.sparsify), or as `sparse_plan` (an artifact's recorded decisions) says.
+    `fusions`: the kiln.passes.fusion fusions to run (recorded for the lowering); all by
+    default (a target runs those it takes, less --no-fuse)."""
     from kiln.compiler.driver import canonicalize
+    from kiln.passes import fusion
 
     kv_bits = quant.kv_bits if quant is not None else 0
     weights = quant if quant is not None and quant.keep != ("*",) else None  # kv8 alone: none
@@ -52,6 +56,7 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
         "quantize_weights": {"preset": weights, "calibration": calibration},
         "sparsify": {"target": sparse_target, "plan": sparse_plan},
         "pack_linear_weights": {"block": pack_block},
+        **fusion.options(fusion.FUSIONS if fusions is None else fusions),
     }
     progress(f"importing {model.name}")
     return canonicalize(model, pipeline="compile", weights_optional=weights_optional,
@@ -60,18 +65,11 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                                                             f"({s:.2f} s)")).canonical
 
 
-def _sparse_target(kind: str | None, vector_bits: int | None = None) -> str | None:
-    """The kiln.passes.sparsify target of a KilnTarget kind or a TVM target kind (with its
-    SIMD width when known): none for a CPU without AVX-512, whose bitmap kernels expand
-    packed values with AVX-512's vexpand (pruned weights stay dense there)."""
-    if kind in ("cpu", "llvm") and vector_bits is not None and vector_bits < 512:
-        return None
-    return {"cpu": "cpu", "llvm": "cpu", "cuda": "cuda"}.get(kind or "")
-
-
-def _pack_block(target: dict[str, Any]) -> int:
-    """Weights are packed for the CPU kernels (one SIMD vector of fp32 per block)."""
-    return 16 if target.get("kind") == "llvm" and target.get("name") == "cpu" else 0
+def _sparse_layout(tgt) -> str | None:
+    """The kiln.passes.sparsify layout of the target's sparse kernels; none for a CPU without
+    AVX-512, whose bitmap kernels expand packed values with vexpand (pruned weights stay dense
+    there)."""
+    return None if getattr(tgt, "vector_bits", 512) < 512 else tgt.sparse_layout
 
 
 def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
@@ -80,7 +78,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   quant_keep: tuple[str, ...] = (), dtype: str | None = None,
                   tuning: str | Path | None = None, sparsity: str | None = None,
                   prune_method: str | None = None, sparsity_keep: tuple[str, ...] = (),
-                  force: bool = False, dump_ir: Path | None = None) -> Path:
+                  force: bool = False, dump_ir: Path | None = None,
+                  no_fuse: Sequence[str] = ()) -> Path:
     """Compile an ONNX decoder into an artifact directory (written atomically); `quant` names
     a weight quantization preset (kiln.passes.quantize.PRESETS), `quant_keep` fnmatch patterns
     of layers kept in fp32 ("lm_head": the output projection); `dtype` the compute dtype of
@@ -90,41 +89,42 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     matching `sparsity_keep` dense (kiln.passes.prune_weights). An existing OUT is refused
     unless `force`; then it is replaced whole (kiln.runtime.artifact.ArtifactWriter).
     `dump_ir`: a folder for the IR after each pass of the compile pipeline, quantization and
-    layout stages included."""
+    layout stages included. `no_fuse`: fusions (kiln.passes.fusion.FUSIONS, or "all") left
+    out of those the target takes, for A/B runs; the manifest records the ones that ran."""
     progress("loading TVM")  # its import alone takes seconds
     from kiln.codegen.build import build
     from kiln.codegen.schedules import Schedules
     from kiln.codegen.targets import resolve
+    from kiln.passes import fusion
     from kiln.passes.prune_weights import parse_config
 
     model, start = Path(model), time.perf_counter()
     af.check_out(Path(out), force=force)  # before the minutes of work, not after
-    tgt = _with_dtype(resolve(target), dtype)
+    tgt = resolve(target)
+    tgt = tgt.with_dtype(dtype) if dtype is not None else tgt
     db = tuning_db(tuning, tgt)  # a bad file is refused before the minutes of work
+    fusions = fusion.enabled(no_fuse, take=tgt.fusions)
     preset = _preset(quant, quant_keep)
     prune = parse_config(sparsity, prune_method, sparsity_keep)
     if prune is not None:
         _check_pruning(prune, model, weights)
-    if preset is not None and tgt.kind not in ("cpu", "cuda"):
-        raise KilnError(f"--quant {preset.name}: quantized kernels exist for the cpu and cuda "
-                        f"targets only, not target {tgt.name}")
-    if preset is not None and preset.kv_bits and tgt.kind != "cpu":
+    if preset is not None and not tgt.quant_kernels:
+        raise KilnError(f"--quant {preset.name}: target {tgt.name} has no quantized kernels")
+    if preset is not None and preset.kv_bits and not tgt.kv8:
         raise KilnError(f"--quant {preset.name}: the int8 KV cache (kv8) has CPU kernels only, "
                         f"not target {tgt.name} (weight presets such as w8, w4g32 are fine)")
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
-                          pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
-                          quant=preset, prune=prune, sparse_target=_sparse_target(
-                              tgt.kind, getattr(tgt, "vector_bits", None)),
-                          dump_ir=dump_ir)
+                          pack_block=tgt.pack_block, quant=preset, prune=prune,
+                          sparse_target=_sparse_layout(tgt), dump_ir=dump_ir, fusions=fusions)
     _check_inputs(graph)
-    _check_positions(graph, max_seq, windows=tgt.kind == "cpu")
+    _check_positions(graph, max_seq, windows=tgt.sliding_windows)
     with af.ArtifactWriter(out, force=force) as w:
         schedules = Schedules(tgt, db)
         sig = build(graph, tgt, w.path(af.KERNELS), schedules=schedules,
                     prefill_rows=prefill_rows(max_seq), progress=progress)
         w.add(af.KERNELS)
-        table = _in_dtype(param_table(graph, sig.params), _float_dtype(tgt))
+        table = _in_dtype(param_table(graph, sig.params), tgt.storage_dtype())
         progress("writing parameters")
         _save(graph, [p for p in table if p["file"] == CONSTANTS], w.path(CONSTANTS))
         w.add(CONSTANTS)
@@ -134,6 +134,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
         _copy_tokenizer(model, w)
         manifest = _manifest(model, graph, tgt, sig, table, max_seq)
         manifest["compile_seconds"] = round(time.perf_counter() - start, 2)
+        manifest["fusions"] = list(fusions)  # convert rebuilds the same graph from it
         if preset is not None:
             manifest["quant"] = preset.to_dict()
         if prune is not None:
@@ -147,14 +148,18 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
 def convert(model: str | Path, artifact_dir: str | Path, *,
             progress: Progress = lambda msg: None) -> Path:
     """Produce the parameter file of an artifact compiled --no-weights, from the model."""
+    from kiln.codegen.targets import target_type
+
     art = af.open_artifact(artifact_dir, verify=False)
     q, sparsity = art.manifest.get("quant"), art.manifest.get("sparsity")
+    tgt = target_type(art.manifest["target"]["name"])  # its capabilities: no TVM needed
     graph = compile_graph(Path(model), max_seq=art.max_seq, progress=progress,
-                          weights_optional=False, pack_block=_pack_block(art.manifest["target"]),
+                          weights_optional=False, pack_block=tgt.pack_block,
                           quant=_recorded_preset(q) if q else None,
                           prune=_recorded_prune(sparsity) if sparsity else None,
-                          sparse_target=_sparse_target(art.manifest["target"].get("kind")),
-                          sparse_plan=art.manifest.get("sparse", {}))
+                          sparse_target=tgt.sparse_layout,
+                          sparse_plan=art.manifest.get("sparse", {}),
+                          fusions=art.manifest.get("fusions", tgt.fusions))
     want = {p["name"]: p for p in art.manifest["params"] if p["file"] == af.PARAMS}
     have = {p["name"]: p for p in _in_dtype(param_table(graph, list(graph.params)),
                                             art.manifest["target"].get("dtype"))
@@ -258,6 +263,8 @@ def tuning_db(tuning: str | Path | None, tgt):
     warning line) when it was measured elsewhere; an unreadable or old file is an error."""
     if tuning is None:
         return None
+    if not tgt.tuning_tables:
+        raise KilnError(f"--tuning: target {tgt.name} has no tunable schedules")
     from kiln.codegen.schedules import TuningDB
 
     return TuningDB.load(Path(tuning)).for_target(tgt, tuning)
@@ -359,7 +366,7 @@ def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[
 
     return {
         "kiln_version": _kiln_version(),
-        "target": {"name": tgt.name, **tgt.tvm_dict(), **_target_requirements(tgt)},
+        "target": {"name": tgt.name, **tgt.tvm_dict(), **tgt.requirements()},
         "architecture": describe(graph),
         "source": {"model": str(model), "sha256": af.sha256(model)},
         "entry_points": list(sig.entry_points),
@@ -375,23 +382,6 @@ def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[
         "params": table,
         **_generation(model),
     }
-
-
-def _with_dtype(tgt, dtype: str | None):
-    """The target with compute dtype `dtype` (CUDA only; CPU kernels compute in float32)."""
-    if dtype is None:
-        return tgt
-    if tgt.kind != "cuda":
-        if dtype != "float32":
-            raise KilnError(f"--dtype {dtype}: the {tgt.name} target computes in float32 only")
-        return tgt
-    import dataclasses
-
-    return dataclasses.replace(tgt, dtype=dtype)
-
-
-def _float_dtype(tgt) -> str | None:
-    return getattr(tgt, "dtype", None)
 
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -412,16 +402,6 @@ def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
 
         return array.astype(ml_dtypes.bfloat16)
     return array.astype(dtype)
-
-
-def _target_requirements(tgt) -> dict[str, Any]:
-    if tgt.kind == "cpu":
-        flags = {512: ["avx512f"], 256: ["avx2"]}.get(tgt.vector_bits, [])
-        return {"cpu_flags": flags, "threads": tgt.threads}
-    if tgt.kind == "cuda":
-        # decode also returns the argmax tokens (Session.decode_greedy)
-        return {"dtype": tgt.dtype, "max_batch": tgt.max_batch, "decode_greedy": True}
-    return {}
 
 
 def _generation(model: Path) -> dict[str, Any]:

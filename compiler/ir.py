@@ -381,6 +381,18 @@ def inline_param(name: str, array: np.ndarray, *, computed: bool = True) -> Para
 
 
 @dataclass(frozen=True, slots=True)
+class FusionGroup:
+    """Nodes a fusion pass decided the kernels run as one region (kiln.passes.fusion); the
+    lowerings read these records, they never match fusions themselves. `fusion` names the
+    fusion (FUSIONS), `nodes` are node names in the order its pass documents, `id` is unique
+    in the graph."""
+
+    fusion: str
+    id: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Graph:
     nodes: tuple[Node, ...]
     inputs: tuple[str, ...]
@@ -433,15 +445,27 @@ class Graph:
                     g.add_edge(producer[v], i)
         return g
 
+    @property
+    def fusions(self) -> tuple[FusionGroup, ...]:
+        """The fusion groups recorded by the fusion passes, in the order they were recorded."""
+        return tuple(self.meta.get("fusions", ()))
+
     def dump(self) -> str:
-        """A readable text form of the graph (used by --dump-ir)."""
+        """A readable text form of the graph (used by --dump-ir); a node in fusion groups says
+        which after its name, and the groups are listed after the body."""
+        groups: dict[str, list[str]] = {}
+        for g in self.fusions:
+            for name in g.nodes:
+                groups.setdefault(name, []).append(g.id)
         lines = [f"graph {self.name}("]
         lines += [f"    {v}: {self.types[v]}," for v in self.inputs]
         lines.append(f") params={len(self.params)} ({self.param_bytes():,} bytes) {{")
         for n in self.nodes:
             outs = ", ".join(f"{o}: {self.types.get(o, '?')}" for o in n.outputs)
             attrs = f" {n.attrs!r}" if n.attrs else ""
-            lines.append(f"    {outs} = {n.op}({', '.join(n.inputs)}){attrs}  # {n.name}")
+            fused = f" [fusion {', '.join(groups[n.name])}]" if n.name in groups else ""
+            lines.append(f"    {outs} = {n.op}({', '.join(n.inputs)}){attrs}  # {n.name}{fused}")
         lines.append(f"    return {', '.join(self.outputs)}")
         lines.append("}")
+        lines += [f"fusion {g.id}: {', '.join(g.nodes)}" for g in self.fusions]
         return "\n".join(lines)

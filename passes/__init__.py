@@ -30,17 +30,21 @@ PIPELINES: dict[str, list[str]] = {
 #: options ask for it (kiln.compiler.compile.compile_graph passes them), so a stage is one name here
 PIPELINES["quantize"] = ["prune_weights", "quantize_kv_cache", "quantize_weights", "sparsify",
                          "pack_linear_weights"]
+#: the fusion passes that only record groups (kiln.passes.fusion), on the final graph; each does
+#: nothing unless its options enable it (the target's fusions, less `--no-fuse`)
+PIPELINES["fuse"] = ["fuse_norm_linear", "fuse_residual_add", "fuse_qkv_rope",
+                     "fuse_qkv_projection", "fuse_swiglu"]
 #: what `kiln compile` runs: the canonical graph, specialized to a context of max_positions, then
-#: quantized and laid out for the target's kernels
+#: quantized and laid out for the target's kernels, then its fusion groups recorded
 PIPELINES["compile"] = [*PIPELINES["canonicalize"], "tabulate_positions", "eliminate_dead_code",
-                        *PIPELINES["quantize"]]
+                        *PIPELINES["quantize"], *PIPELINES["fuse"]]
 
 #: modules that register passes (one pass per file)
 _PASS_MODULES = [
     "infer_shapes", "fold_constants", "eliminate_common_subexpressions", "eliminate_dead_code",
     "recognize_linear", "recognize_norms", "recognize_activations", "recognize_rotary",
     "recognize_attention", "fuse_projections", "tabulate_positions", "pack_linear_weights",
-    "quantize_kv_cache", "quantize", "prune_weights", "sparsify",
+    "quantize_kv_cache", "quantize", "prune_weights", "sparsify", *PIPELINES["fuse"],
 ]
 
 

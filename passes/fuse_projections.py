@@ -3,7 +3,8 @@
 One GEMV over the concatenated weight streams the same bytes as several, with one launch and
 one pass over the input instead of several. Requires: linear recognized. Preserves: every value
 (the Split outputs keep the original linear outputs' names). The fused weight is derived lazily
-by concatenating the [N_i, K] weights along N.
+by concatenating the [N_i, K] weights along N. Fusion `projections` (kiln.passes.fusion):
+each fused (linear, Split) is recorded as a group; with `enabled` False nothing changes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import numpy as np
 
 from kiln.compiler.ir import Attrs, Derived, Graph, Param, TensorType, inline_param
 from kiln.passes import register
+from kiln.passes.fusion import record
 from kiln.passes.rewrite import GraphEditor
 
 
 @register("fuse_projections")
-def fuse_projections(graph: Graph) -> Graph:
+def fuse_projections(graph: Graph, *, enabled: bool = True) -> Graph:
+    if not enabled:
+        return graph
     groups: dict[tuple, list] = {}
     for index, n in enumerate(graph.nodes):
         if n.op == "linear" and n.inputs[1] in graph.params:
@@ -26,15 +30,19 @@ def fuse_projections(graph: Graph) -> Graph:
                 continue
             groups.setdefault((n.inputs[0], w.dtype, w.shape[1], has_bias), []).append(
                 (index, n))
-    ed = GraphEditor(graph)
+    ed, fused = GraphEditor(graph), []
     for (x, _, _, has_bias), members in groups.items():
         if len(members) < 2:
             continue
-        _fuse(ed, x, [n for _, n in members], first=members[0][0], has_bias=has_bias)
-    return ed.finish()
+        fused.append(_fuse(ed, x, [n for _, n in members], first=members[0][0],
+                           has_bias=has_bias))
+    out = ed.finish()
+    prod = out.producers()
+    return record(out, "projections", [(prod[y].name, prod[part].name) for y, part in fused])
 
 
-def _fuse(ed: GraphEditor, x: str, nodes, *, first: int, has_bias: bool) -> None:
+def _fuse(ed: GraphEditor, x: str, nodes, *, first: int, has_bias: bool) -> tuple[str, str]:
+    """Emit the fused linear and its Split; returns (its output, the Split's first output)."""
     ws = [ed.params[n.inputs[1]] for n in nodes]
     sizes = [w.type.shape[0] for w in ws]
     name = "+".join(n.name for n in nodes)
@@ -50,6 +58,7 @@ def _fuse(ed: GraphEditor, x: str, nodes, *, first: int, has_bias: bool) -> None
             outputs=[n.outputs[0] for n in nodes],
             types=[ed.types[n.outputs[0]] for n in nodes])
     ed.remove(nodes)
+    return fused, nodes[0].outputs[0]
 
 
 def _concat(name: str, params: list[Param]) -> Param:

@@ -68,7 +68,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
 
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
-    from kiln.codegen.cuda import lower, lower_sparse
+    from kiln.codegen.cuda import lower_sparse
     from kiln.codegen.cuda.kernels import attention, flash_attention, pdl
 
     default_ldsm = flash_attention.LDSM
@@ -85,14 +85,14 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         t = time.perf_counter()
         flash_attention.LDSM = ("ldsm" in flags or default_ldsm) and "noldsm" not in flags
         pdl.ENABLED = "nopdl" not in flags
-        lower.FUSE_ROPE = "norope" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
         lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         tuning = out / "tuning.json" if "tuned" in flags else None
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
-                      dtype=dtype, quant=quant or None, tuning=tuning, **sparse)
-        flash_attention.LDSM, pdl.ENABLED, lower.FUSE_ROPE = default_ldsm, True, True
+                      dtype=dtype, quant=quant or None, tuning=tuning, **sparse,
+                      no_fuse=("qkv_projection",) if "norope" in flags else ())
+        flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)

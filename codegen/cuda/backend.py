@@ -75,6 +75,11 @@ def greedy_tokens(ctx, logits):
     return ctx.bb.emit(R.reshape(ids, [b, 1]))
 
 
+def decode_tokens(ctx, entry: str, outs: list) -> list:
+    """Decode also returns the greedy tokens, picked on the device."""
+    return [greedy_tokens(ctx, outs[0])] if entry == "decode" else []
+
+
 def entry_attrs(target: CudaTarget, entry: str, num_inputs: int) -> dict[str, Any]:
     attrs: dict[str, Any] = {"num_input": num_inputs}
     if entry == "decode":
@@ -93,3 +98,36 @@ def compile_module(mod, target: CudaTarget):
 
     with tvm.transform.PassContext(opt_level=3, config={USE_CUDA_GRAPH: True}):
         return ct.compile_for_cuda(mod, target.tvm_target(), tir_pipeline=pdl.PIPELINE)
+
+
+def compile_kernels(mod, target: CudaTarget):
+    """Standalone kernels (`kiln tune`'s candidates): machine code for the arch, no VM."""
+    import tvm
+
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels import pdl
+
+    with tvm.transform.PassContext(opt_level=3):
+        return ct.compile_for_cuda(mod, target.tvm_target(), tir_pipeline=pdl.PIPELINE)
+
+
+def _require_fatbin(path, target: CudaTarget) -> None:
+    """Machine code for the target's arch, never CUDA source (see cuda_toolchain)."""
+    from kiln.codegen.cuda_toolchain import require_fatbin
+
+    require_fatbin(path, target.arch)
+
+
+def _backend():
+    from kiln.codegen.backend import Backend
+    from kiln.codegen.cuda import lower
+
+    return Backend(context=lower.CudaLowerContext, lower_node=lower.lower_node,
+                   last_position=lower.last_position, compile=compile_module,
+                   compile_kernels=compile_kernels, compiler="nvcc",
+                   signature=cuda_signature, entry_attrs=entry_attrs,
+                   computed_inputs=computed_inputs, extra_outputs=decode_tokens,
+                   check_export=_require_fatbin)
+
+
+BACKEND = _backend()

@@ -4,7 +4,9 @@ quantized decode GEMV and the prefill's row kernels).
 
 Prefill GEMMs are TE NT-matmuls scheduled by dlight (tensor cores for fp16), with bias, cast and
 the residual Add as their fused epilogue and, for `quant_linear`, the dequantize as their fused
-prologue; decode linears are GEMVs with the rms_norm in front / residual behind fused.
+prologue; decode linears are GEMVs with the rms_norm in front / residual behind fused. Which ops
+fuse is read from the fusion groups the fusion passes recorded (kiln.passes.fusion), never
+matched here; an op outside a group, or whose fused kernel does not apply, lowers alone.
 
 Same contract as kiln.codegen.lower (a lowering returns one Relax expression per node output),
 its own table: CUDA_LOWERINGS. Compute dtype is the parameters' (cast at build time); matmuls
@@ -24,7 +26,7 @@ from kiln.codegen.cuda.kernels import gemm as gemm_k
 from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
-from kiln.codegen.cuda.qkv import QkvPattern, find_qkv_patterns
+from kiln.codegen.cuda.qkv import QkvPattern
 from kiln.codegen.cuda.spaces import config_key  # (registers the cuda.* schedule spaces)
 from kiln.codegen.lower import (
     LowerContext,
@@ -37,11 +39,10 @@ from kiln.codegen.lower import (
 )
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
+from kiln.passes.fusion import recorded
 
 Lowering = Callable[["CudaLowerContext", Node], Sequence[relax.Expr | None]]
 CUDA_LOWERINGS: dict[str, Lowering] = {}
-#: ops whose decode GEMV can take a fused rms_norm in front and a residual Add behind
-LINEARS = ("linear", "quant_linear", "sparse_linear")
 
 
 def _gemv_ok(node: Node, dtype: str) -> bool:
@@ -58,11 +59,6 @@ def _gemv_ok(node: Node, dtype: str) -> bool:
                                                         int(a["in_features"]))
 
 
-def _bias_of(node: Node) -> str:
-    slot = 2 if node.op == "linear" else 4  # quant_linear, sparse_linear: after their tables
-    return node.inputs[slot] if len(node.inputs) > slot else ""
-
-
 @dataclass
 class CudaLowerContext(LowerContext):
     """LowerContext plus the device tensor holding `past` (made once per entry point) and the
@@ -72,44 +68,29 @@ class CudaLowerContext(LowerContext):
     qkv: dict[str, QkvPattern] | None = None
 
     def __post_init__(self) -> None:
-        self.qkv = find_qkv_patterns(self.graph)
+        """Read the fusion groups the fusion passes recorded (kiln.passes.fusion); a fusion
+        without groups (not run, --no-fuse) leaves every op of it to its unfused lowering."""
+        g = self.graph
+        self.qkv = {a.name: QkvPattern(sp, rq, rk)
+                    for sp, rq, rk, a in recorded(g, "qkv_rope")}
         self.fused_away = {n.name for p in self.qkv.values()
                            for n in (p.split, p.rot_q, p.rot_k)}
         self.done: set[str] = set()  # nodes already lowered as part of another
-        users = self.graph.consumers()
         # linear -> the residual Add that alone consumes it (fused into the decode GEMV)
-        self.residual_adds = {
-            n.name: users[n.outputs[0]][0] for n in self.graph.nodes
-            if n.op in LINEARS and n.outputs[0] not in self.graph.outputs
-            and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op == "Add"}
+        self.residual_adds = {lin.name: add for lin, add in recorded(g, "residual_add")}
         # rms_norm outputs read by one bias-free linear alone: in decode, the norm is fused
-        # into that linear's GEMV (deferred: output name -> (x, gamma, eps))
-        self.norm_into = {
-            n.outputs[0] for n in self.graph.nodes
-            if n.op == "rms_norm" and not n.attrs.get("group_size")
-            and n.outputs[0] not in self.graph.outputs
-            and len(users.get(n.outputs[0], [])) == 1 and users[n.outputs[0]][0].op in LINEARS
-            and users[n.outputs[0]][0].inputs[0] == n.outputs[0]
-            and not _bias_of(users[n.outputs[0]][0])
-            and _gemv_ok(users[n.outputs[0]][0], self.target.dtype)}
+        # into that linear's GEMV where it has one (deferred: output name -> (x, gamma, eps))
+        self.norm_into = {norm.outputs[0] for norm, lin in recorded(g, "norm_linear")
+                          if _gemv_ok(lin, self.target.dtype)}
         self.deferred: dict[str, tuple] = {}
         # q/k/v projection output -> its attention node: in decode, that projection, the
         # rotary and the KV append are one kernel (deferred: output -> (x, gamma, w, eps))
-        self.qkv_of = {self.qkv[n.name].split.inputs[0]: n for n in self.graph.nodes
-                       if n.name in self.qkv}
+        attention_of = {sp.name: a for sp, _, _, a in recorded(g, "qkv_rope")}
+        self.qkv_of = {lin.outputs[0]: attention_of[sp.name]
+                       for lin, sp in recorded(g, "qkv_projection") if sp.name in attention_of}
         self.deferred_qkv: dict[str, tuple] = {}
         # linear -> (Split, silu_mul) it alone feeds as gate/up: SwiGLU fused into the GEMV
-        self.swiglu: dict[str, tuple[Node, Node]] = {}
-        for n in self.graph.nodes:
-            out = users.get(n.outputs[0], []) if n.op in LINEARS else []
-            if len(out) != 1 or out[0].op != "Split" or len(out[0].outputs) != 2:
-                continue
-            sp = out[0]
-            u = users.get(sp.outputs[0], [])
-            if (len(u) == 1 and u[0].op == "silu_mul" and list(u[0].inputs[:2]) == list(
-                    sp.outputs) and [x.name for x in users.get(sp.outputs[1], [])] == [
-                    u[0].name] and u[0].outputs[0] not in self.graph.outputs):
-                self.swiglu[n.name] = (sp, u[0])
+        self.swiglu = {lin.name: (sp, u) for lin, sp, u in recorded(g, "swiglu")}
 
     @property
     def pdl(self) -> bool:
@@ -282,15 +263,11 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
     return reshape(ctx, y, [*xs[:-1], n])
 
 
-#: decode's q/k/v GEMV, rotary and KV append as one kernel (gemv.qkv_rope_gemv_kernel); the
-#: benchmarks' `norope` variant clears it for an A/B run
-FUSE_ROPE = True
-
-
 def _rope_fusable(ctx: CudaLowerContext, node: Node, dtype: str, n: int) -> bool:
-    """Whether this (decode, norm-fused) GEMV is a q/k/v projection whose rotary the fused
-    kernel covers: halves rotated over the whole head, cos/sin of the compute dtype's width."""
-    attention = ctx.qkv_of.get(node.outputs[0]) if FUSE_ROPE else None
+    """Whether this (decode, norm-fused) GEMV is a q/k/v projection (a `qkv_projection`
+    group) whose rotary the fused kernel covers: halves rotated over the whole head, cos/sin
+    of the compute dtype's width."""
+    attention = ctx.qkv_of.get(node.outputs[0])
     if attention is None:
         return False
     p, a = ctx.qkv[attention.name], attention.attrs

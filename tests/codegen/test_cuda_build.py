@@ -100,18 +100,18 @@ def test_int8_kv_cache_is_refused_on_cuda(tiny_model, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_decode_fuses_qkv_rotary_and_append_into_the_gemv(tiny_model, monkeypatch):
+def test_decode_fuses_qkv_rotary_and_append_into_the_gemv(tiny_model):
     """Decode's q/k/v projection, rotary and KV append are one kernel (the prefill keeps the
-    GEMM + rotary/append kernel); FUSE_ROPE off restores the separate kernel."""
+    GEMM + rotary/append kernel); --no-fuse qkv_projection restores the separate kernel."""
     from kiln.codegen.build import build_module
-    from kiln.codegen.cuda import lower
     from kiln.codegen.targets import CudaTarget
     from kiln.compiler.compile import compile_graph
+    from kiln.passes.fusion import enabled
 
-    graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
-                          weights_optional=True)
     for fused in (True, False):
-        monkeypatch.setattr(lower, "FUSE_ROPE", fused)
+        graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
+                              weights_optional=True,
+                              fusions=enabled([] if fused else ["qkv_projection"]))
         mod, _ = build_module(graph, CudaTarget(dtype="float16"),
                               entry_points=("decode", "prefill"))
         decode, prefill = mod["decode"].script(), mod["prefill"].script()

@@ -17,10 +17,11 @@ MODEL = Path(__file__).parents[1] / "data" / "llama-optimum.onnx"
 STAGES = ["quantize_kv_cache", "quantize_weights", "pack_linear_weights"]
 
 
-def test_compile_pipeline_ends_with_the_quantization_stages():
+def test_compile_pipeline_ends_with_the_quantization_stages_then_the_fusions():
     names = PIPELINES["compile"]
     assert names[:len(PIPELINES["canonicalize"])] == PIPELINES["canonicalize"]
-    assert names[-len(PIPELINES["quantize"]):] == PIPELINES["quantize"]
+    stages = names[len(names) - len(PIPELINES["fuse"]) - len(PIPELINES["quantize"]):]
+    assert stages == PIPELINES["quantize"] + PIPELINES["fuse"]
     # prune before, sparsify between quantizing and packing: the order of these three is fixed
     positions = [PIPELINES["quantize"].index(s) for s in STAGES]
     assert positions == sorted(positions)
@@ -48,12 +49,13 @@ def test_stages_are_dumped_timed_and_verified(tmp_path):
 
 
 def test_stages_without_options_change_nothing():
-    base = canonicalize(MODEL, pipeline=PIPELINES["compile"][:-len(PIPELINES["quantize"])],
+    later = PIPELINES["quantize"] + PIPELINES["fuse"]
+    base = canonicalize(MODEL, pipeline=PIPELINES["compile"][:-len(later)],
                         options={"tabulate_positions": {"max_positions": 64}})
     full = canonicalize(MODEL, pipeline="compile",
                         options={"tabulate_positions": {"max_positions": 64}})
     assert full.canonical.dump() == base.canonical.dump()
-    assert [t[0] for t in full.timings][-len(PIPELINES["quantize"]):] == PIPELINES["quantize"]
+    assert [t[0] for t in full.timings][-len(later):] == later
 
 
 def test_a_stage_that_breaks_the_graph_is_caught_by_the_driver(monkeypatch):
