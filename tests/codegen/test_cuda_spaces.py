@@ -5,6 +5,7 @@ what the default does; an untuned artifact records a default schedule for every 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -79,10 +80,36 @@ def test_every_valid_config_lowers_to_cuda_source(kernel, shape):
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
     from kiln.codegen.cuda_toolchain import async_copies
 
-    with _target(), async_copies():  # as cuda_toolchain.compile_for_cuda, without nvcc
+    with _target(), async_copies(), _cuda_source() as sources:  # no nvcc: fast
         lib = tvm.compile(_module(kernel, shape, configs), target=_target())
-    src = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
+    src = "".join(sources) or "".join(m.inspect_source() for m in lib.mod.imports
+                                      if m.kind == "cuda")
     assert all(f"c{i}_kernel" in src for i in range(len(configs)))
+
+
+@contextlib.contextmanager
+def _cuda_source():
+    """The CUDA C that TVM's codegen generates, without compiling it. Once TVM's CUDA runtime
+    is loaded in this process (an earlier test's cross-compile loads it), codegen hands its
+    source to `tvm_callback_cuda_compile` (NVRTC or nvcc); before, it embeds the source. The
+    callback is replaced for the duration by one that keeps the source and returns it."""
+    import tvm_ffi
+
+    old = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    sources: list[str] = []
+
+    def keep(code, *_):
+        sources.append(str(code))
+        return bytes(str(code), "utf-8")
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", keep, override=True)
+    try:
+        yield sources
+    finally:
+        if old is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", old, override=True)
+        else:
+            tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
 
 
 @pytest.mark.slow
