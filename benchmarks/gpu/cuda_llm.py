@@ -76,7 +76,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # kernel's operand loads), nopdl (no programmatic dependent launch), norope (decode's
     # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention),
     # sp24 (2:4 sparse linears), spfused (their prefill GEMM with the 2:4 decode in its fetch),
-    # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU)
+    # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU),
+    # nofuse (--no-fuse all: every canonical op through its unfused lowering)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -91,7 +92,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         tuning = out / "tuning.json" if "tuned" in flags else None
         compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None, tuning=tuning, **sparse,
-                      no_fuse=("qkv_projection",) if "norope" in flags else ())
+                      no_fuse=("all",) if "nofuse" in flags
+                      else ("qkv_projection",) if "norope" in flags else ())
         flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
         # the reference runs the float graph; quantized weights are dequantized into it

@@ -61,7 +61,7 @@ class FakeTarget:
 
     def backend(self) -> Backend:
         return Backend(context=object, lower_node=None, last_position=None, compile=None,
-                       compiler="none", signature=_stop)
+                       compile_kernels=None, compiler="none", signature=_stop)
 
 
 @pytest.fixture
