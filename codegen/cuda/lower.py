@@ -175,12 +175,7 @@ def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
                     lambda: gemm_k.gemm_kernel(n, k, dtype, out_dtype, bias=b is not None,
                                                residual=other is not None, **c))
     y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
-    _swiglu(ctx, node, y, xs, n)
-    y = reshape(ctx, y, [*xs[:-1], n])
-    if other is not None:
-        ctx.values[add.outputs[0]] = y
-        ctx.done.add(add.name)
-    return y
+    return _finish(ctx, node, y, xs, n, add)
 
 
 def _gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr, n: int,
@@ -401,12 +396,7 @@ def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         args += [zp] if zp is not None else []
         args += [reshape(ctx, other, [m, n])] if other is not None else []
         y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
-        _swiglu(ctx, node, y2, xs, n)
-        y = reshape(ctx, y2, [*xs[:-1], n])
-        if other is not None:
-            ctx.values[add.outputs[0]] = y
-            ctx.done.add(add.name)
-        return [y]
+        return [_finish(ctx, node, y2, xs, n, add)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
     y = _te(ctx, te_ops.quant_nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), qw, sc, zp,
             bits=bits, group=group, k=k, out_dtype=acc)
@@ -425,11 +415,18 @@ def _gemm_epilogue(ctx: CudaLowerContext, node: Node, y: relax.Expr, b: relax.Ex
     add, other = _residual(ctx, node, out_dtype)
     if other is not None:
         y = ctx.bb.emit(R.add(y, reshape(ctx, other, [_numel(xs[:-1]), n])))
+    return _finish(ctx, node, y, xs, n, add)
+
+
+def _finish(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int,
+            fused_add: Node | None) -> relax.Expr:
+    """A projection kernel's y[m, n] back in x's leading shape: the SwiGLU that reads it fused
+    in (_swiglu), and the residual Add its epilogue computed (if any) bound and done."""
     _swiglu(ctx, node, y, xs, n)
     y = reshape(ctx, y, [*xs[:-1], n])
-    if other is not None:
-        ctx.values[add.outputs[0]] = y
-        ctx.done.add(add.name)
+    if fused_add is not None:
+        ctx.values[fused_add.outputs[0]] = y
+        ctx.done.add(fused_add.name)
     return y
 
 
