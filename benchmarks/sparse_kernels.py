@@ -1,6 +1,6 @@
 """CPU sparse_linear kernels (bitmap layout) vs the dense packed ones, side by side, SmolLM2 shapes.
 
-    python benchmarks/sparse_kernels.py [--repeat N] [--threads T] [--json F]
+    python benchmarks/sparse_kernels.py [--repeat N] [--json F] [--avx2]
 
 For each layer shape, weight dtype (fp32 vs packed fp32; int8 vs w8 `quant_linear`) and fraction
 of zeros: decode GEMV time (m = 1, cycling through weight copies larger than the L3, so weights
@@ -8,7 +8,9 @@ come from DRAM as in decode) and prefill GEMM time (m = 512), medians. `efficien
 measured speedup over the dense kernel divided by the byte ratio (dense bytes / sparse bytes);
 `hot` is each kernel's rate with its weight in cache (its compute bound): kiln.passes.sparsify's
 cost model takes these rates and the memory bandwidth (SPARSE_TARGETS).
-Every kernel is checked against numpy before it is timed.
+Every kernel is checked against numpy before it is timed. `--avx2` compiles every kernel, dense
+and sparse, for an AVX2 CPU (-mcpu znver3, 256-bit vectors: the sparse kernels' AVX2 + BMI2
+permutes instead of AVX-512's vexpand), what an AVX2-only host would run.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ def _pruned(rng, n: int, k: int, fraction: float) -> np.ndarray:
     return w
 
 
+TARGET = None  # kiln.codegen.targets.CpuTarget (main sets it)
+
+
 def _compile(func):
     import tvm
 
-    from kiln.codegen.targets import host_cpu
-
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=host_cpu().tvm_target())["main"]
+    return tvm.compile(mod, target=TARGET.tvm_target())["main"]
 
 
 def _kernels(w: np.ndarray, dtype: str):
@@ -77,7 +80,8 @@ def _kernels(w: np.ndarray, dtype: str):
         w = q.astype(np.float32) * scales[:, None]
         dense_bytes = q.nbytes + scales.nbytes
     shape = sl.SparseShape(n, k, values.shape[1], dtype)
-    fs = _compile(sl.sparse_linear_kernel(shape, GEMM, SPARSE_NV))
+    fs = _compile(sl.sparse_linear_kernel(shape, GEMM, SPARSE_NV,
+                                          avx512=TARGET.vector_bits >= 512))
     sparse_bytes = sum(a.nbytes for a in sparse)
     return w, (fd, dense, dense_bytes), (fs, sparse, sparse_bytes)
 
@@ -142,7 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--avx2", action="store_true",
+                    help="compile for an AVX2 CPU (znver3, 256-bit) instead of the host")
     args = ap.parse_args(argv)
+    global TARGET
+    from kiln.codegen.targets import cpu, host_cpu
+
+    TARGET = cpu("znver3", vector_bits=256) if args.avx2 else host_cpu()
+    print(f"target: {TARGET.tvm_dict()}, {TARGET.vector_bits}-bit vectors", flush=True)
     rows = bench(args.repeat)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

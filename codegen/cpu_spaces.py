@@ -156,7 +156,7 @@ SPARSE_LINEAR = register(Space(
     doc="GEMM register tile mr x nv (prefill), GEMV panel width gemv_nv (decode)",
     build=lambda shape, c, target: sk.sparse_linear_kernel(
         _sparse_shape(shape), plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"],
-        bias=shape["bias"]),
+        bias=shape["bias"], avx512=target.vector_bits >= 512),
     make_args=_sparse_args))
 
 

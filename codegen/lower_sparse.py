@@ -1,4 +1,5 @@
-"""Lowering of `sparse_linear` to kiln's CPU expand-load kernels (the "bitmap" layout).
+"""Lowering of `sparse_linear` to kiln's CPU expand-load kernels (the "bitmap" layout; AVX-512's
+vexpand, or AVX2 + BMI2's permutes on a 256-bit target).
 
 The "nm" (2:4) layout is for sparse tensor cores: it has CUDA kernels only
 (kiln.codegen.cuda). Registered into `kiln.codegen.lower.LOWERINGS` on import.
@@ -32,9 +33,11 @@ def _sparse_linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         "phase": ctx.phase, "m": ctx.rows, "n": s.n, "k": s.k, "capacity": s.capacity,
         "values": vdt, "bias": b is not None})
     gemm, gemv_nv = plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"]
+    avx512 = ctx.target.vector_bits >= 512
     gv = ctx.kernel(("sparse_linear", s.n, s.k, s.capacity, vdt, b is not None, gemm.mr,
-                     gemm.nv, gemv_nv),
-                    lambda: sk.sparse_linear_kernel(s, gemm, gemv_nv, bias=b is not None))
+                     gemm.nv, gemv_nv, avx512),
+                    lambda: sk.sparse_linear_kernel(s, gemm, gemv_nv, bias=b is not None,
+                                                    avx512=avx512))
     xs = shape_of(x)
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, s.k]), values, meta] + [v for v in (scales, b) if v is not None]

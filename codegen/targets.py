@@ -46,6 +46,9 @@ class Target(Protocol):
     def with_dtype(self, dtype: str) -> Target: ...  # --dtype, refused where unsupported
     def storage_dtype(self) -> str | None: ...  # floating parameters stored in (None: as is)
     def requirements(self) -> dict[str, Any]: ...  # the manifest's record of what it needs
+    #: the kiln.passes.sparsify target whose kernel rates decide for this instance (None: its
+    #: pruned weights stay dense); sparse_layout's family, refined by what the instance has
+    def sparse_target(self) -> str | None: ...
     def backend(self) -> Backend: ...  # lowering and build hooks (imports TVM)
 
 
@@ -108,8 +111,13 @@ class CpuTarget:
         return None
 
     def requirements(self) -> dict[str, Any]:
-        flags = {512: ["avx512f"], 256: ["avx2"]}.get(self.vector_bits, [])
+        flags = {512: ["avx512f"], 256: ["avx2", "bmi2"]}.get(self.vector_bits, [])
         return {"cpu_flags": flags, "threads": self.threads}
+
+    def sparse_target(self) -> str | None:
+        """AVX-512 expands with vexpand, AVX2 with BMI2 + permutes (kiln.codegen.kernels.
+        sparse_linear), at rates of their own; narrower vectors have no sparse kernels."""
+        return {512: "cpu", 256: "cpu-avx2"}.get(self.vector_bits)
 
     def backend(self) -> Backend:
         from kiln.codegen.cpu_backend import BACKEND
@@ -176,6 +184,9 @@ class CudaTarget:
     def requirements(self) -> dict[str, Any]:
         # decode also returns the argmax tokens (Session.decode_greedy)
         return {"dtype": self.dtype, "max_batch": self.max_batch, "decode_greedy": True}
+
+    def sparse_target(self) -> str | None:
+        return self.sparse_layout
 
     def backend(self) -> Backend:
         from kiln.codegen.cuda.backend import BACKEND

@@ -65,13 +65,6 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
                                                             f"({s:.2f} s)")).canonical
 
 
-def _sparse_layout(tgt) -> str | None:
-    """The kiln.passes.sparsify layout of the target's sparse kernels; none for a CPU without
-    AVX-512, whose bitmap kernels expand packed values with vexpand (pruned weights stay dense
-    there)."""
-    return None if getattr(tgt, "vector_bits", 512) < 512 else tgt.sparse_layout
-
-
 def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                   max_seq: int = 2048, weights: bool = True,
                   progress: Progress = lambda msg: None, quant: str | None = None,
@@ -116,7 +109,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=tgt.pack_block, quant=preset, prune=prune,
-                          sparse_target=_sparse_layout(tgt), dump_ir=dump_ir, fusions=fusions)
+                          sparse_target=tgt.sparse_target(), dump_ir=dump_ir, fusions=fusions)
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.sliding_windows)
     with af.ArtifactWriter(out, force=force) as w:

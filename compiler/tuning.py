@@ -35,7 +35,7 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
         size_thread_pool(threads)  # before TVM's pool starts (its own default is half the CPUs)
     progress("loading TVM")
     from kiln.codegen import tune as build_side
-    from kiln.compiler.compile import _pack_block, _preset, _sparse_target, compile_graph
+    from kiln.compiler.compile import _preset, compile_graph
     from kiln.compiler.compile import prefill_rows as rows_for
 
     tgt = _target(target, threads)
@@ -44,8 +44,8 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
                         "bundle (--bundle DIR) and measure it on the GPU host")
     graph = compile_graph(Path(model), max_seq=max_seq, progress=progress,
                           weights_optional=True, quant=_preset(quant, ()),
-                          pack_block=_pack_block({"name": tgt.name, **tgt.tvm_dict()}),
-                          sparse_target=_sparse_target(tgt.kind))
+                          pack_block=tgt.pack_block, sparse_target=tgt.sparse_target(),
+                          fusions=tgt.fusions)  # the kernels `kiln compile` builds by default
     progress("collecting kernel instances")
     found = build_side.instances(graph, tgt, rows_for(max_seq))
     cap = max_candidates or build_side.MAX_CANDIDATES

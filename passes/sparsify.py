@@ -85,6 +85,7 @@ class SparseTarget:
 _INF = float("inf")
 SPARSE_TARGETS: dict[str, SparseTarget] = {
     "cpu": SparseTarget("bitmap", 40e9, (("float32", 17e9, 18e9), ("int8", 35e9, 18e9))),
+    "cpu-avx2": SparseTarget("bitmap", 40e9, (("float32", 17e9, 18e9), ("int8", 35e9, 18e9))),
     "cuda": SparseTarget("nm", 4.2e12, (("float32", _INF, _INF),), sparse_stream=0.95,
                          float_bytes=2),
 }

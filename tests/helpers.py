@@ -18,10 +18,13 @@ def _host_has(flag: str) -> bool:
     return flag in _cpu_flags()
 
 
-#: the CPU sparse kernels expand packed values with AVX-512 (kiln.codegen.kernels.sparse_linear);
-#: on another CPU kiln compiles pruned weights dense (tests/passes/test_sparsify.py checks that)
+#: the CPU sparse kernels expand packed values with AVX-512, or with AVX2 + BMI2
+#: (kiln.codegen.kernels.sparse_linear); without AVX2 kiln compiles pruned weights dense
+#: (tests/compiler/test_sparsity.py checks that)
 needs_avx512 = pytest.mark.skipif(not _host_has("avx512f"),
                                   reason="runs AVX-512 kernels; this CPU has no avx512f")
+needs_avx2 = pytest.mark.skipif(not (_host_has("avx2") and _host_has("bmi2")),
+                                reason="runs AVX2 + BMI2 kernels; this CPU lacks one")
 
 #: (rtol, atol) per dtype; fp32 relative error <= 1e-4 is the project's contract with onnxruntime
 TOLERANCES = {

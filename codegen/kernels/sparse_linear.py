@@ -1,4 +1,5 @@
-"""`sparse_linear` over the "bitmap" layout: AVX-512 expand-loads in the GEMV and the GEMM.
+"""`sparse_linear` over the "bitmap" layout: expand-loads in the GEMV and the GEMM (AVX-512, or
+AVX2 + BMI2).
 
 Layout (kiln.runtime.sparse_format; B = 16 rows = one fp32 vector):
     meta   [N/B, K] uint16   bit l of meta[nb, k]: W[nb*B + l, k] != 0
@@ -14,6 +15,14 @@ The register form of vexpand is used on purpose: AVX-512's memory form (what
 benchmarks/RESULTS.md, "Sparsity (session 5)"); the unselected lanes keep the loaded values
 (merge-masking, so LLVM cannot fold the load back into the memory form) and the masked FMA
 ignores them. Only the non-zeros and one bit per weight stream from memory.
+
+AVX2 has no expand: each half of the block (8 lanes, 8 mask bits) loads 8 values at its offset
+and permutes them with `vpermps` (int8: `vpermd`). The permutation comes from the mask by two
+BMI2 deposits: pdep(byte, 0x11111111) * 15 is a nibble mask of the set bits, and pdep(0x76543210,
+that) deposits the source indices 0, 1, 2, ... into the nibbles of the set lanes; a variable
+shift per lane (`vpsrlvd`) spreads the nibbles over the lanes. A second variable shift moves bit l
+of the mask into lane l's sign, and `vblendvps` zeroes the lanes whose bit is clear, so the FMA
+needs no mask. The second half's offset is the first's plus popcount(low byte).
 
 GEMV (m <= GEMV_ROWS; decode): tasks own panels of nv blocks; per k, one expand-load and one FMA
 per block (int8: expand 16 bytes, widen, convert), int8 scales applied once at the end.
@@ -87,15 +96,51 @@ def expand(s: SparseShape, vb, nb, off, mask) -> tirx.PrimExpr:
         "int32x16", "llvm.x86.avx512.mask.expand", packed, packed, mask))
 
 
+def _pdep(a, b) -> tirx.PrimExpr:
+    return T.call_llvm_pure_intrin("uint32", "llvm.x86.bmi.pdep.32", a, b)
+
+
+def _expand_half(s: SparseShape, vb, nb, off, byte) -> tirx.PrimExpr:
+    """float32x8: the 8 values at `off` expanded under the 8 bits of `byte` (uint32), lanes
+    whose bit is clear zero (AVX2 + BMI2)."""
+    half = LANES // 2
+    nibbles = _pdep(T.uint32(0x76543210), _pdep(byte, T.uint32(0x11111111)) * T.uint32(15))
+    index = T.reinterpret("int32x8", T.shift_right(T.Broadcast(nibbles, half),
+                                                    T.ramp(T.uint32(0), T.uint32(4), half)))
+    sign = T.shift_left(T.Broadcast(T.Cast("int32", byte), half), T.ramp(31, -1, half))
+    if s.values == "float32":
+        v = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
+                                    vb[nb, T.ramp(off, 1, half)], index)
+    else:
+        v = T.Cast("float32x8", T.call_llvm_pure_intrin(
+            "int32x8", "llvm.x86.avx2.permd", T.Cast("int32x8", vb[nb, T.ramp(off, 1, half)]),
+            index))
+    return T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.blendv.ps.256",
+                                   T.Broadcast(T.float32(0), half), v,
+                                   T.reinterpret("float32x8", sign))
+
+
+def expand_avx2(s: SparseShape, vb, nb, off, word) -> tirx.PrimExpr:
+    """float32x16: lane l holds W[nb*LANES + l, kk] (int8 codes converted, unscaled), zero where
+    bit l of `word` (meta[nb, kk]) is clear."""
+    w = T.Cast("uint32", word)
+    low = T.bitwise_and(w, T.uint32(0xFF))
+    return tirx.Shuffle(
+        [_expand_half(s, vb, nb, off, low),
+         _expand_half(s, vb, nb, off + T.Cast("int32", T.popcount(low)), T.shift_right(
+             w, T.uint32(8)))], [T.int32(i) for i in range(LANES)])
+
+
 def _count(mb, nb, kk) -> tirx.PrimExpr:
     return T.Cast("int32", T.popcount(mb[nb, kk]))
 
 
 def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
-                         bias: bool = False) -> tirx.PrimFunc:
-    """PrimFunc(x[m, K], values, meta, (scales[N],) (b[N],) y[m, N]), m symbolic (int64)."""
+                         bias: bool = False, avx512: bool = True) -> tirx.PrimFunc:
+    """PrimFunc(x[m, K], values, meta, (scales[N],) (b[N],) y[m, N]), m symbolic (int64);
+    `avx512`: AVX-512's vexpand, else AVX2 + BMI2's permutes."""
     n, k, blocks = s.n, s.k, s.blocks
-    gemv, gemm_panel = _gemv_panel(s, bias), _gemm_panel(s, gemm.mr, bias)
+    gemv, gemm_panel = _gemv_panel(s, bias, avx512), _gemm_panel(s, gemm.mr, bias, avx512)
 
     @T.macro
     def spread(body, xb, vb, mb, sb, bb, yb, m, nv):
@@ -160,7 +205,7 @@ def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
     return sparse_linear
 
 
-def _gemv_panel(s: SparseShape, bias: bool):
+def _gemv_panel(s: SparseShape, bias: bool, avx512: bool):
     k, lanes = s.k, LANES
 
     @T.macro
@@ -176,10 +221,16 @@ def _gemv_panel(s: SparseShape, bias: bool):
             for kk in range(k):
                 xv: T.let[T.float32] = xb[r, kk]
                 for j in T.unroll(nv):
-                    m = mask_of(mb, nb0 + j, kk, bits)
-                    acc[T.ramp(j * lanes, 1, lanes)] = T.Select(
-                        m, acc[T.ramp(j * lanes, 1, lanes)] + T.Broadcast(xv, lanes) * expand(
-                            s, vb, nb0 + j, off[j], m), acc[T.ramp(j * lanes, 1, lanes)])
+                    if avx512:
+                        m = mask_of(mb, nb0 + j, kk, bits)
+                        acc[T.ramp(j * lanes, 1, lanes)] = T.Select(
+                            m, acc[T.ramp(j * lanes, 1, lanes)] + T.Broadcast(xv, lanes)
+                            * expand(s, vb, nb0 + j, off[j], m),
+                            acc[T.ramp(j * lanes, 1, lanes)])
+                    else:
+                        acc[T.ramp(j * lanes, 1, lanes)] = acc[T.ramp(
+                            j * lanes, 1, lanes)] + T.Broadcast(xv, lanes) * expand_avx2(
+                                s, vb, nb0 + j, off[j], mb[nb0 + j, kk])
                     off[j] = off[j] + _count(mb, nb0 + j, kk)
             if s.scaled:
                 for j in T.unroll(nv):
@@ -190,7 +241,7 @@ def _gemv_panel(s: SparseShape, bias: bool):
     return panel
 
 
-def _gemm_panel(s: SparseShape, mr: int, bias: bool):
+def _gemm_panel(s: SparseShape, mr: int, bias: bool, avx512: bool):
     k, lanes = s.k, LANES
 
     @T.macro
@@ -202,15 +253,16 @@ def _gemm_panel(s: SparseShape, mr: int, bias: bool):
         for j in range(nv):
             off[0] = 0
             for kk in range(k):
-                m = mask_of(mb, nb0 + j, kk, bits)
-                if s.scaled:
-                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = T.Select(
-                        m, expand(s, vb, nb0 + j, off[0], m) * sb[T.ramp((nb0 + j) * lanes, 1,
-                                                                          lanes)],
-                        T.Broadcast(T.float32(0), lanes))
-                else:
+                if avx512:
+                    m = mask_of(mb, nb0 + j, kk, bits)
                     scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = T.Select(
                         m, expand(s, vb, nb0 + j, off[0], m), T.Broadcast(T.float32(0), lanes))
+                else:
+                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = expand_avx2(
+                        s, vb, nb0 + j, off[0], mb[nb0 + j, kk])
+                if s.scaled:
+                    scratch[T.ramp((j * k + kk) * lanes, 1, lanes)] = scratch[T.ramp(
+                        (j * k + kk) * lanes, 1, lanes)] * sb[T.ramp((nb0 + j) * lanes, 1, lanes)]
                 off[0] = off[0] + _count(mb, nb0 + j, kk)
 
     @T.macro

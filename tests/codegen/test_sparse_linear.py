@@ -8,11 +8,11 @@ import pytest
 from kiln.compiler.interpreter import transformer_ops as ref
 from kiln.compiler.ir import Attrs
 from kiln.runtime import sparse_format as sf
-from tests.helpers import assert_close, needs_avx512
+from tests.helpers import assert_close, needs_avx2, needs_avx512
 from tests.runtime.test_sparse_format import pruned
 
 tvm = pytest.importorskip("tvm")
-pytestmark = [pytest.mark.tvm, needs_avx512]
+pytestmark = [pytest.mark.tvm]
 
 from kiln.codegen.kernels import sparse_linear as sl  # noqa: E402
 from kiln.codegen.kernels.packed_linear import PackedConfig  # noqa: E402
@@ -37,16 +37,21 @@ CASES = [(48, 64, 0.5, PackedConfig(4, 2), 2), (32, 70, 0.7, PackedConfig(8, 3),
          (64, 40, 0.0, PackedConfig(8, 3), 3), (16, 33, 0.95, PackedConfig(4, 2), 2)]
 
 
+ISAS = [pytest.param(True, id="avx512", marks=needs_avx512),
+        pytest.param(False, id="avx2", marks=needs_avx2)]
+
+
+@pytest.mark.parametrize("avx512", ISAS)
 @pytest.mark.parametrize("values", ["float32", "int8"])
 @pytest.mark.parametrize(("n", "k", "fraction", "cfg", "nv"), CASES)
-def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv):
+def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv, avx512):
     bias = k % 2 == 0
     w = pruned(rng, n, k, fraction)
     b = rng.standard_normal(n, dtype=np.float32)
     v, meta, scales = operands(w, values)
     s = sl.SparseShape(n, k, v.shape[1], values)
     attrs = Attrs({"layout": "bitmap", "in_features": k, "out_features": n})
-    f = compile_kernel(sl.sparse_linear_kernel(s, cfg, nv, bias=bias))
+    f = compile_kernel(sl.sparse_linear_kernel(s, cfg, nv, bias=bias, avx512=avx512))
     for m in ROWS:
         x = rng.standard_normal((m, k), dtype=np.float32)
         y = t(np.full((m, n), np.nan, np.float32))

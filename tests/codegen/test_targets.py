@@ -59,6 +59,9 @@ class FakeTarget:
     def requirements(self) -> dict[str, Any]:
         return {}
 
+    def sparse_target(self) -> str | None:
+        return None
+
     def backend(self) -> Backend:
         return Backend(context=object, lower_node=None, last_position=None, compile=None,
                        compile_kernels=None, compiler="none", signature=_stop)

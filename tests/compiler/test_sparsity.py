@@ -168,18 +168,22 @@ def test_calibrated_pruning_without_a_tokenizer_exits_2(tmp_path):
     assert "no tokenizer.json beside" in lines[0]
 
 
-def test_a_cpu_without_avx512_keeps_pruned_weights_dense(tmp_path):
-    """The bitmap kernels need AVX-512's vexpand: for a 256-bit CPU the same pre-pruned export
-    compiles to dense linears (its zeros kept as stored), for a 512-bit one to sparse_linear."""
-    from kiln.compiler.compile import _sparse_target, compile_graph
+def test_the_cpu_vector_width_picks_the_sparse_kernels_or_none(tmp_path):
+    """The bitmap kernels expand with AVX-512's vexpand or AVX2's permutes, each deciding with
+    its own rates: a pre-pruned export compiles to sparse_linear for 512- and 256-bit CPUs,
+    and to dense linears (its zeros kept as stored) for a CPU without AVX2."""
+    from kiln.codegen.targets import cpu
+    from kiln.compiler.compile import compile_graph
     from tests.runtime.test_sparse_artifacts import pre_pruned
 
     model = pre_pruned(tmp_path)
 
     def ops(vector_bits: int) -> set[str]:
+        tgt = cpu("x86-64", vector_bits=vector_bits)
         graph = compile_graph(model, max_seq=MAX_SEQ, weights_optional=False, progress=print,
-                              sparse_target=_sparse_target("cpu", vector_bits))
+                              sparse_target=tgt.sparse_target())
         return {n.op for n in graph.nodes}
 
-    assert "sparse_linear" not in ops(256)
+    assert "sparse_linear" not in ops(128)
+    assert "sparse_linear" in ops(256)
     assert "sparse_linear" in ops(512)
