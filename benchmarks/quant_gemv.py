@@ -8,6 +8,7 @@ run (numpy sum of a 256 MB array split over the threads), the two alternated, me
     python benchmarks/quant_gemv.py [--rounds 5] [--threads 2]
 
 Prints one row per (scheme, shape): GB/s of the kernel, of the reference read, and the fraction.
+`w4g32-a8` is the int8-activation GEMV (AVX-512 VNNI where the host has it).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 #: (name, N, K) of SmolLM2-135M's decode linears after fusion (q/k/v, gate/up fused)
 SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536),
           ("head", 49152, 576)]
-#: (name, bits, group (0: per channel), zero points)
-SCHEMES = [("w4g32", 4, 32, True), ("w8", 8, 0, False)]
+#: (name, bits, group (0: per channel), zero points, activation bits): w4g32-a8 runs the VNNI
+#: GEMV (int8 activations) where the host has AVX-512 VNNI and VBMI, else its float fallback
+SCHEMES = [("w4g32", 4, 32, True, 0), ("w4g32-a8", 4, 32, True, 8), ("w8", 8, 0, False, 0)]
 WORKING_SET = 256 << 20
 
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("| scheme | linear | N x K | bytes/call | kernel GB/s | read GB/s | fraction |")
     print("|---|---|---|---|---|---|---|")
-    for sname, bits, group, zps in SCHEMES:
+    for sname, bits, group, zps, act in SCHEMES:
         for lname, n, k in SHAPES:
             if sname == "w8" and lname not in ("qkv", "head"):
                 continue  # the int8 weights of w4g32; w8's others read as these do
@@ -74,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                 ops.append(qf.blocked(z))
             per_call = sum(a.nbytes for a in ops)
             copies = max(1, WORKING_SET // per_call)
-            scheme = ql.QuantScheme(n, k, bits, group or k, zero_points=zps)
-            func = ql.quant_linear_kernel(scheme, GEMM, GEMV_NV[bits], bias=False)
+            scheme = ql.QuantScheme(n, k, bits, group or k, zero_points=zps, act_bits=act)
+            func = ql.quant_linear_kernel(scheme, GEMM, GEMV_NV[bits], bias=False,
+                                          vnni=host_cpu().vnni)
             mod = tvm.IRModule({"f": func.with_attr("global_symbol", "f")})
             f = tvm.compile(mod, target=host_cpu().tvm_target())["f"]
             dev = [[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in ops]

@@ -109,7 +109,7 @@ _PANEL_KNOBS = (Knob("mr", (4, 6, 8, 12)), Knob("nv", (2, 3, 4, 6)), Knob("gemv_
 
 def _quant_scheme(shape) -> qk.QuantScheme:
     return qk.QuantScheme(shape["n"], shape["k"], shape["bits"], shape["group"],
-                          zero_points=shape["zp"])
+                          zero_points=shape["zp"], act_bits=shape.get("act", 0))
 
 
 def _quant_gemv(shape) -> int:
@@ -122,7 +122,7 @@ QUANT_LINEAR = register(Space(
     doc="GEMM register tile mr x nv (prefill), GEMV panel width gemv_nv (decode)",
     build=lambda shape, c, target: qk.quant_linear_kernel(
         _quant_scheme(shape), plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"],
-        bias=shape["bias"])))
+        bias=shape["bias"], vnni=getattr(target, "vnni", False))))
 
 
 def _sparse_shape(shape) -> sk.SparseShape:

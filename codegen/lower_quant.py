@@ -30,7 +30,8 @@ def scheme(node: Node, *, zero_points: bool) -> qk.QuantScheme:
         raise KilnError(f"node {node.name} ({node.op}): layout {a.get('layout')!r} has no CPU "
                         "kernel (pack_linear_weights(block=16) lays weights out 'blocked')")
     return qk.QuantScheme(int(a["out_features"]), int(a["in_features"]), int(a["bits"]),
-                          int(a["group_size"]), zero_points=zero_points)
+                          int(a["group_size"]), zero_points=zero_points,
+                          act_bits=int(a.get("act_bits", 0)))
 
 
 @lowering("quant_linear")
@@ -40,13 +41,16 @@ def _quant_linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         raise KilnError(f"node {node.name} (quant_linear): activations must be float32, got "
                         f"{dtype_of(x)}")
     s = scheme(node, zero_points=zp is not None)
+    act = {"act": s.act_bits} if s.act_bits else {}  # (absent: the buckets tuned before -a8)
     c = ctx.schedule("cpu.quant_linear", {
         "phase": ctx.phase, "m": ctx.rows, "n": s.n, "k": s.k, "bits": s.bits,
-        "group": s.group, "zp": s.zero_points, "bias": b is not None})
+        "group": s.group, "zp": s.zero_points, "bias": b is not None, **act})
     gemm, gemv_nv = plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"]
+    vnni = getattr(ctx.target, "vnni", False)
     gv = ctx.kernel(("qlinear", s.n, s.k, s.bits, s.group, s.zero_points, b is not None,
-                     gemm.mr, gemm.nv, gemv_nv),
-                    lambda: qk.quant_linear_kernel(s, gemm, gemv_nv, bias=b is not None))
+                     gemm.mr, gemm.nv, gemv_nv, s.act_bits, vnni),
+                    lambda: qk.quant_linear_kernel(s, gemm, gemv_nv, bias=b is not None,
+                                                   vnni=vnni))
     xs = shape_of(x)
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, s.k]), qw, sc] + [a for a in (zp, b) if a is not None]

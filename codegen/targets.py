@@ -36,6 +36,7 @@ class Target(Protocol):
     pack_block: ClassVar[int]  # weights laid out [N / block, K, block] for it (0: as imported)
     sparse_layout: ClassVar[str | None]  # kiln.passes.sparsify target (None: no sparse kernels)
     quant_kernels: ClassVar[bool]  # weight-quantized linears (--quant w8, w4g32 ...)
+    int8_activations: ClassVar[bool]  # their activations quantized per row (--quant ...-a8)
     tuning_tables: ClassVar[bool]  # reads `kiln tune` tables (--tuning)
     fusions: ClassVar[tuple[str, ...]]  # the kiln.passes.fusion fusions its lowering consumes
 
@@ -81,13 +82,15 @@ _SIMD_FLAGS = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("a
 @register_target
 @dataclass(frozen=True, slots=True)
 class CpuTarget:
-    """An LLVM CPU target: the -mcpu name, SIMD width and the threads kernels are written for."""
+    """An LLVM CPU target: the -mcpu name, SIMD width and the threads kernels are written for;
+    `vnni`: AVX-512 VNNI and VBMI (the int8-activation GEMV, kiln.codegen.kernels.quant_linear)."""
 
     mcpu: str
     vector_bits: int
     threads: int
     triple: str = ""
     name: str = "cpu"
+    vnni: bool = False
 
     kind: ClassVar[str] = "cpu"
     kv8: ClassVar[bool] = True
@@ -95,6 +98,7 @@ class CpuTarget:
     pack_block: ClassVar[int] = 16  # one SIMD vector of fp32 per block
     sparse_layout: ClassVar[str | None] = "cpu"
     quant_kernels: ClassVar[bool] = True
+    int8_activations: ClassVar[bool] = True
     tuning_tables: ClassVar[bool] = True
     #: the CPU kernels are one op each; the projections are fused in the graph
     fusions: ClassVar[tuple[str, ...]] = ("projections",)
@@ -102,7 +106,8 @@ class CpuTarget:
     @classmethod
     def from_arg(cls, arg: str) -> CpuTarget:
         """"cpu" is the host, "cpu:znver4" an explicit -mcpu with the host's SIMD width."""
-        return cpu(arg, vector_bits=host_cpu().vector_bits) if arg else host_cpu()
+        host = host_cpu()
+        return cpu(arg, vector_bits=host.vector_bits, vnni=host.vnni) if arg else host
 
     def with_dtype(self, dtype: str) -> CpuTarget:
         return _float_only(self, dtype)
@@ -112,6 +117,7 @@ class CpuTarget:
 
     def requirements(self) -> dict[str, Any]:
         flags = {512: ["avx512f"], 256: ["avx2", "bmi2"]}.get(self.vector_bits, [])
+        flags += ["avx512_vnni", "avx512vbmi"] if self.vnni else []
         return {"cpu_flags": flags, "threads": self.threads}
 
     def sparse_target(self) -> str | None:
@@ -167,6 +173,7 @@ class CudaTarget:
     pack_block: ClassVar[int] = 0
     sparse_layout: ClassVar[str | None] = "cuda"
     quant_kernels: ClassVar[bool] = True
+    int8_activations: ClassVar[bool] = False
     tuning_tables: ClassVar[bool] = True
     fusions: ClassVar[tuple[str, ...]] = ALL_FUSIONS
 
@@ -209,13 +216,15 @@ KilnTarget = Target
 @functools.cache
 def host_cpu(threads: int | None = None) -> CpuTarget:
     """The CPU this process runs on: LLVM's host -mcpu, /proc/cpuinfo SIMD flags, usable cores."""
-    return CpuTarget(mcpu=_llvm_host_cpu(), vector_bits=_simd_bits(_cpu_flags()),
-                     threads=threads or _usable_cores())
+    flags = _cpu_flags()
+    bits = _simd_bits(flags)
+    return CpuTarget(mcpu=_llvm_host_cpu(), vector_bits=bits, threads=threads or _usable_cores(),
+                     vnni=bits >= 512 and {"avx512_vnni", "avx512vbmi"} <= flags)
 
 
-def cpu(mcpu: str, *, vector_bits: int = 512, threads: int = 2) -> CpuTarget:
+def cpu(mcpu: str, *, vector_bits: int = 512, threads: int = 2, vnni: bool = False) -> CpuTarget:
     """An explicit CPU target (cross-compiling, or pinning a tuning machine's settings)."""
-    return CpuTarget(mcpu=mcpu, vector_bits=vector_bits, threads=threads)
+    return CpuTarget(mcpu=mcpu, vector_bits=vector_bits, threads=threads, vnni=vnni)
 
 
 def resolve(name: str) -> Target:

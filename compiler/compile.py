@@ -103,6 +103,9 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
         _check_pruning(prune, model, weights)
     if preset is not None and not tgt.quant_kernels:
         raise KilnError(f"--quant {preset.name}: target {tgt.name} has no quantized kernels")
+    if preset is not None and preset.act_bits and not tgt.int8_activations:
+        raise KilnError(f"--quant {preset.name}: int8 activations (-a8) have CPU kernels only, "
+                        f"not target {tgt.name}")
     if preset is not None and preset.kv_bits and not tgt.kv8:
         raise KilnError(f"--quant {preset.name}: the int8 KV cache (kv8) has CPU kernels only, "
                         f"not target {tgt.name} (weight presets such as w8, w4g32 are fine)")

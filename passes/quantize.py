@@ -78,6 +78,9 @@ class QuantPreset:
     #: > 0: the int8 weights are chosen by measured sensitivity (kiln.passes.quant_sensitivity)
     #: instead of by `int8` roles, adding at most this fraction of the all-`bits` weight bytes
     int8_budget: float = 0.0
+    #: 8: the quantized linears' activations are quantized per row to int8 (`-a8`): the CPU's
+    #: int4 GEMV computes in int8 x int4 with VNNI (kiln.codegen.kernels.quant_linear)
+    act_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -104,13 +107,13 @@ class QuantPreset:
                    symmetric=d["symmetric"], kv_bits=d.get("kv_bits", 0),
                    keep=tuple(d.get("keep", ())), method=d.get("method", "gptq"),
                    int8=tuple(d.get("int8", ())), act_order=d.get("act_order", False),
-                   int8_budget=d.get("int8_budget", 0.0))
+                   int8_budget=d.get("int8_budget", 0.0), act_bits=d.get("act_bits", 0))
 
     def to_dict(self) -> dict:
         return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep),
                 "method": self.method, "int8": list(self.int8), "act_order": self.act_order,
-                "int8_budget": self.int8_budget}
+                "int8_budget": self.int8_budget, "act_bits": self.act_bits}
 
 
 #: the roles a preset may keep at int8 (see QuantPreset.int8); the int4 presets keep all of them
@@ -137,8 +140,9 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
     """`w4g32`, `w8`, `w4g32-kv8`, `kv8`, `w4g32-rtn`, `w4g32-pure` ... -> a QuantPreset (keep
     patterns attached); `rtn` rounds to nearest instead of calibrating with GPTQ, `pure`
     quantizes every weight with the preset's own scheme (no int8 roles), `auto[F]` chooses the
-    int8 weights by measured sensitivity within a budget (F, default AUTO_BUDGET)."""
-    modifiers = ("kv8", "rtn", "pure")
+    int8 weights by measured sensitivity within a budget (F, default AUTO_BUDGET), `a8` quantizes
+    the activations of the quantized linears per row to int8."""
+    modifiers = ("kv8", "rtn", "pure", "a8")
     parts = [p for p in spec.strip().lower().split("-") if p]
     auto = [p for p in parts if p.startswith("auto")]
     budget = _auto_budget(spec, auto[-1]) if auto else 0.0
@@ -147,7 +151,11 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
     unknown = [p for p in weights if p not in PRESETS] + (["-"] if len(weights) > 1 else [])
     if not parts or unknown:
         raise KilnError(f"unknown quantization preset {spec!r}; known: "
-                        f"{', '.join(sorted(PRESETS))} (combine with -kv8, -rtn, -pure)")
+                        f"{', '.join(sorted(PRESETS))} (combine with -kv8, -rtn, -pure, -a8, "
+                        "-auto)")
+    if "a8" in parts and not weights:
+        raise KilnError(f"quantization preset {spec!r}: -a8 quantizes the activations of "
+                        "quantized weights; name a weight preset (e.g. w4g32-a8)")
     base = PRESETS[weights[0]] if weights else dataclasses.replace(PRESETS["kv8"], bits=8)
     kv = 8 if "kv8" in parts else 0
     weights_on = bool(weights)
@@ -155,7 +163,8 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
                                keep=tuple(keep) + (() if weights_on else ("*",)),
                                method="rtn" if "rtn" in parts else "gptq",
                                int8=() if "pure" in parts else base.int8,
-                               int8_budget=budget if weights_on else 0.0)
+                               int8_budget=budget if weights_on else 0.0,
+                               act_bits=8 if "a8" in parts and weights_on else 0)
 
 
 def _auto_budget(spec: str, part: str) -> float:
@@ -235,7 +244,7 @@ def _quantize_linears(graph: Graph, preset: QuantPreset, calibration: tuple = ()
     for name in sorted(chosen):
         made[name] = _add_quantized(params, types, graph.params[name], schemes[name],
                                     hess.get(name), preset.act_order)
-    nodes = tuple(_rewrite(n, made) for n in graph.nodes)
+    nodes = tuple(_rewrite(n, made, preset.act_bits) for n in graph.nodes)
     for name in chosen:
         del params[name], types[name]
     return graph.replace(nodes=nodes, params=params, types=types,
@@ -356,9 +365,11 @@ def _add_quantized(params: dict, types: dict, p: Param, scheme: tuple[int, int, 
     return names[0], names[1], names[2] if len(names) > 2 else "", attrs
 
 
-def _rewrite(n: Node, made: dict[str, tuple[str, str, str, Attrs]]) -> Node:
+def _rewrite(n: Node, made: dict[str, tuple[str, str, str, Attrs]], act_bits: int = 0) -> Node:
     if n.op == "linear" and n.inputs[1] in made:
         q, s, z, attrs = made[n.inputs[1]]
+        if act_bits:  # its activations quantized per row (quant_format.quantize_rows)
+            attrs = Attrs({**attrs, "act_bits": act_bits})
         bias = n.inputs[2] if len(n.inputs) > 2 else ""
         inputs = (n.inputs[0], q, s, z, bias) if bias else (n.inputs[0], q, s, z)
         return dataclasses.replace(n, op="quant_linear", inputs=inputs, attrs=attrs)

@@ -148,7 +148,8 @@ def _candidates(graph: Graph) -> dict[str, _Candidate]:
             if readers[p.name] == {("linear", 1)} and p.type.dtype is DType.f32 and \
                     len(shape) == 2 and all(isinstance(d, int) for d in shape):
                 out[p.name] = _Candidate(p.name, "float32", *shape, p.source, p.source)
-        elif n.op == "quant_linear" and _per_channel_int8(graph, n, readers):
+        elif n.op == "quant_linear" and not n.attrs.get("act_bits") and _per_channel_int8(
+                graph, n, readers):
             q, s = graph.params[n.inputs[1]], n.inputs[2]
             dense = q.source.sources[0] if isinstance(q.source, Derived) and \
                 q.source.fn in ("quantize", "gptq") else q.source

@@ -217,3 +217,27 @@ def _clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, .
         if zp is not None:
             best_zp = np.where(better, zp, best_zp)
     return best_q, best_zp, best_s
+
+
+# -- int8 activations (the `-a8` presets) -----------------------------------------------------
+
+#: an int8 activation's largest code: symmetric, so that -x quantizes to -q
+ACT_MAX = 127
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic per-row (per-token) symmetric int8 activations: x[..., K] -> (codes int8 [..., K],
+    scales float32 [..., 1]) with scale = max|x| / 127 (1 for a row of zeros) and code =
+    rint(x * (1 / scale)) clipped to +-127, every step in float32 (the kernels' arithmetic)."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(ACT_MAX), np.float32(1)).astype(np.float32)
+    inv = (np.float32(1) / scale).astype(np.float32)
+    codes = np.clip(np.rint(x * inv), -ACT_MAX, ACT_MAX).astype(np.int8)
+    return codes, scale
+
+
+def fake_quantize_rows(x: np.ndarray) -> np.ndarray:
+    """x as the int8 kernels see it: quantize_rows' codes times their row's scale (float32)."""
+    codes, scale = quantize_rows(x)
+    return codes.astype(np.float32) * scale

@@ -97,7 +97,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
         # the reference runs the float graph; quantized weights are dequantized into it
-        g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True)
+        g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True,
+                          fusions=() if "nofuse" in flags else None)  # the artifact's params
         (dst / "graph.json").write_text(json.dumps(graph_json(g), default=str))
         (dst / "spec.json").write_text(json.dumps({"model": name, "dtype": dtype,
                                                    "quant": quant, "variant": variant}))

@@ -49,10 +49,19 @@ class QuantScheme:
     bits: int
     group: int
     zero_points: bool = False
+    act_bits: int = 0  # 8: int8 activations, quantized per row (quant_format.quantize_rows)
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8) or self.group < 1 or (self.bits == 4 and self.group % 2):
+        if self.bits not in (4, 8) or self.group < 1 or (self.bits == 4 and self.group % 2) \
+                or self.act_bits not in (0, 8):
             raise ValueError(f"bad quantization scheme {self}")
+
+    @property
+    def vnni_gemv(self) -> bool:
+        """Whether the int8-activation GEMV can run on VNNI: int4 codes in whole groups of a
+        multiple of 8 (one vpdpbusd pair per 8 columns)."""
+        return (self.act_bits == 8 and self.bits == 4 and self.k % self.group == 0
+                and self.group % 8 == 0)
 
     @property
     def groups(self) -> int:
@@ -76,13 +85,23 @@ class QuantScheme:
 
 
 def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
-                        bias: bool = False, lanes: int = qf.LANES) -> tirx.PrimFunc:
-    """PrimFunc(x[m, K], qw, scales, (zp,) (b[N],) y[m, N]) with m symbolic (int64)."""
+                        bias: bool = False, lanes: int = qf.LANES,
+                        vnni: bool = False) -> tirx.PrimFunc:
+    """PrimFunc(x[m, K], qw, scales, (zp,) (b[N],) y[m, N]) with m symbolic (int64).
+
+    act_bits 8: x is quantized per row first. With `vnni` (AVX-512 VNNI and VBMI) and an
+    int4 scheme in whole groups of 8k, the GEMV computes in int8 x int4 -> int32 with vpdpbusd;
+    otherwise (and in the GEMM) x is replaced by its quantized values in float32, which the
+    float kernels then use: the same numbers (quant_format.fake_quantize_rows)."""
     n, k, G = s.n, s.k, s.groups
     blocks, full = -(-n // lanes), n // lanes
     qcols, qdt = s.qcols, s.qdtype
     gemv = _gemv_panel(s, lanes, bias)
     gemm_panel = _gemm_panel(s, gemm.mr, lanes, bias)
+    int_gemv = vnni and s.vnni_gemv and lanes == 16
+    if int_gemv:
+        vnni_panel, pack_x = _vnni_gemv_panel(s, bias), _pack_rows(s)
+        C = k // 8
 
     @T.macro
     def spread(body, xb, wb, sb, zb, bb, yb, m, nv):
@@ -95,11 +114,42 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
             body(xb, wb, sb, zb, bb, yb, m, full, 1, True)
 
     @T.macro
-    def dispatch(xb, wb, sb, zb, bb, yb, m):
+    def float_dispatch(xb, wb, sb, zb, bb, yb, m):
         if m <= GEMV_ROWS:
             spread(gemv, xb, wb, sb, zb, bb, yb, m, gemv_nv)
         else:
             spread(gemm_panel, xb, wb, sb, zb, bb, yb, m, gemm.nv)
+
+    @T.macro
+    def fake_dispatch(xb, wb, sb, zb, bb, yb, m):
+        xq = T.decl_buffer((m, k), "float32", scope="global")
+        fake_quantize(xb, xq, m, k)
+        float_dispatch(xq, wb, sb, zb, bb, yb, m)
+
+    @T.macro
+    def dispatch(xb, wb, sb, zb, bb, yb, m):
+        if s.act_bits == 0:
+            float_dispatch(xb, wb, sb, zb, bb, yb, m)
+        elif int_gemv:
+            if m <= GEMV_ROWS:
+                xe = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
+                xo = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
+                gs = T.decl_buffer((GEMV_ROWS * G,), "float32", scope="global")
+                sx = T.decl_buffer((GEMV_ROWS,), "float32", scope="global")
+                wf = T.decl_buffer((blocks * qcols * lanes,), "uint8", data=wb.data)
+                pack_x(xb, xe, xo, gs, sx, m)
+                for p in T.parallel(full // gemv_nv):
+                    vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, p * gemv_nv, gemv_nv,
+                               False)
+                if full % gemv_nv > 0:
+                    vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, full // gemv_nv * gemv_nv,
+                               full % gemv_nv, False)
+                if blocks > full:
+                    vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, full, 1, True)
+            else:
+                fake_dispatch(xb, wb, sb, zb, bb, yb, m)
+        else:
+            fake_dispatch(xb, wb, sb, zb, bb, yb, m)
 
     W, S = T.Buffer((blocks, qcols, lanes), qdt), T.Buffer((blocks, G, lanes), "float32")
     Z, Bias = T.Buffer((blocks, G, lanes), "float32"), T.Buffer((n,), "float32")
@@ -289,6 +339,135 @@ def _gemm_panel(s: QuantScheme, mr: int, lanes: int, bias: bool):
             micro(xb, scratch, bb, yb, mt * mr, mr, nb0, nv, ragged)
         for mm in range(m // mr * mr, m):
             micro(xb, scratch, bb, yb, mm, 1, nb0, nv, ragged)
+
+    return panel
+
+
+# -- int8 activations ---------------------------------------------------------------------------
+
+@T.macro(hygienic=False)
+def row_scale(xb, amax, r, k):
+    """amax[0] = max |x[r, :]|; then (scale, 1 / scale) as quant_format.quantize_rows."""
+    amax[0] = T.float32(0)
+    for kk in range(k):
+        amax[0] = T.max(amax[0], T.abs(xb[r, kk]))
+
+
+def _act_scale(amax) -> tirx.PrimExpr:
+    return T.Select(amax > T.float32(0), amax / T.float32(qf.ACT_MAX), T.float32(1))
+
+
+def _act_code(v, inv) -> tirx.PrimExpr:
+    """float32 rint(v * inv) clipped to +-ACT_MAX."""
+    return T.max(T.min(T.nearbyint(v * inv), T.float32(qf.ACT_MAX)), T.float32(-qf.ACT_MAX))
+
+
+@T.macro(hygienic=False)
+def fake_quantize(xb, xq, m, k):
+    """xq[r, :] = x[r, :] quantized to int8 and back (quant_format.fake_quantize_rows)."""
+    for r in T.parallel(m):
+        amax = T.decl_buffer((1,), "float32", scope=SMALL)
+        row_scale(xb, amax, r, k)
+        sc: T.let[T.float32] = _act_scale(amax[0])
+        inv: T.let[T.float32] = T.float32(1) / sc
+        for kk in range(k):
+            xq[r, kk] = _act_code(xb[r, kk], inv) * sc
+
+
+def _pack_rows(s: QuantScheme):
+    """x's rows as the VNNI GEMV reads them: per 8 columns, two int32 of four int8 codes (the
+    even columns in xe, the odd in xo: the low and high nibbles of four weight bytes), each
+    group's code sum (for the zero point) and each row's scale."""
+    k, g, G, C = s.k, s.group, s.groups, s.k // 8
+
+    def word(q, first):
+        return T.bitwise_or(
+            T.bitwise_or(T.bitwise_and(q[first], 255), T.shift_left(T.bitwise_and(q[first + 2],
+                                                                                   255), 8)),
+            T.bitwise_or(T.shift_left(T.bitwise_and(q[first + 4], 255), 16),
+                         T.shift_left(T.bitwise_and(q[first + 6], 255), 24)))
+
+    @T.macro
+    def pack(xb, xe, xo, gs, sx, m):
+        amax = T.decl_buffer((1,), "float32", scope=SMALL)
+        q = T.decl_buffer((8,), "int32", scope=SMALL)
+        for r in range(m):
+            row_scale(xb, amax, r, k)
+            sc: T.let[T.float32] = _act_scale(amax[0])
+            inv: T.let[T.float32] = T.float32(1) / sc
+            sx[r] = sc
+            for gi in range(G):
+                gs[r * G + gi] = T.float32(0)
+            for c in range(C):
+                for t in T.unroll(8):
+                    q[t] = T.Cast("int32", _act_code(xb[r, c * 8 + t], inv))
+                xe[r * C + c] = word(q, 0)
+                xo[r * C + c] = word(q, 1)
+                gs[r * G + c // (g // 8)] += T.Cast(
+                    "float32", q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7])
+
+    return pack
+
+
+def _transposed_bytes(wf, start) -> tirx.PrimExpr:
+    """int32x16: the 64 weight bytes at `start` (4 byte columns x 16 rows, column-major as
+    `blocked` stores them) with row l's four bytes in dword l (one vpermb)."""
+    p = T.ramp(0, 1, 64)
+    index = T.Cast("int8x64", T.floormod(p, 4) * 16 + T.floordiv(p, 4))
+    raw = T.reinterpret("int8x64", wf[T.ramp(start, 1, 64)])
+    return T.reinterpret("int32x16", T.call_llvm_pure_intrin(
+        "int8x64", "llvm.x86.avx512.permvar.qi.512", raw, index))
+
+
+def _dpbusd(acc, codes, x4) -> tirx.PrimExpr:
+    """acc + per dword: sum of its four unsigned bytes of `codes` times the signed bytes of x4."""
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                   T.reinterpret("int8x64", codes),
+                                   T.reinterpret("int8x64", T.Broadcast(x4, 16)))
+
+
+def _vnni_gemv_panel(s: QuantScheme, bias: bool):
+    """The int8-activation int4 GEMV of a panel of nv blocks: per 8 columns and block, one
+    64-byte load, one vpermb, two masks and two vpdpbusd (128 weights); per group, the int32
+    sums become float: (sum - zp * sum of codes) * scale; the row's scale at the end."""
+    k, g, G, C, lanes = s.k, s.group, s.groups, s.k // 8, qf.LANES
+    qcols, per_group = s.qcols, s.group // 8
+    low = T.Broadcast(T.int32(0x0F0F0F0F), lanes)
+
+    @T.macro
+    def panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, nb0, nv, ragged):
+        acc = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
+        part = T.decl_buffer((nv * lanes,), "int32", scope=SMALL)
+        for r in range(m):
+            zero(acc, nv, lanes)
+            for gi in range(G):
+                for j in T.unroll(nv):
+                    part[T.ramp(j * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                for c in range(per_group):
+                    ex: T.let[T.int32] = xe[r * C + gi * per_group + c]
+                    ox: T.let[T.int32] = xo[r * C + gi * per_group + c]
+                    for j in T.unroll(nv):
+                        w4 = _transposed_bytes(wf, ((nb0 + j) * qcols + (gi * per_group + c) * 4)
+                                               * lanes)
+                        part[T.ramp(j * lanes, 1, lanes)] = _dpbusd(_dpbusd(
+                            part[T.ramp(j * lanes, 1, lanes)], T.bitwise_and(w4, low), ex),
+                            T.bitwise_and(T.shift_right(w4, T.Broadcast(T.int32(4), lanes)),
+                                          low), ox)
+                for j in T.unroll(nv):
+                    for lane in T.vectorized(lanes):
+                        if s.zero_points:
+                            acc[j * lanes + lane] += (
+                                T.Cast("float32", part[j * lanes + lane])
+                                - zb[nb0 + j, gi, lane] * gs[r * G + gi]) * sb[nb0 + j, gi, lane]
+                        else:
+                            acc[j * lanes + lane] += (
+                                T.Cast("float32", part[j * lanes + lane])
+                                - T.float32(s.default_zp) * gs[r * G + gi]) * sb[nb0 + j, gi,
+                                                                                lane]
+            for j in T.unroll(nv):
+                for lane in T.vectorized(lanes):
+                    acc[j * lanes + lane] *= sx[r]
+            store(bb, yb, acc, r, 1, nb0, nv, ragged, lanes, bias, s.n, nv)
 
     return panel
 

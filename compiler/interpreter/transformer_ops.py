@@ -206,9 +206,13 @@ def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
 
 @kernel("quant_linear")
 def quant_linear(inputs, attrs):
+    """act_bits 8: the activations quantized per row to int8 first (quant_format.quantize_rows)."""
     x, qweight, scales, zero_points, b = (*inputs, None, None)[:5]
     w = dequantize(qweight, scales, zero_points, attrs)
-    return linear([x.astype(np.float32), w, b], attrs)
+    x = x.astype(np.float32)
+    if attrs.get("act_bits", 0) == 8:
+        x = quant_format.fake_quantize_rows(x)
+    return linear([x, w, b], attrs)
 
 
 @kernel("quant_embedding")

@@ -40,6 +40,7 @@ class FakeTarget:
     pack_block: ClassVar[int] = 0
     sparse_layout: ClassVar[str | None] = None
     quant_kernels: ClassVar[bool] = False
+    int8_activations: ClassVar[bool] = False
     tuning_tables: ClassVar[bool] = False
     fusions: ClassVar[tuple[str, ...]] = ("projections", "swiglu")
 

@@ -36,12 +36,28 @@ def test_presets_parse():
     for bad in ("w3", "w4g32-w8", "", "w4g32-kv4"):
         with pytest.raises(KilnError, match="unknown quantization preset"):
             parse_preset(bad)
+    assert parse_preset("w4g32-a8").act_bits == 8 and parse_preset("w4g32").act_bits == 0
+    with pytest.raises(KilnError, match="-a8 quantizes the activations of quantized weights"):
+        parse_preset("kv8-a8")
+
+
+def test_a8_marks_the_quantized_linears_and_costs_little(rng):
+    """-a8: every quant_linear (not the embedding) quantizes its activations per row; the
+    interpreter's output stays within a few percent of the weight-only preset's."""
+    g = canonical_llama_graph(TINY, seed=0)
+    w4, a8 = (quantize_weights(g, preset=parse_preset(p)) for p in ("w4g32-rtn", "w4g32-rtn-a8"))
+    assert {n.attrs.get("act_bits") for n in a8.nodes if n.op == "quant_linear"} == {8}
+    assert all("act_bits" not in n.attrs for n in a8.nodes if n.op != "quant_linear")
+    ids = rng.integers(0, TINY.vocab, (2, 9))
+    want, got = _reference(w4, ids), _reference(a8, ids)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < err < 0.05, f"a8 vs weight-only: {err:.3g}"
 
 
 def test_manifest_record_round_trips_and_old_records_keep_their_meaning():
     from kiln.passes.quantize import QuantPreset
 
-    for spec in ("w4g32", "w4g64s-kv8", "w8-rtn", "kv8", "w4g32-pure"):
+    for spec in ("w4g32", "w4g64s-kv8", "w8-rtn", "kv8", "w4g32-pure", "w4g32-a8"):
         p = parse_preset(spec, keep=("lm_head",))
         assert QuantPreset.from_dict(p.to_dict()) == p
     old = {"preset": "w4g32a", "bits": 4, "group_size": 32, "symmetric": False, "kv_bits": 0,

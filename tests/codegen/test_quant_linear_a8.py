@@ -1,0 +1,67 @@
+"""The int8-activation quant_linear kernels (`-a8`) against the numpy spec: the VNNI GEMV
+(int8 x int4 -> int32 with vpdpbusd, where the host has AVX-512 VNNI and VBMI) and the float
+path every host runs (the activations quantized and dequantized, then the float kernels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.compiler.interpreter import transformer_ops as ref
+from kiln.compiler.ir import Attrs
+from kiln.runtime import quant_format as qf
+from tests.helpers import _host_has, assert_close
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from kiln.codegen.kernels import quant_linear as ql  # noqa: E402
+from kiln.codegen.kernels.packed_linear import PackedConfig  # noqa: E402
+from tests.codegen.test_quant_linear import compile_kernel, t  # noqa: E402
+
+needs_vnni = pytest.mark.skipif(not (_host_has("avx512_vnni") and _host_has("avx512vbmi")),
+                                reason="the VNNI GEMV needs avx512_vnni and avx512vbmi")
+PATHS = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id="float")]
+#: (n, k, group, symmetric): whole blocks and a ragged one, asymmetric zero points, per-channel
+#: groups (group = k), small groups
+CASES = [(48, 64, 32, True), (40, 96, 32, False), (64, 128, 128, True), (32, 80, 16, True)]
+ROWS = (1, 3, 4, 7)  # GEMV rows (<= GEMV_ROWS) and GEMM
+
+
+@pytest.mark.parametrize("vnni", PATHS)
+@pytest.mark.parametrize(("n", "k", "group", "symmetric"), CASES)
+def test_int8_activation_kernels_match_the_spec(rng, vnni, n, k, group, symmetric):
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    codes, scales, zps = qf.quantize_codes(w, bits=4, group=group, symmetric=symmetric)
+    stored, zps = qf.store(codes, zps, bits=4, symmetric=symmetric)
+    ops = [qf.blocked(qf.pack_codes(stored, 4)), qf.blocked(scales.astype(np.float32))]
+    ops += [] if zps is None else [qf.blocked(zps)]
+    b = rng.standard_normal(n, dtype=np.float32)
+    s = ql.QuantScheme(n, k, 4, group, zero_points=zps is not None, act_bits=8)
+    assert s.vnni_gemv
+    f = compile_kernel(ql.quant_linear_kernel(s, PackedConfig(4, 2), 2, bias=True, vnni=vnni))
+    attrs = Attrs({"bits": 4, "group_size": group, "in_features": k, "out_features": n,
+                   "layout": "blocked", "act_bits": 8})
+    for m in ROWS:
+        x = rng.standard_normal((m, k), dtype=np.float32) * np.float32(3)
+        x[0, :5] = 0  # zeros, and below, a row of zeros (scale 1)
+        if m > 2:
+            x[2] = 0
+        y = t(np.full((m, n), np.nan, np.float32))
+        f(t(x), *[t(a) for a in ops], t(b), y)
+        want = ref.quant_linear([x, ops[0], ops[1], ops[2] if zps is not None else None, b],
+                                attrs)[0]
+        assert_close(y.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
+                     name=f"m={m} n={n} k={k} g={group} sym={symmetric}")
+
+
+def test_the_spec_quantizes_each_row_symmetrically(rng):
+    x = rng.standard_normal((3, 50), dtype=np.float32)
+    x[1] = 0
+    codes, scale = qf.quantize_rows(x)
+    assert codes.dtype == np.int8 and np.abs(codes).max() == qf.ACT_MAX
+    assert scale[1, 0] == 1 and not codes[1].any()
+    fake = qf.fake_quantize_rows(x)
+    assert np.abs(fake - x).max() <= scale.max() / 2 * (1 + 1e-6)
+    neg_codes, _ = qf.quantize_rows(-x)
+    assert (neg_codes == -codes).all()
