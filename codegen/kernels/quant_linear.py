@@ -58,10 +58,15 @@ class QuantScheme:
 
     @property
     def vnni_gemv(self) -> bool:
-        """Whether the int8-activation GEMV can run on VNNI: int4 codes in whole groups of a
-        multiple of 8 (one vpdpbusd pair per 8 columns)."""
-        return (self.act_bits == 8 and self.bits == 4 and self.k % self.group == 0
-                and self.group % 8 == 0)
+        """Whether the int8-activation GEMV can run on VNNI: codes in whole groups of a multiple
+        of a chunk (8 columns of int4: a vpdpbusd pair; 4 of int8: one)."""
+        return (self.act_bits == 8 and self.k % self.group == 0
+                and self.group % self.vnni_chunk == 0)
+
+    @property
+    def vnni_chunk(self) -> int:
+        """Columns one 64-byte load of a block covers: 4 byte columns of 16 rows."""
+        return 8 if self.bits == 4 else 4
 
     @property
     def groups(self) -> int:
@@ -101,7 +106,7 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
     int_gemv = vnni and s.vnni_gemv and lanes == 16
     if int_gemv:
         vnni_panel, pack_x = _vnni_gemv_panel(s, bias), _pack_rows(s)
-        C = k // 8
+        C = k // s.vnni_chunk
 
     @T.macro
     def spread(body, xb, wb, sb, zb, bb, yb, m, nv):
@@ -136,7 +141,7 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
                 xo = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
                 gs = T.decl_buffer((GEMV_ROWS * G,), "float32", scope="global")
                 sx = T.decl_buffer((GEMV_ROWS,), "float32", scope="global")
-                wf = T.decl_buffer((blocks * qcols * lanes,), "uint8", data=wb.data)
+                wf = T.decl_buffer((blocks * qcols * lanes,), qdt, data=wb.data)
                 pack_x(xb, xe, xo, gs, sx, m)
                 for p in T.parallel(full // gemv_nv):
                     vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, p * gemv_nv, gemv_nv,
@@ -375,22 +380,26 @@ def fake_quantize(xb, xq, m, k):
 
 
 def _pack_rows(s: QuantScheme):
-    """x's rows as the VNNI GEMV reads them: per 8 columns, two int32 of four int8 codes (the
-    even columns in xe, the odd in xo: the low and high nibbles of four weight bytes), each
-    group's code sum (for the zero point) and each row's scale."""
-    k, g, G, C = s.k, s.group, s.groups, s.k // 8
+    """x's rows as the VNNI GEMV reads them: per chunk of columns, int32 words of four int8
+    codes (int4 weights, 8 columns: the even columns in xe, the odd in xo, as the low and high
+    nibbles of four weight bytes; int8 weights, 4 columns: xe only), each group's code sum (for
+    the zero point) and each row's scale."""
+    k, g, G = s.k, s.group, s.groups
+    chunk = s.vnni_chunk
+    C, per_group = k // chunk, g // chunk
+    even, odd = ((0, 2, 4, 6), (1, 3, 5, 7)) if s.bits == 4 else ((0, 1, 2, 3), ())
 
-    def word(q, first):
-        return T.bitwise_or(
-            T.bitwise_or(T.bitwise_and(q[first], 255), T.shift_left(T.bitwise_and(q[first + 2],
-                                                                                   255), 8)),
-            T.bitwise_or(T.shift_left(T.bitwise_and(q[first + 4], 255), 16),
-                         T.shift_left(T.bitwise_and(q[first + 6], 255), 24)))
+    def word(q, ts):
+        b = [T.shift_left(T.bitwise_and(q[t], 255), 8 * i) for i, t in enumerate(ts)]
+        return T.bitwise_or(T.bitwise_or(b[0], b[1]), T.bitwise_or(b[2], b[3]))
+
+    def total(q):
+        return sum((q[t] for t in range(1, chunk)), q[0])
 
     @T.macro
     def pack(xb, xe, xo, gs, sx, m):
         amax = T.decl_buffer((1,), "float32", scope=SMALL)
-        q = T.decl_buffer((8,), "int32", scope=SMALL)
+        q = T.decl_buffer((chunk,), "int32", scope=SMALL)
         for r in range(m):
             row_scale(xb, amax, r, k)
             sc: T.let[T.float32] = _act_scale(amax[0])
@@ -399,12 +408,14 @@ def _pack_rows(s: QuantScheme):
             for gi in range(G):
                 gs[r * G + gi] = T.float32(0)
             for c in range(C):
-                for t in T.unroll(8):
-                    q[t] = T.Cast("int32", _act_code(xb[r, c * 8 + t], inv))
-                xe[r * C + c] = word(q, 0)
-                xo[r * C + c] = word(q, 1)
-                gs[r * G + c // (g // 8)] += T.Cast(
-                    "float32", q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6] + q[7])
+                for t in T.unroll(chunk):
+                    q[t] = T.Cast("int32", _act_code(xb[r, c * chunk + t], inv))
+                xe[r * C + c] = word(q, even)
+                if s.bits == 4:
+                    xo[r * C + c] = word(q, odd)
+                else:
+                    xo[r * C + c] = 0
+                gs[r * G + c // per_group] += T.Cast("float32", total(q))
 
     return pack
 
@@ -427,12 +438,22 @@ def _dpbusd(acc, codes, x4) -> tirx.PrimExpr:
 
 
 def _vnni_gemv_panel(s: QuantScheme, bias: bool):
-    """The int8-activation int4 GEMV of a panel of nv blocks: per 8 columns and block, one
-    64-byte load, one vpermb, two masks and two vpdpbusd (128 weights); per group, the int32
-    sums become float: (sum - zp * sum of codes) * scale; the row's scale at the end."""
-    k, g, G, C, lanes = s.k, s.group, s.groups, s.k // 8, qf.LANES
-    qcols, per_group = s.qcols, s.group // 8
+    """The int8-activation GEMV of a panel of nv blocks: per chunk and block, one 64-byte load
+    and one vpermb; int4: two nibble masks and two vpdpbusd (128 weights), int8: a sign flip
+    (vpdpbusd multiplies unsigned by signed bytes: q + 128) and one vpdpbusd (64 weights). Per
+    group the int32 sums become float, (sum - offset * sum of x's codes) * scale, offset the
+    zero point (+ 128 for int8); the row's scale at the end."""
+    k, g, G, lanes = s.k, s.group, s.groups, qf.LANES
+    C, per_group = k // s.vnni_chunk, g // s.vnni_chunk
+    qcols, flip = s.qcols, 128 if s.bits == 8 else 0
     low = T.Broadcast(T.int32(0x0F0F0F0F), lanes)
+    sign = T.Broadcast(T.int32(-0x7F7F7F80), lanes)  # 0x80808080
+
+    def accumulate(part, w4, ex, ox):
+        if s.bits == 8:
+            return _dpbusd(part, T.bitwise_xor(w4, sign), ex)
+        return _dpbusd(_dpbusd(part, T.bitwise_and(w4, low), ex), T.bitwise_and(
+            T.shift_right(w4, T.Broadcast(T.int32(4), lanes)), low), ox)
 
     @T.macro
     def panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, nb0, nv, ragged):
@@ -447,23 +468,22 @@ def _vnni_gemv_panel(s: QuantScheme, bias: bool):
                     ex: T.let[T.int32] = xe[r * C + gi * per_group + c]
                     ox: T.let[T.int32] = xo[r * C + gi * per_group + c]
                     for j in T.unroll(nv):
-                        w4 = _transposed_bytes(wf, ((nb0 + j) * qcols + (gi * per_group + c) * 4)
-                                               * lanes)
-                        part[T.ramp(j * lanes, 1, lanes)] = _dpbusd(_dpbusd(
-                            part[T.ramp(j * lanes, 1, lanes)], T.bitwise_and(w4, low), ex),
-                            T.bitwise_and(T.shift_right(w4, T.Broadcast(T.int32(4), lanes)),
-                                          low), ox)
+                        part[T.ramp(j * lanes, 1, lanes)] = accumulate(
+                            part[T.ramp(j * lanes, 1, lanes)], _transposed_bytes(
+                                wf, ((nb0 + j) * qcols + (gi * per_group + c) * 4) * lanes),
+                            ex, ox)
                 for j in T.unroll(nv):
                     for lane in T.vectorized(lanes):
                         if s.zero_points:
                             acc[j * lanes + lane] += (
                                 T.Cast("float32", part[j * lanes + lane])
-                                - zb[nb0 + j, gi, lane] * gs[r * G + gi]) * sb[nb0 + j, gi, lane]
+                                - (zb[nb0 + j, gi, lane] + T.float32(flip)) * gs[r * G + gi]
+                            ) * sb[nb0 + j, gi, lane]
                         else:
                             acc[j * lanes + lane] += (
                                 T.Cast("float32", part[j * lanes + lane])
-                                - T.float32(s.default_zp) * gs[r * G + gi]) * sb[nb0 + j, gi,
-                                                                                lane]
+                                - T.float32(s.default_zp + flip) * gs[r * G + gi]
+                            ) * sb[nb0 + j, gi, lane]
             for j in T.unroll(nv):
                 for lane in T.vectorized(lanes):
                     acc[j * lanes + lane] *= sx[r]

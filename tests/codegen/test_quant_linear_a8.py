@@ -22,25 +22,27 @@ from tests.codegen.test_quant_linear import compile_kernel, t  # noqa: E402
 needs_vnni = pytest.mark.skipif(not (_host_has("avx512_vnni") and _host_has("avx512vbmi")),
                                 reason="the VNNI GEMV needs avx512_vnni and avx512vbmi")
 PATHS = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id="float")]
-#: (n, k, group, symmetric): whole blocks and a ragged one, asymmetric zero points, per-channel
-#: groups (group = k), small groups
-CASES = [(48, 64, 32, True), (40, 96, 32, False), (64, 128, 128, True), (32, 80, 16, True)]
+#: (bits, n, k, group, symmetric): whole blocks and a ragged one, asymmetric zero points,
+#: per-channel groups (group = k), small groups; int4 and int8 codes
+CASES = [(4, 48, 64, 32, True), (4, 40, 96, 32, False), (4, 64, 128, 128, True),
+         (4, 32, 80, 16, True), (8, 48, 64, 64, True), (8, 40, 96, 32, False),
+         (8, 32, 36, 4, True)]
 ROWS = (1, 3, 4, 7)  # GEMV rows (<= GEMV_ROWS) and GEMM
 
 
 @pytest.mark.parametrize("vnni", PATHS)
-@pytest.mark.parametrize(("n", "k", "group", "symmetric"), CASES)
-def test_int8_activation_kernels_match_the_spec(rng, vnni, n, k, group, symmetric):
+@pytest.mark.parametrize(("bits", "n", "k", "group", "symmetric"), CASES)
+def test_int8_activation_kernels_match_the_spec(rng, vnni, bits, n, k, group, symmetric):
     w = rng.standard_normal((n, k), dtype=np.float32)
-    codes, scales, zps = qf.quantize_codes(w, bits=4, group=group, symmetric=symmetric)
-    stored, zps = qf.store(codes, zps, bits=4, symmetric=symmetric)
-    ops = [qf.blocked(qf.pack_codes(stored, 4)), qf.blocked(scales.astype(np.float32))]
+    codes, scales, zps = qf.quantize_codes(w, bits=bits, group=group, symmetric=symmetric)
+    stored, zps = qf.store(codes, zps, bits=bits, symmetric=symmetric)
+    ops = [qf.blocked(qf.pack_codes(stored, bits)), qf.blocked(scales.astype(np.float32))]
     ops += [] if zps is None else [qf.blocked(zps)]
     b = rng.standard_normal(n, dtype=np.float32)
-    s = ql.QuantScheme(n, k, 4, group, zero_points=zps is not None, act_bits=8)
+    s = ql.QuantScheme(n, k, bits, group, zero_points=zps is not None, act_bits=8)
     assert s.vnni_gemv
     f = compile_kernel(ql.quant_linear_kernel(s, PackedConfig(4, 2), 2, bias=True, vnni=vnni))
-    attrs = Attrs({"bits": 4, "group_size": group, "in_features": k, "out_features": n,
+    attrs = Attrs({"bits": bits, "group_size": group, "in_features": k, "out_features": n,
                    "layout": "blocked", "act_bits": 8})
     for m in ROWS:
         x = rng.standard_normal((m, k), dtype=np.float32) * np.float32(3)
@@ -52,7 +54,7 @@ def test_int8_activation_kernels_match_the_spec(rng, vnni, n, k, group, symmetri
         want = ref.quant_linear([x, ops[0], ops[1], ops[2] if zps is not None else None, b],
                                 attrs)[0]
         assert_close(y.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
-                     name=f"m={m} n={n} k={k} g={group} sym={symmetric}")
+                     name=f"int{bits} m={m} n={n} k={k} g={group} sym={symmetric}")
 
 
 def test_the_spec_quantizes_each_row_symmetrically(rng):

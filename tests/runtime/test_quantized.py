@@ -20,7 +20,7 @@ pytestmark = pytest.mark.tvm
 DATA = Path(__file__).parent.parent / "data"
 MAX_SEQ = 64
 CASES = [("qwen2-optimum", "w4g32"), ("llama-optimum", "w8"), ("gpt2-optimum", "w4g32s"),
-         ("llama-dynamo", "w4g64"), ("llama-optimum", "w4g32-a8")]
+         ("llama-dynamo", "w4g64"), ("llama-optimum", "w4g32-a8"), ("qwen2-optimum", "w8-a8")]
 
 
 @pytest.fixture(scope="module")
