@@ -106,8 +106,7 @@ class CpuTarget:
     @classmethod
     def from_arg(cls, arg: str) -> CpuTarget:
         """"cpu" is the host, "cpu:znver4" an explicit -mcpu with the host's SIMD width."""
-        host = host_cpu()
-        return cpu(arg, vector_bits=host.vector_bits, vnni=host.vnni) if arg else host
+        return _for_mcpu(arg) if arg else host_cpu()
 
     def with_dtype(self, dtype: str) -> CpuTarget:
         return _float_only(self, dtype)
@@ -220,6 +219,20 @@ def host_cpu(threads: int | None = None) -> CpuTarget:
     bits = _simd_bits(flags)
     return CpuTarget(mcpu=_llvm_host_cpu(), vector_bits=bits, threads=threads or _usable_cores(),
                      vnni=bits >= 512 and {"avx512_vnni", "avx512vbmi"} <= flags)
+
+
+def _for_mcpu(mcpu: str) -> CpuTarget:
+    """An explicit -mcpu with the SIMD width and VNNI that LLVM gives that CPU (cross-compiling
+    for an AVX2 machine from an AVX-512 one, say), and the host's threads."""
+    from tvm.target import Target, codegen
+
+    t = Target({"kind": "llvm", "mcpu": mcpu})
+    if not codegen.llvm_is_valid_cpu(mcpu, codegen.llvm_get_system_triple()):
+        raise KilnError(f"target cpu:{mcpu}: LLVM knows no CPU {mcpu!r}")
+    features = {str(f) for f in codegen.llvm_get_cpu_features(t)}
+    bits = 512 if "avx512f" in features else 256 if "avx2" in features else 128
+    return cpu(mcpu, vector_bits=bits, threads=host_cpu().threads,
+               vnni=bits >= 512 and {"avx512vnni", "avx512vbmi"} <= features)
 
 
 def cpu(mcpu: str, *, vector_bits: int = 512, threads: int = 2, vnni: bool = False) -> CpuTarget:

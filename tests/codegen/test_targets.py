@@ -122,3 +122,14 @@ def test_cpu_and_cuda_declare_their_capabilities():
     assert (cuda.kv8, cuda.sliding_windows, cuda.pack_block) == (False, False, 0)
     assert cpu.fusions == ("projections",)
     assert set(cuda.fusions) == set(targets.ALL_FUSIONS)
+
+
+def test_an_explicit_cpu_takes_its_vector_width_from_llvm():
+    """cpu:MCPU describes that CPU, not the host: cross-compiling for AVX2 from AVX-512."""
+    haswell, znver4 = targets.resolve("cpu:haswell"), targets.resolve("cpu:znver4")
+    assert (haswell.vector_bits, haswell.vnni) == (256, False)
+    assert haswell.requirements()["cpu_flags"] == ["avx2", "bmi2"]
+    assert (znver4.vector_bits, znver4.vnni) == (512, True)
+    assert targets.resolve("cpu:x86-64").vector_bits == 128
+    with pytest.raises(KilnError, match="LLVM knows no CPU 'pentium9'"):
+        targets.resolve("cpu:pentium9")
