@@ -181,7 +181,8 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
 @click.option("--quant", metavar="PRESET",
               help="w8 (int8), w4g32 | w4g64 | w4g128 (int4 with zero points; the LM head and "
                    "q/k/v at int8), suffix s: symmetric; kv8 (int8 KV cache); modifiers "
-                   "-kv8, -pure (every weight int4), -rtn (no GPTQ): w4g32-kv8")
+                   "-kv8, -pure (every weight int4), -rtn (no GPTQ), -a8 (int8 activations): "
+                   "w4g32-kv8")
 @click.option("--quant-keep", "quant_keep", multiple=True, metavar="PATTERN",
               help="keep matching layers (node/param names, fnmatch; 'lm_head') in fp32")
 @click.option("--arch", help="CUDA arch (sm_90 ...): same as --target cuda:<arch>")
