@@ -1,6 +1,7 @@
 """CPU speed of sparse SmolLM2-135M artifacts vs dense, side by side (`kiln bench`, alternated).
 
     python benchmarks/sparse_cpu.py /work/smollm2/model.onnx --work /tmp/h4b [--rounds 3]
+    python benchmarks/sparse_cpu.py ... --work /tmp/avx2 --target cpu:znver3   # AVX2 kernels
 
 Compiles (once, kept in --work) fp32, `--sparsity 0.7`, `--sparsity 0.5`, `--quant w8-rtn` and
 `--quant w8-rtn --sparsity 0.5`, all pruned by magnitude (the kernels' speed does not depend on
@@ -28,11 +29,11 @@ BUILDS = {
 GROUPS = [("fp32", "sp70", "sp50"), ("w8", "w8sp50")]
 
 
-def build(model: Path, work: Path) -> None:
+def build(model: Path, work: Path, target: str) -> None:
     for name, flags in BUILDS.items():
         if not (work / name / "manifest.json").exists():
-            subprocess.run(["kiln", "compile", str(model), "-o", str(work / name), "-q", *flags],
-                           check=True)
+            subprocess.run(["kiln", "compile", str(model), "-o", str(work / name), "-q",
+                            "--target", target, *flags], check=True)
 
 
 def bench(work: Path, group: tuple[str, ...], out: Path, args) -> dict:
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--target", default="cpu",
+                    help="compile for this CPU (cpu:znver3: the AVX2 kernels on any x86 host)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nice", type=int, default=0,
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.nice = ["nice", "-n", str(args.nice)] if args.nice else []
     args.work.mkdir(parents=True, exist_ok=True)
-    build(args.model, args.work)
+    build(args.model, args.work, args.target)
     ratios: dict[str, list[float]] = {}
     for r in range(1, args.rounds + 1):
         for group in GROUPS:

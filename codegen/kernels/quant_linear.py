@@ -19,6 +19,17 @@ micro-kernel over every row tile of x. The dequantization is amortized over m ro
 is per task, so no fp32 copy of a whole weight is materialized.
 N not a multiple of B: the last block is padded in storage and stored lane by lane.
 K not a multiple of the group: Kp is padded with zero weights; loops stop at K.
+
+Int8 activations (act_bits 8, the `-a8` presets; spec: quant_format.quantize_rows): x is
+quantized per row, symmetric, before it meets the weights. On AVX-512 VNNI + VBMI the GEMV
+multiplies codes: one 64-byte load holds 4 byte columns of a block (int4: 8 columns, int8: 4),
+`vpermb` gathers each row's 4 bytes into its dword, and `vpdpbusd` adds the products of those
+(unsigned) bytes with 4 of x's (signed) codes to int32 lanes: 64 multiply-adds an instruction
+where the float GEMV does 16, with no conversion of the weights to float. int4 nibbles are
+masked out of the bytes (the even and odd columns, against x's codes packed likewise); int8
+codes get their sign bit flipped (+128, taken back with the zero point). Elsewhere, and in the
+GEMM, x is replaced by its quantized values in float and the float kernels run: the same
+numbers up to float rounding.
 """
 
 from __future__ import annotations
