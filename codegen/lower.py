@@ -110,7 +110,7 @@ def lowered(fn: Lowering, ctx, node: Node):
     dtype it does not take) reported as one line naming the node, op and target, not a trace."""
     try:
         return fn(ctx, node)
-    except (AttributeError, TypeError, ValueError, IndexError) as e:
+    except (AttributeError, TypeError, ValueError, IndexError, ArithmeticError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KilnError(f"cannot lower node {node.name} (op {node.op}) on target "
                         f"{ctx.target.name}: {type(e).__name__}: {first}") from e

@@ -6,6 +6,7 @@ TVM's legalized Relax ops. Registered into `kiln.codegen.lower.LOWERINGS` on imp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from tvm import relax, tirx
@@ -110,7 +111,8 @@ def _pow(ctx: LowerContext, node: Node) -> list[relax.Expr]:
     dtype = dtype_of(a)
     if exponent is not None:  # x^2, x^3 ... as products (vectorized), else powf
         e = exponent
-        fn = ((lambda v: _power(v, int(e))) if e == int(e) and 1 <= e <= 4 else
+        whole = math.isfinite(e) and e == int(e) and 1 <= e <= 4
+        fn = ((lambda v: _power(v, int(e))) if whole else
               (lambda v: tirx.power(v, tirx.const(e, dtype))))
         return [_map(ctx, ("pow", e), fn, [a], dtype)]
     if not _same_shapes(ctx, node):

@@ -37,7 +37,13 @@ def infer(node: Node, types: Sequence[TensorType | None],
     if fn is None:
         return None
     values = values if values is not None else [None] * len(types)
-    return list(fn(node, types, values))
+    try:
+        return list(fn(node, types, values))
+    except (AttributeError, TypeError, ValueError, IndexError, ArithmeticError) as e:
+        # a rule tripping over an input its op does not take (a float shape, say): one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise fail(node, f"cannot infer its output types: {type(e).__name__}: {first}",
+                   *types) from e
 
 
 def fail(node: Node, message: str, *types: TensorType | None) -> KilnError:

@@ -75,8 +75,13 @@ def _get(seq: Sequence, i: int):
 
 
 def _ints(v: np.ndarray | None) -> tuple | None:
+    """The values of an integer input (shape, axes, indices) as a tuple; a non-integer one is
+    refused (ValueError: infer reports it as the node's)."""
     if v is None:
         return None
+    v = np.asarray(v)  # integers, or objects: ints and symbolic dims
+    if v.dtype.kind in "fc" or any(isinstance(x, float) for x in np.ravel(v)):
+        raise ValueError(f"an input that holds shape, axes or indices is {v.dtype}, not integer")
     return tuple(int(x) if isinstance(x, int | np.integer) else x for x in np.ravel(v))
 
 

@@ -56,6 +56,18 @@ def test_model_mutant_never_crashes(fuzzer, kind, tmp_path):
         assert [o.outcome for o in outcomes] == ["ok", "fail", "ok", "ok"], (what, outcomes)
 
 
+#: mutants of the long run (session 8) that crashed before their fixes: a Mul swapped for a
+#: Reshape (a float "shape" reached the shape rules) and an infinite Pow exponent (the lowering
+#: took it for a small whole power)
+REGRESSIONS = [("swap_op_type", 36), ("nan_inf_weights", 33)]
+
+
+@pytest.mark.parametrize(("kind", "seed"), REGRESSIONS)
+def test_long_run_crashers_stay_fixed(fuzzer, kind, seed, tmp_path):
+    what, outcomes = fuzzer.model_mutant(kind, seed, tmp_path / "w")
+    assert not [o for o in outcomes if o.crashed], (what, outcomes)
+
+
 @pytest.mark.parametrize("kind", list(ARTIFACT_SEEDS))
 def test_artifact_mutant_refused_in_one_line(fuzzer, kind, tmp_path):
     what, outcomes = fuzzer.artifact_mutant(kind, ARTIFACT_SEEDS[kind], tmp_path / "w")
