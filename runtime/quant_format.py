@@ -223,21 +223,29 @@ def _clip_searched(wg: np.ndarray, base: np.ndarray, codes, clip: tuple[float, .
 
 #: an int8 activation's largest code: symmetric, so that -x quantizes to -q
 ACT_MAX = 127
+#: columns sharing one activation scale (as llama.cpp's Q8_0 blocks): per-token scales alone
+#: let one outlier channel flatten a whole row (SmolLM2-135M w8-a8 per token: top-1 0.88 on
+#: the shipped text, benchmarks/RESULTS.md)
+ACT_GROUP = 32
 
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dynamic per-row (per-token) symmetric int8 activations: x[..., K] -> (codes int8 [..., K],
-    scales float32 [..., 1]) with scale = max|x| / 127 (1 for a row of zeros) and code =
-    rint(x * (1 / scale)) clipped to +-127, every step in float32 (the kernels' arithmetic)."""
+def quantize_rows(x: np.ndarray, group: int = ACT_GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic symmetric int8 activations per row (token) and group of `group` columns (the
+    last group may be shorter): x[..., K] -> (codes int8 [..., K], scales float32 [..., G]),
+    scale = max|x| / 127 over the group (1 for a group of zeros) and code = rint(x * (1 /
+    scale)) clipped to +-127, every step in float32 (the kernels' arithmetic)."""
     x = np.asarray(x, np.float32)
-    amax = np.abs(x).max(axis=-1, keepdims=True)
+    k = x.shape[-1]
+    pad = -k % group
+    xg = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, group)
+    amax = np.abs(xg).max(axis=-1)
     scale = np.where(amax > 0, amax / np.float32(ACT_MAX), np.float32(1)).astype(np.float32)
     inv = (np.float32(1) / scale).astype(np.float32)
-    codes = np.clip(np.rint(x * inv), -ACT_MAX, ACT_MAX).astype(np.int8)
-    return codes, scale
+    codes = np.clip(np.rint(xg * inv[..., None]), -ACT_MAX, ACT_MAX).astype(np.int8)
+    return codes.reshape(*x.shape[:-1], -1)[..., :k], scale
 
 
-def fake_quantize_rows(x: np.ndarray) -> np.ndarray:
-    """x as the int8 kernels see it: quantize_rows' codes times their row's scale (float32)."""
-    codes, scale = quantize_rows(x)
-    return codes.astype(np.float32) * scale
+def fake_quantize_rows(x: np.ndarray, group: int = ACT_GROUP) -> np.ndarray:
+    """x as the int8 kernels see it: quantize_rows' codes times their group's scale (float32)."""
+    codes, scale = quantize_rows(x, group)
+    return codes.astype(np.float32) * np.repeat(scale, group, axis=-1)[..., :x.shape[-1]]

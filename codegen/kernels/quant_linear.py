@@ -34,6 +34,7 @@ numbers up to float rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -69,10 +70,17 @@ class QuantScheme:
 
     @property
     def vnni_gemv(self) -> bool:
-        """Whether the int8-activation GEMV can run on VNNI: codes in whole groups of a multiple
-        of a chunk (8 columns of int4: a vpdpbusd pair; 4 of int8: one)."""
-        return (self.act_bits == 8 and self.k % self.group == 0
-                and self.group % self.vnni_chunk == 0)
+        """Whether the int8-activation GEMV can run on VNNI: whole weight and activation groups,
+        their common blocks a multiple of a chunk (8 columns of int4: a vpdpbusd pair; 4 of
+        int8: one)."""
+        return (self.act_bits == 8 and self.k % self.group == 0 and self.k % qf.ACT_GROUP == 0
+                and self.vnni_block % self.vnni_chunk == 0)
+
+    @property
+    def vnni_block(self) -> int:
+        """Columns of one int32 partial sum: the weight group and the activation group both
+        hold whole blocks (one weight scale, one activation scale)."""
+        return math.gcd(self.group, qf.ACT_GROUP)
 
     @property
     def vnni_chunk(self) -> int:
@@ -117,7 +125,7 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
     int_gemv = vnni and s.vnni_gemv and lanes == 16
     if int_gemv:
         vnni_panel, pack_x = _vnni_gemv_panel(s, bias), _pack_rows(s)
-        C = k // s.vnni_chunk
+        C, NB = k // s.vnni_chunk, k // s.vnni_block
 
     @T.macro
     def spread(body, xb, wb, sb, zb, bb, yb, m, nv):
@@ -150,8 +158,8 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
             if m <= GEMV_ROWS:
                 xe = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
                 xo = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
-                gs = T.decl_buffer((GEMV_ROWS * G,), "float32", scope="global")
-                sx = T.decl_buffer((GEMV_ROWS,), "float32", scope="global")
+                gs = T.decl_buffer((GEMV_ROWS * NB,), "float32", scope="global")
+                sx = T.decl_buffer((GEMV_ROWS * NB,), "float32", scope="global")
                 wf = T.decl_buffer((blocks * qcols * lanes,), qdt, data=wb.data)
                 pack_x(xb, xe, xo, gs, sx, m)
                 for p in T.parallel(full // gemv_nv):
@@ -362,10 +370,10 @@ def _gemm_panel(s: QuantScheme, mr: int, lanes: int, bias: bool):
 # -- int8 activations ---------------------------------------------------------------------------
 
 @T.macro(hygienic=False)
-def row_scale(xb, amax, r, k):
-    """amax[0] = max |x[r, :]|; then (scale, 1 / scale) as quant_format.quantize_rows."""
+def group_amax(xb, amax, r, k0, k1):
+    """amax[0] = max |x[r, k0:k1]|."""
     amax[0] = T.float32(0)
-    for kk in range(k):
+    for kk in range(k0, k1):
         amax[0] = T.max(amax[0], T.abs(xb[r, kk]))
 
 
@@ -380,24 +388,25 @@ def _act_code(v, inv) -> tirx.PrimExpr:
 
 @T.macro(hygienic=False)
 def fake_quantize(xb, xq, m, k):
-    """xq[r, :] = x[r, :] quantized to int8 and back (quant_format.fake_quantize_rows)."""
+    """xq[r, :] = x[r, :] quantized to int8 per group of ACT_GROUP columns and back
+    (quant_format.fake_quantize_rows)."""
     for r in T.parallel(m):
         amax = T.decl_buffer((1,), "float32", scope=SMALL)
-        row_scale(xb, amax, r, k)
-        sc: T.let[T.float32] = _act_scale(amax[0])
-        inv: T.let[T.float32] = T.float32(1) / sc
-        for kk in range(k):
-            xq[r, kk] = _act_code(xb[r, kk], inv) * sc
+        for ag in range((k + qf.ACT_GROUP - 1) // qf.ACT_GROUP):
+            group_amax(xb, amax, r, ag * qf.ACT_GROUP, T.min(k, (ag + 1) * qf.ACT_GROUP))
+            sc: T.let[T.float32] = _act_scale(amax[0])
+            inv: T.let[T.float32] = T.float32(1) / sc
+            for kk in range(ag * qf.ACT_GROUP, T.min(k, (ag + 1) * qf.ACT_GROUP)):
+                xq[r, kk] = _act_code(xb[r, kk], inv) * sc
 
 
 def _pack_rows(s: QuantScheme):
     """x's rows as the VNNI GEMV reads them: per chunk of columns, int32 words of four int8
     codes (int4 weights, 8 columns: the even columns in xe, the odd in xo, as the low and high
-    nibbles of four weight bytes; int8 weights, 4 columns: xe only), each group's code sum (for
-    the zero point) and each row's scale."""
-    k, g, G = s.k, s.group, s.groups
-    chunk = s.vnni_chunk
-    C, per_group = k // chunk, g // chunk
+    nibbles of four weight bytes; int8 weights, 4 columns: xe only), and per block (vnni_block
+    columns) the sum of its codes (for the zero point) and its activation group's scale."""
+    k, chunk, blk, A = s.k, s.vnni_chunk, s.vnni_block, qf.ACT_GROUP
+    C, NB, per_block = k // chunk, k // blk, blk // chunk
     even, odd = ((0, 2, 4, 6), (1, 3, 5, 7)) if s.bits == 4 else ((0, 1, 2, 3), ())
 
     def word(q, ts):
@@ -412,21 +421,22 @@ def _pack_rows(s: QuantScheme):
         amax = T.decl_buffer((1,), "float32", scope=SMALL)
         q = T.decl_buffer((chunk,), "int32", scope=SMALL)
         for r in range(m):
-            row_scale(xb, amax, r, k)
-            sc: T.let[T.float32] = _act_scale(amax[0])
-            inv: T.let[T.float32] = T.float32(1) / sc
-            sx[r] = sc
-            for gi in range(G):
-                gs[r * G + gi] = T.float32(0)
-            for c in range(C):
-                for t in T.unroll(chunk):
-                    q[t] = T.Cast("int32", _act_code(xb[r, c * chunk + t], inv))
-                xe[r * C + c] = word(q, even)
-                if s.bits == 4:
-                    xo[r * C + c] = word(q, odd)
-                else:
-                    xo[r * C + c] = 0
-                gs[r * G + c // per_group] += T.Cast("float32", total(q))
+            for ag in range(k // A):
+                group_amax(xb, amax, r, ag * A, (ag + 1) * A)
+                sc: T.let[T.float32] = _act_scale(amax[0])
+                inv: T.let[T.float32] = T.float32(1) / sc
+                for b in range(A // blk):
+                    sx[r * NB + ag * (A // blk) + b] = sc
+                    gs[r * NB + ag * (A // blk) + b] = T.float32(0)
+                for c in range(ag * (A // chunk), (ag + 1) * (A // chunk)):
+                    for t in T.unroll(chunk):
+                        q[t] = T.Cast("int32", _act_code(xb[r, c * chunk + t], inv))
+                    xe[r * C + c] = word(q, even)
+                    if s.bits == 4:
+                        xo[r * C + c] = word(q, odd)
+                    else:
+                        xo[r * C + c] = 0
+                    gs[r * NB + c // per_block] += T.Cast("float32", total(q))
 
     return pack
 
@@ -452,11 +462,11 @@ def _vnni_gemv_panel(s: QuantScheme, bias: bool):
     """The int8-activation GEMV of a panel of nv blocks: per chunk and block, one 64-byte load
     and one vpermb; int4: two nibble masks and two vpdpbusd (128 weights), int8: a sign flip
     (vpdpbusd multiplies unsigned by signed bytes: q + 128) and one vpdpbusd (64 weights). Per
-    group the int32 sums become float, (sum - offset * sum of x's codes) * scale, offset the
-    zero point (+ 128 for int8); the row's scale at the end."""
-    k, g, G, lanes = s.k, s.group, s.groups, qf.LANES
-    C, per_group = k // s.vnni_chunk, g // s.vnni_chunk
-    qcols, flip = s.qcols, 128 if s.bits == 8 else 0
+    vnni_block columns the int32 sums become float, (sum - offset * sum of x's codes) * weight
+    scale * activation scale, offset the zero point (+ 128 for int8)."""
+    k, g, lanes = s.k, s.group, qf.LANES
+    C, NB, per_block = k // s.vnni_chunk, k // s.vnni_block, s.vnni_block // s.vnni_chunk
+    qcols, flip, blk = s.qcols, 128 if s.bits == 8 else 0, s.vnni_block
     low = T.Broadcast(T.int32(0x0F0F0F0F), lanes)
     sign = T.Broadcast(T.int32(-0x7F7F7F80), lanes)  # 0x80808080
 
@@ -472,32 +482,31 @@ def _vnni_gemv_panel(s: QuantScheme, bias: bool):
         part = T.decl_buffer((nv * lanes,), "int32", scope=SMALL)
         for r in range(m):
             zero(acc, nv, lanes)
-            for gi in range(G):
+            for bi in range(NB):
                 for j in T.unroll(nv):
                     part[T.ramp(j * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
-                for c in range(per_group):
-                    ex: T.let[T.int32] = xe[r * C + gi * per_group + c]
-                    ox: T.let[T.int32] = xo[r * C + gi * per_group + c]
+                for c in range(bi * per_block, (bi + 1) * per_block):
+                    ex: T.let[T.int32] = xe[r * C + c]
+                    ox: T.let[T.int32] = xo[r * C + c]
                     for j in T.unroll(nv):
                         part[T.ramp(j * lanes, 1, lanes)] = accumulate(
                             part[T.ramp(j * lanes, 1, lanes)], _transposed_bytes(
-                                wf, ((nb0 + j) * qcols + (gi * per_group + c) * 4) * lanes),
-                            ex, ox)
+                                wf, ((nb0 + j) * qcols + c * 4) * lanes), ex, ox)
+                gi: T.let[T.int32] = bi * blk // g
+                xsum: T.let[T.float32] = gs[r * NB + bi]
+                xsc: T.let[T.float32] = sx[r * NB + bi]
                 for j in T.unroll(nv):
                     for lane in T.vectorized(lanes):
                         if s.zero_points:
                             acc[j * lanes + lane] += (
                                 T.Cast("float32", part[j * lanes + lane])
-                                - (zb[nb0 + j, gi, lane] + T.float32(flip)) * gs[r * G + gi]
-                            ) * sb[nb0 + j, gi, lane]
+                                - (zb[nb0 + j, gi, lane] + T.float32(flip)) * xsum
+                            ) * (sb[nb0 + j, gi, lane] * xsc)
                         else:
                             acc[j * lanes + lane] += (
                                 T.Cast("float32", part[j * lanes + lane])
-                                - T.float32(s.default_zp + flip) * gs[r * G + gi]
-                            ) * sb[nb0 + j, gi, lane]
-            for j in T.unroll(nv):
-                for lane in T.vectorized(lanes):
-                    acc[j * lanes + lane] *= sx[r]
+                                - T.float32(s.default_zp + flip) * xsum
+                            ) * (sb[nb0 + j, gi, lane] * xsc)
             store(bb, yb, acc, r, 1, nb0, nv, ragged, lanes, bias, s.n, nv)
 
     return panel

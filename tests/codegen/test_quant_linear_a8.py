@@ -23,10 +23,11 @@ needs_vnni = pytest.mark.skipif(not (_host_has("avx512_vnni") and _host_has("avx
                                 reason="the VNNI GEMV needs avx512_vnni and avx512vbmi")
 PATHS = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id="float")]
 #: (bits, n, k, group, symmetric): whole blocks and a ragged one, asymmetric zero points,
-#: per-channel groups (group = k), small groups; int4 and int8 codes
+#: per-channel groups (group = k), groups smaller than an activation group; int4 and int8
+#: codes; K not a multiple of the activation group (the float path on every host)
 CASES = [(4, 48, 64, 32, True), (4, 40, 96, 32, False), (4, 64, 128, 128, True),
-         (4, 32, 80, 16, True), (8, 48, 64, 64, True), (8, 40, 96, 32, False),
-         (8, 32, 36, 4, True)]
+         (4, 32, 96, 16, True), (8, 48, 64, 64, True), (8, 40, 96, 32, False),
+         (8, 32, 64, 4, True), (4, 32, 80, 16, True), (8, 16, 36, 36, True)]
 ROWS = (1, 3, 4, 7)  # GEMV rows (<= GEMV_ROWS) and GEMM
 
 
@@ -40,7 +41,7 @@ def test_int8_activation_kernels_match_the_spec(rng, vnni, bits, n, k, group, sy
     ops += [] if zps is None else [qf.blocked(zps)]
     b = rng.standard_normal(n, dtype=np.float32)
     s = ql.QuantScheme(n, k, bits, group, zero_points=zps is not None, act_bits=8)
-    assert s.vnni_gemv
+    assert s.vnni_gemv == (k % qf.ACT_GROUP == 0)
     f = compile_kernel(ql.quant_linear_kernel(s, PackedConfig(4, 2), 2, bias=True, vnni=vnni))
     attrs = Attrs({"bits": bits, "group_size": group, "in_features": k, "out_features": n,
                    "layout": "blocked", "act_bits": 8})
@@ -57,13 +58,16 @@ def test_int8_activation_kernels_match_the_spec(rng, vnni, bits, n, k, group, sy
                      name=f"int{bits} m={m} n={n} k={k} g={group} sym={symmetric}")
 
 
-def test_the_spec_quantizes_each_row_symmetrically(rng):
-    x = rng.standard_normal((3, 50), dtype=np.float32)
+def test_the_spec_quantizes_each_row_and_group_symmetrically(rng):
+    x = rng.standard_normal((3, 50), dtype=np.float32)  # groups of 32 and a shorter one of 18
     x[1] = 0
+    x[2, 40] = 100  # an outlier flattens its own group only
     codes, scale = qf.quantize_rows(x)
-    assert codes.dtype == np.int8 and np.abs(codes).max() == qf.ACT_MAX
-    assert scale[1, 0] == 1 and not codes[1].any()
+    assert codes.shape == x.shape and scale.shape == (3, 2) and codes.dtype == np.int8
+    assert (np.abs(codes[0, :32]).max(), np.abs(codes[0, 32:]).max()) == (qf.ACT_MAX,) * 2
+    assert (scale[1] == 1).all() and not codes[1].any()
+    assert scale[2, 1] > 20 * scale[2, 0]
     fake = qf.fake_quantize_rows(x)
-    assert np.abs(fake - x).max() <= scale.max() / 2 * (1 + 1e-6)
+    assert (np.abs(fake - x) <= np.repeat(scale, 32, axis=-1)[:, :50] / 2 * (1 + 1e-6)).all()
     neg_codes, _ = qf.quantize_rows(-x)
     assert (neg_codes == -codes).all()
