@@ -168,12 +168,15 @@ def test_calibrated_pruning_without_a_tokenizer_exits_2(tmp_path):
     assert "no tokenizer.json beside" in lines[0]
 
 
-def test_the_cpu_vector_width_picks_the_sparse_kernels_or_none(tmp_path):
+def test_the_cpu_vector_width_picks_the_sparse_kernels_or_none(tmp_path, monkeypatch):
     """The bitmap kernels expand with AVX-512's vexpand or AVX2's permutes, each deciding with
-    its own rates: a pre-pruned export compiles to sparse_linear for 512- and 256-bit CPUs,
-    and to dense linears (its zeros kept as stored) for a CPU without AVX2."""
+    its own measured rates: a 60%-pruned export compiles to sparse_linear for a 512-bit CPU; on
+    a 256-bit one the permutes cost more than the bytes save (dense), unless its GEMVs were
+    memory-bound; a CPU without AVX2 has no sparse kernels at all."""
+    import kiln.passes.sparsify as sparsify_pass
     from kiln.codegen.targets import cpu
     from kiln.compiler.compile import compile_graph
+    from tests.passes.test_sparsify import MEMORY_BOUND
     from tests.runtime.test_sparse_artifacts import pre_pruned
 
     model = pre_pruned(tmp_path)
@@ -185,5 +188,7 @@ def test_the_cpu_vector_width_picks_the_sparse_kernels_or_none(tmp_path):
         return {n.op for n in graph.nodes}
 
     assert "sparse_linear" not in ops(128)
-    assert "sparse_linear" in ops(256)
+    assert "sparse_linear" not in ops(256)
     assert "sparse_linear" in ops(512)
+    monkeypatch.setitem(sparsify_pass.SPARSE_TARGETS, "cpu-avx2", MEMORY_BOUND)
+    assert "sparse_linear" in ops(256)
