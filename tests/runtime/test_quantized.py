@@ -59,12 +59,23 @@ def interpreter_logits(name: str, preset: str, ids: np.ndarray,
 
 @pytest.mark.parametrize(("name", "preset"), CASES)
 def test_logits_match_quantized_interpreter(compiled, rng, name, preset):
+    """Within 1e-4. With int8 activations (-a8) rounding is discontinuous: float differences
+    of 1e-7 upstream (another summation order) can move an activation across a rounding
+    boundary, one code step, so there the logits must agree within 5% of their range and the
+    next-token argmax at 11 of 12 positions (the kernels themselves are checked against the
+    spec on exact inputs at 1e-5: tests/codegen/test_quant_linear_a8.py)."""
     session = Session.load(compiled(name, preset))
+    a8 = "a8" in preset.split("-")
+    same = []
     for n in (1, 11):
         ids = rng.integers(0, 256, (1, n))
         want = interpreter_logits(name, preset, ids)
-        assert_close(session.prefill(ids), want, rtol=1e-4,
-                     atol=1e-4 * float(np.abs(want).max()), name=f"{name} {preset} prefill({n})")
+        got = session.prefill(ids)
+        scale = float(np.abs(want).max())
+        assert_close(got, want, rtol=0 if a8 else 1e-4, atol=(5e-2 if a8 else 1e-4) * scale,
+                     name=f"{name} {preset} prefill({n})")
+        same += list(got.argmax(-1).ravel() == want.argmax(-1).ravel())
+    assert sum(same) >= (11 if a8 else 12), same
 
 
 @pytest.mark.parametrize(("name", "preset"), CASES[:2])
