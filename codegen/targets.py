@@ -36,7 +36,7 @@ class Target(Protocol):
     pack_block: ClassVar[int]  # weights laid out [N / block, K, block] for it (0: as imported)
     sparse_layout: ClassVar[str | None]  # kiln.passes.sparsify target (None: no sparse kernels)
     quant_kernels: ClassVar[bool]  # weight-quantized linears (--quant w8, w4g32 ...)
-    int8_activations: ClassVar[bool]  # their activations quantized per row (--quant ...-a8)
+    int8_activations: ClassVar[bool]  # their activations quantized to int8 (--quant ...-a8)
     tuning_tables: ClassVar[bool]  # reads `kiln tune` tables (--tuning)
     fusions: ClassVar[tuple[str, ...]]  # the kiln.passes.fusion fusions its lowering consumes
 
@@ -105,7 +105,7 @@ class CpuTarget:
 
     @classmethod
     def from_arg(cls, arg: str) -> CpuTarget:
-        """"cpu" is the host, "cpu:znver4" an explicit -mcpu with the host's SIMD width."""
+        """"cpu" is the host, "cpu:znver4" an explicit -mcpu with the SIMD width LLVM gives it."""
         return _for_mcpu(arg) if arg else host_cpu()
 
     def with_dtype(self, dtype: str) -> CpuTarget:

@@ -78,8 +78,9 @@ class QuantPreset:
     #: > 0: the int8 weights are chosen by measured sensitivity (kiln.passes.quant_sensitivity)
     #: instead of by `int8` roles, adding at most this fraction of the all-`bits` weight bytes
     int8_budget: float = 0.0
-    #: 8: the quantized linears' activations are quantized per row to int8 (`-a8`): the CPU's
-    #: int4 GEMV computes in int8 x int4 with VNNI (kiln.codegen.kernels.quant_linear)
+    #: 8: the quantized linears' activations are quantized to int8 per row and 32 columns
+    #: (`-a8`): the CPU's decode GEMV multiplies codes with VNNI (kiln.codegen.kernels.
+    #: quant_linear)
     act_bits: int = 0
 
     def __post_init__(self) -> None:
@@ -141,7 +142,7 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
     patterns attached); `rtn` rounds to nearest instead of calibrating with GPTQ, `pure`
     quantizes every weight with the preset's own scheme (no int8 roles), `auto[F]` chooses the
     int8 weights by measured sensitivity within a budget (F, default AUTO_BUDGET), `a8` quantizes
-    the activations of the quantized linears per row to int8."""
+    the activations of the quantized linears to int8 (per row and 32 columns)."""
     modifiers = ("kv8", "rtn", "pure", "a8")
     parts = [p for p in spec.strip().lower().split("-") if p]
     auto = [p for p in parts if p.startswith("auto")]
@@ -368,7 +369,7 @@ def _add_quantized(params: dict, types: dict, p: Param, scheme: tuple[int, int, 
 def _rewrite(n: Node, made: dict[str, tuple[str, str, str, Attrs]], act_bits: int = 0) -> Node:
     if n.op == "linear" and n.inputs[1] in made:
         q, s, z, attrs = made[n.inputs[1]]
-        if act_bits:  # its activations quantized per row (quant_format.quantize_rows)
+        if act_bits:  # its activations quantized to int8 (quant_format.quantize_rows)
             attrs = Attrs({**attrs, "act_bits": act_bits})
         bias = n.inputs[2] if len(n.inputs) > 2 else ""
         inputs = (n.inputs[0], q, s, z, bias) if bias else (n.inputs[0], q, s, z)

@@ -20,16 +20,15 @@ is per task, so no fp32 copy of a whole weight is materialized.
 N not a multiple of B: the last block is padded in storage and stored lane by lane.
 K not a multiple of the group: Kp is padded with zero weights; loops stop at K.
 
-Int8 activations (act_bits 8, the `-a8` presets; spec: quant_format.quantize_rows): x is
-quantized per row, symmetric, before it meets the weights. On AVX-512 VNNI + VBMI the GEMV
-multiplies codes: one 64-byte load holds 4 byte columns of a block (int4: 8 columns, int8: 4),
+Int8 activations (act_bits 8, the `-a8` presets; spec: quant_format.quantize_rows): x is quantized
+per row and group of 32 columns, symmetric, before it meets the weights. On AVX-512 VNNI + VBMI the
+GEMV multiplies codes: one 64-byte load holds 4 byte columns of a block (int4: 8 columns, int8: 4),
 `vpermb` gathers each row's 4 bytes into its dword, and `vpdpbusd` adds the products of those
-(unsigned) bytes with 4 of x's (signed) codes to int32 lanes: 64 multiply-adds an instruction
-where the float GEMV does 16, with no conversion of the weights to float. int4 nibbles are
-masked out of the bytes (the even and odd columns, against x's codes packed likewise); int8
-codes get their sign bit flipped (+128, taken back with the zero point). Elsewhere, and in the
-GEMM, x is replaced by its quantized values in float and the float kernels run: the same
-numbers up to float rounding.
+(unsigned) bytes with 4 of x's (signed) codes to int32 lanes: 64 multiply-adds an instruction where
+the float GEMV does 16, with no conversion of the weights to float. int4 nibbles are masked out of
+the bytes (the even and odd columns, against x's codes packed likewise); int8 codes get their sign
+bit flipped (+128, taken back with the zero point). Elsewhere, and in the GEMM, x is replaced by
+its quantized values in float and the float kernels run: the same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ class QuantScheme:
     bits: int
     group: int
     zero_points: bool = False
-    act_bits: int = 0  # 8: int8 activations, quantized per row (quant_format.quantize_rows)
+    act_bits: int = 0  # 8: int8 activations per row and 32 columns (quant_format.quantize_rows)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or self.group < 1 or (self.bits == 4 and self.group % 2) \
@@ -113,10 +112,11 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
                         vnni: bool = False) -> tirx.PrimFunc:
     """PrimFunc(x[m, K], qw, scales, (zp,) (b[N],) y[m, N]) with m symbolic (int64).
 
-    act_bits 8: x is quantized per row first. With `vnni` (AVX-512 VNNI and VBMI) and an
-    int4 scheme in whole groups of 8k, the GEMV computes in int8 x int4 -> int32 with vpdpbusd;
-    otherwise (and in the GEMM) x is replaced by its quantized values in float32, which the
-    float kernels then use: the same numbers (quant_format.fake_quantize_rows)."""
+    act_bits 8: x is quantized per row and 32 columns first. With `vnni` (AVX-512 VNNI and
+    VBMI) and a scheme the VNNI GEMV takes (QuantScheme.vnni_gemv), the GEMV multiplies int8
+    codes into int32 with vpdpbusd; otherwise (and in the GEMM) x is replaced by its quantized
+    values in float32, which the float kernels then use: the same numbers
+    (quant_format.fake_quantize_rows)."""
     n, k, G = s.n, s.k, s.groups
     blocks, full = -(-n // lanes), n // lanes
     qcols, qdt = s.qcols, s.qdtype

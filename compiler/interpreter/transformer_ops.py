@@ -206,7 +206,8 @@ def dequantize(qweight: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
 
 @kernel("quant_linear")
 def quant_linear(inputs, attrs):
-    """act_bits 8: the activations quantized per row to int8 first (quant_format.quantize_rows)."""
+    """act_bits 8: the activations quantized to int8 per row and 32 columns first
+    (quant_format.quantize_rows)."""
     x, qweight, scales, zero_points, b = (*inputs, None, None)[:5]
     w = dequantize(qweight, scales, zero_points, attrs)
     x = x.astype(np.float32)

@@ -73,8 +73,6 @@ def interpreter_logits(graph, ids: np.ndarray) -> np.ndarray:
 
 @needs_avx512  # an AVX2 host's measured rates keep these weights dense (test below)
 def test_a_pre_pruned_export_compiles_sparse_without_flags(model, artifact, rng):
-    from kiln.runtime.generate import generate
-    from kiln.runtime.session import Session
 
     manifest = json.loads((artifact / af.MANIFEST).read_text())
     assert "sparsity" not in manifest  # nothing was pruned by kiln
