@@ -10,10 +10,17 @@ Entry-point signature (both), in this order:
 and returns the graph outputs except the present_k/v ones (a tuple when there are several).
 `prefill_last` is `prefill` whose output linear (the LM head) runs on the last position of each
 row only: logits (batch, 1, vocab), all a generation loop needs, at a fraction of the work.
+
+Prefill kernels are scheduled for a number of rows (the prompt length a tuning measured). Where
+a tuning database holds winners for several row buckets, the prefill entry points are emitted
+once per bucket: `prefill`/`prefill_last` for the first, `prefill_<rows>`/`prefill_last_<rows>`
+for the others (same signature, other kernels); the runtime picks by the prompt's length
+(kiln.runtime.session.row_entry).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,23 +66,35 @@ class ModuleSignature:
     params: tuple[str, ...]
     outputs: tuple[str, ...]
     entry_points: tuple[str, ...]
+    #: rows the prefill entries are scheduled for: the plain entries' first, then one entry
+    #: per extra bucket (kiln.runtime.session.row_entry)
+    prefill_rows: tuple[int, ...] = (512,)
+
+
 
 
 def build_module(graph: Graph, target: KilnTarget, *,
                  entry_points: Sequence[str] = ENTRY_POINTS,
-                 schedules: Schedules | None = None, prefill_rows: int = 512,
-                 ) -> tuple[object, ModuleSignature]:
+                 schedules: Schedules | None = None,
+                 prefill_rows: int | Sequence[int] = 512) -> tuple[object, ModuleSignature]:
     """The Relax IRModule (kernels included) and its calling convention. `schedules` answers
     the lowerings' config questions (a tuning database, else the cost model) and keeps what
     each kernel instance got, for the manifest; prefill kernel instances are looked up at
-    `prefill_rows` rows (the prompt length they are tuned for)."""
+    `prefill_rows` rows (the prompt lengths they are tuned for: with several, the prefill
+    entry points are emitted once per row bucket)."""
     backend = target.backend()
+    rows = (prefill_rows,) if isinstance(prefill_rows, int) else tuple(prefill_rows)
     sig = backend.signature(graph, target, signature(graph, entry_points))
+    emit = [(e, e, rows[0]) for e in sig.entry_points]
+    emit += [(e, f"{e}_{r}", r) for r in rows[1:] for e in sig.entry_points
+             if _PHASE[e] == "prefill"]
+    sig = dataclasses.replace(sig, entry_points=tuple(name for _, name, _ in emit),
+                              prefill_rows=rows)
     bb = relax.BlockBuilder()
     kernels: dict = {}
     schedules = schedules if schedules is not None else Schedules(target)
-    for entry in entry_points:
-        _emit_entry(bb, graph, target, sig, entry, kernels, schedules, prefill_rows)
+    for entry, name, r in emit:
+        _emit_entry(bb, graph, target, sig, entry, kernels, schedules, r, name=name)
     return bb.get(), sig
 
 
@@ -155,7 +174,7 @@ def _present_outputs(graph: Graph) -> set[str]:
 
 def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
                 sig: ModuleSignature, entry: str, kernels: dict, schedules: Schedules,
-                prefill_rows: int) -> None:
+                prefill_rows: int, name: str | None = None) -> None:
     b, past, cap = (tirx.Var(n, "int64") for n in ("batch", "past", "capacity"))
     seq = tirx.const(1, "int64") if entry == "decode" else tirx.Var("seq", "int64")
     symbols = {BATCH: b, SEQ: seq, PAST: past}
@@ -170,7 +189,7 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
     backend = target.backend()
     attrs = backend.entry_attrs(target, entry, 1 + len(inputs))
     lower, last = backend.lower_node, backend.last_position
-    with bb.function(entry, [past_arg, *inputs, caches, params], attrs=attrs):
+    with bb.function(name or entry, [past_arg, *inputs, caches, params], attrs=attrs):
         with bb.dataflow():
             ctx = backend.context(bb, graph, target, _PHASE[entry], past, kernels=kernels,
                                   schedules=schedules, prefill_rows=prefill_rows)

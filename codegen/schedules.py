@@ -64,6 +64,8 @@ class Space:
     #: values of the built kernel's symbolic dims and scalar params by name, where they are not
     #: the shape's own keys (attention's batch and cache capacity): shape -> {name: int}
     bind: Callable[[Shape], dict[str, int]] | None = None
+    #: configs `kiln tune` measures per instance at least (its cap applies to spaces without)
+    max_candidates: int | None = None
 
     def dims(self, shape: Shape) -> dict[str, int]:
         """Values for the symbolic dims and scalar params of `build`'s PrimFunc."""
@@ -154,13 +156,34 @@ class TuningDB:
     entries: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def lookup(self, kernel: str, key: str) -> Config | None:
+        """The winner measured for `kernel` at bucket `key`, if any. An entry measured when
+        the space had other knobs (an older kiln of the same version) is ignored with one
+        warning; a knob value outside its choices is an error (a damaged file)."""
         entry = self.entries.get(kernel, {}).get(key)
-        return None if entry is None else space(kernel).check(entry["config"])
+        if entry is None:
+            return None
+        sp = space(kernel)
+        if set(entry["config"]) != {k.name for k in sp.knobs}:
+            warnings.warn(f"tuning entry {kernel} [{key}] has knobs {sorted(entry['config'])}, "
+                          f"the space now {sorted(k.name for k in sp.knobs)}: ignored, the "
+                          "cost model decides (re-run `kiln tune`)", stacklevel=2)
+            return None
+        return sp.check(entry["config"])
 
     def record(self, kernel: str, key: str, config: Config, seconds: float,
                default_seconds: float | None) -> None:
         self.entries.setdefault(kernel, {})[key] = {
             "config": config, "seconds": seconds, "default_seconds": default_seconds}
+
+    def prefill_rows(self) -> set[int]:
+        """The prompt lengths (row buckets) prefill kernels were measured at."""
+        rows = set()
+        for buckets in self.entries.values():
+            for key in buckets:
+                dims = dict(part.split("=", 1) for part in key.split(","))
+                if dims.get("phase") == "prefill":
+                    rows.update(int(dims[d]) for d in ("m", "s") if d in dims)
+        return rows
 
     def save(self, path: Path) -> None:
         """Atomically (a resumed or interrupted tuning never leaves half a file)."""

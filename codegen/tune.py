@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +35,20 @@ MAX_CANDIDATES = 12
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 
 
-def instances(graph: Graph, target: KilnTarget, prefill_rows: int) -> list[Choice]:
-    """Every kernel instance `kiln compile` would schedule for `graph` (nothing compiled)."""
+def instances(graph: Graph, target: KilnTarget,
+              prefill_rows: int | Sequence[int]) -> list[Choice]:
+    """Every kernel instance `kiln compile` would schedule for `graph` with prefill entries
+    at each of `prefill_rows` (nothing compiled)."""
     schedules = Schedules(target)
     build_module(graph, target, schedules=schedules, prefill_rows=prefill_rows)
     return schedules.instances()
 
 
-def candidates(sp: Space, shape: dict, target, cap: int = MAX_CANDIDATES) -> list[Config]:
-    """The default and valid configs, at most `cap`: evenly spread over the rest if more."""
+def candidates(sp: Space, shape: dict, target, cap: int | None = None) -> list[Config]:
+    """The default and valid configs, at most `cap` (None: the space's own cap, else
+    MAX_CANDIDATES): evenly spread over the rest if more."""
     configs = sp.configs(shape, target)
+    cap = cap or sp.max_candidates or MAX_CANDIDATES
     if len(configs) <= cap:
         return configs
     rest, step = configs[1:], (len(configs) - 1) / (cap - 1)
@@ -52,7 +56,7 @@ def candidates(sp: Space, shape: dict, target, cap: int = MAX_CANDIDATES) -> lis
 
 
 def write_plan(found: list[Choice], target: KilnTarget, out: Path, *,
-               skip: Collection[tuple[str, str]] = (), max_candidates: int = MAX_CANDIDATES,
+               skip: Collection[tuple[str, str]] = (), max_candidates: int | None = None,
                deadline: float | None = None,
                progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Compile the candidates of every instance not in `skip` ((kernel, bucket) pairs already
@@ -77,7 +81,7 @@ def write_plan(found: list[Choice], target: KilnTarget, out: Path, *,
 
 
 def _build_instance(inst: Choice, target, out: Path, index: int,
-                    cap: int) -> dict[str, Any] | None:
+                    cap: int | None) -> dict[str, Any] | None:
     sp = space(inst.kernel)
     funcs, configs = {}, []
     for j, config in enumerate(candidates(sp, inst.dims, target, cap)):

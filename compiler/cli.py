@@ -254,14 +254,20 @@ def verify_cmd(artifact: Path) -> None:
 @click.option("--budget-s", type=float, help="start no kernel after this many seconds")
 @click.option("--threads", type=int, help="CPU threads (default: all usable cores)")
 @click.option("--max-seq", default=512, show_default=True,
-              help="context length; prefill kernels are tuned at min(max-seq, 512) rows")
+              help="context length; prefill kernels are tuned at min(max-seq, 512) rows and, "
+                   "when it holds them, at 2048")
+@click.option("--rows", metavar="N,N,...", callback=lambda ctx, param, v: _ints(v, "--rows"),
+              help="prompt lengths to tune prefill kernels at (each gets its own prefill "
+                   "entry in the compiled artifact)")
 @click.option("--quant", metavar="PRESET", help="tune the kernels of this quantization preset")
-@click.option("--max-candidates", type=int, help="configs per kernel instance (default 12)")
+@click.option("--max-candidates", type=int,
+              help="configs per kernel instance (default 12; the GEMM's space: all)")
 @click.option("--python", help="the GPU host's Python for --bundle (default 3.12)")
 @quiet_option
 def tune(model: Path, out: Path | None, target: str, bundle: Path | None,
-         budget_s: float | None, threads: int | None, max_seq: int, quant: str | None,
-         max_candidates: int | None, python: str | None, quiet: bool) -> None:
+         budget_s: float | None, threads: int | None, max_seq: int, rows: tuple | None,
+         quant: str | None, max_candidates: int | None, python: str | None,
+         quiet: bool) -> None:
     """Measure the schedule candidates of MODEL's kernels and write the fastest per kernel and
     shape bucket; `kiln compile --tuning OUT` uses them (docs/tuning.md)."""
     from kiln.compiler.progress import progress
@@ -269,7 +275,7 @@ def tune(model: Path, out: Path | None, target: str, bundle: Path | None,
 
     with progress(f"tuning {model.name}", quiet=quiet) as report:
         path = tune_model(model, out, target=target, bundle=bundle, budget_s=budget_s,
-                          threads=threads, max_seq=max_seq, quant=quant,
+                          threads=threads, max_seq=max_seq, quant=quant, rows=rows,
                           max_candidates=max_candidates, python=python, progress=report)
     click.echo(str(path))
 
@@ -286,6 +292,17 @@ def convert(model: Path, artifact: Path, quiet: bool) -> None:
     with progress("converting parameters", quiet=quiet) as report:
         path = convert_params(model, artifact, progress=report)
     click.echo(str(path))
+
+
+def _ints(value: str | None, option: str) -> tuple[int, ...] | None:
+    """A comma-separated list of positive integers, or None."""
+    if value is None:
+        return None
+    try:
+        return tuple(sorted({int(v) for v in value.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected integers separated by commas "
+                                 f"(e.g. 512,2048)", param_hint=option) from None
 
 
 def _decoding_options(f):

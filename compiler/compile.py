@@ -118,7 +118,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     with af.ArtifactWriter(out, force=force) as w:
         schedules = Schedules(tgt, db)
         sig = build(graph, tgt, w.path(af.KERNELS), schedules=schedules,
-                    prefill_rows=prefill_rows(max_seq), progress=progress)
+                    prefill_rows=row_buckets(max_seq, db), progress=progress)
         w.add(af.KERNELS)
         table = _in_dtype(param_table(graph, sig.params), tgt.storage_dtype())
         progress("writing parameters")
@@ -254,6 +254,22 @@ def prefill_rows(max_seq: int) -> int:
     return min(max_seq, TUNED_PROMPT)
 
 
+def row_buckets(max_seq: int, db=None) -> tuple[int, ...]:
+    """The rows prefill kernels are scheduled for: `prefill_rows(max_seq)`, then every other
+    prompt length the tuning database `db` measured prefill kernels at (up to `max_seq`), each
+    of which gets its own prefill entry points (kiln.codegen.build)."""
+    first = prefill_rows(max_seq)
+    tuned = db.prefill_rows() if db is not None else set()
+    return (first, *sorted(r for r in tuned if r != first and r <= max_seq))
+
+
+def tune_rows(max_seq: int) -> tuple[int, ...]:
+    """The prompt lengths `kiln tune` measures prefill kernels at by default: the compile's
+    first bucket and, where the context holds them, long prompts of 2048 tokens."""
+    first = prefill_rows(max_seq)
+    return (first, LONG_PROMPT) if max_seq >= LONG_PROMPT > first else (first,)
+
+
 def tuning_db(tuning: str | Path | None, tgt):
     """The `kiln tune` database at `tuning` if it was measured for `tgt`; None (after one
     warning line) when it was measured elsewhere; an unreadable or old file is an error."""
@@ -366,6 +382,7 @@ def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[
         "architecture": describe(graph),
         "source": {"model": str(model), "sha256": af.sha256(model)},
         "entry_points": list(sig.entry_points),
+        "prefill_rows": list(sig.prefill_rows),  # the row buckets of the prefill entries
         "signature": {
             "inputs": [io(v) for v in sig.inputs],
             "outputs": [io(v) for v in sig.outputs],

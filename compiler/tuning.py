@@ -22,9 +22,12 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
                bundle: str | Path | None = None, budget_s: float | None = None,
                threads: int | None = None, max_seq: int = 512, quant: str | None = None,
                max_candidates: int | None = None, repeat: int = 7,
+               rows: tuple[int, ...] | None = None,
                python: str | None = None, progress: Progress = lambda msg: None) -> Path:
     """Tune MODEL's kernels for `target` into the database `out` (resumed when it exists), or
-    write a tuning bundle to `bundle` for measuring elsewhere; returns the path written."""
+    write a tuning bundle to `bundle` for measuring elsewhere; returns the path written.
+    Prefill kernels are measured at each prompt length of `rows` (default
+    kiln.compiler.compile.tune_rows); `kiln compile --tuning` emits prefill entries per length."""
     if (out is None) == (bundle is None):
         raise KilnError("kiln tune: give -o TUNING.json (measure here) or --bundle DIR")
     start = time.monotonic()
@@ -35,8 +38,7 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
         size_thread_pool(threads)  # before TVM's pool starts (its own default is half the CPUs)
     progress("loading TVM")
     from kiln.codegen import tune as build_side
-    from kiln.compiler.compile import _preset, compile_graph
-    from kiln.compiler.compile import prefill_rows as rows_for
+    from kiln.compiler.compile import _preset, compile_graph, tune_rows
 
     tgt = _target(target, threads)
     if bundle is None and tgt.kind != "cpu":
@@ -47,8 +49,12 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
                           pack_block=tgt.pack_block, sparse_target=tgt.sparse_target(),
                           fusions=tgt.fusions)  # the kernels `kiln compile` builds by default
     progress("collecting kernel instances")
-    found = build_side.instances(graph, tgt, rows_for(max_seq))
-    cap = max_candidates or build_side.MAX_CANDIDATES
+    rows = tune_rows(max_seq) if rows is None else rows
+    if any(r < 1 or r > max_seq for r in rows):
+        raise KilnError(f"--rows {','.join(map(str, rows))}: prompt lengths must be within "
+                        f"1..{max_seq} (--max-seq)")
+    found = build_side.instances(graph, tgt, rows)
+    cap = max_candidates  # None: each space's own cap (kiln.codegen.tune.candidates)
     if bundle is not None:
         from kiln.compiler.package import package_tuning
 

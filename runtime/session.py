@@ -10,6 +10,7 @@ capacity, head_dim), which the compiled kernels write in place; `past` counts th
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,18 @@ if TYPE_CHECKING:
     from kiln.runtime.generate import Generation
 
 CONSTANTS = "constants.safetensors"
+
+
+def row_entry(entry: str, rows: int, buckets: Sequence[int]) -> str:
+    """The entry point that runs `entry` for `rows` new tokens per sequence, given the row
+    buckets the artifact's prefill entries were scheduled for (its manifest's `prefill_rows`,
+    the plain entries' first; see kiln.codegen.build): the bucket nearest to the rows' power of
+    two on a log scale, ties to the larger. Decode (one row) has a single entry."""
+    if not entry.startswith("prefill") or len(buckets) < 2:
+        return entry
+    want = math.ceil(math.log2(max(rows, 1)))
+    best = min(buckets, key=lambda r: (abs(math.log2(r) - want), -r))
+    return entry if best == buckets[0] else f"{entry}_{best}"
 
 
 class Session:
@@ -185,13 +198,14 @@ class Session:
             raise KilnError(f"token id {bad} out of range for a vocab of {vocab} (ids are "
                             f"0..{vocab - 1})")
         tvm = self._tvm
+        fn = row_entry(entry, s, self.artifact.manifest.get("prefill_rows", ()))
         args = [tvm.runtime.ShapeTuple([self.past])]
         args += [self._greedy[1] if chained else
                  self._device_input(name, self._feed(name, ids),
                                     reuse=self._cuda and entry == "decode")
                  for name in self.inputs]
         try:
-            out = self._vm[entry](*args, self._caches, self._params)
+            out = self._vm[fn](*args, self._caches, self._params)
         except Exception as e:  # TVM's checks of arity, shapes, dtypes: a manifest that
             # does not describe its kernels (edited, or from another artifact)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -77,7 +77,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # rotary and KV append a kernel of their own), oldattn (the thread-per-key decode attention),
     # sp24 (2:4 sparse linears), spfused (their prefill GEMM with the 2:4 decode in its fetch),
     # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU),
-    # nofuse (--no-fuse all: every canonical op through its unfused lowering)
+    # nofuse (--no-fuse all: every canonical op through its unfused lowering), nosplit (decode
+    # attention without split-KV: one block per head)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -87,6 +88,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         flash_attention.LDSM = ("ldsm" in flags or default_ldsm) and "noldsm" not in flags
         pdl.ENABLED = "nopdl" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
+        attention.SPLIT_DECODE = "nosplit" not in flags
         lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         tuning = out / "tuning.json" if "tuned" in flags else None
@@ -96,6 +98,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
                       else ("qkv_projection",) if "norope" in flags else ())
         flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
+        attention.SPLIT_DECODE = True
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True,
                           fusions=() if "nofuse" in flags else None)  # the artifact's params
@@ -425,7 +428,7 @@ def hf_numbers(config: dict, lens: list[int], decode: int) -> dict:
 
 
 def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
-          with_hf: bool = True, rounds: int = 1) -> None:
+          with_hf: bool = True, rounds: int = 1, decode_after: str = "16") -> None:
     """`rounds` > 1: the artifacts benched in turn that many times (A B C A B C ...), each
     round's twin ratios printed; the table is the first round's."""
     rows, peers, by_round = [], {}, []
@@ -437,6 +440,7 @@ def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
             [sys.executable, str(root / "bundle" / "kiln_run.py"), "bench", "--artifact",
              str(art), "--synthetic-weights", str(SEED), "--prompt-lens",
              ",".join(map(str, lens)), "--decode-len", str(decode), "--repeat", str(repeat),
+             "--decode-after", decode_after,
              "--json", f"/tmp/bench-{art.name}.json"], capture_output=True, text=True)
         print(f"== kiln {art.name} (round {rnd + 1})\n{child.stdout}{child.stderr[-3000:]}",
               flush=True)
@@ -471,7 +475,8 @@ def bench(root: Path, lens: list[int], decode: int, repeat: int, only: str,
                 str(r["tokens"]), hf["prefill"].get(r["tokens"], float("nan")))
             extra = f"{100 * r['tok_s'] / roof:.0f}% of {roof:.0f}" if r["phase"] == "decode" \
                 else ""
-            print(f"{name} | {r['phase']} {r['tokens']} | {r['tok_s']:.1f} | "
+            after = f" after {r['past']}" if r.get("past") else ""
+            print(f"{name} | {r['phase']} {r['tokens']}{after} | {r['tok_s']:.1f} | "
                   f"{peer:.1f} | {r['tok_s'] / peer:.2f}x | {extra}")
         print(f"{name}: copy {k['copy_gb_s']:.0f} GB/s (TVM), torch {hf['torch_copy_gb_s']:.0f}"
               f" GB/s; weights {k['weight_bytes'] / 1e6:.0f} MB read per decoded token")
@@ -603,6 +608,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--only", default="")
     p.add_argument("--no-hf", action="store_true", help="bench: kiln only (no HF eager peer)")
+    p.add_argument("--decode-after", default="16",
+                   help="bench: cached tokens before the decode steps (a decode row each)")
     p.add_argument("--rounds", type=int, default=1,
                    help="bench: the artifacts in turn this many times (alternated A/B)")
     a = p.parse_args()
@@ -612,7 +619,7 @@ def main() -> None:
         check(a.root, a.only)
     elif a.mode == "bench":
         bench(a.root, [int(x) for x in a.lens.split(",")], a.decode, a.repeat, a.only,
-              with_hf=not a.no_hf, rounds=a.rounds)
+              with_hf=not a.no_hf, rounds=a.rounds, decode_after=a.decode_after)
     elif a.mode == "torch-ref":
         art = a.root / "arts" / a.rest[0]
         np.savez(f"/tmp/ref-{art.name}.npz", **torch_reference(art, a.root / "bundle"))

@@ -135,8 +135,16 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
                         lambda: flash.flash_prefill_kernel(h, kvh, d, scale, dtype, ldsm=ldsm,
                                                            **c))
     else:
+        c = {}
         gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype),
                         lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype))
-    out = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], relax.TensorType(shape_of(q), dtype)))
+    out_ty = relax.TensorType(shape_of(q), dtype)
+    if "splits" in c:  # the warp decode kernel: its splits' states go through a scratch
+        b, s = shape_of(q)[:2]
+        part_ty = relax.TensorType([b, s, h, attn.MAX_SPLITS, d + 2], "float32")
+        both = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], [part_ty, out_ty]))
+        out = ctx.bb.emit(relax.TupleGetItem(both, 1))
+    else:
+        out = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], out_ty))
     ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
     return [out, kc2, vc2]

@@ -142,34 +142,55 @@ GEMM = register(Space(
     doc="fp16 tensor-core GEMM with its epilogue (bias, cast, residual add): block tile "
         "bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async pipeline); "
         "the default is dlight's Matmul schedule",
-    build=_gemm_build))
+    build=_gemm_build,
+    # prefill's time is its GEMMs', and the valid tiles number about 50: measure them all
+    max_candidates=64))
 
 
 # -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------
 
-def _attention_args(shape, rng: np.random.Generator) -> list:
-    """q, k/v caches holding `past + s` rows, past[1] = `past`, the output."""
+def _attention_args(shape, rng: np.random.Generator, scratch: bool = False) -> list:
+    """q, k/v caches holding `past + s` rows, past[1] = `past`, (the decode kernel's scratch
+    of its splits' states,) the output."""
     b, s, h, d = 1, shape["s"], shape["heads"], shape["head_dim"]
     cap, dt = shape["s"] + shape["past"], shape["dtype"]
     q = rng.standard_normal((b, s, h * d)).astype(dt)
     kc, vc = (rng.standard_normal((b, shape["kv_heads"], cap, d)).astype(dt) for _ in "kv")
-    return [q, kc, vc, np.array([shape["past"]], "int32"), np.zeros((b, s, h * d), dt)]
+    part = [np.zeros((b, s, h, attn.MAX_SPLITS, d + 2), "float32")] if scratch else []
+    return [q, kc, vc, np.array([shape["past"]], "int32"), *part, np.zeros((b, s, h * d), dt)]
 
 
 def _attention_bind(shape) -> dict:
     return {"b": 1, "cap": shape["s"] + shape["past"]}
 
 
+#: streaming multiprocessors of the GPUs kiln targets (H100/H200 SXM: 132), what the decode
+#: attention's default split count fills
+SMS = 132
+
+
+def _splits_default(heads: int) -> int:
+    """Enough splits of each head's keys for a block per SM at batch 1 (a long context then
+    streams from every SM; a short one uses the first split alone)."""
+    splits = 1
+    while attn.SPLIT_DECODE and heads * splits < SMS and splits < attn.MAX_SPLITS:
+        splits *= 2
+    return splits
+
+
 DECODE_ATTENTION = register(Space(
-    "cuda.decode_attention", (Knob("dw", (4, 8, 16, 32)), Knob("du", (4, 8, 16))),
-    lambda shape, target: {"dw": attn.DW, "du": attn.DU},
+    "cuda.decode_attention", (Knob("dw", (4, 8, 16, 32)), Knob("du", (4, 8, 16)),
+                              Knob("splits", (1, 2, 4, 8, 16))),
+    lambda shape, target: {"dw": attn.DW, "du": attn.DU,
+                           "splits": _splits_default(shape["heads"])},
     lambda shape, c, target: c["dw"] * c["du"] <= 256,  # keys per step of a block
     doc="decode attention, head dim a multiple of 32: warps per block (the keys split over "
-        "them, merged at the end), keys per warp per step (loads in flight)",
+        "them, merged at the end), keys per warp per step (loads in flight), blocks per head "
+        "(split-KV: each a share of the context, merged by a second kernel)",
     build=lambda shape, c, target: attn.decode_attention_kernel(
         shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"] ** -0.5,
-        shape["dtype"], dw=c["dw"], du=c["du"]),
-    bind=_attention_bind, make_args=_attention_args))
+        shape["dtype"], **c),
+    bind=_attention_bind, make_args=lambda shape, rng: _attention_args(shape, rng, True)))
 
 FLASH_PREFILL = register(Space(
     "cuda.flash_prefill", (Knob("warps", (2, 4, 8)), Knob("bk", (32, 64, 128))),

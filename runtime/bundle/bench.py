@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ class Row:
     tokens: int  # prompt length (prefill) or decoded tokens (decode)
     tok_s: float  # median
     runs: tuple[float, ...]
+    past: int = 0  # decode: tokens cached before the first step (the prompt)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ class Report:
 
 
 def bench(artifact, *, prompt_lens: list[int], decode_len: int, repeat: int,
-          synthetic_weights: int | None, threads: int | None = None) -> Report:
+          synthetic_weights: int | None, threads: int | None = None,
+          decode_after: Sequence[int] = (16,)) -> Report:
+    """Prefill at each of `prompt_lens`; `decode_len` greedy steps after a prompt of each of
+    `decode_after` tokens (attention's share of a step grows with the cache)."""
     session = Session.load(artifact, threads=threads, synthetic_weights=synthetic_weights)
     rng = np.random.default_rng(0)
     vocab = session.vocab or 2
@@ -61,7 +66,8 @@ def bench(artifact, *, prompt_lens: list[int], decode_len: int, repeat: int,
     last = cuda and "prefill_last" in session.artifact.manifest["entry_points"]
     rows = [_prefill(session, rng.integers(0, vocab, (1, n)), repeat, last_only=last)
             for n in prompt_lens]
-    rows.append(_decode(session, rng.integers(0, vocab, (1, 16)), decode_len, repeat))
+    rows += [_decode(session, rng.integers(0, vocab, (1, n)), decode_len, repeat)
+             for n in decode_after]
     return Report(str(session.device), _weight_bytes(session), copy_bandwidth(session),
                   tuple(rows), gpu=cuda, threads=session.threads)
 
@@ -86,7 +92,7 @@ def _decode(session: Session, prompt: np.ndarray, steps: int, repeat: int) -> Ro
             tok = session.decode_greedy(tok)
         if i:
             runs.append(steps / (time.perf_counter() - t))
-    return Row("decode", steps, statistics.median(runs), tuple(runs))
+    return Row("decode", steps, statistics.median(runs), tuple(runs), past=prompt.shape[1])
 
 
 def copy_bandwidth(session: Session, mbytes: int = 1024, copies: int = 20) -> float:
@@ -125,5 +131,6 @@ def format_report(report: Report) -> str:
              + (f"; {report.threads} CPU threads" if report.threads else ""),
              f"{'phase':12s} {'tokens':>6s} {'tok/s':>10s}  runs"]
     lines += [f"{r.phase:12s} {r.tokens:6d} {r.tok_s:10.1f}  "
-              + " ".join(f"{x:.0f}" for x in r.runs) for r in report.rows]
+              + " ".join(f"{x:.0f}" for x in r.runs)
+              + (f"  (after {r.past} cached tokens)" if r.past else "") for r in report.rows]
     return "\n".join(lines)

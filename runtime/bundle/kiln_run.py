@@ -128,6 +128,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bench = sub.add_parser("bench", help="prefill and decode tok/s on the artifact's device")
     bench.add_argument("--prompt-lens", default="128,512")
     bench.add_argument("--decode-len", type=int, default=64)
+    bench.add_argument("--decode-after", default="16",
+                       help="cached tokens before the decode steps (one decode row each)")
     bench.add_argument("--repeat", type=int, default=5)
     bench.add_argument("--json", dest="json_path", type=Path, help="write the results here")
     for cmd in (run, chat, bench):
@@ -188,7 +190,8 @@ def cmd_bench(a: argparse.Namespace, info: dict) -> None:
         seed = 0  # the bundle ships no weights: synthesize them
     report = bench(a.artifact, prompt_lens=[int(x) for x in a.prompt_lens.split(",") if x],
                    decode_len=a.decode_len, repeat=a.repeat, synthetic_weights=seed,
-                   threads=a.threads)
+                   threads=a.threads,
+                   decode_after=[int(x) for x in a.decode_after.split(",") if x])
     print(format_report(report))
     if a.json_path:
         a.json_path.write_text(json.dumps(report.to_dict(), indent=2))

@@ -20,6 +20,10 @@ import numpy as np
 from kiln.compiler.interpreter import transformer_ops as spec
 from kiln.runtime import quant_format as qf
 
+#: kernels/attention.MAX_SPLITS (that module needs TVM's compiler, which the GPU host lacks):
+#: the decode attention scratch's split axis; tests/codegen/test_cuda_kernels.py checks it
+MAX_SPLITS = 16
+
 F16, F32 = "float16", "float32"
 EPS = 1e-5
 #: max |got - want| / max |want| allowed, per storage dtype (fp16 outputs are rounded once,
@@ -328,13 +332,18 @@ def _attention_case(name, kernel, h, kv, d, s, past, *, b=2, cap=None, **kw) -> 
               "flash": flash_attention.flash_prefill_kernel}[kernel]
         return fn(h, kv, d, d ** -0.5, F16, **kw)
 
+    # the warp decode kernel takes a scratch of its splits' states before the output
+    scratch = kernel == "decode" and d % 32 == 0 and kw.get("warps", True)
+
     def inputs(rng):
+        part = [_empty((b, s, h, MAX_SPLITS, d + 2), "float32")] if scratch else []
         return [_normal(rng, (b, s, h * d), F16), _normal(rng, (b, kv, cap, d), F16),
-                _normal(rng, (b, kv, cap, d), F16), np.array([past], np.int32),
+                _normal(rng, (b, kv, cap, d), F16), np.array([past], np.int32), *part,
                 _empty((b, s, h * d), F16)]
 
+    out = 5 if scratch else 4
     return Case(name, make, inputs,
-                lambda a: {4: _attention_ref(a[0], a[1], a[2], past, h, kv, d)})
+                lambda a: {out: _attention_ref(a[0], a[1], a[2], past, h, kv, d)})
 
 
 def _attention_cases() -> list[Case]:
@@ -368,6 +377,13 @@ def _attention_cases() -> list[Case]:
     return [past(), append(),
             _attention_case("decode_attention_warps_f16", "decode", 4, 2, 64, 1, 40),
             _attention_case("decode_attention_warps_s3_f16", "decode", 4, 1, 64, 3, 17),
+            # split-KV: one split used (17 keys), several with a ragged last share, all 16
+            _attention_case("decode_attention_split4_short_f16", "decode", 4, 2, 64, 1, 16,
+                            splits=4),
+            _attention_case("decode_attention_split4_f16", "decode", 4, 2, 64, 3, 700,
+                            splits=4, dw=4, du=8),
+            _attention_case("decode_attention_split16_f16", "decode", 8, 2, 128, 1, 2100,
+                            splits=16, dw=8, du=4),
             _attention_case("decode_attention_threads_f16", "decode", 6, 2, 48, 1, 23),
             _attention_case("prefill_attention_f16", "prefill", 4, 2, 64, 37, 5),
             _attention_case("flash_prefill_f16", "flash", 4, 2, 64, 70, 9),

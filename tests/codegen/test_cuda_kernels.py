@@ -95,3 +95,12 @@ def test_kernel_matches_the_numpy_specification(kernels, case):
               f"(tolerance {tol:g})")  # shown by pytest -rP: the run's record
         assert rel <= tol, (f"{case.name} output {i}: max|kernel - spec| / max|spec| = {rel:.3g} "
                             f"> {tol:g}; worst at {worst}: {g[worst]} vs {w[worst]}")
+
+
+@pytest.mark.tvm
+def test_the_cases_size_the_decode_scratch_as_the_kernel_does():
+    pytest.importorskip("tvm.relax", reason="the kernel module needs TVM's compiler")
+    from kiln.codegen.cuda.kernels import attention
+    from tests.codegen import cuda_kernel_cases
+
+    assert cuda_kernel_cases.MAX_SPLITS == attention.MAX_SPLITS

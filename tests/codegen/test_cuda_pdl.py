@@ -6,6 +6,8 @@ benchmarks/RESULTS.md (run 11-13 of benchmarks/gpu/cuda_llm_log.md)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.helpers import needs_cuda_toolchain
@@ -92,3 +94,21 @@ def _kernels_tagged(lib: bytes, tag: bytes) -> list[bytes]:
         if found:
             names.append(found[-1])
     return names
+
+
+def test_split_decode_attention_is_two_kernels_that_both_wait():
+    """Split-KV: the splits' kernel, then the merge, which reads what the first wrote, so
+    under PDL it waits for it too."""
+    from kiln.codegen.cuda.kernels.attention import decode_attention_kernel
+
+    def kernels(src: str) -> dict[str, str]:  # name -> body (declarations left out)
+        parts = re.split(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)', src)
+        return {name: body for name, body in zip(parts[1::2], parts[2::2], strict=True)
+                if "{" in body.split(";")[0]}
+
+    split = kernels(_cuda_source(decode_attention_kernel(8, 2, 64, 0.125, "float16", pdl=True,
+                                                         splits=4)))
+    assert len(split) == 2
+    assert all("griddepcontrol_wait()" in body for body in split.values())
+    one = _cuda_source(decode_attention_kernel(8, 2, 64, 0.125, "float16", pdl=True))
+    assert len(kernels(one)) == 1

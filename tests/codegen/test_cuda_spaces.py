@@ -139,8 +139,10 @@ def test_defaults_are_the_kernels_constants():
     g = space("cuda.gemv").default(SHAPES["cuda.gemv"][0], None)
     assert g == {"warps": gemv.WARPS, "chunk": gemv.CHUNK, "split": True}  # k = 4096: split
     assert not space("cuda.gemv").default(SHAPES["cuda.gemv"][1], None)["split"]
-    assert space("cuda.decode_attention").default({}, None) == {"dw": attention.DW,
-                                                                 "du": attention.DU}
+    # split-KV: blocks for every SM of an H100/H200 at batch 1 (a short context uses one)
+    assert space("cuda.decode_attention").default({"heads": 32}, None) == {
+        "dw": attention.DW, "du": attention.DU, "splits": 8}
+    assert space("cuda.decode_attention").default({"heads": 9}, None)["splits"] == 16
     assert space("cuda.flash_prefill").default({}, None) == {"warps": flash_attention.WARPS,
                                                               "bk": flash_attention.BK}
     assert space("cuda.rms_norm").default({}, None) == {"rows": rowwise.ROWS}
@@ -235,3 +237,33 @@ def test_tuning_plan_builds_for_cuda(tiny_model, tmp_path):
     for inst in plan["instances"]:
         require_fatbin(tmp_path / inst["lib"], "sm_90")
         assert 1 <= len(inst["candidates"]) <= 2
+
+
+def test_the_gemm_space_is_measured_whole_unless_capped():
+    """The GEMM's ~50 tiles are all measured by default (prefill's time is its GEMMs');
+    an explicit --max-candidates still caps them."""
+    from kiln.codegen.schedules import space
+    from kiln.codegen.tune import MAX_CANDIDATES, candidates
+
+    shape = {"phase": "prefill", "m": 2048, "n": 2048, "k": 2048, "dtype": "float16",
+             "out_dtype": "float16", "bias": False, "residual": False}
+    every = space("cuda.gemm").configs(shape, None)
+    assert len(every) > MAX_CANDIDATES
+    assert candidates(space("cuda.gemm"), shape, None) == every
+    assert len(candidates(space("cuda.gemm"), shape, None, cap=3)) == 3
+
+
+def test_a_tuning_entry_of_an_older_space_is_ignored_with_a_warning():
+    """A database measured before decode attention had its `splits` knob: the entry is left
+    to the cost model, in one warning line (a value outside the choices stays an error)."""
+    from kiln.codegen.schedules import TuningDB
+    from kiln.compiler.errors import KilnError
+
+    db = TuningDB({"kind": "cuda"})
+    db.record("cuda.decode_attention", "k", {"dw": 32, "du": 4}, 1.0, 1.3)
+    with pytest.warns(UserWarning, match=r"knobs \['du', 'dw'\].*re-run `kiln tune`") as seen:
+        assert db.lookup("cuda.decode_attention", "k") is None
+    assert "\n" not in str(seen[0].message)
+    db.record("cuda.decode_attention", "k", {"dw": 3, "du": 4, "splits": 1}, 1.0, 1.3)
+    with pytest.raises(KilnError, match="dw=3"):
+        db.lookup("cuda.decode_attention", "k")

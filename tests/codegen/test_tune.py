@@ -235,3 +235,44 @@ def test_candidates_keep_the_default_first_and_respect_the_cap():
     assert len(every) > 5 and len(picked) == 5 and picked[0] == every[0]
     assert all(c in every for c in picked)
     assert np.unique([json.dumps(c, sort_keys=True) for c in picked]).size == 5
+
+
+def test_each_tuned_prompt_length_gets_its_prefill_entry(tmp_path):
+    """A database measured at two prompt lengths compiles to prefill entries per length; the
+    runtime runs the nearest one, with the logits and tokens of the untuned artifact."""
+    from kiln.codegen.schedules import TuningDB
+    from kiln.compiler.compile import compile_model
+    from kiln.compiler.tuning import tune_model
+    from kiln.runtime.session import Session, row_entry
+
+    db = tune_model(DATA / "llama-optimum.onnx", tmp_path / "t.json", max_seq=64, rows=(8, 64),
+                    max_candidates=2, repeat=1)
+    assert TuningDB.load(db).prefill_rows() == {8, 64}
+    art = compile_model(DATA / "llama-optimum.onnx", tmp_path / "a", max_seq=64, tuning=db)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["prefill_rows"] == [64, 8]
+    assert {"prefill_8", "prefill_last_8"} <= set(manifest["entry_points"])
+    assert [row_entry("prefill", n, [64, 8]) for n in (3, 8, 20, 40, 64)] == [
+        "prefill_8", "prefill_8", "prefill", "prefill", "prefill"]  # 20 -> 32: a tie, larger
+    plain = compile_model(DATA / "llama-optimum.onnx", tmp_path / "p", max_seq=64)
+    ids = np.random.default_rng(0).integers(0, 100, (1, 6))
+    short = Session.load(art).prefill(ids)
+    np.testing.assert_allclose(short, Session.load(plain).prefill(ids), rtol=1e-4, atol=1e-4)
+    assert _greedy(art) == _greedy(plain)
+
+
+def test_row_entry_keeps_single_bucket_artifacts_and_decode_as_they_are():
+    from kiln.runtime.session import row_entry
+
+    assert row_entry("prefill", 2000, [512]) == "prefill"
+    assert row_entry("decode", 1, [512, 2048]) == "decode"
+    assert row_entry("prefill_last", 1500, [512, 2048]) == "prefill_last_2048"
+    assert row_entry("prefill_last", 700, [512, 2048]) == "prefill_last_2048"  # 1024: a tie
+    assert row_entry("prefill_last", 300, [512, 2048]) == "prefill_last"
+
+
+def test_tune_rows_outside_the_context_are_refused(tmp_path):
+    from kiln.compiler.tuning import tune_model
+
+    with pytest.raises(KilnError, match=r"--rows 8,128: .*1\.\.64"):
+        tune_model(DATA / "llama-optimum.onnx", tmp_path / "t.json", max_seq=64, rows=(8, 128))

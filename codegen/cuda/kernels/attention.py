@@ -7,9 +7,10 @@ stays valid as `past` grows (a scalar would be baked into the captured launch).
 
 - `past_kernel`: writes `past` into that tensor (runs outside the captured graph).
 - `kv_append_kernel`: new rows k/v[b, s, KV*D] -> caches at past..past+s-1, in place.
-- `decode_attention_kernel`: one block per (batch, query, head); its warps split the keys,
-  their lanes the head dimension; each warp keeps an online-softmax state, the block merges
-  them in shared memory.
+- `decode_attention_kernel`: blocks per (batch, query, head) each over a share of the keys
+  (split-KV); a block's warps split its keys, their lanes the head dimension; each warp keeps
+  an online-softmax state, the block merges them in shared memory and a second kernel the
+  blocks' states.
 - `prefill_attention_kernel`: flash-attention tiling: one block per (batch, head, BQ queries),
   one thread per query; K/V tiles of BK rows are staged in shared memory, scores live in
   registers (never a score matrix), online softmax per tile. Causal.
@@ -28,6 +29,12 @@ from kiln.codegen.cuda.kernels import pdl as P
 F32_MIN = -3.4028234663852886e38
 NT = 64  # decode, any head dim: threads per block (keys split over them, states merged)
 DW, DU = 16, 8  # decode, head dim a multiple of 32: warps per block, keys per warp per step
+#: decode: most blocks one (batch, query, head)'s keys are split over; the scratch of their
+#: states is sized for it whatever the split count
+MAX_SPLITS = 16
+#: split-KV by default (the cost model's split count); the benchmarks' `nosplit` variant clears
+#: it (one block per head, for an A/B run)
+SPLIT_DECODE = True
 #: the warp kernel for head dims that are multiples of 32; the benchmarks' `oldattn` variant
 #: clears it (for an A/B run against `_decode_attention_threads`)
 WARP_DECODE = True
@@ -85,34 +92,42 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
 @functools.cache
 def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
                             dtype: str, *, pdl: bool = False, warps: bool = True,
-                            dw: int = DW, du: int = DU) -> tirx.PrimFunc:
-    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]), causal; any s, best
-    for s = 1. Query i (0-based in the new rows) sees keys 0..past+i.
+                            dw: int = DW, du: int = DU, splits: int = 1) -> tirx.PrimFunc:
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], part, out[b, s, H*D]), causal; any
+    s, best for s = 1. Query i (0-based in the new rows) sees keys 0..past+i.
 
-    One block of dw warps per (batch, query, head). The lanes of a warp split the head
-    dimension (D / 32 elements each: a key row is one coalesced load) and a warp takes du keys
-    at a time, all their K and V loads issued before the first use; scores are summed across
-    the lanes by a butterfly of shuffles, so every lane holds them and keeps its slice of the
-    online-softmax output. The warps' states are merged once, at the end, in shared memory.
-    (dw, du: DW and DU, the schedule space cuda.decode_attention's knobs.)
+    `splits` blocks of dw warps per (batch, query, head), each over a contiguous share of the
+    keys (flash-decoding: a long context fills the GPU instead of one block per head). The
+    lanes of a warp split the head dimension (D / 32 elements each: a key row is one coalesced
+    load) and a warp takes du keys at a time, all their K and V loads issued before the first
+    use; scores are summed across the lanes by a butterfly of shuffles, so every lane holds
+    them and keeps its slice of the online-softmax output. The warps' states are merged in
+    shared memory; with one split that is the output, else each split writes its state
+    (max, sum, unnormalized output) to `part` (b, s, H, MAX_SPLITS, D + 2) float32 and a second
+    kernel merges the splits that had keys. A split's share is a whole number of dw * du key
+    steps, so a short context uses the first split alone.
+    (dw, du, splits: the schedule space cuda.decode_attention's knobs.)
     Head dims that are not a multiple of 32 (or `warps` false) take
-    `_decode_attention_threads`."""
+    `_decode_attention_threads` (no `part`)."""
     if head_dim % 32 or not warps:
         return _decode_attention_threads(heads, kv_heads, head_dim, scale, dtype, pdl)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits {splits} not in 1..{MAX_SPLITS}")
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
     per, keys = head_dim // 32, dw * du  # elements per lane; keys per block per step
     full = T.uint32(0xFFFFFFFF)
 
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                         pst: T.Buffer((1,), "int32"), o_h: T.handle):
+                         pst: T.Buffer((1,), "int32"), part_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, s, hd), dtype)
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
         vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
+        part = T.match_buffer(part_h, (b, s, heads, MAX_SPLITS, d + 2), f32)
         o = T.match_buffer(o_h, (b, s, hd), dtype)
-        for blk in T.thread_binding(b * s * heads, thread="blockIdx.x"):
+        for blk in T.thread_binding(b * s * heads * splits, thread="blockIdx.x"):
             for ty in T.thread_binding(dw, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     ms = T.decl_buffer((dw,), f32, scope="shared")
@@ -125,25 +140,31 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                     sc = T.decl_buffer((du,), f32, scope="local")
                     # running max, running sum, new max, rescale of the old state
                     st = T.decl_buffer((4,), f32, scope="local")
-                    bi: T.let[T.int64] = blk // (s * heads)
-                    si: T.let[T.int64] = blk // heads % s
-                    h: T.let[T.int64] = blk % heads
+                    sp: T.let[T.int64] = blk % splits
+                    row: T.let[T.int64] = blk // splits
+                    bi: T.let[T.int64] = row // (s * heads)
+                    si: T.let[T.int64] = row // heads % s
+                    h: T.let[T.int64] = row % heads
                     g: T.let[T.int64] = h // group
                     P.wait(pdl)
                     kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                    chunk: T.let[T.int64] = ((kend + splits - 1) // splits + keys - 1) \
+                        // keys * keys
+                    base: T.let[T.int64] = sp * chunk
+                    kstop: T.let[T.int64] = T.min(base + chunk, kend)
                     for c in T.unroll(per):
                         qv[c] = T.Cast(f32, q[bi, si, h * d + tx * per + c]) * T.float32(scale)
                         acc[c] = T.float32(0)
                     st[0] = T.float32(F32_MIN)
                     st[1] = T.float32(0)
-                    for it in range((kend + keys - 1) // keys):
+                    for it in range((kstop - base + keys - 1) // keys):
                         for u in T.unroll(du):
                             for c in T.vectorized(per):
-                                kr[u * per + c] = kc[bi, g, T.min(it * keys + ty * du + u,
+                                kr[u * per + c] = kc[bi, g, T.min(base + it * keys + ty * du + u,
                                                                   kend - 1), tx * per + c]
                         for u in T.unroll(du):
                             for c in T.vectorized(per):
-                                vr[u * per + c] = vc[bi, g, T.min(it * keys + ty * du + u,
+                                vr[u * per + c] = vc[bi, g, T.min(base + it * keys + ty * du + u,
                                                                   kend - 1), tx * per + c]
                         for u in T.unroll(du):
                             sc[u] = T.float32(0)
@@ -155,7 +176,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                                                                        32, 32)
                         st[2] = st[0]
                         for u in T.unroll(du):
-                            sc[u] = T.Select(it * keys + ty * du + u < kend, sc[u],
+                            sc[u] = T.Select(base + it * keys + ty * du + u < kstop, sc[u],
                                              T.float32(F32_MIN))
                             st[2] = T.max(st[2], sc[u])
                         st[3] = T.exp(st[0] - st[2])
@@ -163,7 +184,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                         for c in T.unroll(per):
                             acc[c] = acc[c] * st[3]
                         for u in T.unroll(du):
-                            sc[u] = T.Select(it * keys + ty * du + u < kend,
+                            sc[u] = T.Select(base + it * keys + ty * du + u < kstop,
                                              T.exp(sc[u] - st[2]), T.float32(0))
                             st[1] += sc[u]
                             for c in T.unroll(per):
@@ -176,7 +197,8 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                         os[ty * d + tx * per + c] = acc[c]
                     T.tvm_storage_sync("shared")
                     for c0 in range((d + dw * 32 - 1) // (dw * 32)):
-                        if c0 * dw * 32 + ty * 32 + tx < d:
+                        col: T.let[T.int32] = c0 * dw * 32 + ty * 32 + tx
+                        if col < d:
                             st[2] = T.float32(F32_MIN)
                             for w in T.unroll(dw):
                                 st[2] = T.max(st[2], ms[w])
@@ -185,9 +207,36 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                             for w in T.unroll(dw):
                                 st[3] = T.exp(ms[w] - st[2])
                                 st[1] += ls[w] * st[3]
-                                st[0] += os[w * d + c0 * dw * 32 + ty * 32 + tx] * st[3]
-                            o[bi, si, h * d + c0 * dw * 32 + ty * 32 + tx] = T.Cast(
-                                dtype, st[0] / st[1])
+                                st[0] += os[w * d + col] * st[3]
+                            if splits == 1:
+                                o[bi, si, h * d + col] = T.Cast(dtype, st[0] / st[1])
+                            elif base < kend:  # this split's state, for the merge
+                                part[bi, si, h, sp, 2 + col] = st[0]
+                                if col == 0:
+                                    part[bi, si, h, sp, 0] = st[2]
+                                    part[bi, si, h, sp, 1] = st[1]
+        if splits > 1:  # the merge: one thread per output element
+            for blk in T.thread_binding(b * s * heads, thread="blockIdx.x"):
+                for tx in T.thread_binding(d, thread="threadIdx.x"):
+                    mt = T.decl_buffer((3,), f32, scope="local")  # max, sum, output
+                    bi: T.let[T.int64] = blk // (s * heads)
+                    si: T.let[T.int64] = blk // heads % s
+                    h: T.let[T.int64] = blk % heads
+                    P.wait(pdl)
+                    kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                    chunk: T.let[T.int64] = ((kend + splits - 1) // splits + keys - 1) \
+                        // keys * keys
+                    used: T.let[T.int64] = (kend + chunk - 1) // chunk
+                    mt[0] = T.float32(F32_MIN)
+                    for j in range(used):
+                        mt[0] = T.max(mt[0], part[bi, si, h, j, 0])
+                    mt[1] = T.float32(0)
+                    mt[2] = T.float32(0)
+                    for j in range(used):
+                        mt[1] += part[bi, si, h, j, 1] * T.exp(part[bi, si, h, j, 0] - mt[0])
+                        mt[2] += part[bi, si, h, j, 2 + tx] * T.exp(part[bi, si, h, j, 0]
+                                                                    - mt[0])
+                    o[bi, si, h * d + tx] = T.Cast(dtype, mt[2] / mt[1])
 
     return decode_attention
 

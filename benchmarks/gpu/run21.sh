@@ -1,0 +1,23 @@
+#!/bin/bash
+# Run 21 (session 9): split-KV decode attention (kernel cases + decode after 16 / 2048 cached
+# tokens, split vs nosplit), tuned vs untuned with per-row-bucket prefill entries, and the
+# GPU token check of the unfused artifacts. Artifacts built on the CPU host:
+#   python benchmarks/gpu/cuda_llm.py build .device/b llama-3.2-1b:float16 \
+#     llama-3.2-1b:float16::nosplit llama-3.2-1b:float16::tuned llama-3.2-1b:float16::nofuse \
+#     smollm2-135m:float16 smollm2-135m:float16::nofuse     (tuning.json: run 20's database)
+#   python -m tests.codegen.cuda_kernel_cases .device/h3/kernels   (+ the runtime-only TVM in
+#     .device/h3, recipe in benchmarks/gpu/kernel_tests_log.md)
+set -u
+OUT=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import zipfile,glob; zipfile.ZipFile(glob.glob('.device/h3/wheels/*.whl')[0]).extractall('/tmp/site')"
+mkdir -p /tmp/k/kiln
+for d in compiler passes codegen runtime models; do ln -sfn "$PWD/$d" "/tmp/k/kiln/$d"; done
+ln -sfn "$PWD/api/__init__.py" /tmp/k/kiln/__init__.py
+( export PYTHONPATH=/tmp/site:$PWD/.device/h3/lib:/tmp/k:$PWD KILN_CUDA_KERNELS=$PWD/.device/h3/kernels
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_cuda_kernels.py 2>&1 | tail -15 ) | tee "$OUT/kernels.log"
+timeout 330 python3 benchmarks/gpu/cuda_llm.py bench .device/b --no-hf --rounds 3 --lens 512,2048 \
+  --decode 64 --decode-after 16,2048 --repeat 3 --only 'llama' > "$OUT/bench.log" 2>&1
+grep -E "^llama|round|/" "$OUT/bench.log" | tail -40
+timeout 200 python3 benchmarks/gpu/cuda_llm.py check .device/b --only 'float16$|tuned|nofuse' > "$OUT/check.log" 2>&1
+grep -E "^==|greedy|top-1|FAIL" "$OUT/check.log" | head -40
