@@ -27,8 +27,10 @@ GEMV multiplies codes: one 64-byte load holds 4 byte columns of a block (int4: 8
 (unsigned) bytes with 4 of x's (signed) codes to int32 lanes: 64 multiply-adds an instruction where
 the float GEMV does 16, with no conversion of the weights to float. int4 nibbles are masked out of
 the bytes (the even and odd columns, against x's codes packed likewise); int8 codes get their sign
-bit flipped (+128, taken back with the zero point). Elsewhere, and in the GEMM, x is replaced by
-its quantized values in float and the float kernels run: the same numbers up to float rounding.
+bit flipped (+128, taken back with the zero point). The prefill GEMM does the same over tiles of
+VNNI_MR rows: each load and permute of weights serves VNNI_MR rows' vpdpbusd. Without VNNI (or
+blocks that are not whole chunks) x is replaced by its quantized values in float and the float
+kernels run: the same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ SMALL = "global"
 NIBBLE = qf.NIBBLE_MASK
 #: at most this many rows run the GEMV path (no scratch); more run the dequantize-panel GEMM
 GEMV_ROWS = 4
+#: int8 activations on VNNI, prefill: rows sharing each weight load (VNNI_MR x nv int32
+#: accumulators stay in registers)
+VNNI_MR = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +118,8 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
     """PrimFunc(x[m, K], qw, scales, (zp,) (b[N],) y[m, N]) with m symbolic (int64).
 
     act_bits 8: x is quantized per row and 32 columns first. With `vnni` (AVX-512 VNNI and
-    VBMI) and a scheme the VNNI GEMV takes (QuantScheme.vnni_gemv), the GEMV multiplies int8
-    codes into int32 with vpdpbusd; otherwise (and in the GEMM) x is replaced by its quantized
+    VBMI) and a scheme the VNNI kernels take (QuantScheme.vnni_gemv), the GEMV and the GEMM
+    multiply int8 codes into int32 with vpdpbusd; otherwise x is replaced by its quantized
     values in float32, which the float kernels then use: the same numbers
     (quant_format.fake_quantize_rows)."""
     n, k, G = s.n, s.k, s.groups
@@ -124,8 +129,8 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
     gemm_panel = _gemm_panel(s, gemm.mr, lanes, bias)
     int_gemv = vnni and s.vnni_gemv and lanes == 16
     if int_gemv:
-        vnni_panel, pack_x = _vnni_gemv_panel(s, bias), _pack_rows(s)
-        C, NB = k // s.vnni_chunk, k // s.vnni_block
+        vnni_tile, vnni_row = _vnni_panel(s, bias, VNNI_MR), _vnni_panel(s, bias, 1)
+        pack_x, C, NB = _pack_rows(s), k // s.vnni_chunk, k // s.vnni_block
 
     @T.macro
     def spread(body, xb, wb, sb, zb, bb, yb, m, nv):
@@ -151,27 +156,42 @@ def quant_linear_kernel(s: QuantScheme, gemm: PackedConfig, gemv_nv: int, *,
         float_dispatch(xq, wb, sb, zb, bb, yb, m)
 
     @T.macro
+    def vnni_rows(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, nb0, nv, ragged):
+        # tiles of VNNI_MR rows share each weight load, then the rows left one at a time
+        for t in range(m // VNNI_MR):
+            vnni_tile(xe, xo, gs, sx, wf, sb, zb, bb, yb, t * VNNI_MR, nb0, nv, ragged)
+        for r in range(m // VNNI_MR * VNNI_MR, m):
+            vnni_row(xe, xo, gs, sx, wf, sb, zb, bb, yb, r, nb0, nv, ragged)
+
+    @T.macro
+    def vnni_panels(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, nv):
+        # parallel panels of nv full blocks, then the leftover full blocks, then a ragged one
+        for p in T.parallel(full // nv):
+            vnni_rows(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, p * nv, nv, False)
+        if full % nv > 0:
+            vnni_rows(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, full // nv * nv, full % nv, False)
+        if blocks > full:
+            vnni_rows(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, full, 1, True)
+
+    @T.macro
+    def vnni_dispatch(xb, wb, sb, zb, bb, yb, m):
+        xe = T.decl_buffer((m * C,), "int32", scope="global")
+        xo = T.decl_buffer((m * C,), "int32", scope="global")
+        gs = T.decl_buffer((m * NB,), "float32", scope="global")
+        sx = T.decl_buffer((m * NB,), "float32", scope="global")
+        wf = T.decl_buffer((blocks * qcols * lanes,), qdt, data=wb.data)
+        pack_x(xb, xe, xo, gs, sx, m)
+        if m <= GEMV_ROWS:
+            vnni_panels(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, gemv_nv)
+        else:
+            vnni_panels(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, gemm.nv)
+
+    @T.macro
     def dispatch(xb, wb, sb, zb, bb, yb, m):
         if s.act_bits == 0:
             float_dispatch(xb, wb, sb, zb, bb, yb, m)
         elif int_gemv:
-            if m <= GEMV_ROWS:
-                xe = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
-                xo = T.decl_buffer((GEMV_ROWS * C,), "int32", scope="global")
-                gs = T.decl_buffer((GEMV_ROWS * NB,), "float32", scope="global")
-                sx = T.decl_buffer((GEMV_ROWS * NB,), "float32", scope="global")
-                wf = T.decl_buffer((blocks * qcols * lanes,), qdt, data=wb.data)
-                pack_x(xb, xe, xo, gs, sx, m)
-                for p in T.parallel(full // gemv_nv):
-                    vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, p * gemv_nv, gemv_nv,
-                               False)
-                if full % gemv_nv > 0:
-                    vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, full // gemv_nv * gemv_nv,
-                               full % gemv_nv, False)
-                if blocks > full:
-                    vnni_panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, full, 1, True)
-            else:
-                fake_dispatch(xb, wb, sb, zb, bb, yb, m)
+            vnni_dispatch(xb, wb, sb, zb, bb, yb, m)
         else:
             fake_dispatch(xb, wb, sb, zb, bb, yb, m)
 
@@ -418,9 +438,9 @@ def _pack_rows(s: QuantScheme):
 
     @T.macro
     def pack(xb, xe, xo, gs, sx, m):
-        amax = T.decl_buffer((1,), "float32", scope=SMALL)
-        q = T.decl_buffer((chunk,), "int32", scope=SMALL)
-        for r in range(m):
+        for r in T.parallel(m):
+            amax = T.decl_buffer((1,), "float32", scope=SMALL)
+            q = T.decl_buffer((chunk,), "int32", scope=SMALL)
             for ag in range(k // A):
                 group_amax(xb, amax, r, ag * A, (ag + 1) * A)
                 sc: T.let[T.float32] = _act_scale(amax[0])
@@ -458,56 +478,69 @@ def _dpbusd(acc, codes, x4) -> tirx.PrimExpr:
                                    T.reinterpret("int8x64", T.Broadcast(x4, 16)))
 
 
-def _vnni_gemv_panel(s: QuantScheme, bias: bool):
-    """The int8-activation GEMV of a panel of nv blocks: per chunk and block, one 64-byte load
-    and one vpermb; int4: two nibble masks and two vpdpbusd (128 weights), int8: a sign flip
-    (vpdpbusd multiplies unsigned by signed bytes: q + 128) and one vpdpbusd (64 weights). Per
-    vnni_block columns the int32 sums become float, (sum - offset * sum of x's codes) * weight
-    scale * activation scale, offset the zero point (+ 128 for int8)."""
+def _vnni_panel(s: QuantScheme, bias: bool, rows: int):
+    """The int8-activation kernel of `rows` rows and a panel of nv blocks: per chunk and
+    block, one 64-byte load and one vpermb, the operands prepared once (int4: the two nibble
+    masks; int8: a sign flip, as vpdpbusd multiplies unsigned by signed bytes: q + 128), then
+    per row vpdpbusd (int4: two, 128 weights; int8: one, 64 weights). Per vnni_block columns the
+    int32 sums become float, (sum - offset * sum of x's codes) * weight scale * activation
+    scale, offset the zero point (+ 128 for int8). One row is the decode GEMV; a tile of rows
+    (prefill) reuses each load and permute `rows` times."""
     k, g, lanes = s.k, s.group, qf.LANES
     C, NB, per_block = k // s.vnni_chunk, k // s.vnni_block, s.vnni_block // s.vnni_chunk
     qcols, flip, blk = s.qcols, 128 if s.bits == 8 else 0, s.vnni_block
     low = T.Broadcast(T.int32(0x0F0F0F0F), lanes)
     sign = T.Broadcast(T.int32(-0x7F7F7F80), lanes)  # 0x80808080
 
-    def accumulate(part, w4, ex, ox):
-        if s.bits == 8:
-            return _dpbusd(part, T.bitwise_xor(w4, sign), ex)
-        return _dpbusd(_dpbusd(part, T.bitwise_and(w4, low), ex), T.bitwise_and(
-            T.shift_right(w4, T.Broadcast(T.int32(4), lanes)), low), ox)
-
     @T.macro
-    def panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, m, nb0, nv, ragged):
-        acc = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
-        part = T.decl_buffer((nv * lanes,), "int32", scope=SMALL)
-        for r in range(m):
-            zero(acc, nv, lanes)
-            for bi in range(NB):
+    def panel(xe, xo, gs, sx, wf, sb, zb, bb, yb, r0, nb0, nv, ragged):
+        acc = T.decl_buffer((rows * nv * lanes,), "float32", scope=SMALL)
+        part = T.decl_buffer((rows * nv * lanes,), "int32", scope=SMALL)
+        wa = T.decl_buffer((nv * lanes,), "int32", scope=SMALL)  # low nibbles / flipped bytes
+        wh = T.decl_buffer((nv * lanes,), "int32", scope=SMALL)  # int4: high nibbles
+        zero(acc, rows * nv, lanes)
+        for bi in range(NB):
+            for t in T.unroll(rows * nv):
+                part[T.ramp(t * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+            for c in range(bi * per_block, (bi + 1) * per_block):
                 for j in T.unroll(nv):
-                    part[T.ramp(j * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
-                for c in range(bi * per_block, (bi + 1) * per_block):
-                    ex: T.let[T.int32] = xe[r * C + c]
-                    ox: T.let[T.int32] = xo[r * C + c]
+                    w4: T.let[T.int32x16] = _transposed_bytes(wf, ((nb0 + j) * qcols + c * 4)
+                                                              * lanes)
+                    if s.bits == 8:
+                        wa[T.ramp(j * lanes, 1, lanes)] = T.bitwise_xor(w4, sign)
+                    else:
+                        wa[T.ramp(j * lanes, 1, lanes)] = T.bitwise_and(w4, low)
+                        wh[T.ramp(j * lanes, 1, lanes)] = T.bitwise_and(
+                            T.shift_right(w4, T.Broadcast(T.int32(4), lanes)), low)
+                for i in T.unroll(rows):
+                    ex: T.let[T.int32] = xe[(r0 + i) * C + c]
                     for j in T.unroll(nv):
-                        part[T.ramp(j * lanes, 1, lanes)] = accumulate(
-                            part[T.ramp(j * lanes, 1, lanes)], _transposed_bytes(
-                                wf, ((nb0 + j) * qcols + c * 4) * lanes), ex, ox)
-                gi: T.let[T.int32] = bi * blk // g
-                xsum: T.let[T.float32] = gs[r * NB + bi]
-                xsc: T.let[T.float32] = sx[r * NB + bi]
+                        part[T.ramp((i * nv + j) * lanes, 1, lanes)] = _dpbusd(
+                            part[T.ramp((i * nv + j) * lanes, 1, lanes)],
+                            wa[T.ramp(j * lanes, 1, lanes)], ex)
+                    if s.bits == 4:
+                        ox: T.let[T.int32] = xo[(r0 + i) * C + c]
+                        for j in T.unroll(nv):
+                            part[T.ramp((i * nv + j) * lanes, 1, lanes)] = _dpbusd(
+                                part[T.ramp((i * nv + j) * lanes, 1, lanes)],
+                                wh[T.ramp(j * lanes, 1, lanes)], ox)
+            gi: T.let[T.int32] = bi * blk // g
+            for i in T.unroll(rows):
+                xsum: T.let[T.float32] = gs[(r0 + i) * NB + bi]
+                xsc: T.let[T.float32] = sx[(r0 + i) * NB + bi]
                 for j in T.unroll(nv):
                     for lane in T.vectorized(lanes):
                         if s.zero_points:
-                            acc[j * lanes + lane] += (
-                                T.Cast("float32", part[j * lanes + lane])
+                            acc[(i * nv + j) * lanes + lane] += (
+                                T.Cast("float32", part[(i * nv + j) * lanes + lane])
                                 - (zb[nb0 + j, gi, lane] + T.float32(flip)) * xsum
                             ) * (sb[nb0 + j, gi, lane] * xsc)
                         else:
-                            acc[j * lanes + lane] += (
-                                T.Cast("float32", part[j * lanes + lane])
+                            acc[(i * nv + j) * lanes + lane] += (
+                                T.Cast("float32", part[(i * nv + j) * lanes + lane])
                                 - T.float32(s.default_zp + flip) * xsum
                             ) * (sb[nb0 + j, gi, lane] * xsc)
-            store(bb, yb, acc, r, 1, nb0, nv, ragged, lanes, bias, s.n, nv)
+        store(bb, yb, acc, r0, rows, nb0, nv, ragged, lanes, bias, s.n, nv)
 
     return panel
 

@@ -28,7 +28,7 @@ PATHS = [pytest.param(True, id="vnni", marks=needs_vnni), pytest.param(False, id
 CASES = [(4, 48, 64, 32, True), (4, 40, 96, 32, False), (4, 64, 128, 128, True),
          (4, 32, 96, 16, True), (8, 48, 64, 64, True), (8, 40, 96, 32, False),
          (8, 32, 64, 4, True), (4, 32, 80, 16, True), (8, 16, 36, 36, True)]
-ROWS = (1, 3, 4, 7)  # GEMV rows (<= GEMV_ROWS) and GEMM
+ROWS = (1, 3, 4, 7, 9)  # GEMV rows (<= GEMV_ROWS), GEMM: tiles of VNNI_MR rows and a tail
 
 
 @pytest.mark.parametrize("vnni", PATHS)
