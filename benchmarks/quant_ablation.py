@@ -9,7 +9,7 @@ benchmarks/RESULTS.md ("Quantization quality") was made this way and the shipped
 compiled and checked with `kiln eval`.
 
     python benchmarks/quant_ablation.py MODEL.onnx --variant 'w4g32:asym,act,seq,int8=qkv+head' \
-        --variant 'w4g32:sym' [--calibration FILE] [--json OUT.jsonl]
+        --variant 'w4g32:sym' [--calibration FILE ...] [--windows N] [--json OUT.jsonl]
 
 A variant is `w<bits>g<group>` then options: sym|asym, act (act order), seq (sequential
 calibration: each linear's Hessian taken with the layers before it quantized; otherwise all
@@ -30,7 +30,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from kiln.compiler.compile import CALIBRATION_WINDOW, compile_graph
+from kiln.compiler.calibration import (
+    CALIBRATION_TEXTS,
+    CALIBRATION_WINDOW,
+    CALIBRATION_WINDOWS,
+    calibration_text,
+)
+from kiln.compiler.calibration import windows as cut_windows
+from kiln.compiler.compile import compile_graph
 from kiln.compiler.evaluation import default_text, read_text
 from kiln.compiler.frontend.onnxruntime_lm import OrtLM
 from kiln.compiler.interpreter import run
@@ -165,9 +172,12 @@ def write_copy(model: Path, graph: Graph, weights: dict[str, np.ndarray], out: P
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--variant", "variants", multiple=True, required=True)
-@click.option("--calibration", type=click.Path(exists=True, path_type=Path),
-              help="calibration text (default: kiln's models/data/calibration.txt)")
-@click.option("--windows", default=16, show_default=True, help="calibration windows of 512")
+@click.option("--calibration", "calibration", multiple=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="calibration text, repeatable: the texts are joined by a blank line "
+                   "(default: kiln's, kiln.compiler.calibration.CALIBRATION_TEXTS)")
+@click.option("--windows", default=CALIBRATION_WINDOWS, show_default=True,
+              help=f"calibration windows of {CALIBRATION_WINDOW} tokens (at most)")
 @click.option("--qkv-rows", default="576,192,192", show_default=True,
               help="rows of q, k, v in a fused projection (for int8=q/k/v)")
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, path_type=Path),
@@ -178,13 +188,12 @@ def main(model: Path, variants, calibration, windows, qkv_rows, texts, eval_toke
          json_out) -> None:
     from tokenizers import Tokenizer
 
-    import kiln.models
-
     tok = Tokenizer.from_file(str(model.with_name("tokenizer.json")))
-    text = (calibration or Path(kiln.models.__file__).parent / "data" / "calibration.txt")
-    ids = np.asarray(tok.encode(text.read_text()).ids, np.int64)
-    n = CALIBRATION_WINDOW
-    wins = [ids[i * n:(i + 1) * n][None] for i in range(min(len(ids) // n, windows))]
+    sources = tuple(t.resolve() for t in calibration) or CALIBRATION_TEXTS
+    cal_name = "+".join(Path(t).name for t in sources)
+    wins = list(cut_windows(tok.encode(calibration_text(sources)).ids, CALIBRATION_WINDOW,
+                            windows))
+    print(f"calibration: {cal_name}, {len(wins)} windows of {CALIBRATION_WINDOW}", flush=True)
     graph = compile_graph(model, max_seq=1024, progress=lambda m: None, weights_optional=False)
     texts = texts or (default_text(),)
     eval_ids = {t: tok.encode(read_text(t)).ids[:eval_tokens or None] for t in texts}
@@ -209,8 +218,8 @@ def main(model: Path, variants, calibration, windows, qkv_rows, texts, eval_toke
             lm = OrtLM(copy, threads=2)
             for t, ids in eval_ids.items():
                 r = evaluate(lm, ids, context=1024, stride=512, reference=reference)
-                row = {"variant": spec, "calibration": text.name, "text": t.name,
-                       "tokens": r.tokens, "perplexity": r.perplexity,
+                row = {"variant": spec, "calibration": cal_name, "windows": len(wins),
+                       "text": t.name, "tokens": r.tokens, "perplexity": r.perplexity,
                        "reference_perplexity": r.reference_perplexity,
                        "kl_divergence": r.kl_divergence, "top1_agreement": r.top1_agreement}
                 print(json.dumps(row), flush=True)

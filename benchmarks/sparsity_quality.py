@@ -4,6 +4,7 @@
     python benchmarks/sparsity_quality.py MODEL.onnx --work /tmp/h4a/sq \\
         [--levels 0.3,0.5,0.7,2:4] [--methods sparsegpt,wanda,magnitude] [--quant none,w8] \\
         [--text models/data/eval_pyref.txt] [--max-seq 1024] [--json results.jsonl] [--table T.md]
+        [--via onnx [--calibration FILE ...] [--windows N]]
 
 With `--via artifact` (the default) each variant is `kiln compile` then `kiln eval --json` in
 processes of their own (a process that has loaded TVM's runtime alone cannot load its compiler).
@@ -11,7 +12,9 @@ With `--via onnx` a variant costs no compile: the same passes (prune_weights, th
 quantize_weights) run on the canonical graph, the weights they produce (dequantized, for w8) are
 written into a copy of the model's external data, and onnxruntime scores the copy with kiln's
 evaluator against the fp32 model (whose logits are computed once), as
-benchmarks/quant_ablation.py does. A dense compile of a pruned graph computes exactly these
+benchmarks/quant_ablation.py does, calibrated on kiln's calibration texts or on `--calibration`
+FILEs (repeatable, joined by a blank line; a different calibration needs its own --work). A dense
+compile of a pruned graph computes exactly these
 weights, so the two differ only by kernel rounding; the table says which rows came which way.
 Artifacts are compiled one at a time (the CPU is shared), evaluated against the fp32 artifact
 (compiled first, kept) and deleted; each result is appended to the JSON lines file as it comes,
@@ -106,10 +109,16 @@ def evaluate(art: Path, text: Path, ref: Path | None = None) -> dict:
 @click.option("--max-seq", default=1024, show_default=True, help="the eval's context")
 @click.option("--via", type=click.Choice(["artifact", "onnx"]), default="artifact",
               show_default=True)
+@click.option("--calibration", "calibration", multiple=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="with --via onnx: calibration text, repeatable (default: kiln's)")
+@click.option("--windows", default=0, help="with --via onnx: at most this many calibration "
+              "windows (default: kiln's)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path))
 @click.option("--table", "table_out", type=click.Path(path_type=Path))
 def main(model: Path, work: Path, levels: str, methods: str, quants: str, text: Path,
-         max_seq: int, via: str, json_out: Path | None, table_out: Path | None) -> None:
+         max_seq: int, via: str, calibration: tuple[Path, ...], windows: int,
+         json_out: Path | None, table_out: Path | None) -> None:
     lv, ms, qs = levels.split(","), methods.split(","), quants.split(",")
     json_out = json_out or work / "results.jsonl"
     work.mkdir(parents=True, exist_ok=True)
@@ -124,8 +133,12 @@ def main(model: Path, work: Path, levels: str, methods: str, quants: str, text: 
         click.echo(json.dumps(row))
 
     if via == "onnx":
-        onnx_rows(model, work, text, max_seq, variants(lv, ms, qs), results, record)
+        onnx_rows(model, work, text, max_seq, variants(lv, ms, qs), results, record,
+                  calibration, windows)
         return
+    if calibration or windows:
+        raise click.UsageError("--calibration and --windows need --via onnx (kiln compile "
+                               "calibrates on kiln's texts)")
     ref = work / "fp32"
     if not (ref / "manifest.json").is_file():
         kiln("compile", model, "-o", ref, "--max-seq", max_seq)
@@ -147,13 +160,14 @@ def main(model: Path, work: Path, levels: str, methods: str, quants: str, text: 
 
 
 def onnx_rows(model: Path, work: Path, text: Path, max_seq: int, todo: list[tuple],
-              results: dict, record) -> None:
+              results: dict, record, texts: tuple[Path, ...] = (), count: int = 0) -> None:
     """The `--via onnx` variants (see the module docstring)."""
     import tempfile
 
     from tokenizers import Tokenizer
 
-    from kiln.compiler.compile import _calibration, compile_graph
+    from kiln.compiler.calibration import CALIBRATION_TEXTS, CALIBRATION_WINDOWS, calibration
+    from kiln.compiler.compile import compile_graph
     from kiln.compiler.evaluation import read_text
     from kiln.compiler.frontend.onnxruntime_lm import OrtLM
     from kiln.passes.prune_weights import parse_config, prunable, prune_weights
@@ -166,7 +180,9 @@ def onnx_rows(model: Path, work: Path, text: Path, max_seq: int, todo: list[tupl
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     graph = compile_graph(model, max_seq=max_seq, progress=lambda m: None,
                           weights_optional=False)
-    windows = _calibration(model, say, max_seq)
+    texts = tuple(t.resolve() for t in texts) or CALIBRATION_TEXTS
+    windows = calibration(model, say, max_seq, texts=texts, count=count or CALIBRATION_WINDOWS)
+    cal = {"calibration": "+".join(Path(t).name for t in texts), "windows": len(windows)}
     ids = Tokenizer.from_file(str(model.with_name("tokenizer.json"))).encode(
         read_text(text)).ids
     cache: dict = {}
@@ -202,7 +218,8 @@ def onnx_rows(model: Path, work: Path, text: Path, max_seq: int, todo: list[tupl
         pruned = [weights[w] for w in prunable(graph)]
         zeros = sum(int((w == 0).sum()) for w in pruned) / sum(w.size for w in pruned)
         record({"key": k, "sparsity": level, "method": method, "quant": quant, "via": "onnx",
-                "solve_seconds": round(solved, 1), "zero_fraction": round(zeros, 4), **row})
+                "solve_seconds": round(solved, 1), "zero_fraction": round(zeros, 4), **cal,
+                **row})
 
 
 def dense_weights(g, original) -> dict:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"kiln": "api", **{f"kiln.{r}": r for r in
                              ("compiler", "passes", "codegen", "runtime", "models")}}
 DATA = ["kiln/models/data/eval.txt", "kiln/models/data/calibration.txt",
-        "kiln/models/data/EVAL_TEXT.md"]
+        "kiln/models/data/calibration_mixed.txt", "kiln/models/data/EVAL_TEXT.md"]
 
 
 def _source_modules() -> set[str]:
