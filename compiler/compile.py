@@ -42,13 +42,14 @@ def compile_graph(model: Path, *, max_seq: int, progress: Progress,
     (kiln.passes.sparsify), or as `sparse_plan` (an artifact's recorded decisions) says.
     `fusions`: the kiln.passes.fusion fusions to run (recorded for the lowering); all by
     default (a target runs those it takes, less --no-fuse)."""
+    from kiln.compiler.calibration import calibration as calibration_windows
     from kiln.compiler.driver import canonicalize
     from kiln.passes import fusion
 
     kv_bits = quant.kv_bits if quant is not None else 0
     weights = quant if quant is not None and quant.keep != ("*",) else None  # kv8 alone: none
     calibrated = weights is not None or (prune is not None and prune.method != "magnitude")
-    calibration = _calibration(model, progress, max_seq) if calibrated else ()
+    calibration = calibration_windows(model, progress, max_seq) if calibrated else ()
     options = {
         "tabulate_positions": {"max_positions": max_seq},
         "prune_weights": {"config": prune, "calibration": calibration},
@@ -220,32 +221,10 @@ def _preset(quant: str | None, keep: tuple[str, ...]):
     return parse_preset(quant, keep)
 
 
-#: GPTQ calibration: windows of this many tokens of models/data/calibration.txt
-CALIBRATION_WINDOW, CALIBRATION_WINDOWS = 512, 16
-
-
-def _calibration(model: Path, progress: Progress,
-                 max_seq: int = CALIBRATION_WINDOW) -> tuple:
-    """Token windows (1, T) of kiln's calibration text, tokenized with the model's own tokenizer
-    (tokenizer.json beside it); () without one (weights are then rounded to nearest)."""
-    tok_path = Path(model).with_name("tokenizer.json")
-    if not tok_path.exists():
-        progress("no tokenizer.json beside the model: quantizing without calibration (RTN)")
-        return ()
-    from tokenizers import Tokenizer
-
-    import kiln.models
-
-    text = (Path(kiln.models.__file__).parent / "data" / "calibration.txt").read_text()
-    ids = np.asarray(Tokenizer.from_file(str(tok_path)).encode(text).ids, np.int64)
-    n = min(CALIBRATION_WINDOW, max_seq)  # positions past the context have no table rows
-    progress(f"calibrating on {min(len(ids) // n, CALIBRATION_WINDOWS) * n} tokens")
-    return tuple(ids[i * n:(i + 1) * n][None] for i in range(min(len(ids) // n,
-                                                                  CALIBRATION_WINDOWS)))
-
-
 #: prefill kernels are tuned (and looked up) for prompts of at most this many tokens
 TUNED_PROMPT = 512
+#: the long prompt `kiln tune` also measures prefill kernels at, when the context holds it
+LONG_PROMPT = 2048
 
 
 def prefill_rows(max_seq: int) -> int:
