@@ -37,6 +37,9 @@ class Target(Protocol):
     sparse_layout: ClassVar[str | None]  # kiln.passes.sparsify target (None: no sparse kernels)
     quant_kernels: ClassVar[bool]  # weight-quantized linears (--quant w8, w4g32 ...)
     int8_activations: ClassVar[bool]  # their activations quantized to int8 (--quant ...-a8)
+    #: int8 activations multiplied as codes in hardware (CPU: AVX-512 VNNI): where this holds,
+    #: the int4 presets quantize their activations to int8 by default (QuantPreset.act_auto)
+    int8_dot: bool
     tuning_tables: ClassVar[bool]  # reads `kiln tune` tables (--tuning)
     fusions: ClassVar[tuple[str, ...]]  # the kiln.passes.fusion fusions its lowering consumes
 
@@ -114,6 +117,11 @@ class CpuTarget:
     def storage_dtype(self) -> str | None:
         return None
 
+    @property
+    def int8_dot(self) -> bool:
+        """VNNI's vpdpbusd multiplies int8 activation codes (kernels/quant_linear.py)."""
+        return self.vnni
+
     def requirements(self) -> dict[str, Any]:
         flags = {512: ["avx512f"], 256: ["avx2", "bmi2"]}.get(self.vector_bits, [])
         flags += ["avx512_vnni", "avx512vbmi"] if self.vnni else []
@@ -173,6 +181,7 @@ class CudaTarget:
     sparse_layout: ClassVar[str | None] = "cuda"
     quant_kernels: ClassVar[bool] = True
     int8_activations: ClassVar[bool] = False
+    int8_dot: ClassVar[bool] = False
     tuning_tables: ClassVar[bool] = True
     fusions: ClassVar[tuple[str, ...]] = ALL_FUSIONS
 

@@ -98,7 +98,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
     tgt = tgt.with_dtype(dtype) if dtype is not None else tgt
     db = tuning_db(tuning, tgt)  # a bad file is refused before the minutes of work
     fusions = fusion.enabled(no_fuse, take=tgt.fusions)
-    preset = _preset(quant, quant_keep)
+    preset = _preset(quant, quant_keep, tgt)
     prune = parse_config(sparsity, prune_method, sparsity_keep)
     if prune is not None:
         _check_pruning(prune, model, weights)
@@ -211,14 +211,17 @@ def _recorded_prune(d: dict):
         raise KilnError(f"manifest: malformed sparsity record {d!r} ({e})") from e
 
 
-def _preset(quant: str | None, keep: tuple[str, ...]):
+def _preset(quant: str | None, keep: tuple[str, ...], tgt=None):
+    """The --quant preset as compiled for `tgt` (the int4 presets take int8 activations where
+    it multiplies codes: QuantPreset.for_target)."""
     if not quant:
         if keep:
             raise KilnError("--quant-keep needs --quant PRESET")
         return None
     from kiln.passes.quantize import parse_preset
 
-    return parse_preset(quant, keep)
+    preset = parse_preset(quant, keep)
+    return preset if tgt is None else preset.for_target(tgt.int8_dot)
 
 
 #: prefill kernels are tuned (and looked up) for prompts of at most this many tokens

@@ -45,7 +45,7 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
         raise KilnError(f"target {tgt.name}: this host cannot run its kernels; write a tuning "
                         "bundle (--bundle DIR) and measure it on the GPU host")
     graph = compile_graph(Path(model), max_seq=max_seq, progress=progress,
-                          weights_optional=True, quant=_preset(quant, ()),
+                          weights_optional=True, quant=_preset(quant, (), tgt),
                           pack_block=tgt.pack_block, sparse_target=tgt.sparse_target(),
                           fusions=tgt.fusions)  # the kernels `kiln compile` builds by default
     progress("collecting kernel instances")

@@ -79,9 +79,12 @@ class QuantPreset:
     #: instead of by `int8` roles, adding at most this fraction of the all-`bits` weight bytes
     int8_budget: float = 0.0
     #: 8: the quantized linears' activations are quantized to int8 per row and 32 columns
-    #: (`-a8`): the CPU's decode GEMV multiplies codes with VNNI (kiln.codegen.kernels.
-    #: quant_linear)
+    #: (`-a8`): the CPU's kernels multiply codes with VNNI (kiln.codegen.kernels.quant_linear)
     act_bits: int = 0
+    #: int8 activations wherever the target multiplies codes in hardware (`for_target`): the
+    #: int4 presets' default, as their quality holds with them (benchmarks/RESULTS.md); `-a32`
+    #: keeps float activations
+    act_auto: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -93,6 +96,13 @@ class QuantPreset:
         if unknown:
             raise KilnError(f"quant preset {self.name}: unknown roles {sorted(unknown)}; known: "
                             f"{', '.join(ROLES)}")
+
+    def for_target(self, int8_dot: bool) -> QuantPreset:
+        """This preset as compiled for a target that does (`int8_dot`) or does not multiply
+        int8 activation codes in hardware: `act_auto` presets take int8 activations there."""
+        if self.act_auto and not self.act_bits and int8_dot:
+            return dataclasses.replace(self, act_bits=8)
+        return self
 
     def scheme(self, roles: set[str]) -> tuple[int, int, bool]:
         """(bits, group size, symmetric) of a weight with these roles."""
@@ -108,13 +118,15 @@ class QuantPreset:
                    symmetric=d["symmetric"], kv_bits=d.get("kv_bits", 0),
                    keep=tuple(d.get("keep", ())), method=d.get("method", "gptq"),
                    int8=tuple(d.get("int8", ())), act_order=d.get("act_order", False),
-                   int8_budget=d.get("int8_budget", 0.0), act_bits=d.get("act_bits", 0))
+                   int8_budget=d.get("int8_budget", 0.0), act_bits=d.get("act_bits", 0),
+                   act_auto=d.get("act_auto", False))
 
     def to_dict(self) -> dict:
         return {"preset": self.name, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "kv_bits": self.kv_bits, "keep": list(self.keep),
                 "method": self.method, "int8": list(self.int8), "act_order": self.act_order,
-                "int8_budget": self.int8_budget, "act_bits": self.act_bits}
+                "int8_budget": self.int8_budget, "act_bits": self.act_bits,
+                "act_auto": self.act_auto}
 
 
 #: the roles a preset may keep at int8 (see QuantPreset.int8); the int4 presets keep all of them
@@ -126,13 +138,15 @@ ROLES = ("lm_head", "attn_qkv")
 #: cost on SmolLM2-135M at w4g32 (11.2 of 101 MB)
 AUTO_BUDGET = 0.11
 
-#: named presets; int4 ones have zero points, "s" makes them symmetric ("w4g32s"); combine with
-#: "-": "w4g32-kv8", "w4g32-pure" (no int8 roles), "w4g32-rtn" (round to nearest), "w4g32-auto"
-#: (int8 weights by measured sensitivity within AUTO_BUDGET; "-auto0.2": within 0.2)
+#: named presets; int4 ones have zero points, "s" makes them symmetric ("w4g32s"), and int8
+#: activations where the target multiplies codes (VNNI; "-a32": float activations); combine
+#: with "-": "w4g32-kv8", "w4g32-pure" (no int8 roles), "w4g32-rtn" (round to nearest),
+#: "w4g32-auto" (int8 weights by measured sensitivity within AUTO_BUDGET; "-auto0.2": within
+#: 0.2), "w8-a8" (int8 activations on any CPU)
 PRESETS: dict[str, QuantPreset] = {p.name: p for p in (
     QuantPreset("w8", bits=8),
     *(QuantPreset(f"w4g{g}{'s' if sym else ''}", bits=4, group_size=g, symmetric=sym,
-                  int8=ROLES) for g in (32, 64, 128) for sym in (False, True)),
+                  int8=ROLES, act_auto=True) for g in (32, 64, 128) for sym in (False, True)),
     QuantPreset("kv8", bits=8, kv_bits=8),
 )}
 
@@ -142,8 +156,10 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
     patterns attached); `rtn` rounds to nearest instead of calibrating with GPTQ, `pure`
     quantizes every weight with the preset's own scheme (no int8 roles), `auto[F]` chooses the
     int8 weights by measured sensitivity within a budget (F, default AUTO_BUDGET), `a8` quantizes
-    the activations of the quantized linears to int8 (per row and 32 columns)."""
-    modifiers = ("kv8", "rtn", "pure", "a8")
+    the activations of the quantized linears to int8 (per row and 32 columns), `a32` keeps
+    them float (the int4 presets otherwise take int8 ones where the target multiplies codes:
+    QuantPreset.for_target)."""
+    modifiers = ("kv8", "rtn", "pure", "a8", "a32")
     parts = [p for p in spec.strip().lower().split("-") if p]
     auto = [p for p in parts if p.startswith("auto")]
     budget = _auto_budget(spec, auto[-1]) if auto else 0.0
@@ -153,7 +169,9 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
     if not parts or unknown:
         raise KilnError(f"unknown quantization preset {spec!r}; known: "
                         f"{', '.join(sorted(PRESETS))} (combine with -kv8, -rtn, -pure, -a8, "
-                        "-auto)")
+                        "-a32, -auto)")
+    if "a8" in parts and "a32" in parts:
+        raise KilnError(f"quantization preset {spec!r}: -a8 and -a32 contradict each other")
     if "a8" in parts and not weights:
         raise KilnError(f"quantization preset {spec!r}: -a8 quantizes the activations of "
                         "quantized weights; name a weight preset (e.g. w4g32-a8)")
@@ -165,7 +183,8 @@ def parse_preset(spec: str, keep: tuple[str, ...] | list[str] = ()) -> QuantPres
                                method="rtn" if "rtn" in parts else "gptq",
                                int8=() if "pure" in parts else base.int8,
                                int8_budget=budget if weights_on else 0.0,
-                               act_bits=8 if "a8" in parts and weights_on else 0)
+                               act_bits=8 if "a8" in parts and weights_on else 0,
+                               act_auto=base.act_auto and "a32" not in parts)
 
 
 def _auto_budget(spec: str, part: str) -> float:

@@ -41,6 +41,7 @@ class FakeTarget:
     sparse_layout: ClassVar[str | None] = None
     quant_kernels: ClassVar[bool] = False
     int8_activations: ClassVar[bool] = False
+    int8_dot: ClassVar[bool] = False
     tuning_tables: ClassVar[bool] = False
     fusions: ClassVar[tuple[str, ...]] = ("projections", "swiglu")
 

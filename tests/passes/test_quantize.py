@@ -54,10 +54,23 @@ def test_a8_marks_the_quantized_linears_and_costs_little(rng):
     assert 0 < err < 0.05, f"a8 vs weight-only: {err:.3g}"
 
 
+def test_int4_presets_take_int8_activations_where_the_target_multiplies_codes():
+    """w4g*: int8 activations on a VNNI target, float ones elsewhere or with -a32; w8 keeps
+    float activations unless -a8 asks."""
+    assert parse_preset("w4g32").for_target(True).act_bits == 8
+    assert parse_preset("w4g128s-rtn").for_target(True).act_bits == 8
+    assert parse_preset("w4g32").for_target(False).act_bits == 0
+    assert parse_preset("w4g32-a32").for_target(True).act_bits == 0
+    assert parse_preset("w8").for_target(True).act_bits == 0
+    assert parse_preset("w8-a8").for_target(False).act_bits == 8
+    with pytest.raises(KilnError, match="contradict"):
+        parse_preset("w4g32-a8-a32")
+
+
 def test_manifest_record_round_trips_and_old_records_keep_their_meaning():
     from kiln.passes.quantize import QuantPreset
 
-    for spec in ("w4g32", "w4g64s-kv8", "w8-rtn", "kv8", "w4g32-pure", "w4g32-a8"):
+    for spec in ("w4g32", "w4g64s-kv8", "w8-rtn", "kv8", "w4g32-pure", "w4g32-a8", "w4g32-a32"):
         p = parse_preset(spec, keep=("lm_head",))
         assert QuantPreset.from_dict(p.to_dict()) == p
     old = {"preset": "w4g32a", "bits": 4, "group_size": 32, "symmetric": False, "kv_bits": 0,
