@@ -30,6 +30,9 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
     kiln.compiler.compile.tune_rows); `kiln compile --tuning` emits prefill entries per length."""
     if (out is None) == (bundle is None):
         raise KilnError("kiln tune: give -o TUNING.json (measure here) or --bundle DIR")
+    if rows is not None and any(r < 1 or r > max_seq for r in rows):  # before the work
+        raise KilnError(f"--rows {','.join(map(str, rows))}: prompt lengths must be within "
+                        f"1..{max_seq} (--max-seq)")
     start = time.monotonic()
     deadline = None if budget_s is None else start + budget_s
     if threads or not target.startswith("cuda"):
@@ -49,11 +52,7 @@ def tune_model(model: str | Path, out: str | Path | None = None, *, target: str 
                           pack_block=tgt.pack_block, sparse_target=tgt.sparse_target(),
                           fusions=tgt.fusions)  # the kernels `kiln compile` builds by default
     progress("collecting kernel instances")
-    rows = tune_rows(max_seq) if rows is None else rows
-    if any(r < 1 or r > max_seq for r in rows):
-        raise KilnError(f"--rows {','.join(map(str, rows))}: prompt lengths must be within "
-                        f"1..{max_seq} (--max-seq)")
-    found = build_side.instances(graph, tgt, rows)
+    found = build_side.instances(graph, tgt, tune_rows(max_seq) if rows is None else rows)
     cap = max_candidates  # None: each space's own cap (kiln.codegen.tune.candidates)
     if bundle is not None:
         from kiln.compiler.package import package_tuning
