@@ -437,26 +437,36 @@ def _pack_rows(s: QuantScheme):
         return sum((q[t] for t in range(1, chunk)), q[0])
 
     @T.macro
+    def pack_row(xb, xe, xo, gs, sx, r):
+        amax = T.decl_buffer((1,), "float32", scope=SMALL)
+        q = T.decl_buffer((chunk,), "int32", scope=SMALL)
+        for ag in range(k // A):
+            group_amax(xb, amax, r, ag * A, (ag + 1) * A)
+            sc: T.let[T.float32] = _act_scale(amax[0])
+            inv: T.let[T.float32] = T.float32(1) / sc
+            for b in range(A // blk):
+                sx[r * NB + ag * (A // blk) + b] = sc
+                gs[r * NB + ag * (A // blk) + b] = T.float32(0)
+            for c in range(ag * (A // chunk), (ag + 1) * (A // chunk)):
+                for t in T.unroll(chunk):
+                    q[t] = T.Cast("int32", _act_code(xb[r, c * chunk + t], inv))
+                xe[r * C + c] = word(q, even)
+                if s.bits == 4:
+                    xo[r * C + c] = word(q, odd)
+                else:
+                    xo[r * C + c] = 0
+                gs[r * NB + c // per_block] += T.Cast("float32", total(q))
+
+    @T.macro
     def pack(xb, xe, xo, gs, sx, m):
-        for r in T.parallel(m):
-            amax = T.decl_buffer((1,), "float32", scope=SMALL)
-            q = T.decl_buffer((chunk,), "int32", scope=SMALL)
-            for ag in range(k // A):
-                group_amax(xb, amax, r, ag * A, (ag + 1) * A)
-                sc: T.let[T.float32] = _act_scale(amax[0])
-                inv: T.let[T.float32] = T.float32(1) / sc
-                for b in range(A // blk):
-                    sx[r * NB + ag * (A // blk) + b] = sc
-                    gs[r * NB + ag * (A // blk) + b] = T.float32(0)
-                for c in range(ag * (A // chunk), (ag + 1) * (A // chunk)):
-                    for t in T.unroll(chunk):
-                        q[t] = T.Cast("int32", _act_code(xb[r, c * chunk + t], inv))
-                    xe[r * C + c] = word(q, even)
-                    if s.bits == 4:
-                        xo[r * C + c] = word(q, odd)
-                    else:
-                        xo[r * C + c] = 0
-                    gs[r * NB + c // per_block] += T.Cast("float32", total(q))
+        # rows in parallel where there are many (prefill); a decode call's few rows serially,
+        # no thread-pool launch for them
+        if m <= GEMV_ROWS:
+            for r in range(m):
+                pack_row(xb, xe, xo, gs, sx, r)
+        else:
+            for r in T.parallel(m):
+                pack_row(xb, xe, xo, gs, sx, r)
 
     return pack
 
