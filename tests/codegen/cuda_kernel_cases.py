@@ -96,7 +96,7 @@ def _gemv_cases() -> list[Case]:
 
         return Case(name, make, inputs, expect)
 
-    def swiglu(rng_f=64, k=256):
+    def swiglu(rng_f=64, k=256, m=3, name="swiglu_gemv_f16"):
         f = rng_f
 
         def make():
@@ -104,14 +104,14 @@ def _gemv_cases() -> list[Case]:
             return swiglu_gemv_kernel(f, k, F16, EPS)
 
         def inputs(rng):
-            return [_normal(rng, (3, k), F16), _normal(rng, (k,), F16, 0.2) + np.float16(1),
-                    _normal(rng, (2 * f, k), F16, k ** -0.5), _empty((3, f), F16)]
+            return [_normal(rng, (m, k), F16), _normal(rng, (k,), F16, 0.2) + np.float16(1),
+                    _normal(rng, (2 * f, k), F16, k ** -0.5), _empty((m, f), F16)]
 
         def expect(a):
             gu = _dot(_rms(a[0], a[1]), a[2])
             return {3: spec.silu_mul([gu[:, :f], gu[:, f:]], {})[0]}
 
-        return Case("swiglu_gemv_f16", make, inputs, expect)
+        return Case(name, make, inputs, expect)
 
     def argmax(v=1000, m=3):
         def make():
@@ -124,11 +124,24 @@ def _gemv_cases() -> list[Case]:
 
     return [gemv("gemv_f16", 96, 200, F16), gemv("gemv_residual_f32", 64, 96, F32, residual=True),
             gemv("gemv_norm_f16", 80, 256, F16, norm=True),
-            gemv("gemv_splitk_f16", 64, 4096, F16), swiglu(), argmax(), _qkv_rope_gemv_case()]
+            gemv("gemv_splitk_f16", 64, 4096, F16), swiglu(), argmax(), _qkv_rope_gemv_case(),
+            # batched decode: one row (the one-row kernels), and the row buckets 8 and 16
+            gemv("gemv_m1_f16", 96, 200, F16, m=1), gemv("gemv_m8_f16", 96, 2048, F16, m=8),
+            gemv("gemv_residual_m16_f16", 64, 200, F16, residual=True, m=16),
+            gemv("gemv_norm_m6_f16", 80, 256, F16, norm=True, m=6),
+            gemv("gemv_norm_m1_f16", 80, 256, F16, norm=True, m=1),
+            gemv("gemv_splitk_residual_m11_f16", 64, 4096, F16, residual=True, m=11),
+            gemv("gemv_splitk_m20_f16", 32, 4096, F16, m=20),  # beyond a bucket: two groups
+            swiglu(m=16, name="swiglu_gemv_m16_f16"), swiglu(m=1, name="swiglu_gemv_m1_f16"),
+            _qkv_rope_gemv_case(m=1, name="qkv_rope_gemv_m1_f16"),
+            _qkv_rope_gemv_case(m=7, past=(3, 9, 0, 5, 11, 2, 7), name="qkv_rope_gemv_ragged_f16")]
 
 
-def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5) -> Case:
+def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5,
+                        name="qkv_rope_gemv_f16") -> Case:
+    """`past`: one cached length for all rows, or one per row (a ragged batch)."""
     hd, kvd, n = h * d, kv * d, (h + 2 * kv) * d
+    lens = np.broadcast_to(np.asarray(past, np.int32), (m,))
 
     def make():
         from kiln.codegen.cuda.kernels.gemv import qkv_rope_gemv_kernel
@@ -139,7 +152,7 @@ def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5) -> Case:
         return [_normal(rng, (m, k), F16), _normal(rng, (k,), F16, 0.2) + np.float16(1),
                 _normal(rng, (n, k), F16, k ** -0.5), np.cos(ang).astype(F16),
                 np.sin(ang).astype(F16), _normal(rng, (m, kv, cap, d), F16),
-                _normal(rng, (m, kv, cap, d), F16), np.array([past], np.int32),
+                _normal(rng, (m, kv, cap, d), F16), np.atleast_1d(np.asarray(past, np.int32)),
                 _empty((m, hd), F16)]
 
     def expect(a):
@@ -149,11 +162,12 @@ def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5) -> Case:
         kk = spec.rotary([_f32(qkv[..., hd:hd + kvd]), _f32(a[3]), _f32(a[4])],
                          {**rot, "num_heads": kv})
         kc, vc = _f32(a[5]).copy(), _f32(a[6]).copy()
-        kc[:, :, past] = kk[0].reshape(m, kv, d)
-        vc[:, :, past] = _f32(qkv[:, 0, hd + kvd:]).reshape(m, kv, d)
+        for i in range(m):
+            kc[i, :, lens[i]] = kk[0][i].reshape(kv, d)
+            vc[i, :, lens[i]] = _f32(qkv[i, 0, hd + kvd:]).reshape(kv, d)
         return {5: kc, 6: vc, 8: q[0][:, 0]}
 
-    return Case("qkv_rope_gemv_f16", make, inputs, expect)
+    return Case(name, make, inputs, expect)
 
 
 # -- quantized decode GEMV (kernels/quant_gemv.py) ---------------------------------------------

@@ -4,8 +4,10 @@ optionally with the RMS norm of x fused in front (x * rsqrt(mean(x^2) + eps) * g
 Decode reads every weight once per token, so this kernel is a weight stream: one warp per output
 row, each lane loading 16 bytes of the row per step (a warp reads 512 contiguous bytes), all of
 a row's loads unrolled so they are in flight together; float32 accumulation, a butterfly of warp
-shuffles for the row sum. m (batch rows, small) is a loop inside: each weight is read once per
-batch row. The optional residual is added in the epilogue (saves the separate Add kernel).
+shuffles for the row sum. That is the kernel for m = 1 row (one sequence); for m > 1 (batched
+decode) each PrimFunc branches on the host to kernels/gemv_rows.py's, which read each weight once
+for all rows, bitwise the same per row. The optional residual is added in the epilogue (saves
+the separate Add kernel).
 With `norm_eps`, each warp also sums x^2 over the row it streams anyway and scales its dot
 product of x * gamma with the row by rsqrt(mean + eps): the norm kernel and its output vanish.
 With `pdl` (kiln.codegen.cuda.kernels.pdl), a kernel issues its first weight loads before it
@@ -19,6 +21,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from kiln.codegen.cuda.kernels import gemv_rows as GR
 from kiln.codegen.cuda.kernels import pdl as P
 
 WARPS = 4  # rows per block
@@ -88,17 +91,22 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
             acc[0] = acc[0] + T.tvm_warp_shuffle_down(mask, acc[0], 16 >> off, 32, 32)
 
     nregs = chunk * vec
+    rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, residual, None, pdl, warps,
+                                         r) for r in GR.ROW_BUCKETS)
+
+    @T.macro
+    def rows_any(x, gamma, w, r, y, m):
+        if m <= GR.ROW_BUCKETS[0]:
+            rows4(x, gamma, w, r, y, m)
+        elif m <= GR.ROW_BUCKETS[1]:
+            rows8(x, gamma, w, r, y, m)
+        else:
+            rows16(x, gamma, w, r, y, m)
 
     if residual:
 
-        @T.prim_func(private=True)
-        def gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
-                          y_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, k), dtype)
-            r = T.match_buffer(r_h, (m, n), out_dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
+        @T.macro
+        def one_gemv_residual(x, w, r, y, m):
             for bx in T.thread_binding((n + warps - 1) // warps, thread="blockIdx.x"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -112,14 +120,23 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
                                     y[mi, bx * warps + ty] = T.Cast(
                                         out_dtype, acc[0] + T.Cast(f32, r[mi, bx * warps + ty]))
 
+        @T.prim_func(private=True)
+        def gemv_residual(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle,
+                          y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            r = T.match_buffer(r_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            if m == 1:
+                one_gemv_residual(x, w, r, y, m)
+            else:
+                rows_any(x, None, w, r, y, m)
+
         return gemv_residual
 
-    @T.prim_func(private=True)
-    def gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), dtype)
-        y = T.match_buffer(y_h, (m, n), out_dtype)
+    @T.macro
+    def one_gemv(x, w, y, m):
         for bx in T.thread_binding((n + warps - 1) // warps, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -131,6 +148,17 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
                             row_dot(x, w, acc, xv, wv, mi, bx * warps + ty, tx)
                             if tx == 0:
                                 y[mi, bx * warps + ty] = T.Cast(out_dtype, acc[0])
+
+    @T.prim_func(private=True)
+    def gemv(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), out_dtype)
+        if m == 1:
+            one_gemv(x, w, y, m)
+        else:
+            rows_any(x, None, w, None, y, m)
 
     return gemv
 
@@ -148,13 +176,20 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
         acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wval
         acc[1] += T.Cast(f32, xv[v]) * T.Cast(f32, xv[v])
 
-    @T.prim_func(private=True)
-    def norm_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
-                  y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), dtype)
-        y = T.match_buffer(y_h, (m, n), out_dtype)
+    rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, False, eps, pdl, warps, r)
+                            for r in GR.ROW_BUCKETS)
+
+    @T.macro
+    def rows_any(x, gamma, w, r, y, m):
+        if m <= GR.ROW_BUCKETS[0]:
+            rows4(x, gamma, w, r, y, m)
+        elif m <= GR.ROW_BUCKETS[1]:
+            rows8(x, gamma, w, r, y, m)
+        else:
+            rows16(x, gamma, w, r, y, m)
+
+    @T.macro
+    def one_norm_gemv(x, gamma, w, y, m):
         for bx in T.thread_binding((n + warps - 1) // warps, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -201,6 +236,17 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
                                 y[mi, bx * warps + ty] = T.Cast(out_dtype, acc[0] * T.rsqrt(
                                     acc[1] / T.float32(k) + T.float32(eps)))
 
+    @T.prim_func(private=True)
+    def norm_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
+                  y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), out_dtype)
+        if m == 1:
+            one_norm_gemv(x, gamma, w, y, m)
+        else:
+            rows_any(x, gamma, w, None, y, m)
     return norm_gemv
 
 
@@ -257,6 +303,18 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
                                 y[mi, bx] = T.Cast(out_dtype, acc[0])
                         T.tvm_storage_sync("shared")
 
+    rows4, rows8, rows16 = (GR.splitk_rows(n, k, dtype, out_dtype, vec, residual, pdl, warps, r)
+                            for r in GR.ROW_BUCKETS)
+
+    @T.macro
+    def rows_any(x, w, r, y, m):
+        if m <= GR.ROW_BUCKETS[0]:
+            rows4(x, w, r, y, m)
+        elif m <= GR.ROW_BUCKETS[1]:
+            rows8(x, w, r, y, m)
+        else:
+            rows16(x, w, r, y, m)
+
     if residual:
 
         @T.prim_func(private=True)
@@ -267,7 +325,10 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
             y = T.match_buffer(y_h, (m, n), out_dtype)
-            body(x, w, r, y, m)
+            if m == 1:
+                body(x, w, r, y, m)
+            else:
+                rows_any(x, w, r, y, m)
 
         return splitk_gemv_residual
 
@@ -277,7 +338,10 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
         y = T.match_buffer(y_h, (m, n), out_dtype)
-        body(x, w, None, y, m)
+        if m == 1:
+            body(x, w, None, y, m)
+        else:
+            rows_any(x, w, None, y, m)
 
     return splitk_gemv
 
@@ -348,13 +412,20 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = Fa
     pair_dot, vec = _pair_norm_dot(k, dtype, pdl, chunk)
     f32 = "float32"
 
-    @T.prim_func(private=True)
-    def swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
-                    w: T.Buffer((2 * f, k), dtype), y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), dtype)
-        y = T.match_buffer(y_h, (m, f), dtype)
+    rows4, rows8, rows16 = (GR.swiglu_rows(f, k, dtype, vec, eps, pdl, warps, r)
+                            for r in GR.ROW_BUCKETS)
+
+    @T.macro
+    def rows_any(x, gamma, w, y, m):
+        if m <= GR.ROW_BUCKETS[0]:
+            rows4(x, gamma, w, y, m)
+        elif m <= GR.ROW_BUCKETS[1]:
+            rows8(x, gamma, w, y, m)
+        else:
+            rows16(x, gamma, w, y, m)
+
+    @T.macro
+    def one_swiglu_gemv(x, gamma, w, y, m):
         for bx in T.thread_binding((f + warps - 1) // warps, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -373,6 +444,19 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = Fa
                                 y[mi, bx * warps + ty] = T.Cast(dtype, acc[0] / (
                                     T.float32(1) + T.exp(-acc[0])) * acc[1] * acc[2])
 
+
+    @T.prim_func(private=True)
+    def swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
+                    w: T.Buffer((2 * f, k), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, f), dtype)
+        if m == 1:
+            one_swiglu_gemv(x, gamma, w, y, m)
+        else:
+            rows_any(x, gamma, w, y, m)
+
     return swiglu_gemv
 
 
@@ -386,7 +470,8 @@ def rope_store(heads: int, kv_heads: int, head_dim: int, dtype: str):
     @T.macro
     def store_pair(acc, cos, sin, kc, vc, pst, q, mi, c, r0):
         ci: T.let[T.int64] = T.min(mi, cos.shape[0] - 1)
-        row: T.let[T.int64] = T.Cast("int64", pst[0])
+        # the row's cached length: pst holds one per row, or one for all (a single past)
+        row: T.let[T.int64] = T.Cast("int64", pst[T.min(mi, pst.shape[0] - 1)])
         if r0 < hd + kvd:  # q or k: rotated
             acc[2] = acc[0] * T.Cast(f32, cos[ci, 0, c]) - acc[1] * T.Cast(f32, sin[ci, 0, c])
             acc[1] = acc[1] * T.Cast(f32, cos[ci, 0, c + half]) + acc[0] * T.Cast(
@@ -410,9 +495,10 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
                          eps: float, *, pdl: bool = False, warps: int = WARPS,
                          chunk: int = CHUNK) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], gamma[k], w[(H + 2 KV) D, k], cos[cb, 1, D], sin[cb, 1, D],
-    k_cache, v_cache, past[1], q_out[m, H D]): decode's whole attention input in one kernel:
-    the rms norm, the q/k/v projection, rotary position embedding (full width, halves
-    rotated: x[c] with x[c + D/2]) on q and k, and k/v written into the caches at row `past`.
+    k_cache, v_cache, past[1 or m], q_out[m, H D]): decode's whole attention input in one
+    kernel: the rms norm, the q/k/v projection, rotary position embedding (full width, halves
+    rotated: x[c] with x[c + D/2]) on q and k, and k/v written into the caches at row `past`
+    (of each row: past[i], or past[0] for all).
 
     Each warp computes the two rows a rotation pairs (c and c + D/2 of one head), so the
     rotation needs nothing from another warp; v rows are paired the same way and not
@@ -424,18 +510,20 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
     pair_dot, vec = _pair_norm_dot(k, dtype, pdl, chunk)
     store_pair = rope_store(heads, kv_heads, head_dim, dtype)
 
-    @T.prim_func(private=True)
-    def qkv_rope_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
-                      cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                      pst: T.Buffer((1,), "int32"), q_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m, cb, cap = T.int64(), T.int64(), T.int64()
-        x = T.match_buffer(x_h, (m, k), dtype)
-        cos = T.match_buffer(cos_h, (cb, 1, d), dtype)
-        sin = T.match_buffer(sin_h, (cb, 1, d), dtype)
-        kc = T.match_buffer(kc_h, (m, kv_heads, cap, d), dtype)
-        vc = T.match_buffer(vc_h, (m, kv_heads, cap, d), dtype)
-        q = T.match_buffer(q_h, (m, hd), dtype)
+    rows4, rows8, rows16 = (GR.qkv_rope_rows(pairs, half, d, k, dtype, vec, eps, pdl, warps, r,
+                                             store_pair) for r in GR.ROW_BUCKETS)
+
+    @T.macro
+    def rows_any(x, gamma, w, cos, sin, kc, vc, pst, q, m):
+        if m <= GR.ROW_BUCKETS[0]:
+            rows4(x, gamma, w, cos, sin, kc, vc, pst, q, m)
+        elif m <= GR.ROW_BUCKETS[1]:
+            rows8(x, gamma, w, cos, sin, kc, vc, pst, q, m)
+        else:
+            rows16(x, gamma, w, cos, sin, kc, vc, pst, q, m)
+
+    @T.macro
+    def one_qkv_rope_gemv(x, gamma, w, cos, sin, kc, vc, pst, q, m):
         for bx in T.thread_binding((pairs + warps - 1) // warps, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -456,6 +544,25 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
                                 acc[0] = T.Cast(f32, T.Cast(dtype, acc[0] * acc[2]))
                                 acc[1] = T.Cast(f32, T.Cast(dtype, acc[1] * acc[2]))
                                 store_pair(acc, cos, sin, kc, vc, pst, q, mi, c, r0)
+
+
+    @T.prim_func(private=True)
+    def qkv_rope_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype), w: T.Buffer((n, k), dtype),
+                      cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                      pst_h: T.handle, q_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m, cb, cap, pn = T.int64(), T.int64(), T.int64(), T.int64()
+        pst = T.match_buffer(pst_h, (pn,), "int32")  # cached length: one per row, or one
+        x = T.match_buffer(x_h, (m, k), dtype)
+        cos = T.match_buffer(cos_h, (cb, 1, d), dtype)
+        sin = T.match_buffer(sin_h, (cb, 1, d), dtype)
+        kc = T.match_buffer(kc_h, (m, kv_heads, cap, d), dtype)
+        vc = T.match_buffer(vc_h, (m, kv_heads, cap, d), dtype)
+        q = T.match_buffer(q_h, (m, hd), dtype)
+        if m == 1:
+            one_qkv_rope_gemv(x, gamma, w, cos, sin, kc, vc, pst, q, m)
+        else:
+            rows_any(x, gamma, w, cos, sin, kc, vc, pst, q, m)
 
     return qkv_rope_gemv
 
