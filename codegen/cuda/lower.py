@@ -125,6 +125,8 @@ def lower_node(ctx: CudaLowerContext, node: Node) -> None:
         return
     for name, expr in zip(node.outputs, lowered(fn, ctx, node), strict=False):
         if name and expr is not None:
+            if name in ctx.graph.outputs and dtype_of(expr) in ("float16", "bfloat16"):
+                expr = ctx.bb.emit(R.astype(expr, "float32"))  # logits after a softcap ...
             ctx.values[name] = expr
 
 
@@ -463,6 +465,7 @@ def _quant_embedding(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     return [reshape(ctx, rows, [*ids_shape, k])]
 
 
-# the attention lowerings (KV cache, q/k/v fusion) and the 2:4 sparse linear register
-# themselves into CUDA_LOWERINGS
-from kiln.codegen.cuda import lower_attention, lower_sparse  # noqa: E402, F401
+# the attention lowerings (KV cache, q/k/v fusion), the 2:4 sparse linear and the fallbacks
+# of the ops outside the fast paths (LayerNorm, GELU, Range ...) register themselves into
+# CUDA_LOWERINGS
+from kiln.codegen.cuda import lower_attention, lower_generic, lower_sparse  # noqa: E402, F401
