@@ -176,7 +176,7 @@ class CudaTarget:
 
     kind: ClassVar[str] = "cuda"
     kv8: ClassVar[bool] = False
-    sliding_windows: ClassVar[bool] = False
+    sliding_windows: ClassVar[bool] = True
     pack_block: ClassVar[int] = 0
     sparse_layout: ClassVar[str | None] = "cuda"
     quant_kernels: ClassVar[bool] = True

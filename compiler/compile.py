@@ -116,6 +116,7 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
                           sparse_target=tgt.sparse_target(), dump_ir=dump_ir, fusions=fusions)
     _check_inputs(graph)
     _check_positions(graph, max_seq, windows=tgt.sliding_windows)
+    graph = _without_idle_windows(graph, max_seq)
     with af.ArtifactWriter(out, force=force) as w:
         schedules = Schedules(tgt, db)
         sig = build(graph, tgt, w.path(af.KERNELS), schedules=schedules,
@@ -300,6 +301,18 @@ def _check_positions(graph: Graph, max_seq: int, *, windows: bool = True) -> Non
             if isinstance(rows, int) and rows < max_seq:
                 raise KilnError(f"--max-seq {max_seq} exceeds the model's {rows} positions "
                                 f"(learned position table {n.inputs[0]})")
+
+
+def _without_idle_windows(graph: Graph, max_seq: int) -> Graph:
+    """Attention windows at least as long as the context dropped: they never mask anything,
+    and without one the attention takes the kernels of full causal attention (Mistral's 4096
+    at a shorter --max-seq)."""
+    import dataclasses
+
+    nodes = tuple(dataclasses.replace(n, attrs=n.attrs.updated(window=None))
+                  if n.op == "attention" and (n.attrs.get("window") or 0) >= max_seq else n
+                  for n in graph.nodes)
+    return graph.replace(nodes=nodes)
 
 
 def param_table(graph: Graph, names: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:

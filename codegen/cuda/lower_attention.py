@@ -117,7 +117,12 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     scale = float(a.get("scale", d ** -0.5))
     seq = shape_of(q)[1]
     shape = {"heads": h, "kv_heads": kvh, "head_dim": d, "dtype": dtype}
-    if isinstance(seq, tirx.IntImm) and seq.value == 1:
+    window = int(a.get("window") or 0)  # (compile drops those as long as the context)
+    if window:  # sliding window: prefill and decode, a plain kernel (not the hot path)
+        c = {}
+        gv = ctx.kernel(("cuda_window_attention", h, kvh, d, scale, dtype, window),
+                        lambda: attn.window_attention_kernel(h, kvh, d, scale, dtype, window))
+    elif isinstance(seq, tirx.IntImm) and seq.value == 1:
         warps = attn.WARP_DECODE
         c = ctx.schedule("cuda.decode_attention", {
             **shape, "phase": "decode", "s": 1, "past": DECODE_PAST}) if (

@@ -241,14 +241,28 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
     return decode_attention
 
 
+@functools.cache
+def window_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
+                            dtype: str, window: int) -> tirx.PrimFunc:
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], out[b, s, H*D]): causal sliding-window
+    attention for any s (prefill and decode): query i (absolute position past + i) sees keys
+    past + i - window + 1 .. past + i only. One block per (batch, query, head) over at most
+    `window` keys (`_decode_attention_threads` starting at the window's first key)."""
+    if window <= 0:
+        raise ValueError(f"window {window} must be positive")
+    return _decode_attention_threads(heads, kv_heads, head_dim, scale, dtype, False,
+                                     window=window)
+
+
 def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: float,
-                              dtype: str, pdl: bool) -> tirx.PrimFunc:
+                              dtype: str, pdl: bool, *, window: int = 0) -> tirx.PrimFunc:
     """Decode attention for any head dim: one block of NT threads per (batch, query, head),
     each thread a share of the keys with its own online-softmax state, merged in shared
-    memory at the end."""
+    memory at the end. `window` > 0: the keys start window - 1 before the query's."""
     d, group, hd, f32 = head_dim, heads // kv_heads, heads * head_dim, "float32"
     vec = _vec(dtype, d)
     stride = d + 1  # shared rows padded by one word: no bank conflicts
+    windowed = window > 0
 
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
@@ -276,16 +290,19 @@ def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: f
                 h: T.let[T.int64] = blk % heads
                 g: T.let[T.int64] = h // group
                 kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                # the first key (0 without a window)
+                k0: T.let[T.int64] = T.max(kend - window, T.int64(0)) if windowed else T.int64(0)
                 for c in T.unroll(d):
                     qv[c] = T.Cast(f32, q[bi, si, h * d + c]) * T.float32(scale)
                     acc[c] = T.float32(0)
                 st[0] = T.float32(F32_MIN)
                 st[1] = T.float32(0)
-                for it in range((kend - tx + NT - 1) // NT):
+                for it in range((kend - k0 - tx + NT - 1) // NT):
                     st[2] = T.float32(0)
                     for cv in T.unroll(d // vec):
                         for lane in T.vectorized(vec):
-                            row[cv * vec + lane] = kc[bi, g, tx + it * NT, cv * vec + lane]
+                            row[cv * vec + lane] = kc[bi, g, k0 + tx + it * NT,
+                                                      cv * vec + lane]
                     for c in T.unroll(d):
                         st[2] += qv[c] * T.Cast(f32, row[c])
                     st[3] = T.max(st[0], st[2])
@@ -294,7 +311,8 @@ def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: f
                     st[1] = st[1] * st[4] + st[5]
                     for cv in T.unroll(d // vec):
                         for lane in T.vectorized(vec):
-                            row[cv * vec + lane] = vc[bi, g, tx + it * NT, cv * vec + lane]
+                            row[cv * vec + lane] = vc[bi, g, k0 + tx + it * NT,
+                                                      cv * vec + lane]
                     for c in T.unroll(d):
                         acc[c] = acc[c] * st[4] + st[5] * T.Cast(f32, row[c])
                     st[0] = st[3]
