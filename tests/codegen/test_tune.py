@@ -98,6 +98,25 @@ def test_a_wrong_candidate_is_rejected_not_timed(tmp_path):
     assert r["config"] == {"parallel": False}  # the default: decode runs on one thread
 
 
+def test_candidate_error_is_the_whole_outputs_relative_error(monkeypatch):
+    """The chunked check equals max |got - want| / max |want| in float64 over whole outputs,
+    chunk boundaries and float16 included; a NaN anywhere in a candidate's output fails it."""
+    monkeypatch.setattr(measuring, "ERROR_CHUNK", 1000)
+    rng = np.random.default_rng(3)
+    want = [rng.standard_normal((7, 613)).astype(np.float32),
+            rng.standard_normal(2500).astype(np.float16)]
+    got = [w + (rng.standard_normal(w.shape) * 1e-3).astype(w.dtype) for w in want]
+    got[1][2400] += 5  # the largest difference sits in the last, partial chunk
+
+    def direct(w, g):
+        w, g = w.astype(np.float64), g.astype(np.float64)
+        return np.abs(g - w).max() / np.abs(w).max()
+
+    assert measuring._error(want, got) == max(direct(w, g) for w, g in zip(want, got, strict=True))
+    got[0][3, 17] = np.nan
+    assert np.isnan(measuring._error(want, got))
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory) -> tuple[Path, list[str]]:
     """A tiny model's tuning database and the progress lines of writing it."""
