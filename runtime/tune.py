@@ -138,17 +138,19 @@ ERROR_CHUNK = 1 << 22
 
 def _error(want: list[np.ndarray], got: list[np.ndarray]) -> float:
     """Largest |got - want| over the largest |want|, over all outputs (NaN if any is NaN).
-    Computed in float64 a chunk at a time, so a GB-sized output costs no GB-sized copies."""
+    Computed a chunk at a time, so a GB-sized output costs no GB-sized copies; float16 and
+    float32 outputs in float32 (what a tolerance of about 1e-3 needs), others in float64."""
     worst = 0.0
     for w, g in zip(want, got, strict=True):
         w, g = w.reshape(-1), g.reshape(-1)
+        ct = np.float32 if w.dtype in (np.float16, np.float32) else np.float64
         scale, diff = 1e-30, 0.0
         for i in range(0, w.size, ERROR_CHUNK):
-            w64 = w[i:i + ERROR_CHUNK].astype(np.float64)
-            d = np.abs(g[i:i + ERROR_CHUNK].astype(np.float64) - w64).max(initial=0.0)
+            wc = w[i:i + ERROR_CHUNK].astype(ct)
+            d = np.abs(g[i:i + ERROR_CHUNK].astype(ct) - wc).max(initial=0.0)
             if np.isnan(d):  # NaN in got (or in want: no reference to check against)
                 return float("nan")
-            scale = max(scale, float(np.abs(w64).max(initial=0.0)))
+            scale = max(scale, float(np.abs(wc).max(initial=0.0)))
             diff = max(diff, float(d))
         worst = max(worst, diff / scale)
     return worst
