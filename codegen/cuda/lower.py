@@ -151,12 +151,13 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
         return [_gemv(ctx, node, x, w, n, k)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
     out_dtype = acc if node.outputs[0] in ctx.graph.outputs else dtype  # logits stay fp32
-    if ctx.phase == "prefill" and dtype == "float16":  # the tensor-core GEMM's tile: tunable
+    if ctx.phase == "prefill" and dtype in ("float16", "bfloat16"):  # tensor cores: tunable
         c = ctx.schedule("cuda.gemm", {
             "phase": ctx.phase, "m": ctx.rows, "n": n, "k": k, "dtype": dtype,
             "out_dtype": out_dtype, "bias": b is not None,
             "residual": _residual(ctx, node, out_dtype)[1] is not None})
-        if c != gemm_k.DLIGHT:
+        # dlight tensorizes fp16 only: bf16 takes kiln's kernel even at dlight's tile
+        if c != gemm_k.DLIGHT or (dtype == "bfloat16" and gemm_k.tile_ok(n, k, c)):
             return [_tiled_gemm(ctx, node, x, w, b, n, k, out_dtype, c)]
     y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]

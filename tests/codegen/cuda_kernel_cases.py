@@ -24,12 +24,12 @@ from kiln.runtime import quant_format as qf
 #: the decode attention scratch's split axis; tests/codegen/test_cuda_kernels.py checks it
 MAX_SPLITS = 16
 
-F16, F32 = "float16", "float32"
+F16, F32, BF16 = "float16", "float32", "bfloat16"
 EPS = 1e-5
 #: max |got - want| / max |want| allowed, per storage dtype (fp16 outputs are rounded once,
 #: accumulations run in float32 in the kernels and in float64 or float32 in the reference); on
 #: the H200 the largest fp16 error was 9.4e-4 (benchmarks/gpu/logs/h3_kernels_run2_errors.log)
-TOL = {F16: 2e-3, F32: 2e-5}
+TOL = {F16: 2e-3, F32: 2e-5, BF16: 8e-3}  # bf16: 8 significant bits (one rounding: 2^-8)
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,17 @@ def seed_of(name: str) -> int:
 
 
 def _normal(rng, shape, dtype, scale=1.0) -> np.ndarray:
+    if dtype == BF16:  # numpy has none: ml_dtypes' (TVM takes it; it is on the GPU host)
+        import ml_dtypes
+
+        dtype = ml_dtypes.bfloat16
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
 def _empty(shape, dtype) -> np.ndarray:
     """An output buffer, filled with a value no kernel writes (so unwritten elements show)."""
+    if dtype == BF16:
+        return _normal(np.random.default_rng(0), shape, BF16) * 0 + 1234.0
     return np.full(shape, 1234.0 if np.dtype(dtype).kind == "f" else -7, dtype)
 
 
@@ -269,14 +275,14 @@ def _sparse_cases() -> list[Case]:
 # -- prefill GEMM tiles (kernels/gemm.py; its default, dlight's schedule, is te_ops' case) -------
 
 def _gemm_cases() -> list[Case]:
-    def gemm(name, tile, *, m=100, n=256, k=512, out=F16, bias=True, residual=True):
+    def gemm(name, tile, *, m=100, n=256, k=512, out=F16, bias=True, residual=True, dt=F16):
         def make():
             from kiln.codegen.cuda.kernels.gemm import gemm_kernel
-            return gemm_kernel(n, k, F16, out, bias=bias, residual=residual, **tile)
+            return gemm_kernel(n, k, dt, out, bias=bias, residual=residual, **tile)
 
         def inputs(rng):  # m not a multiple of any tile: the padded rows are never written
-            args = [_normal(rng, (m, k), F16), _normal(rng, (n, k), F16, k ** -0.5)]
-            args += [_normal(rng, (n,), F16)] if bias else []
+            args = [_normal(rng, (m, k), dt), _normal(rng, (n, k), dt, k ** -0.5)]
+            args += [_normal(rng, (n,), dt)] if bias else []
             args += [_normal(rng, (m, n), out)] if residual else []
             return [*args, _empty((m, n), out)]
 
@@ -292,6 +298,11 @@ def _gemm_cases() -> list[Case]:
         gemm("gemm_256x64x32_2x4_s3", dict(bm=256, bn=64, bk=32, wm=2, wn=4, stages=3)),
         gemm("gemm_logits_64x64x32_1x4_s2", dict(bm=64, bn=64, bk=32, wm=1, wn=4, stages=2),
              m=37, out=F32, bias=False, residual=False),
+        # bf16 (kiln's WMMA intrinsics for it): the default tile, and dlight's tile on it
+        gemm("gemm_bf16_128x128x64_2x4_s3", dict(bm=128, bn=128, bk=64, wm=2, wn=4, stages=3),
+             dt=BF16, out=BF16),
+        gemm("gemm_bf16_logits_dlight_tile", dict(bm=128, bn=128, bk=64, wm=4, wn=4, stages=1),
+             m=37, dt=BF16, out=F32, bias=False, residual=False),
     ]
 
 

@@ -151,6 +151,28 @@ def test_defaults_are_the_kernels_constants():
     assert gemm.DLIGHT["stages"] == 1
 
 
+@needs_cuda_toolchain
+def test_bf16_gemms_take_kilns_tensor_core_kernel(tmp_path):
+    """dlight does not tensorize bf16: its GEMMs default to kiln's WMMA kernel (bf16 fragments),
+    which builds to sm_90 machine code; a shape no tile divides keeps dlight's schedule."""
+    from kiln.codegen.build import compile_kernels
+    from kiln.codegen.cuda import spaces
+    from kiln.codegen.cuda.kernels import gemm
+    from kiln.codegen.cuda_toolchain import fatbin_entries
+    from kiln.codegen.schedules import space
+    from kiln.codegen.targets import CudaTarget
+
+    shape = {**SHAPES["cuda.gemm"][0], "dtype": "bfloat16", "out_dtype": "bfloat16"}
+    c = space("cuda.gemm").default(shape, None)
+    assert c == spaces.BF16_TILE and c in space("cuda.gemm").configs(shape, None)
+    assert space("cuda.gemm").default({**shape, "n": 200}, None) == gemm.DLIGHT
+    funcs = {"bf16_default": space("cuda.gemm").build(shape, c, None),
+             "bf16_dlight_tile": space("cuda.gemm").build(shape, gemm.DLIGHT, None)}
+    assert "bfloat16" in funcs["bf16_dlight_tile"].script()  # kiln's kernel, not dlight's
+    compile_kernels(funcs, CudaTarget(arch="sm_90"), tmp_path / "k.so")
+    assert ("cubin", "sm_90") in fatbin_entries(tmp_path / "k.so")
+
+
 def test_invalid_configs_are_left_out():
     from kiln.codegen.schedules import space
 

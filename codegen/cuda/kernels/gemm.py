@@ -1,8 +1,10 @@
 """Prefill GEMM for CUDA: y[m, n] = epilogue(x[m, k] . w[n, k]) on the tensor cores (WMMA
 16x16x16, fp16/bf16 in, fp32 accumulation), with a tile shape the schedule space cuda.gemm tunes.
 
-The untuned GEMM is the TE NT-matmul that the CUDA pipeline fuses with its epilogue and dlight's
-`Matmul` rule schedules: 128x128 block tiles, k tiles of 64, 16 warps of 32x32 (DLIGHT below).
+The untuned fp16 GEMM is the TE NT-matmul that the CUDA pipeline fuses with its epilogue and
+dlight's `Matmul` rule schedules: 128x128 block tiles, k tiles of 64, 16 warps of 32x32 (DLIGHT
+below). dlight tensorizes float16 only (a bf16 matmul would run on the CUDA cores), so bf16
+GEMMs always take `gemm_kernel`, whose DLIGHT tile is the same schedule on bf16 WMMA.
 `gemm_kernel` builds the same computation, epilogue included, scheduled here for any tile:
 a block computes a bm x bn tile of y from k tiles of bk staged in shared memory, each of its
 wm x wn warps a (bm / wm) x (bn / wn) sub-tile in WMMA accumulator fragments; the tile is
@@ -89,12 +91,8 @@ def dlight_kernel(n: int, k: int, dtype: str, out_dtype: str, *, bias: bool = Fa
 
 
 def _schedule(sch: s_tir.Schedule, dtype: str, c: dict) -> None:
-    from kiln.codegen.cuda_toolchain import cheap_frame_stacks
 
-    with cheap_frame_stacks():  # the first import parses ~500 TVMScript intrinsics
-        from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
-
-    intrin = get_wmma_intrin_group("shared.dyn", "shared.dyn", dtype, "float32", True)
+    intrin = _wmma_intrinsics(dtype)
     warps = c["wm"] * c["wn"]
     mm = sch.get_sblock("matmul")
     sch.pad_einsum(mm, [c["bm"], c["bn"], c["bk"]])
@@ -160,6 +158,36 @@ def _schedule(sch: s_tir.Schedule, dtype: str, c: dict) -> None:
         sch.annotate(ko, "software_pipeline_stage", [0, 0, c["stages"] - 1])
         sch.annotate(ko, "software_pipeline_order", [0, 1, 2])
         sch.annotate(ko, "software_pipeline_async_stages", [0])
+
+
+@functools.cache
+def _wmma_intrinsics(dtype: str) -> dict[str, str]:
+    """The names of the WMMA tensor intrinsics (16x16x16, operands from dynamic shared memory,
+    w transposed, float32 accumulators) for `dtype`: TVM's own for float16; for bfloat16,
+    which TVM registers none of, the same definitions instantiated here under kiln names
+    (`wmma::fragment<..., __nv_bfloat16, ...>`, sm_80 and later)."""
+    from kiln.codegen.cuda_toolchain import cheap_frame_stacks
+
+    with cheap_frame_stacks():  # the first import parses ~500 TVMScript intrinsics
+        from tvm.s_tir import TensorIntrin
+        from tvm.s_tir.tensor_intrin import cuda as tc
+
+    group = tc.get_wmma_intrin_group("shared.dyn", "shared.dyn", "float16", "float32", True)
+    if dtype == "float16":
+        return group
+    if dtype != "bfloat16":
+        raise ValueError(f"no WMMA GEMM for {dtype}")
+    names = {"load_a": "kiln_wmma_load_16x16x16_bf16_a_shared_dyn",
+             "load_b": "kiln_wmma_load_16x16x16_bf16_b_trans_shared_dyn",
+             "compute": "kiln_wmma_sync_16x16x16_bf16bf16f32_trans"}
+    with cheap_frame_stacks():
+        TensorIntrin.register(names["load_a"], *tc.get_wmma_load_intrin(
+            16, 16, 16, dtype, "shared.dyn", False, False), override=True)
+        TensorIntrin.register(names["load_b"], *tc.get_wmma_load_intrin(
+            16, 16, 16, dtype, "shared.dyn", True, True), override=True)
+        TensorIntrin.register(names["compute"], *tc.get_wmma_sync_intrin(
+            16, 16, 16, dtype, "float32", True), override=True)
+    return {**group, **names}  # the float32 fill and store are dtype-free
 
 
 def _finish(func: tirx.PrimFunc) -> tirx.PrimFunc:
