@@ -32,5 +32,8 @@ class Backend:
     computed_inputs: Callable[..., dict] = lambda ctx, graph, sig, batch, seq: {}
     #: (ctx, entry, outputs) -> extra expressions the entry point also returns
     extra_outputs: Callable[..., list] = lambda ctx, entry, outs: []
+    #: target -> how many per-row offsets of past the entry points take after it (batches
+    #: of rows of unequal lengths; 0: none, every row has `past` tokens)
+    row_offsets: Callable[[Any], int] = lambda target: 0
     #: (path, target) -> None: check the exported library (raises KilnError)
     check_export: Callable[[Any, Any], None] = lambda path, target: None

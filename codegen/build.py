@@ -1,7 +1,9 @@
 """Build a Relax IRModule with `prefill` and `decode` entry points from a canonical kiln graph.
 
 Entry-point signature (both), in this order:
-    past: R.Shape([past])                      tokens already in the KV cache
+    past: R.Shape([past, (offsets)])           tokens already in the KV cache; where the target's
+                                               backend takes row offsets (CUDA), row i holds
+                                               past + offset_i (batches of unequal lengths)
     <graph inputs>                             except past_k/past_v, in graph order; in decode
                                                the `seq` symbol is 1
     kv_cache: R.Tuple(k_0, v_0, k_1, v_1 ...)  each (batch, kv_heads, capacity, head_dim),
@@ -44,6 +46,8 @@ from kiln.compiler.ir import BATCH, PAST, SEQ, Graph
 
 ENTRY_POINTS = ("prefill", "decode", "prefill_last")
 #: the phase each entry point's kernel instances are scheduled for
+#: ctx.symbols key prefix of the per-row offsets of past (Backend.row_offsets)
+ROW_OFFSET = "row_offset_"
 _PHASE = {"prefill": "prefill", "decode": "decode", "prefill_last": "prefill"}
 
 
@@ -178,7 +182,11 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
     b, past, cap = (tirx.Var(n, "int64") for n in ("batch", "past", "capacity"))
     seq = tirx.const(1, "int64") if entry == "decode" else tirx.Var("seq", "int64")
     symbols = {BATCH: b, SEQ: seq, PAST: past}
-    past_arg = relax.Var("past", relax.ShapeType([past]))
+    backend = target.backend()
+    # past, then (targets batching rows of unequal lengths) each row's offset from it
+    offsets = [tirx.Var(f"{ROW_OFFSET}{i}", "int64") for i in range(backend.row_offsets(target))]
+    symbols.update({v.name: v for v in offsets})
+    past_arg = relax.Var("past", relax.ShapeType([past, *offsets]))
     inputs = [_input_var(graph, v, symbols) for v in sig.inputs]
     cache_ty = [relax.TensorType([b, c.kv_heads, cap, c.head_dim], c.dtype) for c in sig.caches]
     caches = relax.Var("kv_cache", relax.TupleType(cache_ty))
@@ -186,7 +194,6 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
         [relax.TensorType([int(d) for d in graph.params[p].type.shape],
                           _param_dtype(target, graph.params[p].type.dtype.value))
          for p in sig.params]))
-    backend = target.backend()
     attrs = backend.entry_attrs(target, entry, 1 + len(inputs))
     lower, last = backend.lower_node, backend.last_position
     with bb.function(name or entry, [past_arg, *inputs, caches, params], attrs=attrs):

@@ -165,7 +165,7 @@ class CudaTarget:
 
     arch: str = "sm_90"
     dtype: str = "float16"
-    max_batch: int = 8
+    max_batch: int = 16  # decode's intermediates are planned for this many rows
     name: str = "cuda"
 
     def __post_init__(self) -> None:
@@ -197,8 +197,10 @@ class CudaTarget:
         return self.dtype
 
     def requirements(self) -> dict[str, Any]:
-        # decode also returns the argmax tokens (Session.decode_greedy)
-        return {"dtype": self.dtype, "max_batch": self.max_batch, "decode_greedy": True}
+        # decode also returns the argmax tokens (Session.decode_greedy); the entry points take
+        # past and one offset per row (rows of unequal lengths: Session.prefill_batch)
+        return {"dtype": self.dtype, "max_batch": self.max_batch, "decode_greedy": True,
+                "row_offsets": self.max_batch}
 
     def sparse_target(self) -> str | None:
         return self.sparse_layout

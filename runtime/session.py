@@ -3,9 +3,13 @@
     session = Session.load("out/smollm2")
     logits = session.prefill([[1, 2, 3]])    # (batch, seq, vocab); the cache now holds 3 tokens
     logits = session.decode([4])             # (batch, 1, vocab); one token per sequence
+    logits = session.prefill_batch([[1, 2, 3], [5, 6]])  # (batch, vocab): prompts of any lengths
+    tokens = session.decode_greedy(logits.argmax(-1))    # every row at its own position
 
 The KV cache is one preallocated buffer per layer and per key/value, (batch, kv_heads,
-capacity, head_dim), which the compiled kernels write in place; `past` counts the tokens in it.
+capacity, head_dim), which the compiled kernels write in place; `past` counts the tokens in it
+(the shortest row's: row i of a batch of unequal lengths holds past + offsets[i], offsets >= 0,
+which the entry points take after past where the artifact's target has `row_offsets`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class Session:
         self.capacity = art.max_seq
         self.past = 0
         self.batch = 0
+        #: per row: its cached length minus `past` (0 for all, unless prefill_batch was given
+        #: prompts of unequal lengths); the CUDA entry points take `row_offsets` of them
+        self.offsets = np.zeros(0, np.int64)
+        self._row_offsets = int(art.manifest["target"].get("row_offsets", 0))
         self._caches: tuple = ()
         # CUDA: a captured decode graph holds the addresses of the caches it was captured with,
         # so caches are made once per batch size and kept (never reallocated)
@@ -100,6 +108,7 @@ class Session:
         """Forget the cache contents (and resize it to `batch` rows)."""
         self.past = 0
         self._greedy = None
+        self.offsets = np.zeros(batch if batch is not None else self.batch, np.int64)
         if batch is not None and batch != self.batch:
             if batch > 1:
                 limits.check_fits(self.artifact, batch=batch)
@@ -132,9 +141,49 @@ class Session:
         logits = self._step("prefill_last" if last else "prefill", ids)
         return logits[:, -1:] if last_only else logits
 
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run several prompts of any lengths from an empty cache, one batch row each; returns
+        the logits of each row's last position (batch, vocab). Then `decode`/`decode_greedy`
+        take one token per row, each row at its own position. Prompts of one length run as
+        one batch (`prefill`); else (CUDA artifacts) each runs alone into the cache of a
+        single sequence, which is then copied into its row of the batch's cache."""
+        rows = [np.asarray(_token_array(p)).reshape(-1) for p in prompts]
+        lens = np.array([len(r) for r in rows], np.int64)
+        if not rows or lens.min() == 0:
+            raise KilnError("prefill_batch: no prompts, or an empty one; each needs a token")
+        if lens.max() > self.capacity:
+            raise KilnError(f"prefill_batch: a prompt of {lens.max()} tokens exceeds the "
+                            f"context of {self.capacity} (compiled with --max-seq "
+                            f"{self.capacity})")
+        if (lens == lens[0]).all():
+            return self.prefill(np.stack(rows), last_only=True)[:, -1]
+        if not self._row_offsets:
+            raise KilnError(f"prefill_batch: prompts of unequal lengths ({lens.tolist()} "
+                            "tokens) but this artifact runs prompts of one length only ("
+                            + ("a CPU artifact" if not self._cuda else "compiled before batches "
+                               "of unequal lengths") + "); run them one by one")
+        batch = self._cuda_caches(len(rows))  # (refuses more rows than max_batch)
+        logits = []
+        for r, ids in enumerate(rows):
+            logits.append(self.prefill(ids[None], last_only=True)[0, -1])
+            for big, one in zip(batch, self._caches, strict=True):
+                view = big._create_view(tuple(one.shape), relative_byte_offset=r * _nbytes(one))
+                view.copyfrom(one)
+        self.batch, self._caches = len(rows), batch
+        self.past = int(lens.min())
+        self.offsets = lens - self.past
+        self._greedy = None
+        return np.stack(logits)
+
+    @property
+    def row_lengths(self) -> np.ndarray:
+        """Tokens cached per batch row."""
+        return self.past + self.offsets
+
     def extend(self, tokens, *, last_only: bool = False) -> np.ndarray:
         """Append several tokens per sequence to a non-empty cache (chunked prefill, a chat's
         next turn); `last_only` as for prefill."""
+        self._equal_rows("extend")
         ids = np.atleast_2d(_token_array(tokens))
         last = last_only and "prefill_last" in self.artifact.manifest["entry_points"]
         logits = self._step("prefill_last" if last else "prefill", ids)
@@ -145,8 +194,15 @@ class Session:
         alone, and the next step overwrites what follows)."""
         if not 0 <= past <= self.past:
             raise KilnError(f"cannot rewind a cache of {self.past} tokens to {past}")
+        self._equal_rows("rewind")
         self.past = past
         self._greedy = None
+
+    def _equal_rows(self, what: str) -> None:
+        if self.offsets.any():
+            raise KilnError(f"{what}: the batch's rows hold unequal lengths "
+                            f"({self.row_lengths.tolist()} tokens; prefill_batch); only decode "
+                            "continues them")
 
     @property
     def threads(self) -> int | None:
@@ -186,8 +242,9 @@ class Session:
         if not self._caches or b != self.batch:
             raise KilnError(f"{entry}: batch {b} does not match the cache's {self.batch} "
                             "(call prefill first)")
-        if self.past + s > self.capacity:
-            raise KilnError(f"context exceeded: {self.past} cached + {s} new tokens > "
+        if self.past + int(self.offsets.max(initial=0)) + s > self.capacity:
+            raise KilnError(f"context exceeded: {self.row_lengths.max(initial=self.past)} "
+                            f"cached + {s} new tokens > "
                             f"{self.capacity} (compiled with --max-seq {self.capacity})")
         chained = (entry == "decode" and self._greedy is not None and self.inputs == [
             "input_ids"] and self._greedy[0].shape == ids.shape and
@@ -199,7 +256,7 @@ class Session:
                             f"0..{vocab - 1})")
         tvm = self._tvm
         fn = row_entry(entry, s, self.artifact.manifest.get("prefill_rows", ()))
-        args = [tvm.runtime.ShapeTuple([self.past])]
+        args = [tvm.runtime.ShapeTuple([self.past, *self._offsets_arg(entry)])]
         args += [self._greedy[1] if chained else
                  self._device_input(name, self._feed(name, ids),
                                     reuse=self._cuda and entry == "decode")
@@ -219,6 +276,16 @@ class Session:
                 self._greedy = (out.numpy(), out)
                 return self._greedy[0]
         return out.numpy()
+
+    def _offsets_arg(self, entry: str) -> list[int]:
+        """The row offsets the entry points take after past (the artifact's `row_offsets` of
+        them; rows beyond the batch 0); prefill runs equal rows."""
+        if not self._row_offsets:
+            return []
+        out = [0] * self._row_offsets
+        if entry == "decode":
+            out[:len(self.offsets)] = self.offsets.tolist()
+        return out
 
     def _device_input(self, name: str, value: np.ndarray, *, reuse: bool):
         """A device tensor holding `value`; with `reuse`, one kept per name and shape and
@@ -256,6 +323,12 @@ def _load_kernels(tvm, path: Path):
         _MODULES.pop(name, None)
         _MODULES[name] = (key, tvm.runtime.load_module(str(path)))
     return _MODULES[name][1]
+
+
+def _nbytes(t) -> int:
+    """Bytes of a device tensor (a row of a batched cache: byte offset of the next row)."""
+    return math.prod(t.shape) * np.dtype(str(t.dtype) if str(t.dtype) != "bfloat16"
+                                         else np.uint16).itemsize
 
 
 def _token_array(tokens) -> np.ndarray:

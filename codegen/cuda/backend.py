@@ -44,17 +44,20 @@ def cuda_signature(graph, target: CudaTarget, sig):
 
 def computed_inputs(ctx, graph, sig, batch, seq) -> dict:
     """Graph inputs the CUDA calling convention leaves out that the graph reads: the position
-    ids, past + j for the j-th new token of every row, from the device copy of `past` (so
-    the kernels reading them can be captured in the decode step's CUDA graph)."""
+    ids, past + j for the j-th new token of every row (decode: that row's cached length + j),
+    from the device copy of `past` (so the kernels reading them can be captured in the decode
+    step's CUDA graph)."""
     if POSITIONS not in graph.inputs or POSITIONS in sig.inputs:
         return {}
-    from tvm import te
+    from tvm import te, tirx
 
     def positions(past):
-        return te.compute((batch, seq), lambda i, j: past[0].astype("int64") + j,
+        last = past.shape[0] - 1
+        return te.compute((batch, seq), lambda i, j: past[tirx.min(i, last)].astype("int64") + j,
                           name="positions")
 
-    return {POSITIONS: ctx.bb.emit_te(positions, ctx.past_on_device())}
+    lengths = ctx.row_lengths() if ctx.phase == "decode" else ctx.past_on_device()
+    return {POSITIONS: ctx.bb.emit_te(positions, lengths)}
 
 
 def greedy_tokens(ctx, logits):
@@ -127,7 +130,8 @@ def _backend():
                    compile_kernels=compile_kernels, compiler="nvcc",
                    signature=cuda_signature, entry_attrs=entry_attrs,
                    computed_inputs=computed_inputs, extra_outputs=decode_tokens,
-                   check_export=_require_fatbin)
+                   check_export=_require_fatbin,
+                   row_offsets=lambda target: target.max_batch)
 
 
 BACKEND = _backend()

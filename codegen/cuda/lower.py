@@ -65,6 +65,7 @@ class CudaLowerContext(LowerContext):
     attention nodes whose q/k/v preparation is fused."""
 
     past_tensor: relax.Expr | None = None
+    lengths_tensor: relax.Expr | None = None
     qkv: dict[str, QkvPattern] | None = None
 
     def __post_init__(self) -> None:
@@ -104,6 +105,25 @@ class CudaLowerContext(LowerContext):
                 gv, [relax.prim_value(self.past)], relax.TensorType([1], "int32")))
         return self.past_tensor
 
+    def row_lengths(self) -> relax.Expr:
+        """(batch,) int32 on the device: past + each row's offset (entry-point scalars, like
+        past: computed outside the captured graph), the cached length of every batch row. Decode
+        kernels read these (rows of unequal lengths); prefill runs equal rows (offsets 0)."""
+        if self.lengths_tensor is None:
+            from kiln.codegen.build import ROW_OFFSET
+
+            offsets = [v for k, v in self.symbols.items() if k.startswith(ROW_OFFSET)]
+            offsets.sort(key=lambda v: int(v.name[len(ROW_OFFSET):]))
+            key = ("cuda_row_lengths", len(offsets))
+            if key not in self.kernels:  # a TE function: its root block is there already
+                self.kernels[key] = self.bb.add_func(attn.row_lengths_kernel(len(offsets)),
+                                                     "cuda_row_lengths")
+            gv = self.kernels[key]
+            self.lengths_tensor = self.bb.emit(R.call_tir(
+                gv, [relax.prim_value(v) for v in (self.past, *offsets)],
+                relax.TensorType([self.symbols["batch"]], "int32")))
+        return self.lengths_tensor
+
 
 def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
     def register(fn: Lowering) -> Lowering:
@@ -121,6 +141,8 @@ def lower_node(ctx: CudaLowerContext, node: Node) -> None:
         raise KilnError(f"no lowering for op {node.op} (node {node.name}) on target "
                         f"{ctx.target.name}")
     ctx.past_on_device()  # first of all: the kernels after it form one CUDA graph
+    if ctx.phase == "decode":
+        ctx.row_lengths()  # (also outside the graph: it reads the entry's scalars)
     if node.name in ctx.fused_away or node.name in ctx.done:  # lowered with another node
         return
     for name, expr in zip(node.outputs, lowered(fn, ctx, node), strict=False):

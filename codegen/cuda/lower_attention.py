@@ -35,7 +35,8 @@ def _attention(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
         raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
                         "(they become the in-place KV cache)")
     kc, vc = ctx.caches[past_k], ctx.caches[past_v]
-    pst = ctx.past_on_device()
+    # decode: each row's own cached length (batches of unequal lengths); prefill: past
+    pst = ctx.row_lengths() if ctx.phase == "decode" else ctx.past_on_device()
     if node.name in ctx.qkv:
         q, kc2, vc2 = _fused_qkv(ctx, node, ctx.qkv[node.name], kc, vc, pst)
         return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)

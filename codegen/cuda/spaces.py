@@ -80,8 +80,9 @@ GEMV_QKV_ROPE = register(Space(
     build=lambda shape, c, target: gemv_k.qkv_rope_gemv_kernel(
         shape["heads"], shape["kv_heads"], shape["head_dim"], shape["k"], shape["dtype"], EPS,
         warps=c["warps"], chunk=c["chunk"]),
-    # cos/sin rows; a cache of 16 rows (the kernel writes row past[0], 1 or 2 when measured)
-    bind=lambda shape: {"cb": 1, "cap": 16}))
+    # cos/sin rows; a cache of 16 rows (the kernel writes row past[0], 1 or 2 when measured);
+    # one `past` for every row
+    bind=lambda shape: {"cb": 1, "cap": 16, "pn": 1}))
 
 
 
@@ -175,7 +176,7 @@ def _attention_args(shape, rng: np.random.Generator, scratch: bool = False) -> l
 
 
 def _attention_bind(shape) -> dict:
-    return {"b": 1, "cap": shape["s"] + shape["past"]}
+    return {"b": 1, "cap": shape["s"] + shape["past"], "pn": 1}  # pn: one past for every row
 
 
 #: streaming multiprocessors of the GPUs kiln targets (H100/H200 SXM: 132), what the decode

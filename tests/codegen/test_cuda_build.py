@@ -38,6 +38,8 @@ def test_manifest_records_dtype_and_stores_params_and_cache_in_it(cuda_artifact)
     m = json.loads((cuda_artifact / "manifest.json").read_text())
     assert m["target"]["kind"] == "cuda" and m["target"]["arch"] == "sm_90"
     assert m["target"]["dtype"] == "float16" and m["target"]["max_batch"] >= 1
+    # the entry points take past and an offset per row (batches of unequal lengths)
+    assert m["target"]["row_offsets"] == m["target"]["max_batch"] == 16
     floats = [p for p in m["params"] if p["dtype"].startswith(("float", "bfloat"))]
     assert floats and all(p["dtype"] == "float16" for p in floats)
     assert all(c["dtype"] == "float16" for c in m["signature"]["caches"])
@@ -74,6 +76,9 @@ def test_decode_is_captured_as_cuda_graphs(tiny_model):
     for name in captures:
         body = mod[name].script()
         assert "kv_past" not in body and "past" not in str(mod[name].params[-1].ty)
+        # each row's length (past + its offset: scalars of the call) is written outside too
+        assert "cuda_row_lengths" not in body and "row_offset" not in body
+    assert "cuda_row_lengths" in text
     # the layers in one graph; the position ids (computed from the device copy of past) in a
     # small one of their own: the token embedding, reading the call's input ids, sits between
     bodies = [mod[name].script() for name in captures]

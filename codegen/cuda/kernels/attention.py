@@ -3,9 +3,12 @@
 KV cache, one buffer per layer and per K/V:  # (batch, kv_heads, capacity, head_dim)
 q/out: (batch, seq, heads * head_dim). `past` (tokens already cached) is read from a one-element
 int32 device tensor, not passed as a kernel scalar: a CUDA graph captured for the decode step then
-stays valid as `past` grows (a scalar would be baked into the captured launch).
+stays valid as `past` grows (a scalar would be baked into the captured launch). The decode
+kernels also take one length per batch row (a tensor (batch,): sequences of different lengths
+in one batch; row i reads past[i], a one-element tensor serves every row).
 
-- `past_kernel`: writes `past` into that tensor (runs outside the captured graph).
+- `past_kernel`: writes `past` into that tensor (runs outside the captured graph); the per-row
+  lengths are written the same way (kiln.codegen.cuda.lower, past + each row's offset).
 - `kv_append_kernel`: new rows k/v[b, s, KV*D] -> caches at past..past+s-1, in place.
 - `decode_attention_kernel`: blocks per (batch, query, head) each over a share of the keys
   (split-KV); a block's warps split its keys, their lanes the head dimension; each warp keeps
@@ -62,15 +65,38 @@ def past_kernel() -> tirx.PrimFunc:
 
 
 @functools.cache
+def row_lengths_kernel(rows: int) -> tirx.PrimFunc:
+    """PrimFunc(past, offset_0 .. offset_{rows-1}, out[b] int32): out[i] = past + offset_i,
+    the cached length of batch row i (b <= rows; past and the offsets are scalars of the call,
+    so it runs outside a captured graph, like past_kernel). Left unscheduled: dlight's
+    Fallback binds its threads."""
+    from tvm import te
+
+    past = tirx.Var("past", "int64")
+    offsets = [tirx.Var(f"offset_{i}", "int64") for i in range(rows)]
+
+    def at(i):
+        pick = offsets[-1]
+        for j in reversed(range(rows - 1)):
+            pick = tirx.Select(i == j, offsets[j], pick)
+        return (past + pick).astype("int32")
+
+    out = te.compute((tirx.Var("b", "int64"),), at, name="row_lengths")
+    return te.create_prim_func([past, *offsets, out])
+
+
+@functools.cache
 def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
-    """PrimFunc(k_cache, v_cache, k[b, s, KV*D], v[b, s, KV*D], past[1]): caches in place."""
+    """PrimFunc(k_cache, v_cache, k[b, s, KV*D], v[b, s, KV*D], past[1 or b]): caches in
+    place (row i at past[i], or past[0] for every row)."""
     d, kvd, threads = head_dim, kv_heads * head_dim, 256
 
     @T.prim_func(private=True)
     def kv_append(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle,
-                  pst: T.Buffer((1,), "int32")):
+                  pst_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
+        b, s, cap, pn = T.int64(), T.int64(), T.int64(), T.int64()
+        pst = T.match_buffer(pst_h, (pn,), "int32")
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
         vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
         k = T.match_buffer(k_h, (b, s, kvd), dtype)
@@ -82,7 +108,7 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
                     bi: T.let[T.int64] = i // (s * kvd)
                     si: T.let[T.int64] = i // kvd % s
                     g: T.let[T.int64] = i % kvd // d
-                    row: T.let[T.int64] = T.Cast("int64", pst[0]) + si
+                    row: T.let[T.int64] = T.Cast("int64", pst[T.min(bi, pn - 1)]) + si
                     kc[bi, g, row, i % d] = k[bi, si, i % kvd]
                     vc[bi, g, row, i % d] = v[bi, si, i % kvd]
 
@@ -93,8 +119,9 @@ def kv_append_kernel(kv_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
 def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: float,
                             dtype: str, *, pdl: bool = False, warps: bool = True,
                             dw: int = DW, du: int = DU, splits: int = 1) -> tirx.PrimFunc:
-    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1], part, out[b, s, H*D]), causal; any
-    s, best for s = 1. Query i (0-based in the new rows) sees keys 0..past+i.
+    """PrimFunc(q[b, s, H*D], k_cache, v_cache, past[1 or b], part, out[b, s, H*D]), causal;
+    any s, best for s = 1. Query i (0-based in the new rows) of batch row r sees keys
+    0..past[r]+i (past[0] for every row where past has one element).
 
     `splits` blocks of dw warps per (batch, query, head), each over a contiguous share of the
     keys (flash-decoding: a long context fills the GPU instead of one block per head). The
@@ -119,9 +146,10 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
 
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                         pst: T.Buffer((1,), "int32"), part_h: T.handle, o_h: T.handle):
+                         pst_h: T.handle, part_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
+        b, s, cap, pn = T.int64(), T.int64(), T.int64(), T.int64()
+        pst = T.match_buffer(pst_h, (pn,), "int32")
         q = T.match_buffer(q_h, (b, s, hd), dtype)
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
         vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
@@ -147,7 +175,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                     h: T.let[T.int64] = row % heads
                     g: T.let[T.int64] = h // group
                     P.wait(pdl)
-                    kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                    kend: T.let[T.int64] = T.Cast("int64", pst[T.min(bi, pn - 1)]) + si + 1
                     chunk: T.let[T.int64] = ((kend + splits - 1) // splits + keys - 1) \
                         // keys * keys
                     base: T.let[T.int64] = sp * chunk
@@ -223,7 +251,7 @@ def decode_attention_kernel(heads: int, kv_heads: int, head_dim: int, scale: flo
                     si: T.let[T.int64] = blk // heads % s
                     h: T.let[T.int64] = blk % heads
                     P.wait(pdl)
-                    kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                    kend: T.let[T.int64] = T.Cast("int64", pst[T.min(bi, pn - 1)]) + si + 1
                     chunk: T.let[T.int64] = ((kend + splits - 1) // splits + keys - 1) \
                         // keys * keys
                     used: T.let[T.int64] = (kend + chunk - 1) // chunk
@@ -266,9 +294,10 @@ def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: f
 
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                         pst: T.Buffer((1,), "int32"), o_h: T.handle):
+                         pst_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, s, cap = T.int64(), T.int64(), T.int64()
+        b, s, cap, pn = T.int64(), T.int64(), T.int64(), T.int64()
+        pst = T.match_buffer(pst_h, (pn,), "int32")  # per row, or one for all
         q = T.match_buffer(q_h, (b, s, hd), dtype)
         kc = T.match_buffer(kc_h, (b, kv_heads, cap, d), dtype)
         vc = T.match_buffer(vc_h, (b, kv_heads, cap, d), dtype)
@@ -289,7 +318,7 @@ def _decode_attention_threads(heads: int, kv_heads: int, head_dim: int, scale: f
                 si: T.let[T.int64] = blk // heads % s
                 h: T.let[T.int64] = blk % heads
                 g: T.let[T.int64] = h // group
-                kend: T.let[T.int64] = T.Cast("int64", pst[0]) + si + 1
+                kend: T.let[T.int64] = T.Cast("int64", pst[T.min(bi, pn - 1)]) + si + 1
                 # the first key (0 without a window)
                 k0: T.let[T.int64] = T.max(kend - window, T.int64(0)) if windowed else T.int64(0)
                 for c in T.unroll(d):
@@ -467,9 +496,10 @@ def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
 
     @T.prim_func(private=True)
     def qkv_rotary_append(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle,
-                          vc_h: T.handle, pst: T.Buffer((1,), "int32"), q_h: T.handle):
+                          vc_h: T.handle, pst_h: T.handle, q_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, s, cap, cb = T.int64(), T.int64(), T.int64(), T.int64()
+        b, s, cap, cb, pn = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        pst = T.match_buffer(pst_h, (pn,), "int32")  # per row, or one for all
         qkv = T.match_buffer(qkv_h, (b, s, width), dtype)
         cos = T.match_buffer(cos_h, (cb, s, rot), dtype)
         sin = T.match_buffer(sin_h, (cb, s, rot), dtype)
@@ -488,7 +518,7 @@ def qkv_rotary_append_kernel(heads: int, kv_heads: int, head_dim: int, rot: int,
                     c: T.let[T.int64] = j % d
                     ci: T.let[T.int64] = T.min(bi, cb - 1)
                     base: T.let[T.int64] = j - c
-                    row: T.let[T.int64] = T.Cast("int64", pst[0]) + si
+                    row: T.let[T.int64] = T.Cast("int64", pst[T.min(bi, pn - 1)]) + si
                     if j < hd:
                         q[bi, si, j] = rotate(qkv, bi, si, base, c, cos, sin, ci)
                     elif j < hd + kvd:

@@ -297,9 +297,10 @@ def sparse_qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int
                              values: T.Buffer((n, k // 2), dtype),
                              meta: T.Buffer((n, k // 8), "uint8"), cos_h: T.handle,
                              sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                             pst: T.Buffer((1,), "int32"), q_h: T.handle):
+                             pst_h: T.handle, q_h: T.handle):
         T.func_attr(_ATTRS)
-        m, cb, cap = T.int64(), T.int64(), T.int64()
+        m, cb, cap, pn = T.int64(), T.int64(), T.int64(), T.int64()
+        pst = T.match_buffer(pst_h, (pn,), "int32")  # cached length: per row, or one for all
         x = T.match_buffer(x_h, (m, k), dtype)
         cos = T.match_buffer(cos_h, (cb, 1, d), dtype)
         sin = T.match_buffer(sin_h, (cb, 1, d), dtype)
