@@ -79,10 +79,27 @@ def _dot(x, w) -> np.ndarray:
 
 # -- GEMVs (kernels/gemv.py) -------------------------------------------------------------------
 
+def _cuda_cores(make):
+    """make() with the batched GEMVs on the CUDA cores (gemv_rows.TENSOR_CORES off: the
+    `nomma` variant); the caller passes arguments no other case passes (the kernels are cached
+    per call signature)."""
+    from kiln.codegen.cuda.kernels import gemv_rows
+
+    gemv_rows.TENSOR_CORES = False
+    try:
+        return make()
+    finally:
+        gemv_rows.TENSOR_CORES = True
+
+
 def _gemv_cases() -> list[Case]:
-    def gemv(name, n, k, dtype, *, residual=False, norm=False, m=3):
+    def gemv(name, n, k, dtype, *, residual=False, norm=False, m=3, cores=False):
         def make():
-            from kiln.codegen.cuda.kernels.gemv import gemv_kernel
+            from kiln.codegen.cuda.kernels.gemv import WARPS, gemv_kernel
+            if cores:
+                return _cuda_cores(lambda: gemv_kernel(
+                    n, k, dtype, dtype, residual=residual, norm_eps=EPS if norm else None,
+                    warps=WARPS))
             return gemv_kernel(n, k, dtype, dtype, residual=residual,
                                norm_eps=EPS if norm else None)
 
@@ -102,11 +119,13 @@ def _gemv_cases() -> list[Case]:
 
         return Case(name, make, inputs, expect)
 
-    def swiglu(rng_f=64, k=256, m=3, name="swiglu_gemv_f16"):
+    def swiglu(rng_f=64, k=256, m=3, name="swiglu_gemv_f16", cores=False):
         f = rng_f
 
         def make():
-            from kiln.codegen.cuda.kernels.gemv import swiglu_gemv_kernel
+            from kiln.codegen.cuda.kernels.gemv import WARPS, swiglu_gemv_kernel
+            if cores:
+                return _cuda_cores(lambda: swiglu_gemv_kernel(f, k, F16, EPS, warps=WARPS))
             return swiglu_gemv_kernel(f, k, F16, EPS)
 
         def inputs(rng):
@@ -140,17 +159,35 @@ def _gemv_cases() -> list[Case]:
             gemv("gemv_splitk_m20_f16", 32, 4096, F16, m=20),  # beyond a bucket: two groups
             swiglu(m=16, name="swiglu_gemv_m16_f16"), swiglu(m=1, name="swiglu_gemv_m1_f16"),
             _qkv_rope_gemv_case(m=1, name="qkv_rope_gemv_m1_f16"),
-            _qkv_rope_gemv_case(m=7, past=(3, 9, 0, 5, 11, 2, 7), name="qkv_rope_gemv_ragged_f16")]
+            _qkv_rope_gemv_case(m=7, past=(3, 9, 0, 5, 11, 2, 7), name="qkv_rope_gemv_ragged_f16"),
+            # the tensor-core batched kernels at the 1B model's shapes (8 warps split k),
+            # an n that is no multiple of 8, and a bf16 one
+            gemv("gemv_mma_m16_f16", 2048, 2048, F16, m=16),
+            gemv("gemv_mma_residual_m5_f16", 100, 8192, F16, residual=True, m=5),
+            gemv("gemv_mma_norm_m9_f16", 200, 2048, F16, norm=True, m=9),
+            swiglu(rng_f=512, k=2048, m=12, name="swiglu_gemv_mma_m12_f16"),
+            _qkv_rope_gemv_case(h=8, kv=2, d=64, k=2048, m=16, cap=40,
+                                past=tuple(range(0, 32, 2)), name="qkv_rope_gemv_mma_m16_f16"),
+            # the CUDA-core batched kernels (the `nomma` variant)
+            gemv("gemv_cores_m8_f16", 96, 2048, F16, m=8, cores=True),
+            gemv("gemv_cores_norm_m6_f16", 80, 256, F16, norm=True, m=6, cores=True),
+            gemv("gemv_cores_splitk_residual_m11_f16", 64, 4096, F16, residual=True, m=11,
+                 cores=True),
+            swiglu(m=16, name="swiglu_gemv_cores_m16_f16", cores=True),
+            _qkv_rope_gemv_case(m=7, past=(3, 9, 0, 5, 11, 2, 7), cores=True,
+                                name="qkv_rope_gemv_cores_ragged_f16")]
 
 
 def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5,
-                        name="qkv_rope_gemv_f16") -> Case:
+                        name="qkv_rope_gemv_f16", cores=False) -> Case:
     """`past`: one cached length for all rows, or one per row (a ragged batch)."""
     hd, kvd, n = h * d, kv * d, (h + 2 * kv) * d
     lens = np.broadcast_to(np.asarray(past, np.int32), (m,))
 
     def make():
-        from kiln.codegen.cuda.kernels.gemv import qkv_rope_gemv_kernel
+        from kiln.codegen.cuda.kernels.gemv import WARPS, qkv_rope_gemv_kernel
+        if cores:
+            return _cuda_cores(lambda: qkv_rope_gemv_kernel(h, kv, d, k, F16, EPS, warps=WARPS))
         return qkv_rope_gemv_kernel(h, kv, d, k, F16, EPS)
 
     def inputs(rng):

@@ -94,9 +94,14 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
     rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, residual, None, pdl, warps,
                                          r) for r in GR.ROW_BUCKETS)
 
+    tc = GR.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
+                     pdl=pdl) if GR.mma_warps(k, dtype) else None
+
     @T.macro
     def rows_any(x, gamma, w, r, y, m):
-        if m <= GR.ROW_BUCKETS[0]:
+        if tc is not None:
+            tc(x, gamma, w, r, y, m, None, None, None, None, None)
+        elif m <= GR.ROW_BUCKETS[0]:
             rows4(x, gamma, w, r, y, m)
         elif m <= GR.ROW_BUCKETS[1]:
             rows8(x, gamma, w, r, y, m)
@@ -179,9 +184,14 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
     rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, False, eps, pdl, warps, r)
                             for r in GR.ROW_BUCKETS)
 
+    tc = GR.mma_rows("norm", n, k, dtype, out_dtype, eps=eps, pdl=pdl) if GR.mma_warps(
+        k, dtype) else None
+
     @T.macro
     def rows_any(x, gamma, w, r, y, m):
-        if m <= GR.ROW_BUCKETS[0]:
+        if tc is not None:
+            tc(x, gamma, w, r, y, m, None, None, None, None, None)
+        elif m <= GR.ROW_BUCKETS[0]:
             rows4(x, gamma, w, r, y, m)
         elif m <= GR.ROW_BUCKETS[1]:
             rows8(x, gamma, w, r, y, m)
@@ -306,9 +316,14 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
     rows4, rows8, rows16 = (GR.splitk_rows(n, k, dtype, out_dtype, vec, residual, pdl, warps, r)
                             for r in GR.ROW_BUCKETS)
 
+    tc = GR.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
+                     pdl=pdl) if GR.mma_warps(k, dtype) else None
+
     @T.macro
     def rows_any(x, w, r, y, m):
-        if m <= GR.ROW_BUCKETS[0]:
+        if tc is not None:
+            tc(x, None, w, r, y, m, None, None, None, None, None)
+        elif m <= GR.ROW_BUCKETS[0]:
             rows4(x, w, r, y, m)
         elif m <= GR.ROW_BUCKETS[1]:
             rows8(x, w, r, y, m)
@@ -415,9 +430,14 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = Fa
     rows4, rows8, rows16 = (GR.swiglu_rows(f, k, dtype, vec, eps, pdl, warps, r)
                             for r in GR.ROW_BUCKETS)
 
+    tc = GR.mma_rows("swiglu", 2 * f, k, dtype, dtype, eps=eps, pdl=pdl, f=f) if (
+        GR.mma_warps(k, dtype)) else None
+
     @T.macro
     def rows_any(x, gamma, w, y, m):
-        if m <= GR.ROW_BUCKETS[0]:
+        if tc is not None:
+            tc(x, gamma, w, None, y, m, None, None, None, None, None)
+        elif m <= GR.ROW_BUCKETS[0]:
             rows4(x, gamma, w, y, m)
         elif m <= GR.ROW_BUCKETS[1]:
             rows8(x, gamma, w, y, m)
@@ -513,9 +533,14 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
     rows4, rows8, rows16 = (GR.qkv_rope_rows(pairs, half, d, k, dtype, vec, eps, pdl, warps, r,
                                              store_pair) for r in GR.ROW_BUCKETS)
 
+    tc = GR.mma_rows("qkv", n, k, dtype, dtype, eps=eps, pdl=pdl, pairs=pairs, half=half,
+                     d=d, store_pair=store_pair) if GR.mma_warps(k, dtype) else None
+
     @T.macro
     def rows_any(x, gamma, w, cos, sin, kc, vc, pst, q, m):
-        if m <= GR.ROW_BUCKETS[0]:
+        if tc is not None:
+            tc(x, gamma, w, None, q, m, cos, sin, kc, vc, pst)
+        elif m <= GR.ROW_BUCKETS[0]:
             rows4(x, gamma, w, cos, sin, kc, vc, pst, q, m)
         elif m <= GR.ROW_BUCKETS[1]:
             rows8(x, gamma, w, cos, sin, kc, vc, pst, q, m)

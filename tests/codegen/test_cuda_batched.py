@@ -1,0 +1,70 @@
+"""Batched decode on the CUDA target, without a GPU: the decode GEMVs branch on the number of rows
+(one row: the one-row kernel; more: the tensor-core kernel, or the CUDA-core row buckets), each
+branch its own sm_90 kernel; the numpy specification of the per-row-length kernel cases; the
+row-bucket and warp-split choices. (tests/codegen/test_cuda_kernels.py runs every case on a GPU;
+tests/runtime/test_session_ragged.py the runtime's bookkeeping.)"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from tests.helpers import needs_cuda_toolchain
+
+tvm = pytest.importorskip("tvm")
+
+
+def test_row_buckets_and_warp_splits():
+    from kiln.codegen.cuda.kernels import gemv_rows as GR
+
+    assert [GR.bucket_rows(m) for m in (2, 4, 5, 8, 9, 16, 40)] == [4, 4, 8, 8, 16, 16, 16]
+    # 8 warps where each still streams 8 steps of 32 elements; none for fp32 or ragged k
+    assert [GR.mma_warps(k, "float16") for k in (2048, 8192, 576, 1536, 256, 128)] == [
+        8, 8, 2, 4, 1, 1]
+    assert GR.mma_warps(2048, "float32") == 0 and GR.mma_warps(200, "float16") == 0
+
+
+def test_ragged_cases_spec_each_row_at_its_own_length():
+    from tests.codegen import cuda_kernel_cases as C
+
+    case = next(c for c in C.cases() if c.name == "qkv_rope_gemv_ragged_f16")
+    args = case.inputs(np.random.default_rng(C.seed_of(case.name)))
+    want = case.expect(args)
+    lens = args[7]
+    assert lens.tolist() == [3, 9, 0, 5, 11, 2, 7]
+    for i, n in enumerate(lens):  # row i's new key at position lens[i], the rest untouched
+        changed = np.flatnonzero((want[5][i] != args[5][i]).any(axis=(0, 2)))
+        assert changed.tolist() == [n]
+
+
+def _kernel_source(func) -> str:
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels import pdl
+
+    ct.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    with ct.cuda_compile_env(target):
+        lib = tvm.tirx.build(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target,
+                             pipeline=pdl.PIPELINE)
+    return lib.imports[0].inspect_source()
+
+
+@pytest.mark.tvm
+@needs_cuda_toolchain
+def test_batched_gemvs_are_kernels_of_their_own():
+    from kiln.codegen.cuda.kernels import gemv, gemv_rows
+
+    src = _kernel_source(gemv.swiglu_gemv_kernel(64, 512, "float16", 1e-5, pdl=True))
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src))
+    assert kernels == {"k_kernel", "k_kernel_1"}  # one row; 2..16 rows on the tensor cores
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    gemv_rows.TENSOR_CORES = False
+    try:  # the CUDA-core buckets instead (4, 8, 16 rows); warps=4 passed: a new cache entry
+        src = _kernel_source(gemv.swiglu_gemv_kernel(64, 512, "float16", 1e-5, pdl=True,
+                                                     warps=gemv.WARPS))
+    finally:
+        gemv_rows.TENSOR_CORES = True
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src))
+    assert len(kernels) == 1 + len(gemv_rows.ROW_BUCKETS) and "mma.sync" not in src
