@@ -241,7 +241,7 @@ def require_fatbin(path: str | Path, arch: str | None = None) -> None:
     cubins = [a for kind, a in fatbin_entries(path) if kind == "cubin"]
     if not cubins:
         raise KilnError(f"{path}: holds no CUDA machine code (fatbin)")
-    if arch is not None and arch not in cubins:
+    if arch is not None and arch.removesuffix("a") not in cubins:  # sm_90a is an sm_90 cubin
         raise KilnError(f"{path}: machine code for {', '.join(sorted(set(cubins)))}, "
                         f"not {arch}")
 

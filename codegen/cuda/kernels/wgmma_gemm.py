@@ -21,6 +21,10 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+#: lower fp16 prefill GEMMs (no bias, target sm_90a) to this kernel: off until measured on the
+#: GPU (benchmarks/gpu/cuda_llm.py builds `wgmma` variants with it on)
+WGMMA = False
+DEFAULT = {"bn": 128, "stages": 4, "inflight": 1}
 BM, BK = 128, 64  # block rows (two warpgroups of 64), k tile (one 128-byte row of fp16)
 THREADS = 256
 SWIZZLE_128B = 1  # the descriptor's layout type for the 128-byte swizzle (bits 62-63)
