@@ -132,36 +132,12 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
 
     smem = stages * stage + 512
 
-    if residual:
-        @T.prim_func(private=True)
-        def gemm_res(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            m = T.int64()
-            x = T.match_buffer(x_h, (m, k), dtype)
-            res = T.match_buffer(r_h, (m, n), out_dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
-            for bx in T.thread_binding((m + BM - 1) // BM * tiles_n, thread="blockIdx.x"):
-                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    sm = T.decl_buffer((smem,), dtype, scope="shared.dyn")
-                    acc = T.decl_buffer((bn // 2,), f32, scope="local")
-                    m0: T.let[T.int64] = bx // tiles_n * BM
-                    n0: T.let[T.int64] = bx % tiles_n * bn
-                    mainloop(x, w, sm, acc, m, m0, n0, tx)
-                    for i in T.unroll(bn // 8):
-                        for h in T.unroll(2):
-                            for e in T.unroll(2):
-                                row, col = out_index(m0, n0, tx, i, h, e)
-                                if row < m:
-                                    y[row, col] = T.Cast(out_dtype, acc[4 * i + 2 * h + e]) \
-                                        + res[row, col]
-        return gemm_res
+    def out(v, res, row, col):  # the epilogue: cast, the residual added (res is y without one)
+        v = T.Cast(out_dtype, v)
+        return v + res[row, col] if residual else v
 
-    @T.prim_func(private=True)
-    def gemm(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), dtype)
-        y = T.match_buffer(y_h, (m, n), out_dtype)
+    @T.macro
+    def body(x, w, res, y, m):
         for bx in T.thread_binding((m + BM - 1) // BM * tiles_n, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 sm = T.decl_buffer((smem,), dtype, scope="shared.dyn")
@@ -174,5 +150,24 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
                         for e in T.unroll(2):
                             row, col = out_index(m0, n0, tx, i, h, e)
                             if row < m:
-                                y[row, col] = T.Cast(out_dtype, acc[4 * i + 2 * h + e])
+                                y[row, col] = out(acc[4 * i + 2 * h + e], res, row, col)
+
+    if residual:
+        @T.prim_func(private=True)
+        def gemm_res(x_h: T.handle, w: T.Buffer((n, k), dtype), r_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), dtype)
+            res = T.match_buffer(r_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n), out_dtype)
+            body(x, w, res, y, m)
+        return gemm_res
+
+    @T.prim_func(private=True)
+    def gemm(x_h: T.handle, w: T.Buffer((n, k), dtype), y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), dtype)
+        y = T.match_buffer(y_h, (m, n), out_dtype)
+        body(x, w, y, y, m)
     return gemm
