@@ -68,3 +68,50 @@ def test_batched_gemvs_are_kernels_of_their_own():
         gemv_rows.TENSOR_CORES = True
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src))
     assert len(kernels) == 1 + len(gemv_rows.ROW_BUCKETS) and "mma.sync" not in src
+
+
+def test_mma_fragment_mapping_computes_x_times_w():
+    """gemv_rows' tensor-core kernels, emulated lane by lane in numpy with the PTX fragment
+    layouts (kernels/flash_attention.py's docstring): lane 4g + t loads 16 bytes of weight row
+    g and of x rows g, g + 8 at k offset 8t of each 32-element step, builds the A/B operands of
+    two k16 halves as the kernel does, and the accumulators it holds are y[g + 8i, 2t + e]."""
+    rng = np.random.default_rng(0)
+    m, n, k = 16, 8, 64
+    x, w = rng.standard_normal((m, k)), rng.standard_normal((n, k))
+    c = np.zeros((32, 4))
+    for step in range(k // 32):
+        a_reg, b_reg = np.zeros((32, 2, 8)), np.zeros((32, 2, 4))
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            kk = step * 32 + t * 8
+            xv = np.concatenate([x[g, kk:kk + 8], x[g + 8, kk:kk + 8]])  # xv[i * 8 + v]
+            for h in range(2):
+                for i in range(2):
+                    for j in range(2):
+                        for e in range(2):
+                            a_reg[lane, h, 2 * i + 4 * j + e] = xv[i * 8 + h * 4 + 2 * j + e]
+                b_reg[lane, h] = w[g, kk + h * 4:kk + h * 4 + 4]  # bf[h * 4 + 2j + e]
+        for h in range(2):  # mma.m16n8k16: the logical A (16 x 16), B (16 x 8) of the lanes
+            a, b = np.zeros((16, 16)), np.zeros((16, 8))
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for i in range(2):
+                    for j in range(2):
+                        for e in range(2):
+                            a[g + 8 * i, 2 * t + 8 * j + e] = a_reg[lane, h, 2 * i + 4 * j + e]
+                for j in range(2):
+                    for e in range(2):
+                        b[2 * t + 8 * j + e, g] = b_reg[lane, h, 2 * j + e]
+            prod = a @ b
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for i in range(2):
+                    for e in range(2):
+                        c[lane, 2 * i + e] += prod[g + 8 * i, 2 * t + e]
+    y = np.zeros((m, n))
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i in range(2):
+            for e in range(2):
+                y[g + 8 * i, 2 * t + e] = c[lane, 2 * i + e]
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-12, atol=1e-12)

@@ -82,7 +82,8 @@ def row_lengths_kernel(rows: int) -> tirx.PrimFunc:
         return (past + pick).astype("int32")
 
     out = te.compute((tirx.Var("b", "int64"),), at, name="row_lengths")
-    return te.create_prim_func([past, *offsets, out])
+    # (without create_prim_func's global symbol `main`: named as the module names it)
+    return te.create_prim_func([past, *offsets, out]).without_attr("global_symbol")
 
 
 @functools.cache
