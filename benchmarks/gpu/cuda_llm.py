@@ -6,6 +6,8 @@
     python3 benchmarks/gpu/cuda_llm.py steptime .device NAME...   # decode step: API vs entry
     python3 benchmarks/gpu/cuda_llm.py profile .device NAME PROMPT STEPS   # ncu, per kernel
     python3 benchmarks/gpu/cuda_llm.py ctxdecode .device NAME... --lens 16,2048  # long contexts
+    python3 benchmarks/gpu/cuda_llm.py checkbatch .device --only NAME   # ragged batches vs torch
+    python3 benchmarks/gpu/cuda_llm.py batchbench .device NAME... --batches 1,4,8,16  # tok/s
 
 `build` compiles each CONFIG:DTYPE[:QUANT[:VARIANT]] (kiln.models.synthetic names, a
 --quant preset, the attention kernel's operand loads, `sp24`: --sparsity 2:4 --prune-method
@@ -29,6 +31,13 @@ graph with those weights dequantized, so only the compute dtype's rounding diffe
 in the `nm` layout (kiln.runtime.params); the reference runs the float graph with the weights
 densified from those values and metadata; `bench` prints each such artifact's ratio to its
 dense twin (the same spec without the sparse variants), measured in the same run.
+`checkbatch`: batched decode of prompts of unequal lengths (Session.prefill_batch, then greedy
+steps of all rows at once, each at its own position): for CHECK_BATCHES rows, each row's 32
+greedy tokens against the torch float64 reference of that prompt alone, and against kiln's own
+batch-1 run of it (the CUDA-core batched GEMVs, `nomma`, give each row bitwise the one-row
+result; the tensor-core ones sum in another order: a near-tie may go the other way).
+`batchbench`: greedy decode tok/s summed over the rows at several batch sizes (unequal prompt
+lengths), and the ratio to batch 1.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import numpy as np
 SEED = 7
 CHECK_LENS = (1, 9, 64, 300)
 DECODE_STEPS = 32
+CHECK_BATCHES = (4, 16)  # checkbatch: rows of unequal prompt lengths
 HERE = Path(__file__).resolve()
 
 
@@ -69,7 +79,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
     from kiln.codegen.cuda import lower_sparse
-    from kiln.codegen.cuda.kernels import attention, flash_attention, pdl
+    from kiln.codegen.cuda.kernels import attention, flash_attention, gemv, gemv_rows, pdl
 
     default_ldsm = flash_attention.LDSM
     # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
@@ -78,7 +88,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # sp24 (2:4 sparse linears), spfused (their prefill GEMM with the 2:4 decode in its fetch),
     # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU),
     # nofuse (--no-fuse all: every canonical op through its unfused lowering), nosplit (decode
-    # attention without split-KV: one block per head)
+    # attention without split-KV: one block per head), nomma (batched decode GEMVs on the CUDA
+    # cores instead of the tensor cores)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -89,6 +100,12 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         pdl.ENABLED = "nopdl" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
         attention.SPLIT_DECODE = "nosplit" not in flags
+        mma = "nomma" not in flags
+        if gemv_rows.TENSOR_CORES is not mma:  # (the kernels are cached: built anew)
+            gemv_rows.TENSOR_CORES = mma
+            for fn in (gemv.gemv_kernel, gemv._norm_gemv, gemv._splitk_gemv,
+                       gemv.swiglu_gemv_kernel, gemv.qkv_rope_gemv_kernel):
+                fn.cache_clear()
         lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         tuning = out / "tuning.json" if "tuned" in flags else None
@@ -160,6 +177,31 @@ def torch_reference(art: Path, bundle: Path) -> dict:
     """The canonical graph run by torch in float64 on the GPU, same synthesized weights."""
     import torch
 
+    forward, vocab = torch_forward(art, bundle)
+    out = {}
+    with torch.no_grad():
+        for n, ids in prompts(vocab).items():
+            logits = forward(ids)
+            out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].float().cpu().numpy()
+            out[f"last{n}"] = logits[-1].float().cpu().numpy()
+        ids = list(prompts(vocab)[9])
+        toks, steps = [], []
+        tok = int(forward(np.array(ids))[-1].argmax())
+        for _ in range(DECODE_STEPS):
+            toks.append(tok)
+            ids.append(tok)
+            step = forward(np.array(ids))[-1]
+            steps.append(step.float().cpu().numpy())
+            tok = int(step.argmax())
+        out["greedy"] = np.array(toks)
+        out["decode_logits"] = np.stack(steps)
+    return out
+
+
+def torch_forward(art: Path, bundle: Path):
+    """(forward(ids) -> logits (n, vocab) of one prompt, torch float64 on the GPU; vocab)."""
+    import torch
+
     sys.path.insert(0, str(bundle / "lib"))
     from kiln.runtime.params import read_safetensors, synthetic_params
 
@@ -185,25 +227,82 @@ def torch_reference(art: Path, bundle: Path) -> dict:
                     env[name] = v
         return env[graph["outputs"][0]][0]
 
-    vocab = manifest["architecture"]["vocab"]
+    return forward, manifest["architecture"]["vocab"]
+
+
+# -- batches of unequal prompt lengths ----------------------------------------------------------
+
+def batch_prompts(vocab: int, rows: int) -> list[np.ndarray]:
+    """`rows` seeded prompts of unequal lengths (1 to 80 tokens; the first two 1 and 80)."""
+    rng = np.random.default_rng(SEED + rows)
+    lens = [1, 80, *rng.integers(2, 80, rows - 2)][:rows]
+    return [rng.integers(0, vocab, n) for n in lens]
+
+
+def kiln_batch_outputs(art: Path) -> dict:
+    """Per CHECK_BATCHES: the rows' greedy tokens decoded as one batch (prefill_batch, then
+    decode_greedy of all rows), each prompt's alone (batch 1), the first tokens' logits."""
+    from kiln.runtime.session import Session
+
+    s = Session.load(art, synthetic_weights=SEED)
     out = {}
-    with torch.no_grad():
-        for n, ids in prompts(vocab).items():
-            logits = forward(ids)
-            out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].float().cpu().numpy()
-            out[f"last{n}"] = logits[-1].float().cpu().numpy()
-        ids = list(prompts(vocab)[9])
-        toks, steps = [], []
-        tok = int(forward(np.array(ids))[-1].argmax())
+    for rows in CHECK_BATCHES:
+        ps = batch_prompts(s.vocab, rows)
+        logits = s.prefill_batch(ps)
+        out[f"b{rows}_logits"] = logits.astype(np.float32)
+        tok, toks = logits.argmax(-1), []
         for _ in range(DECODE_STEPS):
             toks.append(tok)
-            ids.append(tok)
-            step = forward(np.array(ids))[-1]
-            steps.append(step.float().cpu().numpy())
-            tok = int(step.argmax())
-        out["greedy"] = np.array(toks)
-        out["decode_logits"] = np.stack(steps)
+            tok = s.decode_greedy(tok)
+        out[f"b{rows}_batched"] = np.stack(toks, 1)
+        single = []
+        for p in ps:
+            tok, toks = s.prefill(p[None], last_only=True)[:, -1].argmax(-1), []
+            for _ in range(DECODE_STEPS):
+                toks.append(int(tok[0]))
+                tok = s.decode_greedy(tok)
+            single.append(toks)
+        out[f"b{rows}_single"] = np.array(single)
     return out
+
+
+def torch_batch_reference(art: Path, bundle: Path) -> dict:
+    """Each prompt of kiln_batch_outputs alone: greedy tokens and the first step's logits."""
+    import torch
+
+    forward, vocab = torch_forward(art, bundle)
+    out = {}
+    with torch.no_grad():
+        for rows in CHECK_BATCHES:
+            toks, first = [], []
+            for p in batch_prompts(vocab, rows):
+                ids, row = list(p), []
+                for step in range(DECODE_STEPS):
+                    logits = forward(np.array(ids))[-1]
+                    if step == 0:
+                        first.append(logits.float().cpu().numpy())
+                    row.append(int(logits.argmax()))
+                    ids.append(row[-1])
+                toks.append(row)
+            out[f"b{rows}_greedy"] = np.array(toks)
+            out[f"b{rows}_logits"] = np.stack(first)
+    return out
+
+
+def compare_batch(got: dict, ref: dict) -> list[str]:
+    lines = []
+    for rows in CHECK_BATCHES:
+        g, r, one = got[f"b{rows}_batched"], ref[f"b{rows}_greedy"], got[f"b{rows}_single"]
+        equal = (g == r).sum(1)
+        lg, lr = got[f"b{rows}_logits"], ref[f"b{rows}_logits"]
+        rel = float(np.linalg.norm(lg - lr) / np.linalg.norm(lr))
+        lines.append(f"  batch {rows} (prompt lengths {[len(p) for p in batch_prompts(1, rows)]})"
+                     f": rows with {DECODE_STEPS}/{DECODE_STEPS} greedy tokens = torch: "
+                     f"{int((equal == DECODE_STEPS).sum())}/{rows} (per row "
+                     f"{' '.join(map(str, equal.tolist()))}); rows = kiln batch 1: "
+                     f"{int((g == one).all(1).sum())}/{rows}; kiln batch 1 = torch: "
+                     f"{int((one == r).all(1).sum())}/{rows}; first logits rel err {rel:.2e}")
+    return lines
 
 
 def to_float64(a: np.ndarray) -> np.ndarray:
@@ -336,9 +435,10 @@ def spec_of(art: Path) -> dict:
     return {"model": name, "dtype": dtype, "quant": ""}
 
 
-def check(root: Path, only: str = "", workers: int = 4) -> None:
+def check(root: Path, only: str = "", workers: int = 4, batched: bool = False) -> None:
     """Every artifact against its torch reference; artifacts run `workers` at a time (each
-    pair of processes mostly synthesizes weights on one CPU core; the GPU has room for all)."""
+    pair of processes mostly synthesizes weights on one CPU core; the GPU has room for all).
+    `batched`: batches of unequal prompt lengths (checkbatch) instead."""
     from concurrent.futures import ThreadPoolExecutor
 
     arts = [p for p in sorted((root / "arts").iterdir()) if not p.name.startswith(".")
@@ -350,8 +450,8 @@ def check(root: Path, only: str = "", workers: int = 4) -> None:
     def one(art: Path) -> str:
         def run(mode):
             t = time.perf_counter()
-            c = subprocess.run([sys.executable, str(HERE), mode, str(root), art.name],
-                               capture_output=True, text=True)
+            c = subprocess.run([sys.executable, str(HERE), mode + ("-batch" if batched else ""),
+                                str(root), art.name], capture_output=True, text=True)
             return c, time.perf_counter() - t
 
         with ThreadPoolExecutor(2) as pool:
@@ -361,10 +461,13 @@ def check(root: Path, only: str = "", workers: int = 4) -> None:
             if c.returncode:
                 return (f"== {art.name}: {what} FAILED\n{c.stdout[-3000:]}\n"
                         f"{c.stderr[-6000:]}")
-        got = dict(np.load(Path("/tmp") / f"kiln-{art.name}.npz"))
-        ref = dict(np.load(Path("/tmp") / f"ref-{art.name}.npz"))
+        tag = "batch-" if batched else ""
+        got = dict(np.load(Path("/tmp") / f"kiln-{tag}{art.name}.npz"))
+        ref = dict(np.load(Path("/tmp") / f"ref-{tag}{art.name}.npz"))
+        lines = compare_batch(got, ref) if batched else compare(
+            art, got, ref, spec_of(art)["dtype"] == "float32")
         return "\n".join([f"== {art.name} (torch reference {tref:.1f} s; kiln {tk:.1f} s)",
-                          *compare(art, got, ref, spec_of(art)["dtype"] == "float32")])
+                          *lines])
 
     with ThreadPoolExecutor(workers) as pool:
         for text in pool.map(one, arts):
@@ -538,7 +641,7 @@ def step_time(art: Path, steps: int = 128) -> None:
                 tvm = s.tvm
                 base = s.past
                 for i in range(steps):
-                    args = [tvm.runtime.ShapeTuple([base + i])]
+                    args = [tvm.runtime.ShapeTuple([base + i, *s._offsets_arg("decode")])]
                     args += [s._device_input(n, s._feed(n, tok.reshape(-1, 1)), reuse=True)
                              for n in s.inputs]
                     s._vm["decode"](*args, s._caches, s._params)
@@ -567,6 +670,35 @@ def context_decode(art: Path, contexts: list[int], steps: int = 128, repeat: int
             if i:
                 runs.append(steps / (time.perf_counter() - t))
         print(f"{art.name} decode after {n} tokens: {statistics.median(runs):.1f} tok/s "
+              f"(median of {repeat}: {' '.join(f'{r:.0f}' for r in runs)})", flush=True)
+
+
+def batch_decode(art: Path, batches: list[int], steps: int, repeat: int, after: int) -> None:
+    """Greedy decode tok/s summed over the rows (decode_greedy: argmax on the device, the
+    tokens fed back without a copy) for each batch size, the prompts of unequal lengths around
+    `after` tokens (after .. after + rows - 1), and the ratio to batch 1."""
+    from kiln.runtime.session import Session
+
+    s = Session.load(art, synthetic_weights=SEED)
+    rng = np.random.default_rng(0)
+    base = None
+    print(f"{art.name}: greedy decode, {steps} steps after prompts of {after}.. tokens; "
+          "batch | tok/s (all rows) | per row | vs batch 1", flush=True)
+    for rows in batches:
+        ps = [rng.integers(0, s.vocab, after + r) for r in range(rows)]
+        runs = []
+        for i in range(repeat + 1):  # the first run captures the CUDA graph: not timed
+            tok = s.prefill_batch(ps).argmax(-1)
+            s.device.sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                tok = s.decode_greedy(tok)
+            if i:
+                runs.append(rows * steps / (time.perf_counter() - t))
+        tok_s = statistics.median(runs)
+        base = base or (tok_s if rows == 1 else None)
+        ratio = f"{tok_s / base:.2f}x" if base else "-"
+        print(f"{art.name} | batch {rows} | {tok_s:.1f} | {tok_s / rows:.1f} | {ratio} "
               f"(median of {repeat}: {' '.join(f'{r:.0f}' for r in runs)})", flush=True)
 
 
@@ -599,7 +731,9 @@ def profile(root: Path, name: str, prompt: int, steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["build", "check", "bench", "torch-ref", "kiln-out", "hf",
-                                    "profile", "profile-run", "steptime", "ctxdecode"])
+                                    "profile", "profile-run", "steptime", "ctxdecode",
+                                    "checkbatch", "torch-ref-batch", "kiln-out-batch",
+                                    "batchbench"])
     p.add_argument("root", type=Path)
     p.add_argument("rest", nargs="*")
     p.add_argument("--max-seq", type=int, default=4096)
@@ -610,6 +744,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="bench: kiln only (no HF eager peer)")
     p.add_argument("--decode-after", default="16",
                    help="bench: cached tokens before the decode steps (a decode row each)")
+    p.add_argument("--batches", default="1,4,8,16", help="batchbench: batch sizes")
     p.add_argument("--rounds", type=int, default=1,
                    help="bench: the artifacts in turn this many times (alternated A/B)")
     a = p.parse_args()
@@ -617,6 +752,21 @@ def main() -> None:
         build(a.root, a.rest, a.max_seq)
     elif a.mode == "check":
         check(a.root, a.only)
+    elif a.mode == "checkbatch":
+        check(a.root, a.only, batched=True)
+    elif a.mode == "torch-ref-batch":
+        art = a.root / "arts" / a.rest[0]
+        np.savez(f"/tmp/ref-batch-{art.name}.npz", **torch_batch_reference(art,
+                                                                         a.root / "bundle"))
+    elif a.mode == "kiln-out-batch":
+        enter_bundle(a.root / "bundle")
+        art = a.root / "arts" / a.rest[0]
+        np.savez(f"/tmp/kiln-batch-{art.name}.npz", **kiln_batch_outputs(art))
+    elif a.mode == "batchbench":
+        enter_bundle(a.root / "bundle")
+        for name in a.rest:
+            batch_decode(a.root / "arts" / name, [int(x) for x in a.batches.split(",")],
+                         a.decode, a.repeat, int(a.decode_after.split(",")[0]))
     elif a.mode == "bench":
         bench(a.root, [int(x) for x in a.lens.split(",")], a.decode, a.repeat, a.only,
               with_hf=not a.no_hf, rounds=a.rounds, decode_after=a.decode_after)
