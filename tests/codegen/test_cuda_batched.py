@@ -115,3 +115,16 @@ def test_mma_fragment_mapping_computes_x_times_w():
             for e in range(2):
                 y[g + 8 * i, 2 * t + e] = c[lane, 2 * i + e]
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.tvm
+def test_row_lengths_are_past_plus_each_rows_offset():
+    """The kernel writing each row's cached length (run here compiled for the CPU): rows beyond
+    the batch's are not written, offsets beyond them not read."""
+    from kiln.codegen.cuda.kernels.attention import row_lengths_kernel
+
+    lib = tvm.compile(row_lengths_kernel(4).with_attr("global_symbol", "f"),
+                      target={"kind": "llvm"})
+    out = tvm.runtime.tensor(np.full(3, -1, np.int32))
+    lib["f"](100, 3, 0, 7, 99, out)
+    assert out.numpy().tolist() == [103, 100, 107]
