@@ -79,7 +79,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
     from kiln.codegen.cuda import lower_sparse
-    from kiln.codegen.cuda.kernels import attention, flash_attention, gemv, gemv_rows, pdl
+    from kiln.codegen.cuda.kernels import attention, flash_attention, gemv, gemv_mma, pdl
 
     default_ldsm = flash_attention.LDSM
     # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
@@ -101,8 +101,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         attention.WARP_DECODE = "oldattn" not in flags
         attention.SPLIT_DECODE = "nosplit" not in flags
         mma = "nomma" not in flags
-        if gemv_rows.TENSOR_CORES is not mma:  # (the kernels are cached: built anew)
-            gemv_rows.TENSOR_CORES = mma
+        if gemv_mma.TENSOR_CORES is not mma:  # (the kernels are cached: built anew)
+            gemv_mma.TENSOR_CORES = mma
             for fn in (gemv.gemv_kernel, gemv._norm_gemv, gemv._splitk_gemv,
                        gemv.swiglu_gemv_kernel, gemv.qkv_rope_gemv_kernel):
                 fn.cache_clear()

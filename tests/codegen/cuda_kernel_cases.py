@@ -80,16 +80,16 @@ def _dot(x, w) -> np.ndarray:
 # -- GEMVs (kernels/gemv.py) -------------------------------------------------------------------
 
 def _cuda_cores(make):
-    """make() with the batched GEMVs on the CUDA cores (gemv_rows.TENSOR_CORES off: the
+    """make() with the batched GEMVs on the CUDA cores (gemv_mma.TENSOR_CORES off: the
     `nomma` variant); the caller passes arguments no other case passes (the kernels are cached
     per call signature)."""
-    from kiln.codegen.cuda.kernels import gemv_rows
+    from kiln.codegen.cuda.kernels import gemv_mma
 
-    gemv_rows.TENSOR_CORES = False
+    gemv_mma.TENSOR_CORES = False
     try:
         return make()
     finally:
-        gemv_rows.TENSOR_CORES = True
+        gemv_mma.TENSOR_CORES = True
 
 
 def _gemv_cases() -> list[Case]:

@@ -17,13 +17,14 @@ tvm = pytest.importorskip("tvm")
 
 
 def test_row_buckets_and_warp_splits():
+    from kiln.codegen.cuda.kernels import gemv_mma as GM
     from kiln.codegen.cuda.kernels import gemv_rows as GR
 
     assert [GR.bucket_rows(m) for m in (2, 4, 5, 8, 9, 16, 40)] == [4, 4, 8, 8, 16, 16, 16]
     # 8 warps where each still streams 8 steps of 32 elements; none for fp32 or ragged k
-    assert [GR.mma_warps(k, "float16") for k in (2048, 8192, 576, 1536, 256, 128)] == [
+    assert [GM.mma_warps(k, "float16") for k in (2048, 8192, 576, 1536, 256, 128)] == [
         8, 8, 2, 4, 1, 1]
-    assert GR.mma_warps(2048, "float32") == 0 and GR.mma_warps(200, "float16") == 0
+    assert GM.mma_warps(2048, "float32") == 0 and GM.mma_warps(200, "float16") == 0
 
 
 def test_ragged_cases_spec_each_row_at_its_own_length():
@@ -54,24 +55,24 @@ def _kernel_source(func) -> str:
 @pytest.mark.tvm
 @needs_cuda_toolchain
 def test_batched_gemvs_are_kernels_of_their_own():
-    from kiln.codegen.cuda.kernels import gemv, gemv_rows
+    from kiln.codegen.cuda.kernels import gemv, gemv_mma, gemv_rows
 
     src = _kernel_source(gemv.swiglu_gemv_kernel(64, 512, "float16", 1e-5, pdl=True))
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src))
     assert kernels == {"k_kernel", "k_kernel_1"}  # one row; 2..16 rows on the tensor cores
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
-    gemv_rows.TENSOR_CORES = False
+    gemv_mma.TENSOR_CORES = False
     try:  # the CUDA-core buckets instead (4, 8, 16 rows); warps=4 passed: a new cache entry
         src = _kernel_source(gemv.swiglu_gemv_kernel(64, 512, "float16", 1e-5, pdl=True,
                                                      warps=gemv.WARPS))
     finally:
-        gemv_rows.TENSOR_CORES = True
+        gemv_mma.TENSOR_CORES = True
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)", src))
     assert len(kernels) == 1 + len(gemv_rows.ROW_BUCKETS) and "mma.sync" not in src
 
 
 def test_mma_fragment_mapping_computes_x_times_w():
-    """gemv_rows' tensor-core kernels, emulated lane by lane in numpy with the PTX fragment
+    """gemv_mma's tensor-core kernels, emulated lane by lane in numpy with the PTX fragment
     layouts (kernels/flash_attention.py's docstring): lane 4g + t loads 16 bytes of weight row
     g and of x rows g, g + 8 at k offset 8t of each 32-element step, builds the A/B operands of
     two k16 halves as the kernel does, and the accumulators it holds are y[g + 8i, 2t + e]."""

@@ -21,6 +21,7 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from kiln.codegen.cuda.kernels import gemv_mma as GM
 from kiln.codegen.cuda.kernels import gemv_rows as GR
 from kiln.codegen.cuda.kernels import pdl as P
 
@@ -94,8 +95,8 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
     rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, residual, None, pdl, warps,
                                          r) for r in GR.ROW_BUCKETS)
 
-    tc = GR.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
-                     pdl=pdl) if GR.mma_warps(k, dtype) else None
+    tc = GM.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
+                     pdl=pdl) if GM.mma_warps(k, dtype) else None
 
     @T.macro
     def rows_any(x, gamma, w, r, y, m):
@@ -184,7 +185,7 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
     rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, False, eps, pdl, warps, r)
                             for r in GR.ROW_BUCKETS)
 
-    tc = GR.mma_rows("norm", n, k, dtype, out_dtype, eps=eps, pdl=pdl) if GR.mma_warps(
+    tc = GM.mma_rows("norm", n, k, dtype, out_dtype, eps=eps, pdl=pdl) if GM.mma_warps(
         k, dtype) else None
 
     @T.macro
@@ -316,8 +317,8 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
     rows4, rows8, rows16 = (GR.splitk_rows(n, k, dtype, out_dtype, vec, residual, pdl, warps, r)
                             for r in GR.ROW_BUCKETS)
 
-    tc = GR.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
-                     pdl=pdl) if GR.mma_warps(k, dtype) else None
+    tc = GM.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
+                     pdl=pdl) if GM.mma_warps(k, dtype) else None
 
     @T.macro
     def rows_any(x, w, r, y, m):
@@ -430,8 +431,8 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = Fa
     rows4, rows8, rows16 = (GR.swiglu_rows(f, k, dtype, vec, eps, pdl, warps, r)
                             for r in GR.ROW_BUCKETS)
 
-    tc = GR.mma_rows("swiglu", 2 * f, k, dtype, dtype, eps=eps, pdl=pdl, f=f) if (
-        GR.mma_warps(k, dtype)) else None
+    tc = GM.mma_rows("swiglu", 2 * f, k, dtype, dtype, eps=eps, pdl=pdl, f=f) if (
+        GM.mma_warps(k, dtype)) else None
 
     @T.macro
     def rows_any(x, gamma, w, y, m):
@@ -533,8 +534,8 @@ def qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype
     rows4, rows8, rows16 = (GR.qkv_rope_rows(pairs, half, d, k, dtype, vec, eps, pdl, warps, r,
                                              store_pair) for r in GR.ROW_BUCKETS)
 
-    tc = GR.mma_rows("qkv", n, k, dtype, dtype, eps=eps, pdl=pdl, pairs=pairs, half=half,
-                     d=d, store_pair=store_pair) if GR.mma_warps(k, dtype) else None
+    tc = GM.mma_rows("qkv", n, k, dtype, dtype, eps=eps, pdl=pdl, pairs=pairs, half=half,
+                     d=d, store_pair=store_pair) if GM.mma_warps(k, dtype) else None
 
     @T.macro
     def rows_any(x, gamma, w, cos, sin, kc, vc, pst, q, m):
