@@ -79,7 +79,14 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     arts = out / "arts"
     arts.mkdir(parents=True, exist_ok=True)
     from kiln.codegen.cuda import lower_sparse
-    from kiln.codegen.cuda.kernels import attention, flash_attention, gemv, gemv_mma, pdl
+    from kiln.codegen.cuda.kernels import (
+        attention,
+        flash_attention,
+        gemv,
+        gemv_mma,
+        pdl,
+        wgmma_gemm,
+    )
 
     default_ldsm = flash_attention.LDSM
     # CONFIG:DTYPE[:QUANT][:VARIANT[+VARIANT...]], for A/B runs: ldsm|noldsm (the flash
@@ -89,7 +96,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU),
     # nofuse (--no-fuse all: every canonical op through its unfused lowering), nosplit (decode
     # attention without split-KV: one block per head), nomma (batched decode GEMVs on the CUDA
-    # cores instead of the tensor cores)
+    # cores instead of the tensor cores), wgmma (the experimental wgmma prefill GEMM,
+    # kernels/wgmma_gemm.py, for an sm_90a target)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -100,6 +108,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         pdl.ENABLED = "nopdl" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
         attention.SPLIT_DECODE = "nosplit" not in flags
+        wgmma_gemm.WGMMA = "wgmma" in flags
         mma = "nomma" not in flags
         if gemv_mma.TENSOR_CORES is not mma:  # (the kernels are cached: built anew)
             gemv_mma.TENSOR_CORES = mma
@@ -109,13 +118,14 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         tuning = out / "tuning.json" if "tuned" in flags else None
-        compile_model(src, dst, target="cuda:sm_90", max_seq=max_seq, weights=False,
+        compile_model(src, dst, target="cuda:sm_90a" if "wgmma" in flags else "cuda:sm_90",
+                      max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None, tuning=tuning, **sparse,
                       no_fuse=("all",) if "nofuse" in flags
                       else ("qkv_projection",) if "norope" in flags else ())
         flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
-        attention.SPLIT_DECODE = True
+        attention.SPLIT_DECODE, wgmma_gemm.WGMMA = True, False
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True,
                           fusions=() if "nofuse" in flags else None)  # the artifact's params
