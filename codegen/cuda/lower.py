@@ -205,7 +205,7 @@ def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
         args = [reshape(ctx, x, [m, k]), w] + ([] if other is None else
                                                [reshape(ctx, other, [m, n])])
         gv = ctx.kernel(("cuda_wgmma_gemm", n, k, dtype, out_dtype, other is not None,
-                         *sorted(wgmma_k.DEFAULT.items())),
+                         *(f"{key}{v}" for key, v in sorted(wgmma_k.DEFAULT.items()))),
                         lambda: wgmma_k.wgmma_gemm_kernel(n, k, dtype, out_dtype,
                                                           residual=other is not None,
                                                           **wgmma_k.DEFAULT))
