@@ -105,6 +105,60 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(rng, spec):
     assert err["sparsegpt"] < 0.85 * err["wanda"] and err["wanda"] < err["magnitude"], err
 
 
+def _correlated(rng, n: int, k: int, tokens: int = 1024):
+    """(w[N, K], X[tokens, K]) with inputs of unequal, correlated columns, as activations are."""
+    energy = np.exp(rng.normal(0, 1.0, k))
+    x = (rng.standard_normal((tokens, k)) * energy) @ (np.eye(k) + rng.standard_normal((k, k))
+                                                        / np.sqrt(k))
+    return rng.standard_normal((n, k)).astype(np.float32), x
+
+
+def test_refit_is_the_least_squares_of_the_kept_entries(rng):
+    """Conjugate gradients on all rows at once = numpy's solve of each row's own system
+    H[S, S] x_S = (H w)_S (S its kept entries); off S exactly 0."""
+    from kiln.passes.gptq import hessian, refit
+
+    w, x = _correlated(rng, 12, 40)
+    H, _ = hessian(x.T @ x, 40, 0.01)
+    keep = rng.random((12, 40)) < 0.5
+    start = np.where(keep, rng.standard_normal((12, 40)), 7.0)
+    got = refit(start, w.astype(np.float64), H, keep, steps=40)
+    want = np.zeros((12, 40))
+    for r in range(12):
+        s = keep[r]
+        want[r, s] = np.linalg.solve(H[np.ix_(s, s)], (H @ w[r].astype(np.float64))[s])
+    assert (got[~keep] == 0).all()
+    assert_close(got, want, rtol=1e-6, atol=1e-6, name="refit")
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_sparsegpt_refine_keeps_the_mask_and_lowers_the_error(rng, spec):
+    w, x = _correlated(rng, 48, 192)
+    h = x.T @ x
+    pattern = Pattern.parse(spec)
+    swept, refined = sparsegpt(w, h, pattern), sparsegpt(w, h, pattern, refine=30)
+    np.testing.assert_array_equal(swept == 0, refined == 0)
+    assert_pattern(refined, pattern, "refined")
+    err = [np.linalg.norm(x @ (v - w).T) for v in (swept, refined)]
+    assert err[1] < 0.95 * err[0], err
+
+
+def test_sparsegpt_derivation_records_its_refinement(graph, windows):
+    """The pass refines by default, and says so in the derivation and the config; a manifest
+    from before (no "refine") reads back as the sweep alone."""
+    from kiln.passes.gptq import REFINE
+    from kiln.passes.prune_weights import DAMP_SPARSEGPT, PruneConfig
+
+    pruned = prune_weights(graph, config=parse_config("0.5"), calibration=windows)
+    src = pruned.params["l0.wq"].source
+    assert src.fn == "sparsegpt" and src.attrs["refine"] == REFINE > 0
+    assert src.attrs["damp"] == DAMP_SPARSEGPT
+    assert pruned.meta["sparsity"]["refine"] == REFINE
+    old = {k: v for k, v in pruned.meta["sparsity"].items() if k != "refine"}
+    assert PruneConfig.from_dict(old).refine == 0
+    assert PruneConfig.from_dict(pruned.meta["sparsity"]) == parse_config("0.5")
+
+
 @pytest.mark.parametrize("preset", ["w4g32", "w8", "w4g32-rtn", "w4g32s"])
 @pytest.mark.parametrize(("method", "spec"), [("sparsegpt", "0.5"), ("sparsegpt", "2:4"),
                                               ("wanda", "2:4"), ("magnitude", "0.7")])

@@ -1,0 +1,115 @@
+"""SparseGPT variants measured in session 10 (benchmarks/logs/sparsegpt_refine_session10.md):
+benchmarks/sparsity_quality.py --via onnx with kiln's SparseGPT replaced by a variant.
+
+    VARIANT=mask=rolling,damp=0.1,cg=30 python benchmarks/sparsegpt_variants.py MODEL.onnx \\
+        --via onnx --levels 0.5 --methods sparsegpt --quant none --work DIR
+
+VARIANT (comma-separated, each optional): mask=block (kiln's sweep) | rolling (each row's count
+over the whole row, re-planned at every block from the corrected weights); damp=F (of H's mean
+diagonal; default 0.01, the session-9 value); cg=N (conjugate-gradient steps re-solving the
+kept entries, kiln.passes.gptq.refit; default 0); asym=1 (each weight's target moved to the
+dense model's output before the sweep: W C H^-1, C = X_dense^T X_pruned).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import kiln.passes.gptq as G
+import kiln.passes.prune_weights as PW
+from kiln.compiler.interpreter import run
+from kiln.compiler.ir import Inline
+
+OPTS = dict(kv.split("=") for kv in os.environ.get("VARIANT", "").split(",") if kv)
+MASK, DAMP = OPTS.get("mask", "block"), float(OPTS.get("damp", "0.01"))
+CG, ASYM = int(OPTS.get("cg", "0")), OPTS.get("asym", "0") == "1"
+
+
+def sweep_rolling(W: np.ndarray, U: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sweep with each row's `count` spread over the blocks as the smallest W^2 / U_jj^2 of
+    all the columns not yet swept choose at the start of each block."""
+    n, k = W.shape
+    W, out, pruned = W.copy(), np.zeros((n, k)), np.zeros((n, k), bool)
+    d_all, remaining = np.diag(U), np.full(n, count)
+    for b0 in range(0, k, G.BLOCK):
+        b1 = min(b0 + G.BLOCK, k)
+        score = W[:, b0:] ** 2 / d_all[b0:] ** 2
+        rank = np.argsort(np.argsort(score, axis=1, kind="stable"), axis=1, kind="stable")
+        P1 = (rank < remaining[:, None])[:, :b1 - b0]
+        remaining = remaining - P1.sum(1)
+        W1, E, d = W[:, b0:b1].copy(), np.zeros((n, b1 - b0)), d_all[b0:b1]
+        for i in range(b1 - b0):
+            w = W1[:, i]
+            out[:, b0 + i] = q = np.where(P1[:, i], 0.0, w)
+            E[:, i] = e = (w - q) / d[i]
+            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
+        pruned[:, b0:b1] = P1
+        W[:, b1:] -= E @ U[b0:b1, b1:]
+    return out, pruned
+
+
+def sparsegpt(w, h, pattern, *, damp=G.DAMP, refine=0) -> np.ndarray:
+    k = w.shape[1]
+    H, dead = G.hessian(h, k, DAMP)
+    W = np.asarray(w, np.float64).copy()
+    W[:, dead] = 0.0
+    U = G.inverse_factor(H)
+    if MASK == "rolling" and not pattern.structured:
+        out, pruned = sweep_rolling(W, U, pattern.zeros(k))
+    else:
+        out, pruned = G.sweep(W, U, real=np.ones(k, bool), pattern=pattern)
+    if CG:
+        out = G.refit(out, W, H, ~pruned, steps=CG)
+    out = out.astype(np.float32)
+    out[pruned] = 0.0
+    return out
+
+
+def calibrate_asymmetric(graph, weights, windows, solve) -> dict:
+    """gptq.calibrate, each weight solved from W C H^-1 instead of W (dense inputs recorded by
+    a first run of the unpruned graph: ~3.2 GB for SmolLM2 on 8,192 tokens)."""
+    wanted, ids = set(weights), np.concatenate(windows, axis=0)
+    head = lambda n: n.op == "linear" and n.outputs[0] in graph.outputs  # noqa: E731
+    dense: dict = {}
+
+    def record(node, values) -> None:
+        w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else ""
+        if w in wanted and node.inputs[0] not in dense:
+            x = np.asarray(values[node.inputs[0]], np.float32)
+            dense[node.inputs[0]] = x.reshape(-1, x.shape[-1])
+
+    run(graph, G._feeds(graph, ids), outputs=[], before=record, skip=head)
+    solved, out = {}, {}
+
+    def before(node, values) -> None:
+        w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else ""
+        if w in wanted and w not in solved:
+            x = np.asarray(values[node.inputs[0]], np.float64).reshape(-1, values[
+                node.inputs[0]].shape[-1])
+            out[w] = x.T @ x
+            c = dense[node.inputs[0]].astype(np.float64).T @ x
+            W = np.asarray(graph.params[w].load(), np.float64)
+            H, _ = G.hessian(out[w], W.shape[1], DAMP)
+            solved[w] = solve(w, np.linalg.solve(H, (W @ c).T).T.astype(np.float32), out[w])
+
+    run(graph, G._feeds(graph, ids), outputs=[], params=solved, before=before, skip=head)
+    SOLVED.update(solved)
+    return out
+
+
+SOLVED: dict = {}
+PW.sparsegpt = sparsegpt
+if ASYM:
+    G.calibrate = calibrate_asymmetric
+    PW._pruned_source = lambda p, config, stat: Inline(SOLVED[p.name])
+
+if __name__ == "__main__":
+    print(f"variant mask={MASK} damp={DAMP} cg={CG} asym={ASYM}", file=sys.stderr)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sparsity_quality
+
+    sparsity_quality.main()
