@@ -542,6 +542,30 @@ def _te_cases() -> list[Case]:
         return te_case(f"te_rotary_r{rot}{'_interleaved' if interleaved else ''}_f16", make,
                        inputs, lambda a: {3: spec.rotary([_f32(x) for x in a[:3]], attrs)[0]})
 
+    def layer_norm():  # (kernels/te_fallback.py: the generic lowerings' TE computes)
+        def make():
+            from kiln.codegen.cuda.kernels import te_fallback
+            x, w, b = placeholders(((7, 320), F16), ((320,), F16), ((320,), F16))
+            return [x, w, b, te_fallback.layer_norm(x, w, b, EPS)]
+
+        return te_case("te_layer_norm_f16", make,
+                       lambda rng: [_normal(rng, (7, 320), F16, 2.0) + np.float16(0.5),
+                                    _normal(rng, (320,), F16, 0.2) + np.float16(1),
+                                    _normal(rng, (320,), F16, 0.1), _empty((7, 320), F16)],
+                       lambda a: {3: spec.layer_norm([_f32(x) for x in a[:3]], {"eps": EPS})[0]})
+
+    def gelu_mul():
+        def make():
+            from kiln.codegen.cuda.kernels import te_fallback
+            g, u = placeholders(((6, 160), F16), ((6, 160), F16))
+            return [g, u, te_fallback.gelu_mul(g, u, tanh=True)]
+
+        return te_case("te_gelu_tanh_mul_f16", make,
+                       lambda rng: [_normal(rng, (6, 160), F16, 2.0), _normal(rng, (6, 160), F16),
+                                    _empty((6, 160), F16)],
+                       lambda a: {2: spec.gelu_mul([_f32(a[0]), _f32(a[1])],
+                                                   {"approximate": "tanh"})[0]})
+
     def last_position():
         def make():
             from kiln.codegen.cuda.kernels import te_ops
@@ -606,7 +630,8 @@ def _te_cases() -> list[Case]:
                        lambda a: {3: _dot(a[0], _sparse_dense(a[1], a[2], k))}, tol=1e-4)
 
     return [nt_matmul(), rms_norm(), silu_mul(), rotary(False, 32), rotary(True, 16),
-            last_position(), quant_matmul(4, 32, False), quant_matmul(8, 32, True),
+            last_position(), layer_norm(), gelu_mul(), quant_matmul(4, 32, False),
+            quant_matmul(8, 32, True),
             quant_rows(), sparse_matmul()]
 
 
