@@ -19,7 +19,7 @@ timeout 110 python3 benchmarks/gpu/cuda_llm.py check .device/r23 \
 wait
 grep -E "^==|batch [0-9]+ \(|FAIL|Error" "$OUT/checkbatch.log" | head -16
 grep -E "^==|greedy|FAIL|Error" "$OUT/check.log" | head -24
-timeout 130 python3 benchmarks/gpu/cuda_llm.py bench .device/r23 --rounds 1 --lens 2048 \
-  --decode 64 --repeat 3 --only '^llama-3.2-1b-(float16|float16-wgmma|bfloat16)$' \
+timeout 100 python3 benchmarks/gpu/cuda_llm.py bench .device/r23 --rounds 1 --lens 2048 \
+  --decode 32 --repeat 2 --only '^llama-3.2-1b-(float16|float16-wgmma|bfloat16)$' \
   > "$OUT/bench.log" 2>&1
 grep -E "\|" "$OUT/bench.log" | tail -12
