@@ -8,10 +8,10 @@ set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-KERNELS=$PWD/.device/r23/kernels bash benchmarks/gpu/kernel_cases.sh 50 12 | tee "$OUT/kernels.log"
 timeout 60 python3 benchmarks/gpu/cuda_llm.py batchbench .device/r23 llama-3.2-1b-float16 \
   --batches 1,4,8,16 --decode 64 --repeat 3 --decode-after 16 > "$OUT/batchbench.log" 2>&1
 grep -E "batch|Error" "$OUT/batchbench.log" | tail -8
+KERNELS=$PWD/.device/r23/kernels bash benchmarks/gpu/kernel_cases.sh 50 12 | tee "$OUT/kernels.log"
 timeout 110 python3 benchmarks/gpu/cuda_llm.py checkbatch .device/r23 --only '^(llama-3.2-1b|smollm2-135m)-float16$' \
   > "$OUT/checkbatch.log" 2>&1 &
 timeout 110 python3 benchmarks/gpu/cuda_llm.py check .device/r23 \
