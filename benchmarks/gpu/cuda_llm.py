@@ -208,9 +208,11 @@ def torch_reference(art: Path, bundle: Path) -> dict:
     return out
 
 
-def torch_forward(art: Path, bundle: Path):
+def torch_forward(art: Path, bundle: Path, device: str = "cuda"):
     """(forward(ids) -> logits (n, vocab) of one prompt, torch float64 on the GPU; vocab)."""
     import torch
+
+    sys.path.insert(0, str(HERE.parent))  # torch_ref, beside this file
 
     sys.path.insert(0, str(bundle / "lib"))
     from kiln.runtime.params import read_safetensors, synthetic_params
@@ -221,7 +223,7 @@ def torch_forward(art: Path, bundle: Path):
     arrays = dict(read_safetensors(art / "constants.safetensors"))
     arrays.update(densified(dequantized(synthetic_params(
         [p for p in table if p["file"] == "params.safetensors"], SEED), table), table))
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     p = {k: torch.from_numpy(to_float64(np.asarray(v))).to(dev) for k, v in arrays.items()}
 
     def forward(ids: np.ndarray) -> torch.Tensor:
@@ -231,7 +233,8 @@ def torch_forward(art: Path, bundle: Path):
         env["position_ids"] = torch.arange(n, device=dev)[None]
         env["attention_mask"] = torch.ones(1, n, dtype=torch.int64, device=dev)
         for node in graph["nodes"]:
-            outs = run_node(node, [env.get(i) if i else None for i in node["inputs"]])
+            outs = run_node(node, [env.get(i) if i else None for i in node["inputs"]],
+                            {"batch": 1, "seq": n, "past": 0})
             for name, v in zip(node["outputs"], outs, strict=False):
                 if name:
                     env[name] = v
@@ -360,56 +363,14 @@ def densified(arrays: dict, table: list[dict]) -> dict:
     return out
 
 
-def run_node(node: dict, x: list):
-    """One canonical kiln op in torch (batch 1, empty cache: the prompt is the whole context)."""
-    import torch
-    import torch.nn.functional as F
+def run_node(node: dict, x: list, symbols: dict[str, int] | None = None):
+    """One canonical kiln op in torch (batch 1, empty cache: the prompt is the whole context):
+    torch_ref's interpreter, the dequantized weights (padded to whole groups) cut to k first."""
+    from torch_ref import run_node as reference_node
 
-    op, a = node["op"], node["attrs"]
-    if op == "embedding":
-        return [x[0][x[1].long()]]
-    if op == "linear" and x[1].shape[1] > x[0].shape[-1]:  # dequantized, padded to groups
+    if node["op"] == "linear" and x[1].shape[1] > x[0].shape[-1]:
         x = [x[0], x[1][:, :x[0].shape[-1]], *x[2:]]
-    if op == "rms_norm":
-        v = x[0]
-        g = int(a.get("group_size") or v.shape[-1])
-        vv = v.reshape(*v.shape[:-1], -1, g)
-        vv = vv * torch.rsqrt(vv.pow(2).mean(-1, keepdim=True) + float(a["eps"]))
-        return [vv.reshape(v.shape) * x[1]]
-    if op == "linear":
-        y = x[0] @ x[1].T
-        return [y + x[2] if len(x) > 2 and x[2] is not None else y]
-    if op == "Split":
-        sizes = [int(s) for s in x[1].reshape(-1).tolist()]
-        return list(torch.split(x[0], sizes, dim=-1))
-    if op == "rotary":
-        v, cos, sin = x
-        h, d = int(a["num_heads"]), int(a["head_dim"])
-        r = cos.shape[-1]
-        v = v.reshape(*v.shape[:-1], h, d)
-        c, s_ = cos[..., None, :], sin[..., None, :]
-        rot, rest = v[..., :r], v[..., r:]
-        if a.get("interleaved"):
-            pair = torch.stack([-rot[..., 1::2], rot[..., ::2]], -1).reshape(rot.shape)
-        else:
-            pair = torch.cat([-rot[..., r // 2:], rot[..., :r // 2]], -1)
-        out = torch.cat([rot * c + pair * s_, rest], -1)
-        return [out.reshape(*out.shape[:-2], h * d)]
-    if op == "attention":
-        q, k, v = x[0], x[1], x[2]
-        h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
-        b, n = q.shape[:2]
-        q = q.reshape(b, n, h, d).transpose(1, 2)
-        k = k.reshape(b, n, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
-        v = v.reshape(b, n, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           scale=float(a.get("scale", d ** -0.5)))
-        return [o.transpose(1, 2).reshape(b, n, h * d), None, None]
-    if op == "silu_mul":
-        return [F.silu(x[0]) * x[1]]
-    if op == "Add":
-        return [x[0] + x[1]]
-    raise NotImplementedError(f"torch reference: op {op}")
+    return reference_node(node, x, symbols or {})
 
 
 def compare(art: Path, got: dict, ref: dict, fp32: bool) -> list[str]:
