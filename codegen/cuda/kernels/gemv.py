@@ -92,22 +92,10 @@ def gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = 
             acc[0] = acc[0] + T.tvm_warp_shuffle_down(mask, acc[0], 16 >> off, 32, 32)
 
     nregs = chunk * vec
-    rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, residual, None, pdl, warps,
-                                         r) for r in GR.ROW_BUCKETS)
-
     tc = GM.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
                      pdl=pdl) if GM.mma_warps(k, dtype) else None
-
-    @T.macro
-    def rows_any(x, gamma, w, r, y, m):
-        if tc is not None:
-            tc(x, gamma, w, r, y, m, None, None, None, None, None)
-        elif m <= GR.ROW_BUCKETS[0]:
-            rows4(x, gamma, w, r, y, m)
-        elif m <= GR.ROW_BUCKETS[1]:
-            rows8(x, gamma, w, r, y, m)
-        else:
-            rows16(x, gamma, w, r, y, m)
+    rows_any = GR.row_dispatch(tc, [GR.gemv_rows(n, k, dtype, out_dtype, vec, residual, None,
+                                                 pdl, warps, r) for r in GR.ROW_BUCKETS])
 
     if residual:
 
@@ -182,22 +170,10 @@ def _norm_gemv(n: int, k: int, dtype: str, out_dtype: str, eps: float,
         acc[0] += T.Cast(f32, xv[v]) * T.Cast(f32, gv[v]) * wval
         acc[1] += T.Cast(f32, xv[v]) * T.Cast(f32, xv[v])
 
-    rows4, rows8, rows16 = (GR.gemv_rows(n, k, dtype, out_dtype, vec, False, eps, pdl, warps, r)
-                            for r in GR.ROW_BUCKETS)
-
     tc = GM.mma_rows("norm", n, k, dtype, out_dtype, eps=eps, pdl=pdl) if GM.mma_warps(
         k, dtype) else None
-
-    @T.macro
-    def rows_any(x, gamma, w, r, y, m):
-        if tc is not None:
-            tc(x, gamma, w, r, y, m, None, None, None, None, None)
-        elif m <= GR.ROW_BUCKETS[0]:
-            rows4(x, gamma, w, r, y, m)
-        elif m <= GR.ROW_BUCKETS[1]:
-            rows8(x, gamma, w, r, y, m)
-        else:
-            rows16(x, gamma, w, r, y, m)
+    rows_any = GR.row_dispatch(tc, [GR.gemv_rows(n, k, dtype, out_dtype, vec, False, eps, pdl,
+                                                 warps, r) for r in GR.ROW_BUCKETS])
 
     @T.macro
     def one_norm_gemv(x, gamma, w, y, m):
@@ -314,22 +290,10 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
                                 y[mi, bx] = T.Cast(out_dtype, acc[0])
                         T.tvm_storage_sync("shared")
 
-    rows4, rows8, rows16 = (GR.splitk_rows(n, k, dtype, out_dtype, vec, residual, pdl, warps, r)
-                            for r in GR.ROW_BUCKETS)
-
     tc = GM.mma_rows("residual" if residual else "plain", n, k, dtype, out_dtype,
                      pdl=pdl) if GM.mma_warps(k, dtype) else None
-
-    @T.macro
-    def rows_any(x, w, r, y, m):
-        if tc is not None:
-            tc(x, None, w, r, y, m, None, None, None, None, None)
-        elif m <= GR.ROW_BUCKETS[0]:
-            rows4(x, w, r, y, m)
-        elif m <= GR.ROW_BUCKETS[1]:
-            rows8(x, w, r, y, m)
-        else:
-            rows16(x, w, r, y, m)
+    rows_any = GR.row_dispatch(tc, [GR.splitk_rows(n, k, dtype, out_dtype, vec, residual, pdl,
+                                                   warps, r) for r in GR.ROW_BUCKETS])
 
     if residual:
 
@@ -344,7 +308,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
             if m == 1:
                 body(x, w, r, y, m)
             else:
-                rows_any(x, w, r, y, m)
+                rows_any(x, None, w, r, y, m)
 
         return splitk_gemv_residual
 
@@ -357,7 +321,7 @@ def _splitk_gemv(n: int, k: int, dtype: str, out_dtype: str, residual: bool,
         if m == 1:
             body(x, w, None, y, m)
         else:
-            rows_any(x, w, None, y, m)
+            rows_any(x, None, w, None, y, m)
 
     return splitk_gemv
 
@@ -428,22 +392,10 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = Fa
     pair_dot, vec = _pair_norm_dot(k, dtype, pdl, chunk)
     f32 = "float32"
 
-    rows4, rows8, rows16 = (GR.swiglu_rows(f, k, dtype, vec, eps, pdl, warps, r)
-                            for r in GR.ROW_BUCKETS)
-
     tc = GM.mma_rows("swiglu", 2 * f, k, dtype, dtype, eps=eps, pdl=pdl, f=f) if (
         GM.mma_warps(k, dtype)) else None
-
-    @T.macro
-    def rows_any(x, gamma, w, y, m):
-        if tc is not None:
-            tc(x, gamma, w, None, y, m, None, None, None, None, None)
-        elif m <= GR.ROW_BUCKETS[0]:
-            rows4(x, gamma, w, y, m)
-        elif m <= GR.ROW_BUCKETS[1]:
-            rows8(x, gamma, w, y, m)
-        else:
-            rows16(x, gamma, w, y, m)
+    rows_any = GR.row_dispatch(tc, [GR.swiglu_rows(f, k, dtype, vec, eps, pdl, warps, r)
+                                    for r in GR.ROW_BUCKETS])
 
     @T.macro
     def one_swiglu_gemv(x, gamma, w, y, m):
@@ -476,7 +428,7 @@ def swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = Fa
         if m == 1:
             one_swiglu_gemv(x, gamma, w, y, m)
         else:
-            rows_any(x, gamma, w, y, m)
+            rows_any(x, gamma, w, None, y, m)
 
     return swiglu_gemv
 

@@ -26,6 +26,26 @@ ROW_BUCKETS = (4, 8, 16)
 CHUNK = 4
 
 
+def row_dispatch(tc, rows):
+    """A macro(x, gamma, w, r, y, m) running a GEMV's m > 1 rows: the tensor-core kernel
+    `tc` (kernels/gemv_mma.py) where there is one, else the CUDA-core kernel of the bucket
+    holding m (`rows`: one macro(x, gamma, w, r, y, m) per ROW_BUCKETS entry)."""
+    rows4, rows8, rows16 = rows
+
+    @T.macro
+    def dispatch(x, gamma, w, r, y, m):
+        if tc is not None:
+            tc(x, gamma, w, r, y, m, None, None, None, None, None)
+        elif m <= ROW_BUCKETS[0]:
+            rows4(x, gamma, w, r, y, m)
+        elif m <= ROW_BUCKETS[1]:
+            rows8(x, gamma, w, r, y, m)
+        else:
+            rows16(x, gamma, w, r, y, m)
+
+    return dispatch
+
+
 def bucket_rows(m: int) -> int:
     """The bucket the kernels use for m > 1 rows (the largest for m beyond it)."""
     return next((r for r in ROW_BUCKETS if m <= r), ROW_BUCKETS[-1])
@@ -150,14 +170,15 @@ def gemv_rows(n: int, k: int, dtype: str, out_dtype: str, vec: int, residual: bo
 
 def splitk_rows(n: int, k: int, dtype: str, out_dtype: str, vec: int, residual: bool,
                 pdl: bool, warps: int, rows: int):
-    """A macro(x, w, r, y, m): gemv.py's split-K GEMV (the block's warps share one row, each
-    a 1/warps of k, partial sums added in shared memory) for m rows, `rows` at a time."""
+    """A macro(x, gamma, w, r, y, m), gamma unused: gemv.py's split-K GEMV (the block's warps
+    share one row, each a 1/warps of k, partial sums added in shared memory) for m rows, `rows`
+    at a time."""
     f32, chunk = "float32", CHUNK
     part = k // warps
     dot, nacc = rows_dot(k, dtype, vec, pdl, rows, part=part, chunk=chunk)
 
     @T.macro
-    def body(x, w, r, y, m):
+    def body(x, gamma, w, r, y, m):
         for bx in T.thread_binding(n, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -188,12 +209,13 @@ def splitk_rows(n: int, k: int, dtype: str, out_dtype: str, vec: int, residual: 
 
 def swiglu_rows(f: int, k: int, dtype: str, vec: int, eps: float, pdl: bool, warps: int,
                 rows: int):
-    """A macro(x, gamma, w, y, m): gemv.py's SwiGLU GEMV for m rows, `rows` at a time."""
+    """A macro(x, gamma, w, r, y, m), r unused: gemv.py's SwiGLU GEMV for m rows, `rows` at
+    a time."""
     f32, chunk = "float32", CHUNK
     dot, nacc = rows_dot(k, dtype, vec, pdl, rows, pair=True, norm=True, chunk=chunk)
 
     @T.macro
-    def body(x, gamma, w, y, m):
+    def body(x, gamma, w, r, y, m):
         for bx in T.thread_binding((f + warps - 1) // warps, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
