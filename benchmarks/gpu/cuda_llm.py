@@ -159,24 +159,31 @@ def kiln_outputs(art: Path) -> dict:
     from kiln.runtime.session import Session
 
     s = Session.load(art, synthetic_weights=SEED)
+    return session_outputs(s, prompts(s.vocab), prompts(s.vocab)[9])
+
+
+def session_outputs(s, by_length: dict[int, np.ndarray], greedy_ids: np.ndarray,
+                    steps: int = DECODE_STEPS) -> dict:
+    """A loaded session's prefill logits (first, middle and last positions, and prefill_last's)
+    per prompt of `by_length`, and `steps` greedy tokens after `greedy_ids` with their logits,
+    the argmax taken on the host and again on the device (decode's second output)."""
     out = {}
-    for n, ids in prompts(s.vocab).items():
+    for n, ids in by_length.items():
         logits = s.prefill(ids[None])[0]
         last = s.prefill(ids[None], last_only=True)[0, -1]
         out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].astype(np.float32)
         out[f"last{n}"] = last.astype(np.float32)
-    ids = prompts(s.vocab)[9]
-    toks, steps = [], []
-    tok = int(s.prefill(ids[None], last_only=True)[0, -1].argmax())
-    for _ in range(DECODE_STEPS):
+    toks, logits = [], []
+    tok = int(s.prefill(greedy_ids[None], last_only=True)[0, -1].argmax())
+    for _ in range(steps):
         toks.append(tok)
         step = s.decode([tok])[0, -1]
-        steps.append(step.astype(np.float32))
+        logits.append(step.astype(np.float32))
         tok = int(step.argmax())
     out["greedy"] = np.array(toks)
-    out["decode_logits"] = np.stack(steps)
-    tok, dev = s.prefill(ids[None], last_only=True)[:, -1].argmax(-1), []
-    for _ in range(DECODE_STEPS):  # the same, argmax on the device (decode's second output)
+    out["decode_logits"] = np.stack(logits)
+    tok, dev = s.prefill(greedy_ids[None], last_only=True)[:, -1].argmax(-1), []
+    for _ in range(steps):
         dev.append(int(tok[0]))
         tok = s.decode_greedy(tok)
     out["greedy_device"] = np.array(dev)

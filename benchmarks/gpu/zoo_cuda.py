@@ -114,29 +114,12 @@ def greedy_prompt(vocab: int) -> np.ndarray:
 
 def kiln_outputs(art: Path) -> dict[str, np.ndarray]:
     """Prefill logits per prompt length, 32 greedy steps (host and device argmax)."""
+    from cuda_llm import session_outputs
+
     from kiln.runtime.session import Session
 
     s = Session.load(art)
-    out: dict[str, np.ndarray] = {}
-    for n, ids in prompts(s.vocab).items():
-        logits = s.prefill(ids[None])[0]
-        out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].astype(np.float32)
-        out[f"last{n}"] = s.prefill(ids[None], last_only=True)[0, -1].astype(np.float32)
-    ids = greedy_prompt(s.vocab)
-    toks, steps = [], []
-    tok = int(s.prefill(ids[None], last_only=True)[0, -1].argmax())
-    for _ in range(DECODE_STEPS):
-        toks.append(tok)
-        step = s.decode([tok])[0, -1]
-        steps.append(step.astype(np.float32))
-        tok = int(step.argmax())
-    out["greedy"], out["decode_logits"] = np.array(toks), np.stack(steps)
-    tok, dev = s.prefill(ids[None], last_only=True)[:, -1].argmax(-1), []
-    for _ in range(DECODE_STEPS):
-        dev.append(int(tok[0]))
-        tok = s.decode_greedy(tok)
-    out["greedy_device"] = np.array(dev)
-    return out
+    return session_outputs(s, prompts(s.vocab), greedy_prompt(s.vocab), DECODE_STEPS)
 
 
 def reference_params(art: Path) -> dict[str, np.ndarray]:
