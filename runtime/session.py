@@ -242,9 +242,9 @@ class Session:
         if not self._caches or b != self.batch:
             raise KilnError(f"{entry}: batch {b} does not match the cache's {self.batch} "
                             "(call prefill first)")
-        if self.past + int(self.offsets.max(initial=0)) + s > self.capacity:
-            raise KilnError(f"context exceeded: {self.row_lengths.max(initial=self.past)} "
-                            f"cached + {s} new tokens > "
+        longest = int(self.row_lengths.max(initial=self.past))
+        if longest + s > self.capacity:
+            raise KilnError(f"context exceeded: {longest} cached + {s} new tokens > "
                             f"{self.capacity} (compiled with --max-seq {self.capacity})")
         chained = (entry == "decode" and self._greedy is not None and self.inputs == [
             "input_ids"] and self._greedy[0].shape == ids.shape and
