@@ -25,8 +25,10 @@ from kiln.runtime import sparse_format as sf
 #: 18% in SmolLM2's decode (benchmarks/RESULTS.md; the int4 loop is bound by its unpacking, not
 #: FMA latency); int8: the width made no difference
 QUANT_GEMV_NV = {4: 1, 8: 4}
-#: sparse GEMV panel width: two blocks keep two FMA chains in flight, as the dense packed GEMV
-SPARSE_GEMV_NV = 2
+#: sparse GEMV: panels of one block (one values stream per task), two accumulator chains per
+#: block taking the columns in turn. SmolLM2 at 70% zeros, fp32, decode vs dense: 1.14-1.18x with
+#: the earlier two-block panels, 1.64-1.65x with these (benchmarks/RESULTS.md, session 11)
+SPARSE_GEMV_NV, SPARSE_CHAINS = 1, 2
 
 
 def _decode(shape) -> bool:
@@ -150,13 +152,29 @@ def _sparse_args(shape, rng) -> list:
     return [*args, np.zeros((shape["m"], n), np.float32)]
 
 
+def _sparse_default(shape, target) -> dict:
+    return {**_panel_default(lambda s: SPARSE_GEMV_NV)(shape, target), "chains": SPARSE_CHAINS}
+
+
+def _sparse_valid(shape, c, target) -> bool:
+    if not _panel_valid(lambda s: SPARSE_GEMV_NV)(shape, c, target):
+        return False
+    if shape["m"] > qk.GEMV_ROWS:  # the GEMM runs: the chains are never read
+        return c["chains"] == SPARSE_CHAINS
+    # four accumulator vectors (64 floats) under masked FMAs: LLVM keeps the buffer as one
+    # <64 x float> and permutes it whole every iteration (vpermt2ps; ~3x slower, measured)
+    return sk.gemv_chains(_sparse_shape(shape), c["chains"]) == c["chains"] and \
+        c["gemv_nv"] * c["chains"] != 4
+
+
 SPARSE_LINEAR = register(Space(
-    "cpu.sparse_linear", _PANEL_KNOBS, _panel_default(lambda s: SPARSE_GEMV_NV),
-    _panel_valid(lambda s: SPARSE_GEMV_NV), dynamic=("m",),
-    doc="GEMM register tile mr x nv (prefill), GEMV panel width gemv_nv (decode)",
+    "cpu.sparse_linear", (*_PANEL_KNOBS, Knob("chains", (1, 2, 4))), _sparse_default,
+    _sparse_valid, dynamic=("m",),
+    doc="GEMM register tile mr x nv (prefill); GEMV panel width gemv_nv and accumulator "
+        "chains per block (decode)",
     build=lambda shape, c, target: sk.sparse_linear_kernel(
         _sparse_shape(shape), plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"],
-        bias=shape["bias"], avx512=target.vector_bits >= 512),
+        bias=shape["bias"], avx512=target.vector_bits >= 512, chains=c["chains"]),
     make_args=_sparse_args))
 
 

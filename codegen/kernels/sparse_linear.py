@@ -136,11 +136,12 @@ def _count(mb, nb, kk) -> tirx.PrimExpr:
 
 
 def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
-                         bias: bool = False, avx512: bool = True) -> tirx.PrimFunc:
+                         bias: bool = False, avx512: bool = True,
+                         chains: int = 1) -> tirx.PrimFunc:
     """PrimFunc(x[m, K], values, meta, (scales[N],) (b[N],) y[m, N]), m symbolic (int64);
     `avx512`: AVX-512's vexpand, else AVX2 + BMI2's permutes."""
     n, k, blocks = s.n, s.k, s.blocks
-    gemv, gemm_panel = _gemv_panel(s, bias, avx512), _gemm_panel(s, gemm.mr, bias, avx512)
+    gemv, gemm_panel = _gemv_panel(s, bias, avx512, chains), _gemm_panel(s, gemm.mr, bias, avx512)
 
     @T.macro
     def spread(body, xb, vb, mb, sb, bb, yb, m, nv):
@@ -205,33 +206,43 @@ def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
     return sparse_linear
 
 
-def _gemv_panel(s: SparseShape, bias: bool, avx512: bool):
+def _gemv_panel(s: SparseShape, bias: bool, avx512: bool, chains: int = 1):
+    """`chains` accumulators per block, taking the columns in turn (k % chains == 0), summed
+    before the store: more FMAs in flight than the panel's nv blocks alone give."""
     k, lanes = s.k, LANES
+    width = gemv_chains(s, chains)
+
+    @T.macro
+    def step(xb, vb, mb, acc, off, bits, r, kk, c, nb0, nv):
+        xv: T.let[T.float32] = xb[r, kk]
+        for j in T.unroll(nv):
+            a = T.ramp((c * nv + j) * lanes, 1, lanes)
+            if avx512:
+                m = mask_of(mb, nb0 + j, kk, bits)
+                acc[a] = T.Select(m, acc[a] + T.Broadcast(xv, lanes)
+                                  * expand(s, vb, nb0 + j, off[j], m), acc[a])
+            else:
+                acc[a] = acc[a] + T.Broadcast(xv, lanes) * expand_avx2(
+                    s, vb, nb0 + j, off[j], mb[nb0 + j, kk])
+            off[j] = off[j] + _count(mb, nb0 + j, kk)
 
     @T.macro
     def panel(xb, vb, mb, sb, bb, yb, m, nb0, nv):
-        acc = T.decl_buffer((nv * lanes,), "float32", scope=SMALL)
+        acc = T.decl_buffer((width * nv * lanes,), "float32", scope=SMALL)
         off = T.decl_buffer((nv,), "int32", scope=SMALL)
         bits = T.decl_buffer((lanes,), "int32", scope=SMALL)
         lane_bits(bits)
         for r in range(m):
-            zero(acc, nv, lanes)
+            zero(acc, width * nv, lanes)
             for j in T.unroll(nv):
                 off[j] = 0
-            for kk in range(k):
-                xv: T.let[T.float32] = xb[r, kk]
+            for kc in range(k // width):
+                for c in T.unroll(width):
+                    step(xb, vb, mb, acc, off, bits, r, kc * width + c, c, nb0, nv)
+            for c in T.unroll(1, width):
                 for j in T.unroll(nv):
-                    if avx512:
-                        m = mask_of(mb, nb0 + j, kk, bits)
-                        acc[T.ramp(j * lanes, 1, lanes)] = T.Select(
-                            m, acc[T.ramp(j * lanes, 1, lanes)] + T.Broadcast(xv, lanes)
-                            * expand(s, vb, nb0 + j, off[j], m),
-                            acc[T.ramp(j * lanes, 1, lanes)])
-                    else:
-                        acc[T.ramp(j * lanes, 1, lanes)] = acc[T.ramp(
-                            j * lanes, 1, lanes)] + T.Broadcast(xv, lanes) * expand_avx2(
-                                s, vb, nb0 + j, off[j], mb[nb0 + j, kk])
-                    off[j] = off[j] + _count(mb, nb0 + j, kk)
+                    for lane in T.vectorized(lanes):
+                        acc[j * lanes + lane] += acc[(c * nv + j) * lanes + lane]
             if s.scaled:
                 for j in T.unroll(nv):
                     for lane in T.vectorized(lanes):
@@ -239,6 +250,12 @@ def _gemv_panel(s: SparseShape, bias: bool, avx512: bool):
             store(bb, yb, acc, r, 1, nb0, nv, False, lanes, bias, s.n, nv)
 
     return panel
+
+
+def gemv_chains(s: SparseShape, chains: int) -> int:
+    """The accumulator chains a GEMV over K = s.k takes: `chains`, or 1 where it does not
+    divide K."""
+    return chains if chains > 1 and s.k % chains == 0 else 1
 
 
 def _gemm_panel(s: SparseShape, mr: int, bias: bool, avx512: bool):
