@@ -76,3 +76,19 @@ def test_an_entry_outside_its_space_is_refused():
     db = sch.TuningDB({}, {"test.toy": {"n=8": {"config": {"tile": 3, "unroll": False}}}})
     with pytest.raises(KilnError, match="tile=3 is not one of"):
         db.lookup("test.toy", "n=8")
+
+
+def test_sparse_gemv_candidates_leave_out_four_vector_accumulators():
+    """cpu.sparse_linear in decode: the default (one-block panels, two chains) comes first;
+    panel width x chains = 4 is never offered (LLVM permutes such an accumulator buffer whole
+    every column), and chains that do not divide K fall away."""
+    from kiln.codegen import cpu_spaces as cs
+
+    shape = {"phase": "decode", "m": 1, "n": 576, "k": 1536, "capacity": 8000,
+             "values": "float32", "bias": False}
+    configs = cs.SPARSE_LINEAR.configs(shape, cpu("znver4"))
+    assert (configs[0]["gemv_nv"], configs[0]["chains"]) == (cs.SPARSE_GEMV_NV, cs.SPARSE_CHAINS)
+    pairs = {(c["gemv_nv"], c["chains"]) for c in configs}
+    assert pairs == {(nv, c) for nv in (1, 2, 4) for c in (1, 2, 4) if nv * c != 4}
+    odd = cs.SPARSE_LINEAR.configs({**shape, "k": 1535}, cpu("znver4"))
+    assert {c["chains"] for c in odd} == {1}
