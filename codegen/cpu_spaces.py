@@ -153,14 +153,15 @@ def _sparse_args(shape, rng) -> list:
 
 
 def _sparse_default(shape, target) -> dict:
-    return {**_panel_default(lambda s: SPARSE_GEMV_NV)(shape, target), "chains": SPARSE_CHAINS}
+    return {**_panel_default(lambda s: SPARSE_GEMV_NV)(shape, target),
+            "chains": sk.gemv_chains(_sparse_shape(shape), SPARSE_CHAINS)}
 
 
 def _sparse_valid(shape, c, target) -> bool:
     if not _panel_valid(lambda s: SPARSE_GEMV_NV)(shape, c, target):
         return False
     if shape["m"] > qk.GEMV_ROWS:  # the GEMM runs: the chains are never read
-        return c["chains"] == SPARSE_CHAINS
+        return c["chains"] == _sparse_default(shape, target)["chains"]
     # four accumulator vectors (64 floats) under masked FMAs: LLVM keeps the buffer as one
     # <64 x float> and permutes it whole every iteration (vpermt2ps; ~3x slower, measured)
     return sk.gemv_chains(_sparse_shape(shape), c["chains"]) == c["chains"] and \
