@@ -9,6 +9,15 @@ over the whole row, re-planned at every block from the corrected weights); damp=
 diagonal; default 0.01, the session-9 value); cg=N (conjugate-gradient steps re-solving the
 kept entries, kiln.passes.gptq.refit; default 0); asym=1 (each weight's target moved to the
 dense model's output before the sweep: W C H^-1, C = X_dense^T X_pruned).
+
+Session 11 (same log, "Session 11 variants"): mask=wanda (Wanda's mask, the least
+|W[n, k]| * ||X[:, k]||_2 of every row, fixed up front; the kept entries as they are, or re-solved
+with cg=N) | wandasweep (that fixed mask, the sweep's corrections applied under it before any
+refit) | mixed (the sweep, each block's mask chosen by Wanda's score on the corrected weights,
+W^2 * H_jj, instead of W^2 / U_jj^2; alpha=A blends them, W^2 * H_jj^A / U_jj^(2 (1 - A)),
+default 1); rdamp=F (the refit's dampening, default damp's: the mask
+from the sweep at damp, the kept entries re-solved with H dampened by rdamp); window=T (calibration
+windows of T tokens, as many as keep the total at 8,192: window=1024 -> 8 x 1024).
 """
 
 from __future__ import annotations
@@ -19,14 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
+import kiln.compiler.calibration as C
 import kiln.passes.gptq as G
 import kiln.passes.prune_weights as PW
 from kiln.compiler.interpreter import run
 from kiln.compiler.ir import Inline
+from kiln.runtime.pruning import mask, smallest
 
 OPTS = dict(kv.split("=") for kv in os.environ.get("VARIANT", "").split(",") if kv)
 MASK, DAMP = OPTS.get("mask", "block"), float(OPTS.get("damp", "0.01"))
 CG, ASYM = int(OPTS.get("cg", "0")), OPTS.get("asym", "0") == "1"
+RDAMP = float(OPTS.get("rdamp", DAMP))
+WINDOW = int(OPTS.get("window", "0"))
+ALPHA = float(OPTS.get("alpha", "1"))
 
 
 def sweep_rolling(W: np.ndarray, U: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,18 +66,52 @@ def sweep_rolling(W: np.ndarray, U: np.ndarray, count: int) -> tuple[np.ndarray,
     return out, pruned
 
 
+def sweep_mixed(W: np.ndarray, U: np.ndarray, hd: np.ndarray, count: int,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The block sweep with each block's row-uniform mask chosen by Wanda's score on the
+    corrected weights, W^2 * H_jj (hd: H's undamped diagonal), instead of W^2 / U_jj^2, or
+    with alpha < 1 by the blend W^2 * H_jj^alpha / U_jj^(2 (1 - alpha))."""
+    n, k = W.shape
+    W, out, pruned = W.copy(), np.zeros((n, k)), np.zeros((n, k), bool)
+    d_all = np.diag(U)
+    weight = hd ** ALPHA / d_all ** (2 * (1 - ALPHA))
+    for b0 in range(0, k, G.BLOCK):
+        b1 = min(b0 + G.BLOCK, k)
+        share = round(count * b1 / k) - round(count * b0 / k)
+        P1 = smallest(W[:, b0:b1] ** 2 * weight[b0:b1], share)
+        W1, E, d = W[:, b0:b1].copy(), np.zeros((n, b1 - b0)), d_all[b0:b1]
+        for i in range(b1 - b0):
+            w = W1[:, i]
+            out[:, b0 + i] = q = np.where(P1[:, i], 0.0, w)
+            E[:, i] = e = (w - q) / d[i]
+            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
+        pruned[:, b0:b1] = P1
+        W[:, b1:] -= E @ U[b0:b1, b1:]
+    return out, pruned
+
+
 def sparsegpt(w, h, pattern, *, damp=G.DAMP, refine=0) -> np.ndarray:
     k = w.shape[1]
     H, dead = G.hessian(h, k, DAMP)
     W = np.asarray(w, np.float64).copy()
     W[:, dead] = 0.0
     U = G.inverse_factor(H)
+    real = np.ones(k, bool)
     if MASK == "rolling" and not pattern.structured:
         out, pruned = sweep_rolling(W, U, pattern.zeros(k))
+    elif MASK in ("wanda", "wandasweep"):  # Wanda's score: |W| * ||X[:, k]||_2
+        hd = np.diag(np.asarray(h, np.float64))
+        pruned = mask(np.abs(W) * np.sqrt(np.maximum(hd, 0.0)), pattern)
+        out = np.where(pruned, 0.0, W)
+        if MASK == "wandasweep":
+            out, pruned = G.sweep(W, U, real=real, fixed=pruned)
+    elif MASK == "mixed" and not pattern.structured:
+        out, pruned = sweep_mixed(W, U, np.diag(np.asarray(h, np.float64)), pattern.zeros(k))
     else:
-        out, pruned = G.sweep(W, U, real=np.ones(k, bool), pattern=pattern)
+        out, pruned = G.sweep(W, U, real=real, pattern=pattern)
     if CG:
-        out = G.refit(out, W, H, ~pruned, steps=CG)
+        out = G.refit(out, W, H if RDAMP == DAMP else G.hessian(h, k, RDAMP)[0], ~pruned,
+                      steps=CG)
     out = out.astype(np.float32)
     out[pruned] = 0.0
     return out
@@ -103,12 +151,16 @@ def calibrate_asymmetric(graph, weights, windows, solve) -> dict:
 
 SOLVED: dict = {}
 PW.sparsegpt = sparsegpt
+if WINDOW:  # calibration() reads these at call time
+    C.CALIBRATION_WINDOWS = C.CALIBRATION_WINDOW * C.CALIBRATION_WINDOWS // WINDOW
+    C.CALIBRATION_WINDOW = WINDOW
 if ASYM:
     G.calibrate = calibrate_asymmetric
     PW._pruned_source = lambda p, config, stat: Inline(SOLVED[p.name])
 
 if __name__ == "__main__":
-    print(f"variant mask={MASK} damp={DAMP} cg={CG} asym={ASYM}", file=sys.stderr)
+    print(f"variant mask={MASK} damp={DAMP} cg={CG} rdamp={RDAMP} alpha={ALPHA} asym={ASYM} "
+          f"windows={C.CALIBRATION_WINDOWS} x {C.CALIBRATION_WINDOW}", file=sys.stderr)
     sys.path.insert(0, str(Path(__file__).parent))
     import sparsity_quality
 
