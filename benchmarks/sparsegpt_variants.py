@@ -43,6 +43,19 @@ WINDOW = int(OPTS.get("window", "0"))
 ALPHA = float(OPTS.get("alpha", "1"))
 
 
+def _sweep_block(W, U, out, pruned, P1, b0: int, b1: int) -> None:
+    """Columns b0:b1 pruned by P1 in turn (each one's error pushed onto the block's later
+    columns), then the block's errors onto the columns after it; W, out, pruned updated."""
+    W1, E, d = W[:, b0:b1].copy(), np.zeros((W.shape[0], b1 - b0)), np.diag(U)[b0:b1]
+    for i in range(b1 - b0):
+        w = W1[:, i]
+        out[:, b0 + i] = q = np.where(P1[:, i], 0.0, w)
+        E[:, i] = e = (w - q) / d[i]
+        W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
+    pruned[:, b0:b1] = P1
+    W[:, b1:] -= E @ U[b0:b1, b1:]
+
+
 def sweep_rolling(W: np.ndarray, U: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The sweep with each row's `count` spread over the blocks as the smallest W^2 / U_jj^2 of
     all the columns not yet swept choose at the start of each block."""
@@ -55,14 +68,7 @@ def sweep_rolling(W: np.ndarray, U: np.ndarray, count: int) -> tuple[np.ndarray,
         rank = np.argsort(np.argsort(score, axis=1, kind="stable"), axis=1, kind="stable")
         P1 = (rank < remaining[:, None])[:, :b1 - b0]
         remaining = remaining - P1.sum(1)
-        W1, E, d = W[:, b0:b1].copy(), np.zeros((n, b1 - b0)), d_all[b0:b1]
-        for i in range(b1 - b0):
-            w = W1[:, i]
-            out[:, b0 + i] = q = np.where(P1[:, i], 0.0, w)
-            E[:, i] = e = (w - q) / d[i]
-            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
-        pruned[:, b0:b1] = P1
-        W[:, b1:] -= E @ U[b0:b1, b1:]
+        _sweep_block(W, U, out, pruned, P1, b0, b1)
     return out, pruned
 
 
@@ -79,14 +85,7 @@ def sweep_mixed(W: np.ndarray, U: np.ndarray, hd: np.ndarray, count: int,
         b1 = min(b0 + G.BLOCK, k)
         share = round(count * b1 / k) - round(count * b0 / k)
         P1 = smallest(W[:, b0:b1] ** 2 * weight[b0:b1], share)
-        W1, E, d = W[:, b0:b1].copy(), np.zeros((n, b1 - b0)), d_all[b0:b1]
-        for i in range(b1 - b0):
-            w = W1[:, i]
-            out[:, b0 + i] = q = np.where(P1[:, i], 0.0, w)
-            E[:, i] = e = (w - q) / d[i]
-            W1[:, i + 1:] -= np.outer(e, U[b0 + i, b0 + i + 1:b1])
-        pruned[:, b0:b1] = P1
-        W[:, b1:] -= E @ U[b0:b1, b1:]
+        _sweep_block(W, U, out, pruned, P1, b0, b1)
     return out, pruned
 
 
