@@ -23,9 +23,12 @@ rebuild it. The config is recorded in graph.meta["sparsity"]. Embeddings, the LM
 making a graph output) and weights matching a `keep` pattern stay dense; so does any weight a
 non-linear reads.
 
-With a GPTQ quantization preset after it, kiln.passes.quantize solves a SparseGPT-pruned weight
-jointly (`gptq_source`): one sweep over the original weight with the quantizer's Hessian chooses
-the mask and quantizes what is kept; Wanda- and magnitude-pruned weights keep their zeros.
+With a GPTQ quantization preset after it, kiln.passes.quantize solves every pruned weight from
+its pruned value with the quantizer's Hessian, keeping its zeros (`gptq_source`): the mask and
+the kept values are the pruner's (for SparseGPT, refit). Re-solving a SparseGPT weight jointly
+instead (one GPTQ sweep over the original weight choosing the mask and the codes, without the
+refit or the pruner's dampening) measured worse on SmolLM2 at 50% with w8: +90.4% perplexity
+against +64.9% (benchmarks/RESULTS.md, session 11).
 Requires: linear recognized (canonical graph). Preserves: every value name, type and node.
 """
 
@@ -43,6 +46,8 @@ from kiln.passes.gptq import DAMP, REFINE, memoized, sparsegpt
 from kiln.runtime.pruning import Pattern, PatternError, prune, prune_magnitude
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+#: the parameter transforms that prune (a pruned weight is Derived by one of them)
+PRUNERS = frozenset({"sparsegpt", "prune_wanda", "prune_magnitude"})
 #: SparseGPT's dampening, relative to H's mean diagonal (1% and 50% measured worse than 10%)
 DAMP_SPARSEGPT = 0.1
 CALIBRATED = ("sparsegpt", "wanda")
@@ -202,14 +207,9 @@ PARAM_TRANSFORMS["prune_magnitude"] = prune_magnitude
 
 
 def gptq_source(p: Param) -> tuple:
-    """(the source GPTQ solves from, its extra attrs) for a weight this pass may have pruned: a
-    SparseGPT-pruned weight is re-solved from the original, mask and codes in one sweep; a
-    Wanda- or magnitude-pruned one keeps its zeros; anything else is solved as it is."""
+    """(the source GPTQ solves from, its extra attrs) for a weight this pass may have pruned:
+    the pruned weight, its zeros kept; anything else is solved as it is."""
     src = p.source
-    if isinstance(src, Derived) and src.fn == "sparsegpt":
-        a = src.attrs
-        return src.sources[0], {"prune_fraction": a["fraction"], "prune_n": a["n"],
-                                "prune_m": a["m"]}
-    if isinstance(src, Derived) and src.fn in ("prune_wanda", "prune_magnitude"):
+    if isinstance(src, Derived) and src.fn in PRUNERS:
         return src, {"keep_zeros": True}
     return src, {}

@@ -39,6 +39,7 @@ import numpy as np
 
 from kiln.compiler.ir import Attrs, Derived, DType, Graph, Node, Param, ParamSource, TensorType
 from kiln.passes import register
+from kiln.passes.prune_weights import PRUNERS
 from kiln.runtime import sparse_format as sf
 
 
@@ -95,9 +96,6 @@ SPARSE_TARGETS: dict[str, SparseTarget] = {
                          float_bytes=2),
 }
 
-#: Derived transforms that prune (kiln.passes.prune_weights) and the attribute GPTQ carries when
-#: it prunes jointly
-_PRUNERS = {"sparsegpt", "prune_wanda", "prune_magnitude"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +185,8 @@ def _pruned_bound(graph: Graph, src: ParamSource):
 def _derived_by_pruning(src: ParamSource) -> bool:
     if not isinstance(src, Derived):
         return False
-    if src.fn in _PRUNERS or "prune_fraction" in src.attrs:
+    # "prune_fraction": GPTQ pruning jointly, as artifacts before session 11 recorded it
+    if src.fn in PRUNERS or "prune_fraction" in src.attrs:
         return True
     return any(_derived_by_pruning(s) for s in src.sources)
 

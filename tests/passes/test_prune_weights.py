@@ -164,8 +164,7 @@ def test_sparsegpt_derivation_records_its_refinement(graph, windows):
                                               ("wanda", "2:4"), ("magnitude", "0.7")])
 def test_quantization_keeps_the_pattern(graph, windows, preset, method, spec):
     """Pruned, then quantized (GPTQ or round to nearest, zero points or not): the dequantized
-    weights hold the pattern's zeros exactly; with GPTQ a SparseGPT mask is chosen jointly in
-    the quantizer's sweep, other masks are kept as they are."""
+    weights hold the pattern's zeros, exactly where the pruned weight has them."""
     pattern = Pattern.parse(spec)
     pruned = prune_weights(graph, config=parse_config(spec, method), calibration=windows)
     q = quantize_weights(pruned, preset=parse_preset(preset), calibration=windows)
@@ -179,30 +178,28 @@ def test_quantization_keeps_the_pattern(graph, windows, preset, method, spec):
         qw, s, z = (q.params[v].load() if v else None for v in node.inputs[1:4])
         w = dequantize(qw, s, z, node.attrs)
         k = node.attrs["in_features"]
-        # a kept weight may round to zero by chance: at least the pattern's zeros, and for a
-        # fixed mask exactly where the pruned weight had them
+        # a kept weight may round to zero by chance: at least the pattern's zeros, and
+        # exactly where the pruned weight had them
         zeros = (w[:, :k] == 0)
         if pattern.structured:
             kept = (~zeros).reshape(len(w), k // pattern.m, pattern.m).sum(-1)
             assert (kept <= pattern.n).all(), name
         else:
             assert (zeros.sum(1) >= round(pattern.fraction * k)).all(), name
-        if method != "sparsegpt" or preset.endswith("rtn"):
-            assert zeros[pruned.params[name].load() == 0].all(), name
+        assert zeros[pruned.params[name].load() == 0].all(), name
         checked += 1
     assert checked == len(prunable(graph))
 
 
-def test_prune_then_gptq_uses_one_sweep_for_sparsegpt(graph, windows):
-    pruned = prune_weights(graph, config=parse_config("2:4"), calibration=windows)
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_gptq_solves_a_pruned_weight_keeping_its_zeros(graph, windows, method):
+    """GPTQ after pruning solves from the pruned weight (SparseGPT's: refit), not the original,
+    and keeps its zeros."""
+    pruned = prune_weights(graph, config=parse_config("2:4", method), calibration=windows)
     q = quantize_weights(pruned, preset=parse_preset("w8"), calibration=windows)
     src = q.params["l0.wq.qweight"].source
-    assert src.fn == "gptq" and src.attrs["prune_n"] == 2 and src.attrs["prune_m"] == 4
-    assert src.sources[0] is graph.params["l0.wq"].source  # solved from the original weight
-    wanda = quantize_weights(prune_weights(graph, config=parse_config("2:4", "wanda"),
-                                           calibration=windows),
-                             preset=parse_preset("w8"), calibration=windows)
-    assert wanda.params["l0.wq.qweight"].source.attrs["keep_zeros"] is True
+    assert src.fn == "gptq" and src.attrs["keep_zeros"] is True
+    assert src.sources[0] is pruned.params["l0.wq"].source
 
 
 def test_bit_packed_int4_zero_points_dequantize_zero_exactly(rng):
