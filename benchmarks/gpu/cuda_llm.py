@@ -118,7 +118,10 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         lower_sparse.PREFILL = "fused" if "spfused" in flags else "scratch"
         sparse = {"sparsity": "2:4", "prune_method": "magnitude"} if "sp24" in flags else {}
         tuning = out / "tuning.json" if "tuned" in flags else None
-        compile_model(src, dst, target="cuda:sm_90a" if "wgmma" in flags else "cuda:sm_90",
+        # a tuned artifact is compiled for the arch it was tuned on (sm_90a: wgmma candidates)
+        arch = json.loads(tuning.read_text())["target"]["arch"] if tuning else (
+            "sm_90a" if "wgmma" in flags else "sm_90")
+        compile_model(src, dst, target=f"cuda:{arch}",
                       max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None, tuning=tuning, **sparse,
                       no_fuse=("all",) if "nofuse" in flags
@@ -287,25 +290,30 @@ def kiln_batch_outputs(art: Path) -> dict:
 
 
 def torch_batch_reference(art: Path, bundle: Path) -> dict:
-    """Each prompt of kiln_batch_outputs alone: greedy tokens and the first step's logits."""
+    """Each prompt of kiln_batch_outputs alone: greedy tokens, the first step's logits and each
+    step's margin (top-1 minus top-2 logit: how near a tie the step's choice is)."""
     import torch
 
     forward, vocab = torch_forward(art, bundle)
     out = {}
     with torch.no_grad():
         for rows in CHECK_BATCHES:
-            toks, first = [], []
+            toks, first, gaps = [], [], []
             for p in batch_prompts(vocab, rows):
-                ids, row = list(p), []
+                ids, row, gap = list(p), [], []
                 for step in range(DECODE_STEPS):
                     logits = forward(np.array(ids))[-1]
                     if step == 0:
                         first.append(logits.float().cpu().numpy())
+                    top = torch.topk(logits, 2).values
+                    gap.append(float(top[0] - top[1]))
                     row.append(int(logits.argmax()))
                     ids.append(row[-1])
                 toks.append(row)
+                gaps.append(gap)
             out[f"b{rows}_greedy"] = np.array(toks)
             out[f"b{rows}_logits"] = np.stack(first)
+            out[f"b{rows}_margin"] = np.array(gaps)
     return out
 
 
@@ -322,6 +330,11 @@ def compare_batch(got: dict, ref: dict) -> list[str]:
                      f"{' '.join(map(str, equal.tolist()))}); rows = kiln batch 1: "
                      f"{int((g == one).all(1).sum())}/{rows}; kiln batch 1 = torch: "
                      f"{int((one == r).all(1).sum())}/{rows}; first logits rel err {rel:.2e}")
+        for i in np.flatnonzero((g != r).any(1)):  # where a row parts from torch: how near a tie
+            d = int(np.argmax(g[i] != r[i]))
+            lines.append(f"    row {i}: parts at step {d}, torch's top-1 margin there "
+                         f"{ref[f'b{rows}_margin'][i, d]:.2e} (logits' std "
+                         f"{float(np.std(lr[i])):.2e})")
     return lines
 
 

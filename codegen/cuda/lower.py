@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from tvm import relax, tirx
 from tvm.relax import op as R
 
+from kiln.codegen.cuda import spaces  # (registers the cuda.* schedule spaces)
 from kiln.codegen.cuda.kernels import attention as attn
 from kiln.codegen.cuda.kernels import gemm as gemm_k
 from kiln.codegen.cuda.kernels import gemv as gemv_k
@@ -28,7 +29,7 @@ from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.kernels import wgmma_gemm as wgmma_k
 from kiln.codegen.cuda.qkv import QkvPattern
-from kiln.codegen.cuda.spaces import config_key  # (registers the cuda.* schedule spaces)
+from kiln.codegen.cuda.spaces import config_key
 from kiln.codegen.lower import (
     LowerContext,
     _numel,
@@ -180,35 +181,30 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
             "out_dtype": out_dtype, "bias": b is not None,
             "residual": _residual(ctx, node, out_dtype)[1] is not None})
         # dlight tensorizes fp16 only: bf16 takes kiln's kernel even at dlight's tile
-        if c != gemm_k.DLIGHT or (dtype == "bfloat16" and gemm_k.tile_ok(n, k, c)) or (
-                _wgmma_ok(ctx, n, k, dtype, b)):
+        if c["mma"] == "wgmma" or spaces.tile(c) != gemm_k.DLIGHT or (
+                dtype == "bfloat16" and gemm_k.tile_ok(n, k, c)):
             return [_tiled_gemm(ctx, node, x, w, b, n, k, out_dtype, c)]
     y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
 
 
-def _wgmma_ok(ctx: CudaLowerContext, n: int, k: int, dtype: str, b) -> bool:
-    """Whether this prefill GEMM takes the experimental wgmma kernel (kernels/wgmma_gemm.py:
-    switched on, bias-free, fp16, an sm_90a target)."""
-    return (wgmma_k.WGMMA and b is None and ctx.target.arch.endswith("a")
-            and wgmma_k.supported(n, k, dtype, wgmma_k.DEFAULT["bn"]))
-
-
 def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
                 b: relax.Expr | None, n: int, k: int, out_dtype: str, c: dict) -> relax.Expr:
-    """A tuned tile (kernels/gemm.py) instead of dlight's: the GEMM and its epilogue (bias,
-    cast, the residual Add consuming it) as one kernel of kiln's own schedule."""
+    """A tuned tile (kernels/gemm.py) or a wgmma kernel (kernels/wgmma_gemm.py, mma "wgmma")
+    instead of dlight's: the GEMM and its epilogue (bias, cast, the residual Add consuming it)
+    as one kernel of kiln's own schedule."""
     xs, dtype = shape_of(x), dtype_of(x)
     m = _numel(xs[:-1])
     add, other = _residual(ctx, node, out_dtype)
-    if _wgmma_ok(ctx, n, k, dtype, b):  # EXPERIMENTAL (A/B: cuda_llm.py's `wgmma` variant)
+    if c["mma"] == "wgmma":  # (bias-free: the space's valid)
         args = [reshape(ctx, x, [m, k]), w] + ([] if other is None else
                                                [reshape(ctx, other, [m, n])])
         gv = ctx.kernel(("cuda_wgmma_gemm", n, k, dtype, out_dtype, other is not None,
-                         *(f"{key}{v}" for key, v in sorted(wgmma_k.DEFAULT.items()))),
+                         *config_key(c)),
                         lambda: wgmma_k.wgmma_gemm_kernel(n, k, dtype, out_dtype,
                                                           residual=other is not None,
-                                                          **wgmma_k.DEFAULT))
+                                                          bn=c["bn"], stages=c["stages"],
+                                                          inflight=c["inflight"]))
         y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
         return _finish(ctx, node, y, xs, n, add)
     args = [reshape(ctx, x, [m, k]), w]
@@ -217,7 +213,7 @@ def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
     gv = ctx.kernel(("cuda_gemm", n, k, dtype, out_dtype, b is not None, other is not None,
                      *config_key(c)),
                     lambda: gemm_k.gemm_kernel(n, k, dtype, out_dtype, bias=b is not None,
-                                               residual=other is not None, **c))
+                                               residual=other is not None, **spaces.tile(c)))
     y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
     return _finish(ctx, node, y, xs, n, add)
 

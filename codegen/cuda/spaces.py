@@ -20,6 +20,7 @@ from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.kernels import rowwise
 from kiln.codegen.cuda.kernels import sparse_gemv as sgemv
+from kiln.codegen.cuda.kernels import wgmma_gemm as wgmma_k
 from kiln.codegen.schedules import Knob, Space, register
 
 EPS = 1e-5  # the norm epsilon of a kernel built for measuring (its speed does not depend on it)
@@ -111,12 +112,44 @@ SPARSE_GEMV = register(Space(
         norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
 
 
-# -- the prefill GEMM (kernels/gemm.py): the default is dlight's schedule, other tiles kiln's ---
+# -- the prefill GEMM: kiln's WMMA tiles (kernels/gemm.py), dlight's schedule (the fp16 default),
+# or Hopper's warpgroup MMA (kernels/wgmma_gemm.py, sm_90a targets) ----------------------------
+
+#: the knobs of a WMMA config that wgmma has no use for, at their one value there
+WMMA = {"mma": "wmma", "inflight": 0}
+TILE_KNOBS = ("bm", "bn", "bk", "wm", "wn", "stages")
+
+
+def tile(c: dict) -> dict:
+    """The WMMA kernel's arguments of a cuda.gemm config."""
+    return {k: c[k] for k in TILE_KNOBS}
+
+
+def wgmma_config(bn: int, stages: int, inflight: int) -> dict:
+    """A wgmma config in the space's knobs: two warpgroups of 64 rows (bm 128, wm 2), k tiles
+    of 64; `bn`, `stages` and `inflight` are its own."""
+    return {"bm": wgmma_k.BM, "bn": bn, "bk": wgmma_k.BK, "wm": 2, "wn": 1, "stages": stages,
+            "mma": "wgmma", "inflight": inflight}
+
+
+def _wgmma_valid(shape, c, target) -> bool:
+    """wgmma takes fp16 bias-free GEMMs on an sm_90a target (the `a` features: wgmma)."""
+    return (target is not None and target.arch.endswith("a") and not shape["bias"]
+            and c == wgmma_config(c["bn"], c["stages"], c["inflight"])
+            and wgmma_k.supported(shape["n"], shape["k"], shape["dtype"], c["bn"])
+            and 2 + c["inflight"] <= c["stages"]
+            and wgmma_k.shared_bytes(c["bn"], c["stages"]) <= gemm_k.SHARED_LIMIT)
+
 
 def _gemm_valid(shape, c, target) -> bool:
-    """Tiles that fit, 4-16 warps of 4 or 8 accumulator fragments; kiln's own tiles always
-    with a cp.async pipeline of 2 or 3 k tiles (one stage is dlight's default alone)."""
-    if c == gemm_k.DLIGHT:
+    """WMMA: tiles that fit, 4-16 warps of 4 or 8 accumulator fragments; kiln's own tiles
+    always with a cp.async pipeline of 2 or 3 k tiles (one stage is dlight's default alone).
+    wgmma: see _wgmma_valid."""
+    if c["mma"] == "wgmma":
+        return _wgmma_valid(shape, c, target)
+    if c["inflight"] or c["stages"] > 3:
+        return False
+    if tile(c) == gemm_k.DLIGHT:
         return True
     warps = c["wm"] * c["wn"]
     frags = (c["bm"] // 16 // c["wm"]) * (c["bn"] // 16 // c["wn"])  # accumulators per warp
@@ -129,37 +162,48 @@ def _gemm_valid(shape, c, target) -> bool:
 
 def _gemm_default(shape, target) -> dict:
     """dlight's schedule for fp16; for bf16, which dlight leaves on the CUDA cores, kiln's
-    kernel at the tile that measured best for most fp16 GEMMs of the 1B shape (run 20)."""
+    kernel at the tile that measured best for most fp16 GEMMs of the 1B shape (run 20).
+    `wgmma_gemm.WGMMA` (an A/B switch) makes wgmma's default tile the default where it is
+    valid."""
+    if wgmma_k.WGMMA and _wgmma_valid(shape, WGMMA_DEFAULT, target):
+        return dict(WGMMA_DEFAULT)
     if shape.get("dtype") == "bfloat16" and gemm_k.tile_ok(shape["n"], shape["k"], BF16_TILE):
-        return dict(BF16_TILE)
-    return dict(gemm_k.DLIGHT)
+        return {**BF16_TILE, **WMMA}
+    return {**gemm_k.DLIGHT, **WMMA}
 
 
 #: bf16's default tile: 128 x 128 x 64, 2 x 4 warps, 3 k tiles in flight
 BF16_TILE = {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 3}
+WGMMA_DEFAULT = wgmma_config(**wgmma_k.DEFAULT)
 
 
 def _gemm_build(shape, c, target):
     kw = {"bias": shape["bias"], "residual": shape["residual"]}
-    if c == gemm_k.DLIGHT and (shape["dtype"] != "bfloat16"
-                               or not gemm_k.tile_ok(shape["n"], shape["k"], c)):
-        return gemm_k.dlight_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+    n, k, dtype, out_dtype = shape["n"], shape["k"], shape["dtype"], shape["out_dtype"]
+    if c["mma"] == "wgmma":
+        return wgmma_k.wgmma_gemm_kernel(n, k, dtype, out_dtype, residual=shape["residual"],
+                                         bn=c["bn"], stages=c["stages"],
+                                         inflight=c["inflight"])
+    if tile(c) == gemm_k.DLIGHT and (dtype != "bfloat16" or not gemm_k.tile_ok(n, k, c)):
+        return gemm_k.dlight_kernel(n, k, dtype, out_dtype,
                                     target=target.tvm_target() if target else None, **kw)
-    return gemm_k.gemm_kernel(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
-                              **kw, **c)
+    return gemm_k.gemm_kernel(n, k, dtype, out_dtype, **kw, **tile(c))
 
 
 GEMM = register(Space(
     "cuda.gemm", (Knob("bm", (64, 128, 256)), Knob("bn", (64, 128, 256)), Knob("bk", (32, 64)),
-                  Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4)), Knob("stages", (1, 2, 3))),
+                  Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4)), Knob("stages", (1, 2, 3, 4)),
+                  Knob("mma", ("wmma", "wgmma")), Knob("inflight", (0, 1))),
     _gemm_default, _gemm_valid, dynamic=("m",),
-    doc="fp16/bf16 tensor-core GEMM with its epilogue (bias, cast, residual add): block tile "
-        "bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async pipeline); "
-        "the default is dlight's Matmul schedule (fp16) or 128x128x64, 2x4 warps, 3 stages "
-        "(bf16: dlight does not tensorize it)",
+    doc="fp16/bf16 tensor-core GEMM with its epilogue (bias, cast, residual add). mma wmma: "
+        "block tile bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async "
+        "pipeline); the default is dlight's Matmul schedule (fp16) or 128x128x64, 2x4 warps, 3 "
+        "stages (bf16: dlight does not tensorize it). mma wgmma (fp16 without bias, sm_90a): "
+        "128 x bn tiles of two warpgroups, `stages` k tiles of 64 in shared memory, `inflight` "
+        "1: a k tile's MMAs overlap the next one's",
     build=_gemm_build,
-    # prefill's time is its GEMMs', and the valid tiles number about 50: measure them all
-    max_candidates=64))
+    # prefill's time is its GEMMs', and the valid tiles number about 65: measure them all
+    max_candidates=80))
 
 
 # -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------

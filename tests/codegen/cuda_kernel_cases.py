@@ -50,19 +50,23 @@ def seed_of(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _normal(rng, shape, dtype, scale=1.0) -> np.ndarray:
+def _np_dtype(dtype: str):
     if dtype == BF16:  # numpy has none: ml_dtypes' (TVM takes it; it is on the GPU host)
         import ml_dtypes
 
-        dtype = ml_dtypes.bfloat16
-    return (rng.standard_normal(shape) * scale).astype(dtype)
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def _normal(rng, shape, dtype, scale=1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(_np_dtype(dtype))
 
 
 def _empty(shape, dtype) -> np.ndarray:
-    """An output buffer, filled with a value no kernel writes (so unwritten elements show)."""
-    if dtype == BF16:
-        return _normal(np.random.default_rng(0), shape, BF16) * 0 + 1234.0
-    return np.full(shape, 1234.0 if np.dtype(dtype).kind == "f" else -7, dtype)
+    """An output buffer, filled with a value no kernel writes (so unwritten elements show);
+    bf16's made by a cast (arithmetic on an ml_dtypes array promotes it to float32)."""
+    fill = 1234.0 if dtype == BF16 or np.dtype(dtype).kind == "f" else -7
+    return np.full(shape, fill, "float32" if dtype == BF16 else dtype).astype(_np_dtype(dtype))
 
 
 def _f32(a: np.ndarray) -> np.ndarray:

@@ -147,7 +147,8 @@ def test_defaults_are_the_kernels_constants():
                                                               "bk": flash_attention.BK}
     assert space("cuda.rms_norm").default({}, None) == {"rows": rowwise.ROWS}
     assert space("cuda.swiglu").default({}, None) == {"threads": rowwise.THREADS}
-    assert space("cuda.gemm").default({}, None) == gemm.DLIGHT  # dlight schedules it
+    # dlight schedules it (the WMMA family's config)
+    assert space("cuda.gemm").default({}, None) == {**gemm.DLIGHT, "mma": "wmma", "inflight": 0}
     assert gemm.DLIGHT["stages"] == 1
 
 
@@ -164,13 +165,42 @@ def test_bf16_gemms_take_kilns_tensor_core_kernel(tmp_path):
 
     shape = {**SHAPES["cuda.gemm"][0], "dtype": "bfloat16", "out_dtype": "bfloat16"}
     c = space("cuda.gemm").default(shape, None)
-    assert c == spaces.BF16_TILE and c in space("cuda.gemm").configs(shape, None)
-    assert space("cuda.gemm").default({**shape, "n": 200}, None) == gemm.DLIGHT
+    dlight = {**gemm.DLIGHT, **spaces.WMMA}
+    assert c == {**spaces.BF16_TILE, **spaces.WMMA} and c in space("cuda.gemm").configs(shape, None)
+    assert space("cuda.gemm").default({**shape, "n": 200}, None) == dlight
     funcs = {"bf16_default": space("cuda.gemm").build(shape, c, None),
-             "bf16_dlight_tile": space("cuda.gemm").build(shape, gemm.DLIGHT, None)}
+             "bf16_dlight_tile": space("cuda.gemm").build(shape, dlight, None)}
     assert all("tvm_mma_sync" in f.script() for f in funcs.values())  # WMMA, not CUDA cores
     compile_kernels(funcs, CudaTarget(arch="sm_90"), tmp_path / "k.so")
     assert ("cubin", "sm_90") in fatbin_entries(tmp_path / "k.so")
+
+
+@needs_cuda_toolchain
+def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
+    """Hopper's wgmma kernel joins the GEMM space for fp16 bias-free GEMMs on an sm_90a target
+    (never on sm_90, for bf16 or with a bias); the default stays dlight's; its candidates
+    build to sm_90a machine code through the lowering's path."""
+    from kiln.codegen.build import compile_kernels
+    from kiln.codegen.cuda import spaces
+    from kiln.codegen.cuda_toolchain import fatbin_entries
+    from kiln.codegen.schedules import space
+    from kiln.codegen.targets import CudaTarget
+
+    gemm = space("cuda.gemm")
+    shape = {"phase": "prefill", "m": 2048, "n": 2048, "k": 2048, "dtype": "float16",
+             "out_dtype": "float16", "bias": False, "residual": True}
+    hopper = CudaTarget(arch="sm_90a")
+    wg = [c for c in gemm.configs(shape, hopper) if c["mma"] == "wgmma"]
+    assert {(c["bn"], c["stages"], c["inflight"]) for c in wg} == {
+        (bn, s, i) for bn in (64, 128, 256) for s in (2, 3, 4) for i in (0, 1) if 2 + i <= s}
+    assert gemm.default(shape, hopper)["mma"] == "wmma"
+    for other, tgt in (({}, CudaTarget(arch="sm_90")), ({"bias": True}, hopper),
+                       ({"dtype": "bfloat16", "out_dtype": "bfloat16"}, hopper)):
+        assert not any(c["mma"] == "wgmma" for c in gemm.configs({**shape, **other}, tgt))
+    assert spaces.WGMMA_DEFAULT in wg
+    funcs = {f"wg{i}": gemm.build(shape, c, hopper) for i, c in enumerate(wg[:2])}
+    compile_kernels(funcs, hopper, tmp_path / "k.so")
+    assert ("cubin", "sm_90") in fatbin_entries(tmp_path / "k.so")  # (sm_90a reports sm_90)
 
 
 def test_invalid_configs_are_left_out():
@@ -289,3 +319,39 @@ def test_a_tuning_entry_of_an_older_space_is_ignored_with_a_warning():
     db.record("cuda.decode_attention", "k", {"dw": 3, "du": 4, "splits": 1}, 1.0, 1.3)
     with pytest.raises(KilnError, match="dw=3"):
         db.lookup("cuda.decode_attention", "k")
+
+
+@pytest.mark.slow
+@needs_cuda_toolchain
+def test_a_tuned_wgmma_gemm_is_what_the_artifact_runs(tmp_path):
+    """A tuning file whose prefill GEMMs chose wgmma configs (what `kiln tune --target
+    cuda:sm_90a` measures) compiles into an artifact whose manifest records them as tuned and
+    whose kernels are the wgmma ones; the untuned artifact keeps dlight's."""
+    from kiln.codegen.cuda import spaces
+    from kiln.codegen.schedules import TuningDB, target_key
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_model
+    from kiln.models.synthetic import write_synthetic
+
+    src = write_synthetic("llama-tiny", tmp_path / "m", weights=True)
+    hopper = CudaTarget(arch="sm_90a", dtype="float16")
+    untuned = compile_model(src, tmp_path / "untuned", target="cuda:sm_90a", dtype="float16",
+                            max_seq=256)
+    gemms = [s for s in json.loads((untuned / "manifest.json").read_text())["schedules"]
+             if s["kernel"] == "cuda.gemm"]
+    assert gemms and all(s["config"]["mma"] == "wmma" for s in gemms)
+    pick = spaces.wgmma_config(64, 3, 1)
+    db = TuningDB(target_key(hopper))
+    for s in gemms:
+        if "bias=False" in s["shape"]:
+            db.record("cuda.gemm", s["shape"], pick, 1e-5, 2e-5)
+    assert db.entries
+    db.save(tmp_path / "tuning.json")
+    tuned = compile_model(src, tmp_path / "tuned", target="cuda:sm_90a", dtype="float16",
+                          max_seq=256, tuning=tmp_path / "tuning.json")
+    recorded = [s for s in json.loads((tuned / "manifest.json").read_text())["schedules"]
+                if s["kernel"] == "cuda.gemm" and s["shape"] in db.entries["cuda.gemm"]]
+    assert recorded and all(s["config"] == pick and s["source"] == "tuned" for s in recorded)
+    names = (tuned / "kernels.so").read_bytes()
+    assert b"cuda_wgmma_gemm" in names and b"cuda_wgmma_gemm" not in (
+        untuned / "kernels.so").read_bytes()

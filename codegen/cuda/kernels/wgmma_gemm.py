@@ -1,5 +1,7 @@
-"""Prefill GEMM on Hopper's warpgroup tensor cores (`wgmma.mma_async`, sm_90a): EXPERIMENTAL,
-not yet used by the lowering (kernel cases and benchmarks/gpu/gemm_bench.py measure it).
+"""Prefill GEMM on Hopper's warpgroup tensor cores (`wgmma.mma_async`, sm_90a): the `mma`
+"wgmma" configs of the schedule space cuda.gemm (fp16, no bias; `kiln tune` measures them
+beside the WMMA tiles). On an H100 it ran 1.2-2.1x dlight's GEMMs at the 1B shape's 2048-row
+prefill GEMMs (benchmarks/gpu/gemm_bench.py, run 30).
 
     y[m, n] = epilogue(x[m, k] . w[n, k])   fp16 in, fp32 accumulation, epilogue as gemm.py's
 
@@ -21,8 +23,8 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
-#: lower fp16 prefill GEMMs (no bias, target sm_90a) to this kernel: off until measured on the
-#: GPU (benchmarks/gpu/cuda_llm.py builds `wgmma` variants with it on)
+#: an A/B switch: make DEFAULT the cuda.gemm default of fp16 bias-free GEMMs on sm_90a targets
+#: (benchmarks/gpu/cuda_llm.py builds its `wgmma` variants with it on); tuning picks it otherwise
 WGMMA = False
 DEFAULT = {"bn": 128, "stages": 4, "inflight": 1}
 BM, BK = 128, 64  # block rows (two warpgroups of 64), k tile (one 128-byte row of fp16)
