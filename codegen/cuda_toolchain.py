@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import linecache
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -136,10 +137,29 @@ def ensure_cuda_codegen() -> None:
     _state["ready"] = True
 
 
+def dlight_reads_arch_suffixes() -> None:
+    """TVM 0.27's dlight Matmul reads the arch's number with `str.isdigit`, so `sm_90a`
+    (Hopper with its arch-specific features, what the wgmma GEMM needs) counts as a GPU
+    without tensor cores and every dlight GEMM of an sm_90a build runs on the CUDA cores
+    (10-20x slower on an H100, GPU run 31). Make it read the leading digits. Idempotent."""
+    from tvm.s_tir.dlight.gpu import matmul
+
+    if getattr(matmul.check_sm_version, "kiln", False):
+        return
+
+    def check_sm_version(arch: str) -> int:
+        m = re.match(r"sm_(\d+)", arch)
+        return int(m.group(1)) if m else -1
+
+    check_sm_version.kiln = True
+    matmul.check_sm_version = check_sm_version
+
+
 @contextlib.contextmanager
 def cuda_compile_env(target) -> Iterator[None]:
     """nvcc as TVM's CUDA compiler and `target` as the current target, for the duration."""
     ensure_cuda_codegen()
+    dlight_reads_arch_suffixes()
     old = os.environ.get("TVM_CUDA_COMPILE_MODE")
     os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
     try:

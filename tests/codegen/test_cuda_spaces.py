@@ -355,3 +355,16 @@ def test_a_tuned_wgmma_gemm_is_what_the_artifact_runs(tmp_path):
     names = (tuned / "kernels.so").read_bytes()
     assert b"cuda_wgmma_gemm" in names and b"cuda_wgmma_gemm" not in (
         untuned / "kernels.so").read_bytes()
+
+
+def test_dlight_tensorizes_for_sm90a_as_for_sm90():
+    """TVM's dlight reads `sm_90a` as no tensor cores (its arch check wants digits only); kiln
+    makes it read the number, so an sm_90a build's dlight GEMMs are the sm_90 ones."""
+    from kiln.codegen.cuda.kernels import gemm
+
+    def script(arch):
+        t = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+        return gemm.dlight_kernel(256, 512, "float16", "float16", target=t).script()
+
+    assert "tvm_mma_sync" in script("sm_90")
+    assert script("sm_90a") == script("sm_90")

@@ -81,8 +81,9 @@ def dlight_kernel(n: int, k: int, dtype: str, out_dtype: str, *, bias: bool = Fa
     import tvm
     from tvm.s_tir import dlight
 
-    from kiln.codegen.cuda_toolchain import cheap_frame_stacks
+    from kiln.codegen.cuda_toolchain import cheap_frame_stacks, dlight_reads_arch_suffixes
 
+    dlight_reads_arch_suffixes()  # (sm_90a: tensor cores too)
     target = target or tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     func = gemm_func(n, k, dtype, out_dtype, bias=bias, residual=residual)
     with cheap_frame_stacks(), target:
