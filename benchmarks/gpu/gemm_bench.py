@@ -1,4 +1,4 @@
-"""Prefill GEMMs alone on the GPU: the experimental wgmma kernel against kiln's WMMA tiles and
+"""Prefill GEMMs alone on the GPU: the wgmma kernel (fp16, bf16) against kiln's WMMA tiles and
 dlight's schedule, Llama-3.2-1B shapes at 2048 rows (issue 13 item 1, issue 12's 1.15x).
 
     python benchmarks/gpu/gemm_bench.py build .device/gemm        # here: sm_90a machine code
@@ -33,7 +33,9 @@ KERNELS = {"dlight": ("dlight", {}),
            "wgmma_bn128_s4": ("wgmma", dict(bn=128, stages=4)),
            "wgmma_bn256_s3": ("wgmma", dict(bn=256, stages=3)),
            "wgmma_bn128_s4_if1": ("wgmma", dict(bn=128, stages=4, inflight=1)),
-           "wgmma_bn256_s4_if1": ("wgmma", dict(bn=256, stages=4, inflight=1))}
+           "wgmma_bn256_s4_if1": ("wgmma", dict(bn=256, stages=4, inflight=1)),
+           "wgmma_bf16_bn128_s3": ("wgmma_bf16", dict(bn=128, stages=3)),
+           "wgmma_bf16_bn256_s4_if1": ("wgmma_bf16", dict(bn=256, stages=4, inflight=1))}
 EDGE = ("edge", 300, 256, 512, "float16", True)  # a partial last block of rows
 
 
@@ -46,7 +48,9 @@ def make(kind: str, n: int, k: int, out: str, residual: bool, cfg: dict):
         dt = "bfloat16" if kind == "wmma_bf16" else "float16"
         out = dt if out == "float16" else out
         return gemm.gemm_kernel(n, k, dt, out, residual=residual, **cfg)
-    return wgmma_gemm.wgmma_gemm_kernel(n, k, "float16", out, residual=residual, **cfg)
+    dt = "bfloat16" if kind == "wgmma_bf16" else "float16"
+    out = dt if out == "float16" else out
+    return wgmma_gemm.wgmma_gemm_kernel(n, k, dt, out, residual=residual, **cfg)
 
 
 def build(out: Path) -> None:
@@ -59,21 +63,24 @@ def build(out: Path) -> None:
     funcs, cases = {}, []
     for shape, (n, k, dt, res) in SHAPES.items():
         for name, (kind, cfg) in KERNELS.items():
-            if kind == "wgmma" and not wgmma_gemm.supported(n, k, "float16", cfg["bn"]):
+            if kind.startswith("wgmma") and not wgmma_gemm.supported(n, k, "float16",
+                                                                     cfg["bn"]):
                 continue
             fn = f"{shape}__{name}"
             funcs[fn] = make(kind, n, k, dt, res, cfg).with_attr("global_symbol", fn)
-            bf16 = kind == "wmma_bf16"
+            bf16 = kind.endswith("bf16")
             cases.append({"func": fn, "shape": shape, "kernel": name, "m": ROWS, "n": n,
                           "k": k, "out": "bfloat16" if bf16 and dt == "float16" else dt,
                           "residual": res, "dtype": "bfloat16" if bf16 else "float16"})
     _, m, n, k, dt, res = EDGE
     for name, (kind, cfg) in KERNELS.items():
-        if kind == "wgmma":
+        if kind.startswith("wgmma"):
             fn = f"edge__{name}"
             funcs[fn] = make(kind, n, k, dt, res, cfg).with_attr("global_symbol", fn)
+            bf16 = kind.endswith("bf16")
             cases.append({"func": fn, "shape": "edge", "kernel": name, "m": m, "n": n, "k": k,
-                          "out": dt, "residual": res, "dtype": "float16"})
+                          "out": "bfloat16" if bf16 else dt, "residual": res,
+                          "dtype": "bfloat16" if bf16 else "float16"})
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}, host={"kind": "llvm"})
     with ct.cuda_compile_env(target), ct.async_copies():
         lib = tvm.tirx.build(tvm.IRModule(funcs), target, pipeline=pdl.PIPELINE)

@@ -133,7 +133,7 @@ def wgmma_config(bn: int, stages: int, inflight: int) -> dict:
 
 
 def _wgmma_valid(shape, c, target) -> bool:
-    """wgmma takes fp16 bias-free GEMMs on an sm_90a target (the `a` features: wgmma)."""
+    """wgmma takes fp16 and bf16 bias-free GEMMs on an sm_90a target (the `a` features)."""
     return (target is not None and target.arch.endswith("a") and not shape["bias"]
             and c == wgmma_config(c["bn"], c["stages"], c["inflight"])
             and wgmma_k.supported(shape["n"], shape["k"], shape["dtype"], c["bn"])
@@ -198,7 +198,7 @@ GEMM = register(Space(
     doc="fp16/bf16 tensor-core GEMM with its epilogue (bias, cast, residual add). mma wmma: "
         "block tile bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async "
         "pipeline); the default is dlight's Matmul schedule (fp16) or 128x128x64, 2x4 warps, 3 "
-        "stages (bf16: dlight does not tensorize it). mma wgmma (fp16 without bias, sm_90a): "
+        "stages (bf16: dlight does not tensorize it). mma wgmma (fp16/bf16 without bias, sm_90a): "
         "128 x bn tiles of two warpgroups, `stages` k tiles of 64 in shared memory, `inflight` "
         "1: a k tile's MMAs overlap the next one's",
     build=_gemm_build,

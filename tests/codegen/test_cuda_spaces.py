@@ -177,9 +177,9 @@ def test_bf16_gemms_take_kilns_tensor_core_kernel(tmp_path):
 
 @needs_cuda_toolchain
 def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
-    """Hopper's wgmma kernel joins the GEMM space for fp16 bias-free GEMMs on an sm_90a target
-    (never on sm_90, for bf16 or with a bias); the default stays dlight's; its candidates
-    build to sm_90a machine code through the lowering's path."""
+    """Hopper's wgmma kernel joins the GEMM space for fp16 and bf16 bias-free GEMMs on an
+    sm_90a target (never on sm_90, with a bias or for float32); the defaults stay dlight's
+    and bf16's WMMA tile; its candidates build to sm_90a machine code, bf16's too."""
     from kiln.codegen.build import compile_kernels
     from kiln.codegen.cuda import spaces
     from kiln.codegen.cuda_toolchain import fatbin_entries
@@ -195,10 +195,15 @@ def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
         (bn, s, i) for bn in (64, 128, 256) for s in (2, 3, 4) for i in (0, 1) if 2 + i <= s}
     assert gemm.default(shape, hopper)["mma"] == "wmma"
     for other, tgt in (({}, CudaTarget(arch="sm_90")), ({"bias": True}, hopper),
-                       ({"dtype": "bfloat16", "out_dtype": "bfloat16"}, hopper)):
+                       ({"dtype": "float32", "out_dtype": "float32"}, hopper)):
         assert not any(c["mma"] == "wgmma" for c in gemm.configs({**shape, **other}, tgt))
     assert spaces.WGMMA_DEFAULT in wg
+    bf16 = {**shape, "dtype": "bfloat16", "out_dtype": "bfloat16"}
+    assert [c for c in gemm.configs(bf16, hopper) if c["mma"] == "wgmma"] == wg
+    assert gemm.default(bf16, hopper) == {**spaces.BF16_TILE, **spaces.WMMA}
     funcs = {f"wg{i}": gemm.build(shape, c, hopper) for i, c in enumerate(wg[:2])}
+    funcs["wg_bf16"] = gemm.build(bf16, wg[0], hopper)
+    assert '"bf16"' in funcs["wg_bf16"].script() and '"f16"' not in funcs["wg_bf16"].script()
     compile_kernels(funcs, hopper, tmp_path / "k.so")
     assert ("cubin", "sm_90") in fatbin_entries(tmp_path / "k.so")  # (sm_90a reports sm_90)
 

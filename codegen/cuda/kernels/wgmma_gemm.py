@@ -1,9 +1,9 @@
 """Prefill GEMM on Hopper's warpgroup tensor cores (`wgmma.mma_async`, sm_90a): the `mma`
-"wgmma" configs of the schedule space cuda.gemm (fp16, no bias; `kiln tune` measures them
-beside the WMMA tiles). On an H100 it ran 1.2-2.1x dlight's GEMMs at the 1B shape's 2048-row
+"wgmma" configs of the schedule space cuda.gemm (fp16 or bf16, no bias; `kiln tune` measures
+them beside the WMMA tiles). On an H100 it ran 1.2-2.1x dlight's GEMMs at the 1B shape's 2048-row
 prefill GEMMs (benchmarks/gpu/gemm_bench.py, run 30).
 
-    y[m, n] = epilogue(x[m, k] . w[n, k])   fp16 in, fp32 accumulation, epilogue as gemm.py's
+    y[m, n] = epilogue(x[m, k] . w[n, k])   fp16/bf16 in, fp32 accumulation, epilogue as gemm.py's
 
 A block of two warpgroups (256 threads) computes a 128 x `bn` tile of y, each warpgroup 64 rows,
 in k tiles of 64: per k tile, four `wgmma.m64n{bn}k16` per warpgroup read both operands from
@@ -33,7 +33,7 @@ SWIZZLE_128B = 1  # the descriptor's layout type for the 128-byte swizzle (bits 
 
 
 def supported(n: int, k: int, dtype: str, bn: int = 128) -> bool:
-    return dtype == "float16" and n % bn == 0 and k % BK == 0 and bn in (64, 128, 256)
+    return dtype in PTX_TYPES and n % bn == 0 and k % BK == 0 and bn in (64, 128, 256)
 
 
 def shared_bytes(bn: int, stages: int) -> int:
@@ -57,8 +57,13 @@ def _desc(addr) -> tirx.PrimExpr:
             | T.shift_left(T.uint64(SWIZZLE_128B), T.uint64(62)))
 
 
-def _wgmma(bn: int, acc, a_desc, b_desc, accumulate):
-    op = getattr(T.ptx.wgmma.mma_async.sync.aligned, f"m64n{bn}k16").f32.f16.f16
+#: operand dtypes and their PTX type (both operands alike; fp32 accumulation)
+PTX_TYPES = {"float16": "f16", "bfloat16": "bf16"}
+
+
+def _wgmma(bn: int, dtype: str, acc, a_desc, b_desc, accumulate):
+    ab = PTX_TYPES[dtype]
+    op = getattr(getattr(getattr(T.ptx.wgmma.mma_async.sync.aligned, f"m64n{bn}k16").f32, ab), ab)
     return op(*[acc[i] for i in range(bn // 2)], a_desc, b_desc, T.ptx.pred(accumulate),
               1, 1, 0, 0)
 
@@ -114,7 +119,7 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
             b0: T.let[T.uint32] = base + T.Cast("uint32", (pad + kt % stages * stage
                                                            + a_elems) * 2)
             for j in T.unroll(BK // 16):
-                T.evaluate(_wgmma(bn, acc, _desc(a0 + T.uint32(32) * j),
+                T.evaluate(_wgmma(bn, dtype, acc, _desc(a0 + T.uint32(32) * j),
                                   _desc(b0 + T.uint32(32) * j), T.Or(kt > 0, j > 0)))
             T.evaluate(T.ptx.wgmma.commit_group.sync.aligned())
             # inflight 1: this k tile's wgmma runs on while the next tiles load; the stage
@@ -142,7 +147,9 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
     def body(x, w, res, y, m):
         for bx in T.thread_binding((m + BM - 1) // BM * tiles_n, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                sm = T.decl_buffer((smem,), dtype, scope="shared.dyn")
+                # fp16 storage for bf16 too (2-byte elements: only addressed, never read as
+                # values): one module's kernels must agree on the dynamic shared array's type
+                sm = T.decl_buffer((smem,), "float16", scope="shared.dyn")
                 acc = T.decl_buffer((bn // 2,), f32, scope="local")
                 m0: T.let[T.int64] = bx // tiles_n * BM
                 n0: T.let[T.int64] = bx % tiles_n * bn
