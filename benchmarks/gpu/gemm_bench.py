@@ -34,6 +34,9 @@ KERNELS = {"dlight": ("dlight", {}),
            "wgmma_bn256_s3": ("wgmma", dict(bn=256, stages=3)),
            "wgmma_bn128_s4_if1": ("wgmma", dict(bn=128, stages=4, inflight=1)),
            "wgmma_bn256_s4_if1": ("wgmma", dict(bn=256, stages=4, inflight=1)),
+           "wgmma_bn256_s4_if1_staged": ("wgmma", dict(bn=256, stages=4, inflight=1,
+                                                        staged=True)),
+           "wgmma_bn128_s3_staged": ("wgmma", dict(bn=128, stages=3, staged=True)),
            "wgmma_bf16_bn128_s3": ("wgmma_bf16", dict(bn=128, stages=3)),
            "wgmma_bf16_bn256_s4_if1": ("wgmma_bf16", dict(bn=256, stages=4, inflight=1))}
 EDGE = ("edge", 300, 256, 512, "float16", True)  # a partial last block of rows

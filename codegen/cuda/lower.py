@@ -204,7 +204,8 @@ def _tiled_gemm(ctx: CudaLowerContext, node: Node, x: relax.Expr, w: relax.Expr,
                         lambda: wgmma_k.wgmma_gemm_kernel(n, k, dtype, out_dtype,
                                                           residual=other is not None,
                                                           bn=c["bn"], stages=c["stages"],
-                                                          inflight=c["inflight"]))
+                                                          inflight=c["inflight"],
+                                                          staged=c["staged"]))
         y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
         return _finish(ctx, node, y, xs, n, add)
     args = [reshape(ctx, x, [m, k]), w]

@@ -116,7 +116,7 @@ SPARSE_GEMV = register(Space(
 # or Hopper's warpgroup MMA (kernels/wgmma_gemm.py, sm_90a targets) ----------------------------
 
 #: the knobs of a WMMA config that wgmma has no use for, at their one value there
-WMMA = {"mma": "wmma", "inflight": 0}
+WMMA = {"mma": "wmma", "inflight": 0, "staged": False}
 TILE_KNOBS = ("bm", "bn", "bk", "wm", "wn", "stages")
 
 
@@ -125,19 +125,21 @@ def tile(c: dict) -> dict:
     return {k: c[k] for k in TILE_KNOBS}
 
 
-def wgmma_config(bn: int, stages: int, inflight: int) -> dict:
+def wgmma_config(bn: int, stages: int, inflight: int, staged: bool = False) -> dict:
     """A wgmma config in the space's knobs: two warpgroups of 64 rows (bm 128, wm 2), k tiles
-    of 64; `bn`, `stages` and `inflight` are its own."""
+    of 64; `bn`, `stages`, `inflight` and `staged` (the output through shared memory) are its
+    own."""
     return {"bm": wgmma_k.BM, "bn": bn, "bk": wgmma_k.BK, "wm": 2, "wn": 1, "stages": stages,
-            "mma": "wgmma", "inflight": inflight}
+            "mma": "wgmma", "inflight": inflight, "staged": staged}
 
 
 def _wgmma_valid(shape, c, target) -> bool:
     """wgmma takes fp16 and bf16 bias-free GEMMs on an sm_90a target (the `a` features)."""
     return (target is not None and target.arch.endswith("a") and not shape["bias"]
-            and c == wgmma_config(c["bn"], c["stages"], c["inflight"])
+            and c == wgmma_config(c["bn"], c["stages"], c["inflight"], c["staged"])
             and wgmma_k.supported(shape["n"], shape["k"], shape["dtype"], c["bn"])
             and 2 + c["inflight"] <= c["stages"]
+            and (not c["staged"] or wgmma_k.staged_fits(c["bn"], c["stages"], shape["out_dtype"]))
             and wgmma_k.shared_bytes(c["bn"], c["stages"]) <= gemm_k.SHARED_LIMIT)
 
 
@@ -147,7 +149,7 @@ def _gemm_valid(shape, c, target) -> bool:
     wgmma: see _wgmma_valid."""
     if c["mma"] == "wgmma":
         return _wgmma_valid(shape, c, target)
-    if c["inflight"] or c["stages"] > 3:
+    if c["inflight"] or c["staged"] or c["stages"] > 3:
         return False
     if tile(c) == gemm_k.DLIGHT:
         return True
@@ -183,7 +185,7 @@ def _gemm_build(shape, c, target):
     if c["mma"] == "wgmma":
         return wgmma_k.wgmma_gemm_kernel(n, k, dtype, out_dtype, residual=shape["residual"],
                                          bn=c["bn"], stages=c["stages"],
-                                         inflight=c["inflight"])
+                                         inflight=c["inflight"], staged=c["staged"])
     if tile(c) == gemm_k.DLIGHT and (dtype != "bfloat16" or not gemm_k.tile_ok(n, k, c)):
         return gemm_k.dlight_kernel(n, k, dtype, out_dtype,
                                     target=target.tvm_target() if target else None, **kw)
@@ -193,17 +195,19 @@ def _gemm_build(shape, c, target):
 GEMM = register(Space(
     "cuda.gemm", (Knob("bm", (64, 128, 256)), Knob("bn", (64, 128, 256)), Knob("bk", (32, 64)),
                   Knob("wm", (1, 2, 4)), Knob("wn", (1, 2, 4)), Knob("stages", (1, 2, 3, 4)),
-                  Knob("mma", ("wmma", "wgmma")), Knob("inflight", (0, 1))),
+                  Knob("mma", ("wmma", "wgmma")), Knob("inflight", (0, 1)),
+                  Knob("staged", (False, True))),
     _gemm_default, _gemm_valid, dynamic=("m",),
     doc="fp16/bf16 tensor-core GEMM with its epilogue (bias, cast, residual add). mma wmma: "
         "block tile bm x bn, k tile bk, wm x wn warps, k tiles in shared memory (2, 3: cp.async "
         "pipeline); the default is dlight's Matmul schedule (fp16) or 128x128x64, 2x4 warps, 3 "
         "stages (bf16: dlight does not tensorize it). mma wgmma (fp16/bf16 without bias, sm_90a): "
         "128 x bn tiles of two warpgroups, `stages` k tiles of 64 in shared memory, `inflight` "
-        "1: a k tile's MMAs overlap the next one's",
+        "1: a k tile's MMAs overlap the next one's; `staged`: the output tile leaves through "
+        "shared memory in 16-byte rows",
     build=_gemm_build,
-    # prefill's time is its GEMMs', and the valid tiles number about 65: measure them all
-    max_candidates=80))
+    # prefill's time is its GEMMs', and the valid configs number about 80: measure them all
+    max_candidates=96))
 
 
 # -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------

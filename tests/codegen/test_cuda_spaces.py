@@ -148,7 +148,8 @@ def test_defaults_are_the_kernels_constants():
     assert space("cuda.rms_norm").default({}, None) == {"rows": rowwise.ROWS}
     assert space("cuda.swiglu").default({}, None) == {"threads": rowwise.THREADS}
     # dlight schedules it (the WMMA family's config)
-    assert space("cuda.gemm").default({}, None) == {**gemm.DLIGHT, "mma": "wmma", "inflight": 0}
+    assert space("cuda.gemm").default({}, None) == {**gemm.DLIGHT, "mma": "wmma", "inflight": 0,
+                                                    "staged": False}
     assert gemm.DLIGHT["stages"] == 1
 
 
@@ -191,8 +192,9 @@ def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
              "out_dtype": "float16", "bias": False, "residual": True}
     hopper = CudaTarget(arch="sm_90a")
     wg = [c for c in gemm.configs(shape, hopper) if c["mma"] == "wgmma"]
-    assert {(c["bn"], c["stages"], c["inflight"]) for c in wg} == {
-        (bn, s, i) for bn in (64, 128, 256) for s in (2, 3, 4) for i in (0, 1) if 2 + i <= s}
+    assert {(c["bn"], c["stages"], c["inflight"], c["staged"]) for c in wg} == {
+        (bn, s, i, st) for bn in (64, 128, 256) for s in (2, 3, 4) for i in (0, 1)
+        for st in (False, True) if 2 + i <= s}  # (fp16 out: every staged tile fits)
     assert gemm.default(shape, hopper)["mma"] == "wmma"
     for other, tgt in (({}, CudaTarget(arch="sm_90")), ({"bias": True}, hopper),
                        ({"dtype": "float32", "out_dtype": "float32"}, hopper)):
@@ -201,7 +203,11 @@ def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
     bf16 = {**shape, "dtype": "bfloat16", "out_dtype": "bfloat16"}
     assert [c for c in gemm.configs(bf16, hopper) if c["mma"] == "wgmma"] == wg
     assert gemm.default(bf16, hopper) == {**spaces.BF16_TILE, **spaces.WMMA}
+    lm_head = {**shape, "out_dtype": "float32", "residual": False}
+    assert not any(c["staged"] and c["bn"] == 256 and c["stages"] == 2
+                   for c in gemm.configs(lm_head, hopper))  # its fp32 tile would not fit
     funcs = {f"wg{i}": gemm.build(shape, c, hopper) for i, c in enumerate(wg[:2])}
+    funcs["wg_staged"] = gemm.build(shape, next(c for c in wg if c["staged"]), hopper)
     funcs["wg_bf16"] = gemm.build(bf16, wg[0], hopper)
     assert '"bf16"' in funcs["wg_bf16"].script() and '"f16"' not in funcs["wg_bf16"].script()
     compile_kernels(funcs, hopper, tmp_path / "k.so")

@@ -40,6 +40,18 @@ def shared_bytes(bn: int, stages: int) -> int:
     return stages * (BM + bn) * BK * 2 + 1024  # + alignment slack
 
 
+def _pitch(bn: int) -> int:
+    """Row pitch (elements) of the staged output tile: rows 16 bytes apart from any bank, so a
+    warp's fragment writes (8 rows x 4 threads) hit 32 distinct banks."""
+    return bn + 8
+
+
+def staged_fits(bn: int, stages: int, out_dtype: str) -> bool:
+    """Whether the staged output tile fits in the operand tiles' shared memory it reuses."""
+    out_bytes = 4 if out_dtype == "float32" else 2
+    return BM * _pitch(bn) * out_bytes <= stages * (BM + bn) * BK * 2
+
+
 def _smem_addr(ptr) -> tirx.PrimExpr:
     from tvm.backend.cuda.op import cuda_cvta_generic_to_shared
 
@@ -70,12 +82,17 @@ def _wgmma(bn: int, dtype: str, acc, a_desc, b_desc, accumulate):
 
 @functools.cache
 def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: bool = False,
-                      bn: int = 128, stages: int = 3, inflight: int = 0) -> tirx.PrimFunc:
+                      bn: int = 128, stages: int = 3, inflight: int = 0,
+                      staged: bool = False) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], w[n, k], (res[m, n],) y[m, n]), m dynamic. `stages` k tiles in shared
     memory; `inflight` 1: a k tile's wgmma still runs while the next one's are issued (one
-    stage fewer loads ahead)."""
-    if not supported(n, k, dtype, bn) or not 2 + inflight <= stages <= 6 or inflight not in (0, 1):
-        raise ValueError(f"wgmma_gemm_kernel: n {n}, k {k}, {dtype}, bn {bn}, stages {stages}")
+    stage fewer loads ahead). `staged`: the output tile goes through shared memory and leaves
+    in 16-byte rows (the residual read likewise) instead of each thread's 2-byte elements
+    from its accumulator fragment, 8 rows apart per warp."""
+    if (not supported(n, k, dtype, bn) or not 2 + inflight <= stages <= 6
+            or inflight not in (0, 1) or (staged and not staged_fits(bn, stages, out_dtype))):
+        raise ValueError(f"wgmma_gemm_kernel: n {n}, k {k}, {dtype}, bn {bn}, stages {stages}"
+                         f"{', staged' if staged else ''}")
     kts = k // BK
     a_elems, b_elems = BM * BK, bn * BK  # one stage's tiles, in elements
     stage = a_elems + b_elems
@@ -143,6 +160,36 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
         v = T.Cast(out_dtype, v)
         return v + res[row, col] if residual else v
 
+    pitch, vec = _pitch(bn), 16 // (4 if out_dtype == "float32" else 2)
+
+    @T.macro
+    def store_direct(acc, res, y, m, m0, n0, tx):
+        for i in T.unroll(bn // 8):
+            for h in T.unroll(2):
+                for e in T.unroll(2):
+                    row, col = out_index(m0, n0, tx, i, h, e)
+                    if row < m:
+                        y[row, col] = out(acc[4 * i + 2 * h + e], res, row, col)
+
+    @T.macro
+    def store_staged(sm, acc, res, y, m, m0, n0, tx):
+        T.tvm_storage_sync("shared")  # both warpgroups done reading the operand tiles
+        so = T.decl_buffer((BM * pitch,), out_dtype, data=sm.data, scope="shared.dyn")
+        for i in T.unroll(bn // 8):
+            for h in T.unroll(2):
+                for e in T.unroll(2):
+                    row, col = out_index(0, 0, tx, i, h, e)
+                    so[row * pitch + col] = T.Cast(out_dtype, acc[4 * i + 2 * h + e])
+        T.tvm_storage_sync("shared")
+        for it in T.serial(BM * bn // vec // THREADS):
+            q: T.let[T.int32] = tx + THREADS * it
+            r: T.let[T.int32] = q // (bn // vec)
+            c: T.let[T.int32] = q % (bn // vec) * vec
+            if m0 + r < m:
+                for v in T.vectorized(vec):
+                    y[m0 + r, n0 + c + v] = (so[r * pitch + c + v] + res[m0 + r, n0 + c + v]
+                                             if residual else so[r * pitch + c + v])
+
     @T.macro
     def body(x, w, res, y, m):
         for bx in T.thread_binding((m + BM - 1) // BM * tiles_n, thread="blockIdx.x"):
@@ -154,12 +201,10 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
                 m0: T.let[T.int64] = bx // tiles_n * BM
                 n0: T.let[T.int64] = bx % tiles_n * bn
                 mainloop(x, w, sm, acc, m, m0, n0, tx)
-                for i in T.unroll(bn // 8):
-                    for h in T.unroll(2):
-                        for e in T.unroll(2):
-                            row, col = out_index(m0, n0, tx, i, h, e)
-                            if row < m:
-                                y[row, col] = out(acc[4 * i + 2 * h + e], res, row, col)
+                if staged:
+                    store_staged(sm, acc, res, y, m, m0, n0, tx)
+                else:
+                    store_direct(acc, res, y, m, m0, n0, tx)
 
     if residual:
         @T.prim_func(private=True)
