@@ -1,0 +1,23 @@
+#!/bin/bash
+# Builds, on the GPU-less host, everything runs 34-36 carry (about 8 minutes on 2 cores):
+#   .device/gemm   the prefill GEMMs alone: dlight, WMMA tiles, wgmma fp16/bf16/staged (sm_90a)
+#   .device/e2e    1B-shape artifacts (no weights): fp16 (sm_90, untuned), bf16, and the bundle
+#   .device/tb     the 1B tuning bundle for sm_90a at 2048 prefill rows
+#   .device/tb512  the same at 512 rows (the bucket prompts of <= ~724 tokens run)
+#   .device/h3     the runtime-only TVM of the kernel cases (+ .device/e2e/kernels: the cases)
+# After run 35 returns, compile the tuned artifact from both tuning files at once (see run36.sh).
+set -eu
+cd "$(dirname "$0")/../.."
+python benchmarks/gpu/gemm_bench.py build .device/gemm
+python benchmarks/gpu/cuda_llm.py build .device/e2e llama-3.2-1b:float16 llama-3.2-1b:bfloat16
+python -m tests.codegen.cuda_kernel_cases .device/e2e/kernels
+M=.device/e2e/models/llama-3.2-1b/model.onnx
+kiln tune $M --target cuda:sm_90a --max-seq 4096 --rows 2048 --bundle .device/tb
+kiln tune $M --target cuda:sm_90a --max-seq 4096 --rows 512 --bundle .device/tb512
+python -c "from pathlib import Path; import shutil, typing_extensions; \
+from kiln.compiler import package as pk; d = Path('.device/h3'); \
+pk._copy_tvm(d / 'lib' / 'tvm', cuda=True); \
+shutil.copyfile(typing_extensions.__file__, d / 'lib' / 'typing_extensions.py'); \
+w = pk.find_ffi_wheel('3.12'); (d / 'wheels').mkdir(exist_ok=True); \
+shutil.copyfile(w, d / 'wheels' / w.name)"
+du -sh .device/gemm .device/e2e .device/tb .device/tb512 .device/h3
