@@ -7,7 +7,6 @@
 set -u
 OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-mkdir -p .device/e2e  # (the bundle for gemm_bench: the tuning bundle's runtime)
 timeout 150 python3 benchmarks/gpu/gemm_bench.py run .device/gemm --bundle .device/tb \
   --repeat 10 > "$OUT/gemm.log" 2>&1
 echo "gemm rc $?"; sed -n '/^shape/,$p' "$OUT/gemm.log"; grep -c BAD "$OUT/gemm.log"
