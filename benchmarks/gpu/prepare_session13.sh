@@ -9,7 +9,8 @@
 set -eu
 cd "$(dirname "$0")/../.."
 python benchmarks/gpu/gemm_bench.py build .device/gemm
-python benchmarks/gpu/cuda_llm.py build .device/e2e llama-3.2-1b:float16 llama-3.2-1b:bfloat16
+python benchmarks/gpu/cuda_llm.py build .device/e2e llama-3.2-1b:float16 llama-3.2-1b:bfloat16 \
+  llama-3.2-1b:float16::wgmma   # (wgmma as the untuned default on sm_90a: the policy question)
 python -m tests.codegen.cuda_kernel_cases .device/e2e/kernels
 M=.device/e2e/models/llama-3.2-1b/model.onnx
 kiln tune $M --target cuda:sm_90a --max-seq 4096 --rows 2048 --bundle .device/tb

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Run 36 (session 13 plan): tuned against untuned, 1B fp16, prompts of 128, 512 and 2048 and
+# Run 36 (session 13 plan): tuned against untuned (and wgmma as the sm_90a default, untuned),
+# 1B fp16, prompts of 128, 512 and 2048 and
 # decode, three rounds alternated, HF eager beside them; the tuned artifact and bf16 against
 # torch float64; batches of unequal prompts with torch's margins where a row parts.
 # Before it, here: merge runs 34-35's files and compile the tuned artifact:
@@ -12,7 +13,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 timeout 330 python3 benchmarks/gpu/cuda_llm.py bench .device/e2e --rounds 3 --lens 128,512,2048 \
-  --decode 64 --repeat 3 --only '^llama-3.2-1b-(float16|float16-tuned)$' > "$OUT/bench.log" 2>&1
+  --decode 64 --repeat 3 --only '^llama-3.2-1b-(float16|float16-tuned|float16-wgmma)$' > "$OUT/bench.log" 2>&1
 echo "bench rc $?"; grep -E "^prefill|^decode|^==|HF eager|\|" "$OUT/bench.log" | tail -40
 timeout 150 python3 benchmarks/gpu/cuda_llm.py check .device/e2e --only 'tuned|bfloat16' \
   > "$OUT/check.log" 2>&1
