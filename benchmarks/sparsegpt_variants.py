@@ -18,6 +18,9 @@ W^2 * H_jj, instead of W^2 / U_jj^2; alpha=A blends them, W^2 * H_jj^A / U_jj^(2
 default 1); rdamp=F (the refit's dampening, default damp's: the mask
 from the sweep at damp, the kept entries re-solved with H dampened by rdamp); window=T (calibration
 windows of T tokens, as many as keep the total at 8,192: window=1024 -> 8 x 1024).
+
+Session 12: order=act (the sweep takes the columns in descending order of H's diagonal, GPTQ's
+"act order", the mask and corrections computed in that order, then put back).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ CG, ASYM = int(OPTS.get("cg", "0")), OPTS.get("asym", "0") == "1"
 RDAMP = float(OPTS.get("rdamp", DAMP))
 WINDOW = int(OPTS.get("window", "0"))
 ALPHA = float(OPTS.get("alpha", "1"))
+ORDER = OPTS.get("order", "")
 
 
 def _sweep_block(W, U, out, pruned, P1, b0: int, b1: int) -> None:
@@ -106,6 +110,12 @@ def sparsegpt(w, h, pattern, *, damp=G.DAMP, refine=0) -> np.ndarray:
             out, pruned = G.sweep(W, U, real=real, fixed=pruned)
     elif MASK == "mixed" and not pattern.structured:
         out, pruned = sweep_mixed(W, U, np.diag(np.asarray(h, np.float64)), pattern.zeros(k))
+    elif ORDER == "act" and not pattern.structured:  # columns by descending H_jj
+        perm = np.argsort(-np.diag(H), kind="stable")
+        back = np.argsort(perm)
+        out, pruned = G.sweep(W[:, perm], G.inverse_factor(H[np.ix_(perm, perm)]), real=real,
+                              pattern=pattern)
+        out, pruned = out[:, back], pruned[:, back]
     else:
         out, pruned = G.sweep(W, U, real=real, pattern=pattern)
     if CG:
@@ -158,7 +168,8 @@ if ASYM:
     PW._pruned_source = lambda p, config, stat: Inline(SOLVED[p.name])
 
 if __name__ == "__main__":
-    print(f"variant mask={MASK} damp={DAMP} cg={CG} rdamp={RDAMP} alpha={ALPHA} asym={ASYM} "
+    print(f"variant mask={MASK} order={ORDER or '-'} damp={DAMP} cg={CG} rdamp={RDAMP} "
+          f"alpha={ALPHA} asym={ASYM} "
           f"windows={C.CALIBRATION_WINDOWS} x {C.CALIBRATION_WINDOW}", file=sys.stderr)
     sys.path.insert(0, str(Path(__file__).parent))
     import sparsity_quality
