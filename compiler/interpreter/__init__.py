@@ -152,7 +152,7 @@ def _last_uses(graph: Graph, keep: Sequence[str]) -> dict[int, list[str]]:
 
 
 def _load_kernels() -> None:
-    from kiln.compiler.interpreter import onnx_ops, transformer_ops  # noqa: F401
+    from kiln.compiler.interpreter import collectives, onnx_ops, transformer_ops  # noqa: F401
 
 
 _load_kernels()

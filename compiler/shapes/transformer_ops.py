@@ -13,7 +13,19 @@ def _same(node, types, values):
     return [types[0]]
 
 
-rule("layer_norm", "gelu", "silu", "silu_mul", "gelu_mul")(_same)
+rule("layer_norm", "gelu", "silu", "silu_mul", "gelu_mul", "all_reduce")(_same)
+
+
+@rule("all_gather")
+def all_gather(node, types, values):
+    """Every shard's operand concatenated along `axis`: that dim times the shards."""
+    x = types[0]
+    if x.shape is None:
+        return [x]
+    shape = list(x.shape)
+    axis = int(node.attrs.get("axis", -1)) % len(shape)
+    shape[axis] = shape[axis] * int(node.attrs["shards"])
+    return [TensorType(x.dtype, tuple(shape))]
 
 
 @rule("rms_norm")
