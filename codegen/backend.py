@@ -35,5 +35,9 @@ class Backend:
     #: target -> how many per-row offsets of past the entry points take after it (batches
     #: of rows of unequal lengths; 0: none, every row has `past` tokens)
     row_offsets: Callable[[Any], int] = lambda target: 0
+    #: (graph, target) -> the cached lengths decode entries are scheduled for (the first:
+    #: `decode`, each other c: `decode_<c>`, which the runtime runs for contexts nearer c);
+    #: (): one decode entry
+    decode_contexts: Callable[[Any, Any], tuple[int, ...]] = lambda graph, target: ()
     #: (path, target) -> None: check the exported library (raises KilnError)
     check_export: Callable[[Any, Any], None] = lambda path, target: None

@@ -73,6 +73,8 @@ class ModuleSignature:
     #: rows the prefill entries are scheduled for: the plain entries' first, then one entry
     #: per extra bucket (kiln.runtime.session.row_entry)
     prefill_rows: tuple[int, ...] = (512,)
+    #: cached lengths the decode entries are scheduled for, likewise (empty: one decode)
+    decode_past: tuple[int, ...] = ()
 
 
 
@@ -89,16 +91,22 @@ def build_module(graph: Graph, target: KilnTarget, *,
     backend = target.backend()
     rows = (prefill_rows,) if isinstance(prefill_rows, int) else tuple(prefill_rows)
     sig = backend.signature(graph, target, signature(graph, entry_points))
-    emit = [(e, e, rows[0]) for e in sig.entry_points]
+    pasts = tuple(backend.decode_contexts(graph, target)) if "decode" in sig.entry_points \
+        else ()
+    emit = [(e, e, rows[0] if _PHASE[e] == "prefill" else pasts[0] if pasts else 0)
+            for e in sig.entry_points]
     emit += [(e, f"{e}_{r}", r) for r in rows[1:] for e in sig.entry_points
              if _PHASE[e] == "prefill"]
+    emit += [("decode", f"decode_{p}", p) for p in pasts[1:]]
     sig = dataclasses.replace(sig, entry_points=tuple(name for _, name, _ in emit),
-                              prefill_rows=rows)
+                              prefill_rows=rows, decode_past=pasts)
     bb = relax.BlockBuilder()
     kernels: dict = {}
     schedules = schedules if schedules is not None else Schedules(target)
-    for entry, name, r in emit:
-        _emit_entry(bb, graph, target, sig, entry, kernels, schedules, r, name=name)
+    for entry, name, r in emit:  # r: prefill rows, or decode's cached length (0: default)
+        _emit_entry(bb, graph, target, sig, entry, kernels, schedules,
+                    rows[0] if _PHASE[entry] == "decode" else r, name=name,
+                    decode_past=r if _PHASE[entry] == "decode" else 0)
     return bb.get(), sig
 
 
@@ -178,7 +186,7 @@ def _present_outputs(graph: Graph) -> set[str]:
 
 def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
                 sig: ModuleSignature, entry: str, kernels: dict, schedules: Schedules,
-                prefill_rows: int, name: str | None = None) -> None:
+                prefill_rows: int, name: str | None = None, decode_past: int = 0) -> None:
     b, past, cap = (tirx.Var(n, "int64") for n in ("batch", "past", "capacity"))
     seq = tirx.const(1, "int64") if entry == "decode" else tirx.Var("seq", "int64")
     symbols = {BATCH: b, SEQ: seq, PAST: past}
@@ -199,7 +207,8 @@ def _emit_entry(bb: relax.BlockBuilder, graph: Graph, target: KilnTarget,
     with bb.function(name or entry, [past_arg, *inputs, caches, params], attrs=attrs):
         with bb.dataflow():
             ctx = backend.context(bb, graph, target, _PHASE[entry], past, kernels=kernels,
-                                  schedules=schedules, prefill_rows=prefill_rows)
+                                  schedules=schedules, prefill_rows=prefill_rows,
+                                  decode_past=decode_past)
             ctx.symbols.update(symbols)
             ctx.values.update(zip(sig.inputs, inputs, strict=True))
             ctx.values.update(backend.computed_inputs(ctx, graph, sig, b, seq))

@@ -45,6 +45,8 @@ class LowerContext:
     schedules: Schedules | None = None
     #: the rows a prefill is tuned for (kernel instances' `m`; decode runs 1)
     prefill_rows: int = 512
+    #: the cached length a decode entry's kernels are scheduled for (0: the backend's own)
+    decode_past: int = 0
 
     def schedule(self, kernel: str, shape: dict) -> dict:
         """The config of one kernel instance of schedule space `kernel` (recorded)."""

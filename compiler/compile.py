@@ -378,6 +378,7 @@ def _manifest(model: Path, graph: Graph, tgt, sig, table, max_seq: int) -> dict[
         "source": {"model": str(model), "sha256": af.sha256(model)},
         "entry_points": list(sig.entry_points),
         "prefill_rows": list(sig.prefill_rows),  # the row buckets of the prefill entries
+        "decode_past": list(sig.decode_past),  # the cached lengths of the decode entries
         "signature": {
             "inputs": [io(v) for v in sig.inputs],
             "outputs": [io(v) for v in sig.outputs],

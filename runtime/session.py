@@ -46,6 +46,18 @@ def row_entry(entry: str, rows: int, buckets: Sequence[int]) -> str:
     return entry if best == buckets[0] else f"{entry}_{best}"
 
 
+def context_entry(entry: str, cached: int, contexts: Sequence[int]) -> str:
+    """The decode entry point for rows of up to `cached` tokens in the cache, given the cached
+    lengths the artifact's decode entries were scheduled for (its manifest's `decode_past`,
+    the plain `decode`'s first): the nearest on a log scale, ties to the longer. Prefill and
+    artifacts with one decode entry: `entry` itself."""
+    if entry != "decode" or len(contexts) < 2:
+        return entry
+    want = math.log2(max(cached, 1))
+    best = min(contexts, key=lambda c: (abs(math.log2(c) - want), -c))
+    return entry if best == contexts[0] else f"{entry}_{best}"
+
+
 class Session:
     def __init__(self, art: af.Artifact, vm, device, params: tuple, tvm):
         self.artifact, self._vm, self._dev, self._params, self._tvm = art, vm, device, params, tvm
@@ -255,7 +267,8 @@ class Session:
             raise KilnError(f"token id {bad} out of range for a vocab of {vocab} (ids are "
                             f"0..{vocab - 1})")
         tvm = self._tvm
-        fn = row_entry(entry, s, self.artifact.manifest.get("prefill_rows", ()))
+        fn = context_entry(row_entry(entry, s, self.artifact.manifest.get("prefill_rows", ())),
+                           longest, self.artifact.manifest.get("decode_past", ()))
         args = [tvm.runtime.ShapeTuple([self.past, *self._offsets_arg(entry)])]
         args += [self._greedy[1] if chained else
                  self._device_input(name, self._feed(name, ids),

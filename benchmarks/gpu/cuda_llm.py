@@ -58,6 +58,9 @@ import numpy as np
 SEED = 7
 CHECK_LENS = (1, 9, 64, 300)
 DECODE_STEPS = 32
+#: greedy decode after this many prompt tokens too: past the switch to the split-KV decode
+#: entry (kiln.runtime.session.context_entry: 363 cached tokens), for artifacts that have one
+LONG_PROMPT, LONG_STEPS = 420, 16
 CHECK_BATCHES = (4, 16)  # checkbatch: rows of unequal prompt lengths
 HERE = Path(__file__).resolve()
 
@@ -162,7 +165,27 @@ def kiln_outputs(art: Path) -> dict:
     from kiln.runtime.session import Session
 
     s = Session.load(art, synthetic_weights=SEED)
-    return session_outputs(s, prompts(s.vocab), prompts(s.vocab)[9])
+    out = session_outputs(s, prompts(s.vocab), prompts(s.vocab)[9])
+    if s.artifact.manifest.get("decode_past"):  # the long-context decode entry too
+        toks, logits = _kiln_greedy(s, long_prompt(s.vocab), LONG_STEPS)
+        out.update(greedy_long=toks, decode_logits_long=logits)
+    return out
+
+
+def long_prompt(vocab: int) -> np.ndarray:
+    return np.random.default_rng(SEED + 1).integers(0, vocab, LONG_PROMPT)
+
+
+def _kiln_greedy(s, ids: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """`steps` greedy tokens after prompt `ids` (host argmax) and each step's logits."""
+    toks, logits = [], []
+    tok = int(s.prefill(ids[None], last_only=True)[0, -1].argmax())
+    for _ in range(steps):
+        toks.append(tok)
+        step = s.decode([tok])[0, -1]
+        logits.append(step.astype(np.float32))
+        tok = int(step.argmax())
+    return np.array(toks), np.stack(logits)
 
 
 def session_outputs(s, by_length: dict[int, np.ndarray], greedy_ids: np.ndarray,
@@ -176,15 +199,7 @@ def session_outputs(s, by_length: dict[int, np.ndarray], greedy_ids: np.ndarray,
         last = s.prefill(ids[None], last_only=True)[0, -1]
         out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].astype(np.float32)
         out[f"last{n}"] = last.astype(np.float32)
-    toks, logits = [], []
-    tok = int(s.prefill(greedy_ids[None], last_only=True)[0, -1].argmax())
-    for _ in range(steps):
-        toks.append(tok)
-        step = s.decode([tok])[0, -1]
-        logits.append(step.astype(np.float32))
-        tok = int(step.argmax())
-    out["greedy"] = np.array(toks)
-    out["decode_logits"] = np.stack(logits)
+    out["greedy"], out["decode_logits"] = _kiln_greedy(s, greedy_ids, steps)
     tok, dev = s.prefill(greedy_ids[None], last_only=True)[:, -1].argmax(-1), []
     for _ in range(steps):
         dev.append(int(tok[0]))
@@ -204,18 +219,24 @@ def torch_reference(art: Path, bundle: Path) -> dict:
             logits = forward(ids)
             out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].float().cpu().numpy()
             out[f"last{n}"] = logits[-1].float().cpu().numpy()
-        ids = list(prompts(vocab)[9])
-        toks, steps = [], []
-        tok = int(forward(np.array(ids))[-1].argmax())
-        for _ in range(DECODE_STEPS):
-            toks.append(tok)
-            ids.append(tok)
-            step = forward(np.array(ids))[-1]
-            steps.append(step.float().cpu().numpy())
-            tok = int(step.argmax())
-        out["greedy"] = np.array(toks)
-        out["decode_logits"] = np.stack(steps)
+        out["greedy"], out["decode_logits"] = _torch_greedy(forward, prompts(vocab)[9],
+                                                            DECODE_STEPS)
+        out["greedy_long"], out["decode_logits_long"] = _torch_greedy(
+            forward, long_prompt(vocab), LONG_STEPS)
     return out
+
+
+def _torch_greedy(forward, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """`steps` greedy tokens after `prompt`, the whole sequence recomputed each step."""
+    ids, toks, logits = list(prompt), [], []
+    tok = int(forward(np.array(ids))[-1].argmax())
+    for _ in range(steps):
+        toks.append(tok)
+        ids.append(tok)
+        step = forward(np.array(ids))[-1]
+        logits.append(step.float().cpu().numpy())
+        tok = int(step.argmax())
+    return np.array(toks), np.stack(logits)
 
 
 def torch_forward(art: Path, bundle: Path, device: str = "cuda"):
@@ -404,17 +425,21 @@ def compare(art: Path, got: dict, ref: dict, fp32: bool) -> list[str]:
     if "greedy_device" in got:
         lines.append(f"  greedy with the device argmax (decode_greedy) = host argmax: "
                      f"{bool((got['greedy_device'] == got['greedy']).all())}")
-    same = got["greedy"] == ref["greedy"]
-    first = int(np.argmin(same)) if not same.all() else DECODE_STEPS
-    lines.append(f"  greedy {DECODE_STEPS} steps: {int(same.sum())} equal, first divergence at "
-                 f"{first if first < DECODE_STEPS else '-'}"
-                 + (f" (kiln {got['greedy'][first]} vs torch {ref['greedy'][first]})"
-                    if first < DECODE_STEPS else "") + (" [fp32 mode]" if fp32 else ""))
-    if first > 0:
-        n = min(first, DECODE_STEPS)
-        g, r = got["decode_logits"][:n], ref["decode_logits"][:n]
-        lines.append(f"  decode logits (steps before divergence) rel err "
-                     f"{float(np.linalg.norm(g - r) / np.linalg.norm(r)):.2e}")
+    for key, what in (("", ""), ("_long", f" after {LONG_PROMPT} tokens")):
+        if f"greedy{key}" not in got:
+            continue
+        same = got[f"greedy{key}"] == ref[f"greedy{key}"]
+        steps = len(same)
+        first = int(np.argmin(same)) if not same.all() else steps
+        lines.append(f"  greedy {steps} steps{what}: {int(same.sum())} equal, first divergence "
+                     f"at {first if first < steps else '-'}"
+                     + (f" (kiln {got[f'greedy{key}'][first]} vs torch "
+                        f"{ref[f'greedy{key}'][first]})" if first < steps else "")
+                     + (" [fp32 mode]" if fp32 else ""))
+        if first > 0:
+            g, r = got[f"decode_logits{key}"][:first], ref[f"decode_logits{key}"][:first]
+            lines.append(f"  decode logits{what} (steps before divergence) rel err "
+                         f"{float(np.linalg.norm(g - r) / np.linalg.norm(r)):.2e}")
     return lines
 
 

@@ -123,7 +123,7 @@ def _require_fatbin(path, target: CudaTarget) -> None:
 
 def _backend():
     from kiln.codegen.backend import Backend
-    from kiln.codegen.cuda import lower
+    from kiln.codegen.cuda import lower, spaces
 
     return Backend(context=lower.CudaLowerContext, lower_node=lower.lower_node,
                    last_position=lower.last_position, compile=compile_module,
@@ -131,7 +131,8 @@ def _backend():
                    signature=cuda_signature, entry_attrs=entry_attrs,
                    computed_inputs=computed_inputs, extra_outputs=decode_tokens,
                    check_export=_require_fatbin,
-                   row_offsets=lambda target: target.max_batch)
+                   row_offsets=lambda target: target.max_batch,
+                   decode_contexts=spaces.decode_contexts)
 
 
 BACKEND = _backend()

@@ -126,7 +126,7 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
     elif isinstance(seq, tirx.IntImm) and seq.value == 1:
         warps = attn.WARP_DECODE
         c = ctx.schedule("cuda.decode_attention", {
-            **shape, "phase": "decode", "s": 1, "past": DECODE_PAST}) if (
+            **shape, "phase": "decode", "s": 1, "past": ctx.decode_past or DECODE_PAST}) if (
             warps and d % 32 == 0) else {}
         gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps,
                          *config_key(c)),

@@ -232,20 +232,42 @@ def _attention_bind(shape) -> dict:
 SMS = 132
 
 
-def _splits_default(heads: int) -> int:
-    """Enough splits of each head's keys for a block per SM at batch 1 (a long context then
-    streams from every SM; a short one uses the first split alone)."""
+#: the cached lengths CUDA decode entries are scheduled for: `decode` (short contexts, one
+#: block per head) and `decode_1024` (split-KV); the runtime runs the nearer on a log scale,
+#: so the split entry from about 362 cached tokens (split-KV cost 4.6-6.7% of a 1B decode step
+#: at 16 tokens and gained its 0.90 of that rate at 2048: session 10, H100)
+DECODE_CONTEXTS = (128, DECODE_PAST)
+#: below this cached length the default is one block per head (the first split alone would
+#: hold the keys; the others and the merge are overhead)
+SPLIT_FROM = 512
+
+
+def _splits_default(heads: int, past: int = DECODE_PAST) -> int:
+    """Enough splits of each head's keys for a block per SM at batch 1 where the context is
+    long (it then streams from every SM); one for a short one."""
     splits = 1
-    while attn.SPLIT_DECODE and heads * splits < SMS and splits < attn.MAX_SPLITS:
+    while (attn.SPLIT_DECODE and past >= SPLIT_FROM and heads * splits < SMS
+           and splits < attn.MAX_SPLITS):
         splits *= 2
     return splits
+
+
+def decode_contexts(graph, target) -> tuple[int, ...]:
+    """Both decode entries where a long context would split some attention's keys (split-KV
+    on, a head dim the warp kernel takes, no sliding window, heads too few to fill the SMs),
+    else the one (kiln.codegen.backend)."""
+    split = any(n.op == "attention" and int(n.attrs["head_dim"]) % 32 == 0
+                and not n.attrs.get("window") and _splits_default(int(n.attrs["num_heads"])) > 1
+                for n in graph.nodes)
+    return DECODE_CONTEXTS if attn.SPLIT_DECODE and attn.WARP_DECODE and split else ()
 
 
 DECODE_ATTENTION = register(Space(
     "cuda.decode_attention", (Knob("dw", (4, 8, 16, 32)), Knob("du", (4, 8, 16)),
                               Knob("splits", (1, 2, 4, 8, 16))),
     lambda shape, target: {"dw": attn.DW, "du": attn.DU,
-                           "splits": _splits_default(shape["heads"])},
+                           "splits": _splits_default(shape["heads"],
+                                                     shape.get("past", DECODE_PAST))},
     lambda shape, c, target: c["dw"] * c["du"] <= 256,  # keys per step of a block
     doc="decode attention, head dim a multiple of 32: warps per block (the keys split over "
         "them, merged at the end), keys per warp per step (loads in flight), blocks per head "

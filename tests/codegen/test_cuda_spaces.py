@@ -379,3 +379,29 @@ def test_dlight_tensorizes_for_sm90a_as_for_sm90():
 
     assert "tvm_mma_sync" in script("sm_90")
     assert script("sm_90a") == script("sm_90")
+
+
+@pytest.mark.slow
+@needs_cuda_toolchain
+def test_long_contexts_get_their_own_split_kv_decode_entry(tmp_path):
+    """A model whose decode attention splits long contexts (SmolLM2's shape: 9 heads of 64)
+    compiles two decode entries: `decode` scheduled at 128 cached tokens, one block per head
+    (the split-KV's extra blocks and merge kernel cost 5-7% of a short-context step), and
+    `decode_1024` with the blocks that fill the SMs; a model whose attention never splits
+    (head dim 16: the thread kernel) keeps one."""
+    from kiln.compiler.compile import compile_model
+    from kiln.models.synthetic import write_synthetic
+
+    def manifest(name):
+        src = write_synthetic(name, tmp_path / name)
+        art = compile_model(src, tmp_path / f"{name}-art", target="cuda", dtype="float16",
+                            max_seq=256, weights=False)
+        return json.loads((art / "manifest.json").read_text())
+
+    m = manifest("smollm2-135m")
+    assert m["decode_past"] == [128, 1024] and "decode_1024" in m["entry_points"]
+    splits = {s["shape"].split("past=")[1].split(",")[0]: s["config"]["splits"]
+              for s in m["schedules"] if s["kernel"] == "cuda.decode_attention"}
+    assert splits == {"128": 1, "1024": 16}
+    tiny = manifest("llama-tiny")
+    assert tiny["decode_past"] == [] and "decode_1024" not in tiny["entry_points"]

@@ -296,3 +296,15 @@ def test_tune_rows_outside_the_context_are_refused(tmp_path):
 
     with pytest.raises(KilnError, match=r"--rows 8,128: .*1\.\.64"):
         tune_model(DATA / "llama-optimum.onnx", tmp_path / "t.json", max_seq=64, rows=(8, 128))
+
+
+def test_decode_runs_the_entry_scheduled_for_the_nearest_context():
+    """CUDA artifacts whose attention splits long contexts have `decode` (scheduled at 128
+    cached tokens) and `decode_1024`; the runtime picks by the longest row's cached length,
+    the nearer on a log scale (the switch at about 362), ties to the longer."""
+    from kiln.runtime.session import context_entry
+
+    assert [context_entry("decode", c, [128, 1024]) for c in (0, 16, 300, 362, 363, 4000)] == [
+        "decode", "decode", "decode", "decode", "decode_1024", "decode_1024"]
+    assert context_entry("decode", 5000, []) == "decode"  # one decode entry (CPU, old CUDA)
+    assert context_entry("prefill_8", 5000, [128, 1024]) == "prefill_8"
