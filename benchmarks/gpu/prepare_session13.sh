@@ -5,6 +5,7 @@
 #   .device/tb     the 1B tuning bundle for sm_90a at 2048 prefill rows
 #   .device/tb512  the same at 512 rows (the bucket prompts of <= ~724 tokens run)
 #   .device/h3     the runtime-only TVM of the kernel cases (+ .device/e2e/kernels: the cases)
+#   .device/zoo    every zoo architecture for CUDA, fp16 and fp32, with a bundle (run37.sh, 59 MB)
 # After run 35 returns, compile the tuned artifact from both tuning files at once (see run36.sh).
 set -eu
 cd "$(dirname "$0")/../.."
@@ -21,4 +22,6 @@ pk._copy_tvm(d / 'lib' / 'tvm', cuda=True); \
 shutil.copyfile(typing_extensions.__file__, d / 'lib' / 'typing_extensions.py'); \
 w = pk.find_ffi_wheel('3.12'); (d / 'wheels').mkdir(exist_ok=True); \
 shutil.copyfile(w, d / 'wheels' / w.name)"
-du -sh .device/gemm .device/e2e .device/tb .device/tb512 .device/h3
+python -m kiln.models.zoo /tmp/kiln-zoo > /tmp/kiln-zoo.log 2>&1
+python benchmarks/gpu/zoo_cuda.py build .device/zoo --zoo /tmp/kiln-zoo
+du -sh .device/gemm .device/e2e .device/tb .device/tb512 .device/h3 .device/zoo
