@@ -180,9 +180,7 @@ def _linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
             "phase": ctx.phase, "m": ctx.rows, "n": n, "k": k, "dtype": dtype,
             "out_dtype": out_dtype, "bias": b is not None,
             "residual": _residual(ctx, node, out_dtype)[1] is not None})
-        # dlight tensorizes fp16 only: bf16 takes kiln's kernel even at dlight's tile
-        if c["mma"] == "wgmma" or spaces.tile(c) != gemm_k.DLIGHT or (
-                dtype == "bfloat16" and gemm_k.tile_ok(n, k, c)):
+        if not spaces.takes_dlight(c, n, k, dtype):
             return [_tiled_gemm(ctx, node, x, w, b, n, k, out_dtype, c)]
     y = _te(ctx, te_ops.nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), w, acc)
     return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]

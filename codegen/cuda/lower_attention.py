@@ -15,7 +15,7 @@ from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import sparse_gemv
 from kiln.codegen.cuda.lower import CudaLowerContext, lowering
 from kiln.codegen.cuda.qkv import QkvPattern
-from kiln.codegen.cuda.spaces import DECODE_PAST, config_key
+from kiln.codegen.cuda.spaces import DECODE_PAST, config_key, warp_decode
 from kiln.codegen.lower import _numel, _static, dtype_of, reshape, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
@@ -127,7 +127,7 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
         warps = attn.WARP_DECODE
         c = ctx.schedule("cuda.decode_attention", {
             **shape, "phase": "decode", "s": 1, "past": ctx.decode_past or DECODE_PAST}) if (
-            warps and d % 32 == 0) else {}
+            warp_decode(d)) else {}
         gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps,
                          *config_key(c)),
                         lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype,

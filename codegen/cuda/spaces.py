@@ -137,9 +137,9 @@ def _wgmma_valid(shape, c, target) -> bool:
     """wgmma takes fp16 and bf16 bias-free GEMMs on an sm_90a target (the `a` features)."""
     return (target is not None and target.arch.endswith("a") and not shape["bias"]
             and c == wgmma_config(c["bn"], c["stages"], c["inflight"], c["staged"])
-            and wgmma_k.supported(shape["n"], shape["k"], shape["dtype"], c["bn"])
-            and 2 + c["inflight"] <= c["stages"]
-            and (not c["staged"] or wgmma_k.staged_fits(c["bn"], c["stages"], shape["out_dtype"]))
+            and wgmma_k.config_ok(shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
+                                  bn=c["bn"], stages=c["stages"], inflight=c["inflight"],
+                                  staged=c["staged"])
             and wgmma_k.shared_bytes(c["bn"], c["stages"]) <= gemm_k.SHARED_LIMIT)
 
 
@@ -179,6 +179,14 @@ BF16_TILE = {"bm": 128, "bn": 128, "bk": 64, "wm": 2, "wn": 4, "stages": 3}
 WGMMA_DEFAULT = wgmma_config(**wgmma_k.DEFAULT)
 
 
+def takes_dlight(c: dict, n: int, k: int, dtype: str) -> bool:
+    """Whether config `c` of an n x k GEMM is scheduled by dlight: its WMMA tile is dlight's
+    and dlight tensorizes the dtype (fp16; bf16 takes kiln's kernel at that tile, where it fits),
+    else kiln's own kernel (gemm.py or wgmma_gemm.py)."""
+    return (c["mma"] == "wmma" and tile(c) == gemm_k.DLIGHT
+            and (dtype != "bfloat16" or not gemm_k.tile_ok(n, k, c)))
+
+
 def _gemm_build(shape, c, target):
     kw = {"bias": shape["bias"], "residual": shape["residual"]}
     n, k, dtype, out_dtype = shape["n"], shape["k"], shape["dtype"], shape["out_dtype"]
@@ -186,7 +194,7 @@ def _gemm_build(shape, c, target):
         return wgmma_k.wgmma_gemm_kernel(n, k, dtype, out_dtype, residual=shape["residual"],
                                          bn=c["bn"], stages=c["stages"],
                                          inflight=c["inflight"], staged=c["staged"])
-    if tile(c) == gemm_k.DLIGHT and (dtype != "bfloat16" or not gemm_k.tile_ok(n, k, c)):
+    if takes_dlight(c, n, k, dtype):
         return gemm_k.dlight_kernel(n, k, dtype, out_dtype,
                                     target=target.tvm_target() if target else None, **kw)
     return gemm_k.gemm_kernel(n, k, dtype, out_dtype, **kw, **tile(c))
@@ -252,14 +260,20 @@ def _splits_default(heads: int, past: int = DECODE_PAST) -> int:
     return splits
 
 
+def warp_decode(head_dim: int) -> bool:
+    """Whether decode attention over full (not windowed) keys takes the warp kernel, the one
+    with a schedule (cuda.decode_attention) and split-KV: head dims of whole warps."""
+    return attn.WARP_DECODE and head_dim % 32 == 0
+
+
 def decode_contexts(graph, target) -> tuple[int, ...]:
     """Both decode entries where a long context would split some attention's keys (split-KV
-    on, a head dim the warp kernel takes, no sliding window, heads too few to fill the SMs),
-    else the one (kiln.codegen.backend)."""
-    split = any(n.op == "attention" and int(n.attrs["head_dim"]) % 32 == 0
+    on, the warp kernel, no sliding window, heads too few to fill the SMs), else the one
+    (kiln.codegen.backend)."""
+    split = any(n.op == "attention" and warp_decode(int(n.attrs["head_dim"]))
                 and not n.attrs.get("window") and _splits_default(int(n.attrs["num_heads"])) > 1
                 for n in graph.nodes)
-    return DECODE_CONTEXTS if attn.SPLIT_DECODE and attn.WARP_DECODE and split else ()
+    return DECODE_CONTEXTS if split else ()
 
 
 DECODE_ATTENTION = register(Space(

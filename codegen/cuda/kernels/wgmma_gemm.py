@@ -52,6 +52,13 @@ def staged_fits(bn: int, stages: int, out_dtype: str) -> bool:
     return BM * _pitch(bn) * out_bytes <= stages * (BM + bn) * BK * 2
 
 
+def config_ok(n: int, k: int, dtype: str, out_dtype: str, *, bn: int, stages: int,
+              inflight: int, staged: bool) -> bool:
+    """Whether wgmma_gemm_kernel builds this GEMM with this config."""
+    return (supported(n, k, dtype, bn) and inflight in (0, 1) and 2 + inflight <= stages <= 6
+            and (not staged or staged_fits(bn, stages, out_dtype)))
+
+
 def _smem_addr(ptr) -> tirx.PrimExpr:
     from tvm.backend.cuda.op import cuda_cvta_generic_to_shared
 
@@ -89,8 +96,8 @@ def wgmma_gemm_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: b
     stage fewer loads ahead). `staged`: the output tile goes through shared memory and leaves
     in 16-byte rows (the residual read likewise) instead of each thread's 2-byte elements
     from its accumulator fragment, 8 rows apart per warp."""
-    if (not supported(n, k, dtype, bn) or not 2 + inflight <= stages <= 6
-            or inflight not in (0, 1) or (staged and not staged_fits(bn, stages, out_dtype))):
+    if not config_ok(n, k, dtype, out_dtype, bn=bn, stages=stages, inflight=inflight,
+                     staged=staged):
         raise ValueError(f"wgmma_gemm_kernel: n {n}, k {k}, {dtype}, bn {bn}, stages {stages}"
                          f"{', staged' if staged else ''}")
     kts = k // BK
