@@ -93,20 +93,20 @@ def build_module(graph: Graph, target: KilnTarget, *,
     sig = backend.signature(graph, target, signature(graph, entry_points))
     pasts = tuple(backend.decode_contexts(graph, target)) if "decode" in sig.entry_points \
         else ()
-    emit = [(e, e, rows[0] if _PHASE[e] == "prefill" else pasts[0] if pasts else 0)
+    # (entry, name, prefill rows, decode's cached length: 0 for the backend's own)
+    emit = [(e, e, rows[0], pasts[0] if pasts and e == "decode" else 0)
             for e in sig.entry_points]
-    emit += [(e, f"{e}_{r}", r) for r in rows[1:] for e in sig.entry_points
+    emit += [(e, f"{e}_{r}", r, 0) for r in rows[1:] for e in sig.entry_points
              if _PHASE[e] == "prefill"]
-    emit += [("decode", f"decode_{p}", p) for p in pasts[1:]]
-    sig = dataclasses.replace(sig, entry_points=tuple(name for _, name, _ in emit),
+    emit += [("decode", f"decode_{p}", rows[0], p) for p in pasts[1:]]
+    sig = dataclasses.replace(sig, entry_points=tuple(e[1] for e in emit),
                               prefill_rows=rows, decode_past=pasts)
     bb = relax.BlockBuilder()
     kernels: dict = {}
     schedules = schedules if schedules is not None else Schedules(target)
-    for entry, name, r in emit:  # r: prefill rows, or decode's cached length (0: default)
-        _emit_entry(bb, graph, target, sig, entry, kernels, schedules,
-                    rows[0] if _PHASE[entry] == "decode" else r, name=name,
-                    decode_past=r if _PHASE[entry] == "decode" else 0)
+    for entry, name, r, p in emit:
+        _emit_entry(bb, graph, target, sig, entry, kernels, schedules, r, name=name,
+                    decode_past=p)
     return bb.get(), sig
 
 
