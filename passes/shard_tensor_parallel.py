@@ -79,18 +79,18 @@ def _plan(graph: Graph, n: int) -> _Plan:
     for node in graph.nodes:
         if node.op == "attention":
             _plan_attention(graph, node, plan, prod, cons)
-        elif node.op in GATED:
-            _plan_mlp(graph, node, plan, prod, cons)
+        elif node.op in GATED:  # gate, up
+            _plan_mlp(graph, node, node.inputs[:2], plan, prod, cons)
         elif node.op in PLAIN and _plain_mlp(node, prod, cons):
-            _column_parallel(graph, [node.inputs[0]], plan, prod, skip=())
-            _row_parallel(graph, node.outputs[0], plan, cons)
+            _plan_mlp(graph, node, node.inputs[:1], plan, prod, cons)
     for out in graph.outputs:
         node = prod.get(out)
         if node is not None and node.op == "linear" and node.inputs[1] not in plan.cuts:
-            w = _weight(graph, node)
-            plan.cuts[node.inputs[1]] = (0, [(0, _divide(w.type.shape[0], n, node, "rows"))])
+            vocab = _weight(graph, node).type.shape[0]
+            cut = (0, [(0, _divide(vocab, n, node, "rows"))])
+            plan.cuts[node.inputs[1]] = cut
             if _bias(node):
-                plan.cuts[node.inputs[2]] = (0, [(0, w.type.shape[0])])
+                plan.cuts[node.inputs[2]] = cut
             plan.gather_after.append(node.name)
     return plan
 
@@ -203,8 +203,10 @@ def _plain_mlp(node: Node, prod, cons) -> bool:
             and len(users) == 1 and users[0].op == "linear")
 
 
-def _plan_mlp(graph: Graph, node: Node, plan: _Plan, prod, cons) -> None:
-    _column_parallel(graph, list(node.inputs[:2]), plan, prod, skip=())
+def _plan_mlp(graph: Graph, node: Node, inputs, plan: _Plan, prod, cons) -> None:
+    """The linear(s) producing the activation `node`'s `inputs` column-parallel, the one
+    consuming its output row-parallel."""
+    _column_parallel(graph, list(inputs), plan, prod, skip=())
     _row_parallel(graph, node.outputs[0], plan, cons)
 
 
@@ -248,15 +250,13 @@ def _shard(graph: Graph, plan: _Plan, r: int) -> Graph:
                               f"{node.name}:{op}"))
         else:
             nodes.append(Node(node.op, inputs, node.outputs, attrs, node.name))
-    types = {v: t for v, t in graph.types.items() if v in graph.inputs or v in params}
-    for v in plan.caches & set(graph.inputs):
-        t = types[v]
-        types[v] = TensorType(t.dtype, (t.shape[0], t.shape[1] // n, *t.shape[2:]))
-    for name in renamed.values():
-        types[name] = params[name].type
     used = {v for nd in nodes for v in nd.inputs}
     params = {k: p for k, p in params.items() if k in used}
-    types = {v: t for v, t in types.items() if v in graph.inputs or v in params}
+    types = {v: graph.types[v] for v in graph.inputs}
+    for v in plan.caches & set(graph.inputs):  # each shard's KV heads
+        t = types[v]
+        types[v] = TensorType(t.dtype, (t.shape[0], t.shape[1] // n, *t.shape[2:]))
+    types.update((k, p.type) for k, p in params.items())  # node outputs: inferred below
     meta = {**graph.meta, "tensor_parallel": {"shards": n, "rank": r,
                                               "caches": sorted(plan.caches)}}
     out = graph.replace(nodes=tuple(nodes), params=params, types=types, meta=meta,
