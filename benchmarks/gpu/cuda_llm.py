@@ -88,6 +88,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         gemv,
         gemv_mma,
         pdl,
+        quant_gemv,
         wgmma_gemm,
     )
 
@@ -100,7 +101,8 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # nofuse (--no-fuse all: every canonical op through its unfused lowering), nosplit (decode
     # attention without split-KV: one block per head), nomma (batched decode GEMVs on the CUDA
     # cores instead of the tensor cores), wgmma (the experimental wgmma prefill GEMM,
-    # kernels/wgmma_gemm.py, for an sm_90a target)
+    # kernels/wgmma_gemm.py, for an sm_90a target), qf32 (quantized decode GEMVs unpack codes
+    # to float32 instead of half2)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
         flags = set(variant.split("+")) - {""}
@@ -112,6 +114,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         attention.WARP_DECODE = "oldattn" not in flags
         attention.SPLIT_DECODE = "nosplit" not in flags
         wgmma_gemm.WGMMA = "wgmma" in flags
+        quant_gemv.HALF2 = "qf32" not in flags
         mma = "nomma" not in flags
         if gemv_mma.TENSOR_CORES is not mma:  # (the kernels are cached: built anew)
             gemv_mma.TENSOR_CORES = mma
@@ -132,6 +135,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
         attention.SPLIT_DECODE, wgmma_gemm.WGMMA = True, False
+        quant_gemv.HALF2 = True
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True,
                           fusions=() if "nofuse" in flags else None)  # the artifact's params

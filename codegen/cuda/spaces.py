@@ -88,12 +88,16 @@ GEMV_QKV_ROPE = register(Space(
 
 
 QUANT_GEMV = register(Space(
-    "cuda.quant_gemv", (Knob("warps", (2, 4, 8)), Knob("rows", (1, 2, 4))),
-    lambda shape, target: {"warps": qgemv.WARPS, "rows": qgemv.rows_default(shape["n"])},
-    lambda shape, c, target: shape["n"] % c["rows"] == 0,
+    "cuda.quant_gemv",
+    (Knob("warps", (2, 4, 8)), Knob("rows", (1, 2, 4)), Knob("math", qgemv.MATHS)),
+    lambda shape, target: {"warps": qgemv.WARPS, "rows": qgemv.rows_default(shape["n"]),
+                           "math": qgemv.math_default(shape["bits"], shape["dtype"])},
+    lambda shape, c, target: (shape["n"] % c["rows"] == 0
+                              and qgemv.math_ok(c["math"], shape["bits"], shape["dtype"])),
     dynamic=("m",),
     doc="int4/int8 weight GEMV: warps per block, output rows per warp (x converted once for "
-        "all of them, rows x 16 bytes in flight per lane)",
+        "all of them, rows x 16 bytes in flight per lane), codes unpacked to float32 or two "
+        "at a time to half2 (fp16)",
     build=lambda shape, c, target: qgemv.quant_gemv_kernel(
         shape["n"], shape["k"], shape["bits"], shape["group"], shape["dtype"],
         shape["out_dtype"], zero_points=shape["zero_points"],

@@ -219,11 +219,12 @@ def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5,
 
 # -- quantized decode GEMV (kernels/quant_gemv.py) ---------------------------------------------
 
-def _quant_case(name, n, k, bits, group, *, symmetric=True, residual=False, norm=False, m=3):
+def _quant_case(name, n, k, bits, group, *, symmetric=True, residual=False, norm=False, m=3,
+                math=None):
     def make():
         from kiln.codegen.cuda.kernels.quant_gemv import quant_gemv_kernel
         return quant_gemv_kernel(n, k, bits, group, F16, F16, zero_points=not symmetric,
-                                 residual=residual, norm_eps=EPS if norm else None)
+                                 residual=residual, norm_eps=EPS if norm else None, math=math)
 
     def inputs(rng):
         q, s, z = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5,
@@ -250,7 +251,16 @@ def _quant_gemv_cases() -> list[Case]:
             _quant_case("quant_gemv_int4_zp_g64_residual", 96, 512, 4, 64, symmetric=False,
                         residual=True),
             _quant_case("quant_gemv_int8_channel_norm", 64, 256, 8, 256, norm=True),
-            _quant_case("quant_gemv_int8_zp_g32", 64, 128, 8, 32, symmetric=False)]
+            _quant_case("quant_gemv_int8_zp_g32", 64, 128, 8, 32, symmetric=False),
+            # the float32 unpacking (the default is f16x2 on fp16: the four above)
+            _quant_case("quant_gemv_int4_zp_g32_norm_f32", 128, 256, 4, 32, symmetric=False,
+                        norm=True, math="f32"),
+            _quant_case("quant_gemv_int8_channel_residual_f32", 64, 256, 8, 256,
+                        residual=True, math="f32"),
+            # f16x2 with the fused norm and zero points, and a partial last step of 32 lanes
+            _quant_case("quant_gemv_int4_zp_g32_norm", 256, 1344, 4, 32, symmetric=False,
+                        norm=True),
+            _quant_case("quant_gemv_int4_sym_g128_residual", 64, 2048, 4, 128, residual=True)]
 
 
 # -- 2:4 sparse decode GEMVs (kernels/sparse_gemv.py) -----------------------------------------

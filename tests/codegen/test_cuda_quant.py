@@ -71,10 +71,37 @@ def test_quant_gemv_variants_load_16_bytes_and_skip_conversions(bits, group, zp,
     from kiln.codegen.cuda.kernels.quant_gemv import quant_gemv_kernel
 
     f = quant_gemv_kernel(96, 256, bits, group, "float16", "float16", zero_points=zp,
-                          residual=res, norm_eps=eps).with_attr("global_symbol", "qgemv")
-    src = _cuda_source(ct, f)
+                          residual=res, norm_eps=eps, math="f32")
+    src = _cuda_source(ct, f.with_attr("global_symbol", "qgemv"))
     assert re.search(r"\bu?int4 v_ = \*\(u?int4\*\)\(qw_ptr", src)  # 16-byte weight loads
     assert "1258291200" in src  # codes turned into floats through the 2^23 mantissa trick
+
+
+@pytest.mark.parametrize("bits,group,zp,eps", [(4, 32, False, None), (4, 64, True, 1e-5),
+                                               (8, 128, False, 1e-5), (8, 256, True, None)])
+def test_quant_gemv_f16x2_unpacks_two_codes_per_instruction(bits, group, zp, eps):
+    """The fp16 default: codes into half2 mantissas (int4: lop3 with 1024.0's bits; int8: a
+    byte permute), products and their partial sums as half2 fma, four per word (int4) or two
+    words (int8) before the float32 sum."""
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels import quant_gemv as qg
+
+    assert qg.math_default(bits, "float16") == "f16x2"
+    assert qg.math_default(bits, "bfloat16") == "f32"  # bf16's 7-bit mantissa: no room
+    with pytest.raises(ValueError, match="f16x2"):
+        qg.quant_gemv_kernel(96, 256, bits, group, "bfloat16", "bfloat16", math="f16x2")
+    f = qg.quant_gemv_kernel(96, 256, bits, group, "float16", "float16", zero_points=zp,
+                             norm_eps=eps)
+    src = _cuda_source(ct, f.with_attr("global_symbol", "qgemv"))
+    assert re.search(r"\bu?int4 v_ = \*\(u?int4\*\)\(qw_ptr", src)
+    assert "1258291200" not in src
+    words = 4 * qg.rows_default(96)  # 16 bytes per lane and row per step, one step (k = 256)
+    if bits == 4:  # four lop3 per word, with 0x64006400 (half2 1024, 1024)
+        assert src.count("lop3_b32") - 1 == 4 * words and "1677747200" in src
+    else:
+        assert src.count("__byte_perm") == 2 * words
+    pairs = 4 if bits == 4 else 2  # half2 products per word
+    assert src.count("fma_half_rn_f16x2") + src.count("mul_half_rn_f16x2") >= pairs * words
 
 
 def test_flash_prefill_uses_tensor_core_mma():

@@ -15,12 +15,23 @@ a code c OR-ed into the mantissa of 2^23 is the float 2^23 + c, and one subtract
 2^23 + the code offset) leaves c - offset exactly. A lane's dot product with x is taken per
 16-byte chunk (one group), scaled once per chunk; with zero points, zp * sum(x) is subtracted
 per chunk. float32 accumulation, warp-shuffle row sums.
+
+`math="f16x2"` (fp16 activations) unpacks two codes per instruction instead, the way MARLIN and
+FasterTransformer do: a lop3 puts two codes into the low mantissa bits of the half2 (1024, 1024)
+(int4: nibbles k and k + 4 of a 32-bit word, or k + 1 and k + 5 shifted left 4, undone by an
+exact fma with 1/16; int8: a byte permute), one half2 subtraction of 1024 + the zero point leaves
+the codes minus their zero point exactly, and one half2 fma multiplies them with a pair of x
+(packed in the same k order once per chunk for all rows). Four half2 products per lane are
+summed in fp16 (|code| <= 15, so |x| up to ~1000 stays finite), then added in float32 and
+scaled per group. About 2 instructions per weight instead of 4: the int4 GEMV was ALU-bound
+(benchmarks/RESULTS.md, "CUDA on the H200 (session 3)").
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -29,6 +40,11 @@ from kiln.runtime import quant_format as qf
 
 WARPS = 4  # rows per block
 MAGIC = 0x4B000000  # the bits of 2^23 as float32
+MATHS = ("f32", "f16x2")
+#: f16x2 is the default where it applies (the benchmarks' `qf32` variant clears this for A/B)
+HALF2 = True
+HALF_1024 = 0x6400  # the bits of 1024.0 as float16: codes OR-ed into its mantissa are exact
+LOP3_AND_OR = 0xEA  # lop3 truth table of (a & b) | c
 
 
 def chunk_elems(bits: int) -> int:
@@ -41,6 +57,21 @@ def supported(bits: int, group: int, k: int) -> bool:
     return bits in (4, 8) and group % e == 0 and k % e == 0
 
 
+def math_ok(math: str, bits: int, dtype: str) -> bool:
+    """Whether `math` unpacks these codes: f16x2 needs fp16 activations."""
+    return math == "f32" or (math == "f16x2" and dtype == "float16" and bits in (4, 8))
+
+
+def math_default(bits: int, dtype: str) -> str:
+    return "f16x2" if HALF2 and math_ok("f16x2", bits, dtype) else "f32"
+
+
+def _half2_bits(v: float) -> int:
+    """uint32 of the half2 (v, v)."""
+    h = int(np.array(v, np.float16).view(np.uint16))
+    return h | (h << 16)
+
+
 def rows_default(n: int) -> int:
     """Output rows per warp: x is loaded and converted once for all of them, and a warp keeps
     rows x 16 bytes per step in flight; only where there are rows enough to fill the GPU."""
@@ -51,11 +82,15 @@ def rows_default(n: int) -> int:
 def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dtype: str, *,
                       zero_points: bool = False, residual: bool = False,
                       norm_eps: float | None = None, pdl: bool = False, warps: int = WARPS,
-                      rows: int | None = None) -> tirx.PrimFunc:
+                      rows: int | None = None, math: str | None = None) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], (gamma[k],) qweight, scales, (zero_points,) (res[m, n],) y[m, n]):
-    `warps` per block, `rows` output rows per warp (None: rows_default)."""
+    `warps` per block, `rows` output rows per warp (None: rows_default), `math` how codes
+    are unpacked and multiplied (None: math_default)."""
     if not supported(bits, group, k):
         raise ValueError(f"quant_gemv: bits {bits}, group {group}, k {k} not supported")
+    math = math_default(bits, dtype) if math is None else math
+    if not math_ok(math, bits, dtype):
+        raise ValueError(f"quant_gemv: math {math!r} does not take {bits}-bit codes on {dtype}")
     if residual and norm_eps is not None:
         raise ValueError("quant_gemv: a fused norm and a fused residual together are not needed")
     e, f32, u32 = chunk_elems(bits), "float32", "uint32"
@@ -90,8 +125,76 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
             bitsv = T.bitwise_xor(bitsv, T.uint32(flip))
         return T.reinterpret(f32, T.bitwise_or(bitsv, T.uint32(MAGIC))) - T.float32(offset)
 
+    h2 = math == "f16x2"
+    # f16x2: a word's code pairs and the x pairs they meet (element index within the chunk)
+    pairs = 4 if bits == 4 else 2  # half2 of codes per 32-bit word
+    words_per_sum = 1 if bits == 4 else 2  # four half2 products per fp16 partial sum
+    flip_h = 128 if bits == 8 else 0  # int8 codes made unsigned (+128) by the XOR
+    zp_h = 0 if zero_points else qf.default_zero_point(bits)
+    lo_c, hi_c = _half2_bits(-(1024 + flip_h + zp_h)), _half2_bits(-(64 + zp_h))
+
+    def x_slot(j):
+        """Where x element j of a chunk sits in the packed pairs: int4 words pair nibbles
+        (m, m + 4), so element 8i + m goes to pair 4i + m % 4, half m // 4; int8 pairs
+        neighbours."""
+        if bits == 8:
+            return j
+        return 8 * (j // 8) + 2 * (j % 4) + (j % 8) // 4
+
+    def xpair(xh, wi, q):
+        return T.reinterpret(u32, xh[T.ramp(2 * (wi * pairs + q), 1, 2)])
+
     @T.macro
-    def rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, mi, row0, tx):
+    def half_codes(t, word, lo, hi):
+        """t[0:pairs] = the word's codes minus their zero point, as half2."""
+        if bits == 4:
+            T.ptx.lop3.b32(t[0], word, T.uint32(0x000F000F), T.uint32(HALF_1024 * 0x10001),
+                           LOP3_AND_OR)
+            T.ptx.lop3.b32(t[1], word, T.uint32(0x00F000F0), T.uint32(HALF_1024 * 0x10001),
+                           LOP3_AND_OR)
+            T.ptx.lop3.b32(t[2], T.shift_right(word, T.uint32(8)), T.uint32(0x000F000F),
+                           T.uint32(HALF_1024 * 0x10001), LOP3_AND_OR)
+            T.ptx.lop3.b32(t[3], T.shift_right(word, T.uint32(8)), T.uint32(0x00F000F0),
+                           T.uint32(HALF_1024 * 0x10001), LOP3_AND_OR)
+            T.ptx.add.f16x2(t[0], t[0], lo)
+            T.ptx.fma.rn.f16x2(t[1], t[1], T.uint32(_half2_bits(1 / 16)), hi)
+            T.ptx.add.f16x2(t[2], t[2], lo)
+            T.ptx.fma.rn.f16x2(t[3], t[3], T.uint32(_half2_bits(1 / 16)), hi)
+        else:
+            t[0] = _perm(T.bitwise_xor(word, T.uint32(0x80808080)), T.uint32(0x64646464),
+                         T.uint32(0x4140))
+            t[1] = _perm(T.bitwise_xor(word, T.uint32(0x80808080)), T.uint32(0x64646464),
+                         T.uint32(0x4342))
+            T.ptx.add.f16x2(t[0], t[0], lo)
+            T.ptx.add.f16x2(t[1], t[1], lo)
+
+    @T.macro
+    def dot_half(zp, acc, w, xh, t, hz, hacc, row, slot, grp):
+        """acc[rows + 2] = the chunk's codes (minus zero points) . x, f16x2 products."""
+        acc[rows + 2] = T.float32(0)
+        if zero_points:  # -(1024 + flip + zp) and -(64 + zp): integers, exact in fp16
+            hz[0] = T.float16(-(1024 + flip_h)) - zp[row, grp]
+            hz[1] = hz[0]
+            hz[2] = T.float16(-64) - zp[row, grp]
+            hz[3] = hz[2]
+        for wi in T.unroll(4):
+            if zero_points:
+                half_codes(t, w[slot * 4 + wi], T.reinterpret(u32, hz[T.ramp(0, 1, 2)]),
+                           T.reinterpret(u32, hz[T.ramp(2, 1, 2)]))
+            else:
+                half_codes(t, w[slot * 4 + wi], T.uint32(lo_c), T.uint32(hi_c))
+            for q in T.unroll(pairs):
+                if q == 0 and wi % words_per_sum == 0:
+                    T.ptx.mul.rn.f16x2(hacc[0], t[q], xpair(xh, wi, q))
+                else:
+                    T.ptx.fma.rn.f16x2(hacc[0], t[q], xpair(xh, wi, q), hacc[0])
+            if wi % words_per_sum == words_per_sum - 1:
+                hz[T.ramp(4, 1, 2)] = T.reinterpret("float16x2", hacc[0])
+                acc[rows + 2] += T.Cast(f32, hz[4]) + T.Cast(f32, hz[5])
+
+    @T.macro
+    def rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, xh, t, hz, hacc, mi, row0,
+                 tx):
         for r in T.unroll(racc):
             acc[r] = T.float32(0)
         for gi in range(groups):
@@ -106,6 +209,7 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                 if (gi * sg + s_) * 32 + tx < nchunk:
                     acc[rows] = T.float32(0)
                     for v in T.unroll(e // xv_n):
+                        # (h2: x in fp16, in the codes' pair order; its sums are not needed)
                         for lane in T.vectorized(xv_n):
                             xv[lane] = x[mi, ((gi * sg + s_) * 32 + tx) * e + v * xv_n + lane]
                         if norm:
@@ -115,23 +219,30 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                         for j in T.unroll(xv_n):
                             if norm:
                                 acc[rows + 1] += T.Cast(f32, xv[j]) * T.Cast(f32, xv[j])
+                            if h2 and norm:
+                                xh[x_slot(v * xv_n + j)] = T.Cast(
+                                    "float16", T.Cast(f32, xv[j]) * T.Cast(f32, gv[j]))
+                            elif h2:
+                                xh[x_slot(v * xv_n + j)] = xv[j]
+                            elif norm:
                                 xf[v * xv_n + j] = T.Cast(f32, xv[j]) * T.Cast(f32, gv[j])
                             else:
                                 xf[v * xv_n + j] = T.Cast(f32, xv[j])
-                            if zero_points:
+                            if zero_points and not h2:
                                 acc[rows] += xf[v * xv_n + j]
                     for r in T.unroll(rows):
-                        acc[rows + 2] = T.float32(0)
-                        for j in T.unroll(e):
-                            acc[rows + 2] += xf[j] * code(w, r * sg + s_, j)
-                        if zero_points:
-                            acc[r] += T.Cast(f32, sc[row0 + r, ((gi * sg + s_) * 32 + tx) * e
-                                                     // group]) * (acc[rows + 2] - T.Cast(
-                                f32, zp[row0 + r, ((gi * sg + s_) * 32 + tx) * e // group])
-                                * acc[rows])
+                        if h2:
+                            dot_half(zp, acc, w, xh, t, hz, hacc, row0 + r, r * sg + s_,
+                                     ((gi * sg + s_) * 32 + tx) * e // group)
                         else:
-                            acc[r] += T.Cast(f32, sc[row0 + r, ((gi * sg + s_) * 32 + tx) * e
-                                                     // group]) * acc[rows + 2]
+                            acc[rows + 2] = T.float32(0)
+                            for j in T.unroll(e):
+                                acc[rows + 2] += xf[j] * code(w, r * sg + s_, j)
+                            if zero_points:
+                                acc[rows + 2] -= T.Cast(f32, zp[
+                                    row0 + r, ((gi * sg + s_) * 32 + tx) * e // group]) * acc[rows]
+                        acc[r] += T.Cast(f32, sc[row0 + r, ((gi * sg + s_) * 32 + tx) * e
+                                                 // group]) * acc[rows + 2]
         for off in T.unroll(5):
             for r in T.unroll(rows + 2):
                 acc[r] = acc[r] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[r],
@@ -152,10 +263,14 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                     xv = T.decl_buffer((xv_n,), dtype, scope="local")
                     gv = T.decl_buffer((xv_n,), dtype, scope="local")
                     xf = T.decl_buffer((e,), f32, scope="local")
+                    xh = T.decl_buffer((e,), "float16", scope="local")  # (f16x2)
+                    t = T.decl_buffer((4,), u32, scope="local")
+                    hz = T.decl_buffer((6,), "float16", scope="local")
+                    hacc = T.decl_buffer((1,), u32, scope="local")
                     for mi in range(m):
                         if bx * warps + ty < warps_needed:
-                            rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, mi,
-                                     (bx * warps + ty) * rows, tx)
+                            rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, xh, t, hz, hacc,
+                                     mi, (bx * warps + ty) * rows, tx)
                             if tx == 0:
                                 for r in T.unroll(rows):
                                     if residual:
@@ -167,6 +282,10 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                                             out_dtype, acc[r])
 
     return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm)
+
+
+def _perm(a, b, sel):
+    return T.call_pure_extern("uint32", "__byte_perm", a, b, sel)
 
 
 def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm):
