@@ -266,22 +266,18 @@ def _norm_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, gamma: relax.Ex
     w = ctx.input(node, 1)
     xs, (n, k), dtype = shape_of(x), shape_of(w), dtype_of(x)
     n, k = _static(n, "out features", node), _static(k, "in features", node)
-    if node.name in ctx.swiglu:
-        from kiln.codegen.lower import _split_sizes
-
-        sp, u = ctx.swiglu[node.name]
-        if _split_sizes(ctx, sp, n) == [n // 2, n // 2] and n % 2 == 0:
-            f, m = n // 2, _numel(xs[:-1])
-            c = ctx.schedule("cuda.gemv_swiglu", {"phase": "decode", "m": 1, "f": f, "k": k,
-                                                  "dtype": dtype})
-            gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl, *config_key(c)),
-                            lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl,
-                                                              **c))
-            y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
-                                       relax.TensorType([m, f], dtype)))
-            ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
-            ctx.done.update((sp.name, u.name))
-            return None
+    gate_up = _swiglu_halves(ctx, node, n)
+    if gate_up is not None:
+        (sp, u), f, m = gate_up, n // 2, _numel(xs[:-1])
+        c = ctx.schedule("cuda.gemv_swiglu", {"phase": "decode", "m": 1, "f": f, "k": k,
+                                              "dtype": dtype})
+        gv = ctx.kernel(("cuda_swiglu_gemv", f, k, dtype, eps, ctx.pdl, *config_key(c)),
+                        lambda: gemv_k.swiglu_gemv_kernel(f, k, dtype, eps, pdl=ctx.pdl, **c))
+        y = ctx.bb.emit(R.call_tir(gv, [reshape(ctx, x, [m, k]), gamma, w],
+                                   relax.TensorType([m, f], dtype)))
+        ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
+        ctx.done.update((sp.name, u.name))
+        return None
     if _rope_fusable(ctx, node, dtype, n):
         ctx.deferred_qkv[node.outputs[0]] = (x, gamma, w, eps)
         return None
@@ -400,10 +396,11 @@ def _split(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
 @lowering("quant_linear")
 def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     """Weight-only quantized linear (`nk` layout). Decode (one token per row, no bias): the
-    quantized GEMV, dequantizing in registers, with the rms_norm in front or the residual Add
-    behind fused as for fp16 weights. Otherwise: the tensor-core GEMM with the dequantize as its
-    prologue (te_ops.quant_nt_matmul: one function, so that dlight inlines the dequantize into
-    the weight tile's shared-memory fetch; no scratch weight)."""
+    quantized GEMV, dequantizing in registers, with the rms_norm in front and the SwiGLU of a
+    gate/up projection or the residual Add behind fused as for fp16 weights. Otherwise: the
+    tensor-core GEMM with the dequantize as its prologue (te_ops.quant_nt_matmul: one function,
+    so that dlight inlines the dequantize into the weight tile's shared-memory fetch; no
+    scratch weight)."""
     a = node.attrs
     if a.get("layout") != "nk":
         raise KilnError(f"node {node.name} (quant_linear): layout {a.get('layout')!r} is for "
@@ -419,27 +416,54 @@ def _quant_linear(ctx: CudaLowerContext, node: Node) -> list[relax.Expr]:
     if deferred and not decode:
         raise KilnError(f"node {node.name} (quant_linear): a fused norm needs the decode GEMV")
     if decode:
-        m = _numel(xs[:-1])
-        add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
-        eps = deferred[2] if deferred else None
-        c = ctx.schedule("cuda.quant_gemv", {
-            "phase": "decode", "m": 1, "n": n, "k": k, "bits": bits, "group": group,
-            "dtype": dtype, "out_dtype": out_dtype, "zero_points": zp is not None,
-            "epilogue": "norm" if deferred else "residual" if other is not None else ""})
-        gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
-                         other is not None, eps, ctx.pdl, *config_key(c)),
-                        lambda: qgemv.quant_gemv_kernel(
-                            n, k, bits, group, dtype, out_dtype, zero_points=zp is not None,
-                            residual=other is not None, norm_eps=eps, pdl=ctx.pdl, **c))
-        args = [reshape(ctx, x, [m, k])] + ([deferred[1]] if deferred else []) + [qw, sc]
-        args += [zp] if zp is not None else []
-        args += [reshape(ctx, other, [m, n])] if other is not None else []
-        y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
-        return [_finish(ctx, node, y2, xs, n, add)]
+        return [_quant_gemv(ctx, node, x, (qw, sc, zp), deferred, bits, group, out_dtype)]
     acc = "float32" if dtype in ("float16", "bfloat16") else dtype
     y = _te(ctx, te_ops.quant_nt_matmul, reshape(ctx, x, [_numel(xs[:-1]), k]), qw, sc, zp,
             bits=bits, group=group, k=k, out_dtype=acc)
     return [_gemm_epilogue(ctx, node, y, b, xs, n, acc, out_dtype)]
+
+
+def _quant_gemv(ctx: CudaLowerContext, node: Node, x: relax.Expr, weight: tuple,
+                deferred: tuple | None, bits: int, group: int,
+                out_dtype: str) -> relax.Expr | None:
+    """The quantized decode GEMV of `weight` (qweight, scales, zero points or None): with the
+    rms_norm deferred into it in front (if any); behind, the SwiGLU of a gate/up projection
+    (one kernel writing the silu_mul's output, the Split and silu_mul done: None returned),
+    else the residual Add consuming the output (if ready)."""
+    qw, sc, zp = weight
+    n, k = int(node.attrs["out_features"]), int(node.attrs["in_features"])
+    xs, dtype = shape_of(x), dtype_of(x)
+    m, eps = _numel(xs[:-1]), deferred[2] if deferred else None
+    args = [reshape(ctx, x, [m, k])] + ([deferred[1]] if deferred else []) + [qw, sc]
+    args += [zp] if zp is not None else []
+    gate_up = _swiglu_halves(ctx, node, n)
+    if gate_up is not None:
+        (sp, u), f = gate_up, n // 2
+        c = ctx.schedule("cuda.quant_gemv_swiglu", {
+            "phase": "decode", "m": 1, "f": f, "k": k, "bits": bits, "group": group,
+            "dtype": dtype, "zero_points": zp is not None, "norm": deferred is not None})
+        gv = ctx.kernel(("cuda_qgemv_swiglu", f, k, bits, group, dtype, zp is not None, eps,
+                         ctx.pdl, *config_key(c)),
+                        lambda: qgemv.quant_gemv_kernel(
+                            n, k, bits, group, dtype, dtype, zero_points=zp is not None,
+                            norm_eps=eps, swiglu=True, pdl=ctx.pdl, **c))
+        y = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, f], dtype)))
+        ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
+        ctx.done.update((sp.name, u.name))
+        return None
+    add, other = (None, None) if deferred else _residual(ctx, node, out_dtype)
+    c = ctx.schedule("cuda.quant_gemv", {
+        "phase": "decode", "m": 1, "n": n, "k": k, "bits": bits, "group": group,
+        "dtype": dtype, "out_dtype": out_dtype, "zero_points": zp is not None,
+        "epilogue": "norm" if deferred else "residual" if other is not None else ""})
+    gv = ctx.kernel(("cuda_qgemv", n, k, bits, group, dtype, out_dtype, zp is not None,
+                     other is not None, eps, ctx.pdl, *config_key(c)),
+                    lambda: qgemv.quant_gemv_kernel(
+                        n, k, bits, group, dtype, out_dtype, zero_points=zp is not None,
+                        residual=other is not None, norm_eps=eps, pdl=ctx.pdl, **c))
+    args += [reshape(ctx, other, [m, n])] if other is not None else []
+    y2 = ctx.bb.emit(R.call_tir(gv, args, relax.TensorType([m, n], out_dtype)))
+    return _finish(ctx, node, y2, xs, n, add)
 
 
 def _gemm_epilogue(ctx: CudaLowerContext, node: Node, y: relax.Expr, b: relax.Expr | None,
@@ -469,17 +493,25 @@ def _finish(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int,
     return y
 
 
-def _swiglu(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int) -> None:
-    """When y[m, n] (2-D) is a gate/up projection read only by Split -> silu_mul: the split and
-    SwiGLU as one vectorized kernel; the silu_mul's output bound, both nodes done."""
+def _swiglu_halves(ctx: CudaLowerContext, node: Node, n: int) -> tuple[Node, Node] | None:
+    """(Split, silu_mul) when node's output (n features) is a gate/up projection (a `swiglu`
+    group) split into equal halves, gate first: what the fused SwiGLU kernels compute."""
     from kiln.codegen.lower import _split_sizes
 
     if node.name not in ctx.swiglu or n % 2:
-        return
+        return None
     sp, u = ctx.swiglu[node.name]
+    return (sp, u) if _split_sizes(ctx, sp, n) == [n // 2, n // 2] else None
+
+
+def _swiglu(ctx: CudaLowerContext, node: Node, y: relax.Expr, xs, n: int) -> None:
+    """When y[m, n] (2-D) is a gate/up projection read only by Split -> silu_mul: the split and
+    SwiGLU as one vectorized kernel; the silu_mul's output bound, both nodes done."""
+    gate_up = _swiglu_halves(ctx, node, n)
     f, dtype = n // 2, dtype_of(y)
-    if _split_sizes(ctx, sp, n) != [f, f] or not rowwise.swiglu_supported(f, dtype):
+    if gate_up is None or not rowwise.swiglu_supported(f, dtype):
         return
+    sp, u = gate_up
     m = _numel(xs[:-1])
     c = ctx.schedule("cuda.swiglu", {"phase": ctx.phase, "m": ctx.rows, "f": f, "dtype": dtype})
     gv = ctx.kernel(("cuda_swiglu", f, dtype, c["threads"]),

@@ -29,6 +29,7 @@ from kiln.codegen.cuda.lower import (
     _residual,
     _rope_fusable,
     _swiglu,
+    _swiglu_halves,
     _te,
     lowering,
 )
@@ -82,24 +83,21 @@ def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr
     """The decode GEMV: with the norm deferred into it (SwiGLU or q/k/v-rotary epilogue where
     the graph has them), or with the residual Add behind; a bias (never with a deferred norm:
     lower.CudaLowerContext defers none into a biased linear) is added after the GEMV."""
-    from kiln.codegen.lower import _split_sizes
-
     xs, dtype, pdl = shape_of(x), dtype_of(x), ctx.pdl
     m = _numel(xs[:-1])
     x2 = reshape(ctx, x, [m, k])
     if deferred:
         gamma, eps = deferred[1], deferred[2]
-        if node.name in ctx.swiglu and n % 2 == 0:
-            sp, u = ctx.swiglu[node.name]
-            f = n // 2
-            if _split_sizes(ctx, sp, n) == [f, f]:
-                gv = ctx.kernel(("cuda_sparse_swiglu_gemv", f, k, dtype, eps, pdl),
-                                lambda: sg.sparse_swiglu_gemv_kernel(f, k, dtype, eps, pdl=pdl))
-                y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
-                                           relax.TensorType([m, f], dtype)))
-                ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
-                ctx.done.update((sp.name, u.name))
-                return None
+        gate_up = _swiglu_halves(ctx, node, n)
+        if gate_up is not None:
+            (sp, u), f = gate_up, n // 2
+            gv = ctx.kernel(("cuda_sparse_swiglu_gemv", f, k, dtype, eps, pdl),
+                            lambda: sg.sparse_swiglu_gemv_kernel(f, k, dtype, eps, pdl=pdl))
+            y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
+                                       relax.TensorType([m, f], dtype)))
+            ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])
+            ctx.done.update((sp.name, u.name))
+            return None
         if _rope_fusable(ctx, node, dtype, n):  # lower_attention emits the kernel
             ctx.deferred_qkv[node.outputs[0]] = (x, gamma, (values, meta), eps)
             return None

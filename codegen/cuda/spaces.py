@@ -87,11 +87,16 @@ GEMV_QKV_ROPE = register(Space(
 
 
 
+def _quant_gemv_default(shape, n: int, swiglu: bool = False) -> dict:
+    """The kernel's own defaults for a weight of n rows (SwiGLU: 2f)."""
+    return {"warps": qgemv.WARPS, "rows": qgemv.rows_default(n, swiglu),
+            "math": qgemv.math_default(shape["bits"], shape["dtype"])}
+
+
 QUANT_GEMV = register(Space(
     "cuda.quant_gemv",
     (Knob("warps", (2, 4, 8)), Knob("rows", (1, 2, 4)), Knob("math", qgemv.MATHS)),
-    lambda shape, target: {"warps": qgemv.WARPS, "rows": qgemv.rows_default(shape["n"]),
-                           "math": qgemv.math_default(shape["bits"], shape["dtype"])},
+    lambda shape, target: _quant_gemv_default(shape, shape["n"]),
     lambda shape, c, target: (shape["n"] % c["rows"] == 0
                               and qgemv.math_ok(c["math"], shape["bits"], shape["dtype"])),
     dynamic=("m",),
@@ -103,6 +108,21 @@ QUANT_GEMV = register(Space(
         shape["out_dtype"], zero_points=shape["zero_points"],
         residual=shape["epilogue"] == "residual",
         norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+
+QUANT_GEMV_SWIGLU = register(Space(
+    "cuda.quant_gemv_swiglu",
+    (Knob("warps", (2, 4, 8)), Knob("rows", (2, 4, 8)), Knob("math", qgemv.MATHS)),
+    lambda shape, target: _quant_gemv_default(shape, 2 * shape["f"], swiglu=True),
+    lambda shape, c, target: (shape["f"] % (c["rows"] // 2) == 0
+                              and qgemv.math_ok(c["math"], shape["bits"], shape["dtype"])),
+    dynamic=("m",),
+    doc="(rms_norm +) int4/int8 gate/up GEMV + SwiGLU, y[m, f] of W[2f, k]: warps per block, "
+        "weight rows per warp (gate/up pairs: rows / 2 outputs), codes unpacked to float32 or "
+        "two at a time to half2 (fp16)",
+    build=lambda shape, c, target: qgemv.quant_gemv_kernel(
+        2 * shape["f"], shape["k"], shape["bits"], shape["group"], shape["dtype"],
+        shape["dtype"], zero_points=shape["zero_points"],
+        norm_eps=EPS if shape["norm"] else None, swiglu=True, **c)))
 
 SPARSE_GEMV = register(Space(
     "cuda.sparse_gemv", (Knob("warps", (2, 4, 8)), Knob("loads", (8, 16, 32))),

@@ -227,21 +227,52 @@ def _quant_case(name, n, k, bits, group, *, symmetric=True, residual=False, norm
                                  residual=residual, norm_eps=EPS if norm else None, math=math)
 
     def inputs(rng):
-        q, s, z = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5,
-                                  bits=bits, group=group, symmetric=symmetric)
-        args = [_normal(rng, (m, k), F16)]
-        if norm:
-            args.append(_normal(rng, (k,), F16, 0.2) + np.float16(1))
-        args += [q, s.astype(F16)] + ([] if z is None else [z.astype(F16)])
+        args = _quant_inputs(rng, n, k, bits, group, symmetric, norm, m)
         if residual:
             args.append(_normal(rng, (m, n), F16))
         return [*args, _empty((m, n), F16)]
 
     def expect(a):
-        x, i = (_rms(a[0], a[1]), 2) if norm else (a[0], 1)
-        zp = None if symmetric else a[i + 2]
-        w = qf.dequantize(a[i], a[i + 1], zp, bits=bits, k=k)  # the format's specification
-        return {len(a) - 1: _dot(x, w) + (_f32(a[-2]) if residual else 0)}
+        return {len(a) - 1: _quant_dot(a, k, bits, symmetric, norm)
+                + (_f32(a[-2]) if residual else 0)}
+
+    return Case(name, make, inputs, expect)
+
+
+def _quant_inputs(rng, n, k, bits, group, symmetric, norm, m) -> list:
+    """x[m, k], (gamma[k],) and W[n, k] quantized: qweight, scales, (zero points)."""
+    q, s, z = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5,
+                              bits=bits, group=group, symmetric=symmetric)
+    args = [_normal(rng, (m, k), F16)]
+    if norm:
+        args.append(_normal(rng, (k,), F16, 0.2) + np.float16(1))
+    return args + [q, s.astype(F16)] + ([] if z is None else [z.astype(F16)])
+
+
+def _quant_dot(a, k, bits, symmetric, norm) -> np.ndarray:
+    """x (rms-normed with `norm`) . W.T of _quant_inputs' arguments `a`."""
+    x, i = (_rms(a[0], a[1]), 2) if norm else (a[0], 1)
+    zp = None if symmetric else a[i + 2]
+    return _dot(x, qf.dequantize(a[i], a[i + 1], zp, bits=bits, k=k))  # the format's spec
+
+
+def _quant_swiglu_case(name, f, k, bits, group, *, symmetric=True, norm=False, m=3, math=None,
+                       rows=None):
+    """quant_gemv_kernel(swiglu=True): W[2f, k] quantized, y[m, f] = silu(x . W[r]) *
+    (x . W[f + r]) (x rms-normed first with `norm`), against Split + silu_mul's spec."""
+    def make():
+        from kiln.codegen.cuda.kernels.quant_gemv import quant_gemv_kernel
+        return quant_gemv_kernel(2 * f, k, bits, group, F16, F16, zero_points=not symmetric,
+                                 norm_eps=EPS if norm else None, swiglu=True, math=math,
+                                 rows=rows)
+
+    def inputs(rng):
+        return [*_quant_inputs(rng, 2 * f, k, bits, group, symmetric, norm, m),
+                _empty((m, f), F16)]
+
+    def expect(a):
+        gu = _quant_dot(a, k, bits, symmetric, norm)
+        return {len(a) - 1: spec.silu_mul([gu[:, :f], gu[:, f:]], {})[0]}
 
     return Case(name, make, inputs, expect)
 
@@ -260,7 +291,16 @@ def _quant_gemv_cases() -> list[Case]:
             # f16x2 with the fused norm and zero points, and a partial last step of 32 lanes
             _quant_case("quant_gemv_int4_zp_g32_norm", 256, 1344, 4, 32, symmetric=False,
                         norm=True),
-            _quant_case("quant_gemv_int4_sym_g128_residual", 64, 2048, 4, 128, residual=True)]
+            _quant_case("quant_gemv_int4_sym_g128_residual", 64, 2048, 4, 128, residual=True),
+            # gate/up GEMV + SwiGLU (y[m, f] of W[2f, k]): f16x2 with zero points and the norm,
+            # float32 unpacking, int8 with the norm and two outputs (four rows) per warp
+            _quant_swiglu_case("quant_swiglu_gemv_int4_zp_g32_norm", 96, 512, 4, 32,
+                               symmetric=False, norm=True),
+            _quant_swiglu_case("quant_swiglu_gemv_int4_sym_g64_f32", 64, 256, 4, 64,
+                               math="f32"),
+            _quant_swiglu_case("quant_swiglu_gemv_int8_channel_norm_rows4", 64, 256, 8, 256,
+                               norm=True, rows=4)]
+
 
 
 # -- 2:4 sparse decode GEMVs (kernels/sparse_gemv.py) -----------------------------------------

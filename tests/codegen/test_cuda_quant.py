@@ -104,6 +104,62 @@ def test_quant_gemv_f16x2_unpacks_two_codes_per_instruction(bits, group, zp, eps
     assert src.count("fma_half_rn_f16x2") + src.count("mul_half_rn_f16x2") >= pairs * words
 
 
+def test_quant_swiglu_gemv_pairs_gate_and_up_rows_in_a_warp():
+    """swiglu=True: each warp loads its outputs' gate rows and their up rows F further (x
+    loaded once for all four rows here), and writes silu(gate) * up for F outputs."""
+    from kiln.codegen import cuda_toolchain as ct
+    from kiln.codegen.cuda.kernels import quant_gemv as qg
+
+    f, k = 128, 512  # int4: 256 bytes per weight row
+    func = qg.quant_gemv_kernel(2 * f, k, 4, 32, "float16", "float16", zero_points=True,
+                                norm_eps=1e-5, swiglu=True, rows=4)
+    assert f'y: T.Buffer((m, {f}), "float16")' in func.script()
+    src = _cuda_source(ct, func.with_attr("global_symbol", "qgemv"))
+    loads = re.findall(r"\*\(uint4\*\)\(qw_ptr \+ \(.*?\) \+ (\d+)\)\);", src)
+    assert sorted(int(v) for v in loads) == [256, f * 256, (f + 1) * 256]  # (row 0: no offset)
+    assert src.count("expf(") == 2  # two outputs per warp
+    with pytest.raises(ValueError, match="gate/up pairs"):
+        qg.quant_gemv_kernel(2 * f, k, 4, 32, "float16", "float16", swiglu=True, rows=1)
+    with pytest.raises(ValueError, match="residual"):
+        qg.quant_gemv_kernel(2 * f, k, 4, 32, "float16", "float16", swiglu=True,
+                             residual=True)
+
+
+def _decode_calls(tiny_model, preset: str, no_fuse: tuple[str, ...] = ()) -> list[str]:
+    """The kernels the decode entry of the tiny llama quantized with `preset` calls, in order."""
+    from kiln.codegen.build import build_module
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_graph
+    from kiln.passes.fusion import enabled
+    from kiln.passes.quantize import parse_preset
+
+    tgt = CudaTarget(arch="sm_90", dtype="float16")
+    graph = compile_graph(tiny_model, max_seq=64, progress=lambda m: None,
+                          weights_optional=True, quant=parse_preset(preset).for_target(
+                              tgt.int8_dot), fusions=enabled(no_fuse, take=tgt.fusions))
+    mod, _ = build_module(graph, tgt, entry_points=("decode",))
+    return re.findall(r"R\.call_tir\((\w+),", mod["decode"].script())
+
+
+@pytest.mark.parametrize("preset", ["w4g32", "w8"])
+def test_decode_fuses_swiglu_into_the_quant_gemv(tiny_model, preset):
+    """The gate/up projection's quantized GEMV writes silu(gate) * up itself, the rms_norm in
+    front (its eps in the kernel's name) or, with norm_linear off, without it; with the swiglu
+    fusion off, its [m, 2F] output goes through Split and silu_mul again: one kernel more per
+    layer."""
+    layers = 2
+    fused = _decode_calls(tiny_model, preset)
+    swiglu = [k for k in fused if k.startswith("cuda_qgemv_swiglu_")]
+    assert len(swiglu) == layers and len(set(swiglu)) == 1 and "_None_" not in swiglu[0]
+    assert not [k for k in fused if k.startswith(("cuda_swiglu_", "silu_mul"))]
+    off = _decode_calls(tiny_model, preset, ("swiglu",))
+    assert not [k for k in off if k.startswith("cuda_qgemv_swiglu_")]
+    assert off.count("silu_mul") == layers and len(off) == len(fused) + layers
+    unnormed = [k for k in _decode_calls(tiny_model, preset, ("norm_linear",))
+                if k.startswith("cuda_qgemv_swiglu_")]
+    assert len(unnormed) == layers and "_None_" in unnormed[0]
+
+
 def test_flash_prefill_uses_tensor_core_mma():
     from kiln.codegen import cuda_toolchain as ct
     from kiln.codegen.cuda.kernels.flash_attention import flash_prefill_kernel, supported

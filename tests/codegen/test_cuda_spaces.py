@@ -38,6 +38,11 @@ SHAPES = {
          "zero_points": False, "epilogue": "residual"},
         {**D, "n": 96, "k": 256, "bits": 8, "group": 64, "dtype": F16, "out_dtype": F16,
          "zero_points": True, "epilogue": "norm"}],
+    "cuda.quant_gemv_swiglu": [
+        {**D, "f": 64, "k": 512, "bits": 4, "group": 32, "dtype": F16, "zero_points": True,
+         "norm": True},
+        {**D, "f": 48, "k": 256, "bits": 8, "group": 256, "dtype": F16, "zero_points": False,
+         "norm": False}],
     "cuda.sparse_gemv": [
         {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
         {**D, "n": 40, "k": 1024, "dtype": F16, "out_dtype": "float32", "epilogue": "norm"}],
@@ -240,7 +245,8 @@ def test_untuned_1b_model_picks_a_default_schedule_for_every_kernel(tmp_path):
     schedules = Schedules(target)
     build_module(graph, target, schedules=schedules)
     picks = schedules.manifest()
-    assert {p["kernel"] for p in picks} == set(SHAPES) - {"cuda.quant_gemv", "cuda.sparse_gemv"}
+    assert {p["kernel"] for p in picks} == set(SHAPES) - {
+        "cuda.quant_gemv", "cuda.quant_gemv_swiglu", "cuda.sparse_gemv"}
     assert all(p["source"] == "default" for p in picks)
 
 

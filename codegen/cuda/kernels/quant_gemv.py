@@ -7,7 +7,7 @@ norm of x fused in front, as kiln.codegen.cuda.kernels.gemv does for fp16 weight
     scales, zero_points [N, Kp / g] in the compute dtype; no zero points: zp = 0 (int8) or 8
     (int4 codes are stored +8)
 
-One warp per 1, 2 or 4 output rows (more where the matrix has rows enough to fill the GPU:
+One warp per 1, 2 or 4 weight rows (more where the matrix has rows enough to fill the GPU:
 x is then loaded and converted once for all of them); each lane loads 16 bytes of each row per
 step (16 int8 or 32 int4 weights, one group's worth at most: g is a multiple of that), several
 such loads issued before the first use. Codes become float32 without conversion instructions:
@@ -25,6 +25,11 @@ the codes minus their zero point exactly, and one half2 fma multiplies them with
 summed in fp16 (|code| <= 15, so |x| up to ~1000 stays finite), then added in float32 and
 scaled per group. About 2 instructions per weight instead of 4: the int4 GEMV was ALU-bound
 (benchmarks/RESULTS.md, "CUDA on the H200 (session 3)").
+
+`swiglu=True` takes a gate/up projection W[2F, k] and writes y[m, F] = silu(gate) * up
+instead of its [m, 2F] output (what kernels/gemv.swiglu_gemv_kernel does for fp16 weights):
+a warp's rows are the gate rows of its outputs and their up rows F further, so one kernel
+replaces the GEMV and the row kernel of the SwiGLU after it in each decode layer.
 """
 
 from __future__ import annotations
@@ -72,20 +77,28 @@ def _half2_bits(v: float) -> int:
     return h | (h << 16)
 
 
-def rows_default(n: int) -> int:
-    """Output rows per warp: x is loaded and converted once for all of them, and a warp keeps
-    rows x 16 bytes per step in flight; only where there are rows enough to fill the GPU."""
-    return next(r for r in (4, 2, 1) if (n % r == 0 and n // r >= 512 * r) or r == 1)
+def rows_default(n: int, swiglu: bool = False) -> int:
+    """Weight rows per warp: x is loaded and converted once for all of them, and a warp keeps
+    rows x 16 bytes per step in flight; only where there are rows enough to fill the GPU. A
+    SwiGLU kernel's warp takes whole gate/up pairs: two rows at least."""
+    rows = next(r for r in (4, 2, 1) if (n % r == 0 and n // r >= 512 * r) or r == 1)
+    return max(rows, 2) if swiglu else rows
 
 
 @functools.cache
 def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dtype: str, *,
                       zero_points: bool = False, residual: bool = False,
-                      norm_eps: float | None = None, pdl: bool = False, warps: int = WARPS,
-                      rows: int | None = None, math: str | None = None) -> tirx.PrimFunc:
+                      norm_eps: float | None = None, swiglu: bool = False, pdl: bool = False,
+                      warps: int = WARPS, rows: int | None = None,
+                      math: str | None = None) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], (gamma[k],) qweight, scales, (zero_points,) (res[m, n],) y[m, n]):
-    `warps` per block, `rows` output rows per warp (None: rows_default), `math` how codes
-    are unpacked and multiplied (None: math_default)."""
+    `warps` per block, `rows` weight rows per warp (None: rows_default), `math` how codes
+    are unpacked and multiplied (None: math_default).
+
+    `swiglu`: W is a gate/up projection [2F, k] (n = 2F) and y[m, F] = silu(g) * u of
+    g = x . W[f], u = x . W[F + f], the split and the SwiGLU of kiln.passes.fuse_swiglu in the
+    GEMV's epilogue. A warp's rows are then gate/up pairs (see `weight_row`): `rows` = 2r
+    covers r outputs, both rows of each dotted with the x loaded once."""
     if not supported(bits, group, k):
         raise ValueError(f"quant_gemv: bits {bits}, group {group}, k {k} not supported")
     math = math_default(bits, dtype) if math is None else math
@@ -93,6 +106,8 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
         raise ValueError(f"quant_gemv: math {math!r} does not take {bits}-bit codes on {dtype}")
     if residual and norm_eps is not None:
         raise ValueError("quant_gemv: a fused norm and a fused residual together are not needed")
+    if swiglu and residual:
+        raise ValueError("quant_gemv: a SwiGLU output has no residual to add")
     e, f32, u32 = chunk_elems(bits), "float32", "uint32"
     kp = qf.padded_k(k, group)
     ng = kp // group
@@ -108,9 +123,21 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
     norm = norm_eps is not None
     xv_n = 16 // {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]  # x elements per 16 bytes
 
-    rows = rows_default(n) if rows is None else rows
-    if n % rows:
-        raise ValueError(f"quant_gemv: {rows} rows per warp do not divide n = {n}")
+    rows = rows_default(n, swiglu) if rows is None else rows
+    if n % rows or (swiglu and rows % 2):
+        raise ValueError(f"quant_gemv: {rows} rows per warp do not divide n = {n}"
+                         + (" in gate/up pairs" if swiglu else ""))
+    pairs_per_warp, f_out = rows // 2, n // 2  # (swiglu)
+
+    def weight_row(warp, r):
+        """The weight row of accumulator r of warp `warp`. Plain: the warp's `rows`
+        consecutive rows. SwiGLU: the warp computes outputs warp * rows/2 + i (i < rows/2);
+        accumulator i holds the gate row of output i, accumulator rows/2 + i its up row,
+        F rows further."""
+        if swiglu:
+            return (warp * pairs_per_warp + r % pairs_per_warp
+                    + f_out * (r // pairs_per_warp))
+        return warp * rows + r
     # steps whose weights are loaded together: 256 (int8) or 128 (int4) bytes per lane, a
     # compromise between loads in flight and registers (occupancy)
     sg = max(1, min(steps, (16 if bits == 8 else 8) // (rows * 2)))
@@ -193,8 +220,7 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                 acc[rows + 2] += T.Cast(f32, hz[4]) + T.Cast(f32, hz[5])
 
     @T.macro
-    def rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, xh, t, hz, hacc, mi, row0,
-                 tx):
+    def rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, xh, t, hz, hacc, mi, warp, tx):
         for r in T.unroll(racc):
             acc[r] = T.float32(0)
         for gi in range(groups):
@@ -202,7 +228,8 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                 if (gi * sg + s_) * 32 + tx < nchunk:
                     for r in T.unroll(rows):
                         w[T.ramp((r * sg + s_) * 4, 1, 4)] = T.reinterpret("uint32x4", qw[
-                            row0 + r, T.ramp(((gi * sg + s_) * 32 + tx) * 16, 1, 16)])
+                            weight_row(warp, r), T.ramp(((gi * sg + s_) * 32 + tx) * 16, 1,
+                                                        16)])
             if gi == 0:  # the first codes are on their way: now wait for x
                 P.wait(pdl)
             for s_ in T.unroll(sg):
@@ -232,17 +259,19 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                                 acc[rows] += xf[v * xv_n + j]
                     for r in T.unroll(rows):
                         if h2:
-                            dot_half(zp, acc, w, xh, t, hz, hacc, row0 + r, r * sg + s_,
-                                     ((gi * sg + s_) * 32 + tx) * e // group)
+                            dot_half(zp, acc, w, xh, t, hz, hacc, weight_row(warp, r),
+                                     r * sg + s_, ((gi * sg + s_) * 32 + tx) * e // group)
                         else:
                             acc[rows + 2] = T.float32(0)
                             for j in T.unroll(e):
                                 acc[rows + 2] += xf[j] * code(w, r * sg + s_, j)
                             if zero_points:
                                 acc[rows + 2] -= T.Cast(f32, zp[
-                                    row0 + r, ((gi * sg + s_) * 32 + tx) * e // group]) * acc[rows]
-                        acc[r] += T.Cast(f32, sc[row0 + r, ((gi * sg + s_) * 32 + tx) * e
-                                                 // group]) * acc[rows + 2]
+                                    weight_row(warp, r), ((gi * sg + s_) * 32 + tx) * e
+                                    // group]) * acc[rows]
+                        acc[r] += T.Cast(f32, sc[weight_row(warp, r), ((gi * sg + s_) * 32
+                                                                       + tx) * e // group]
+                                         ) * acc[rows + 2]
         for off in T.unroll(5):
             for r in T.unroll(rows + 2):
                 acc[r] = acc[r] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[r],
@@ -270,8 +299,14 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                     for mi in range(m):
                         if bx * warps + ty < warps_needed:
                             rows_dot(x, gamma, qw, sc, zp, acc, w, xv, gv, xf, xh, t, hz, hacc,
-                                     mi, (bx * warps + ty) * rows, tx)
-                            if tx == 0:
+                                     mi, bx * warps + ty, tx)
+                            if swiglu:
+                                if tx == 0:  # silu(gate) * up in float32, as silu_mul
+                                    for i in T.unroll(pairs_per_warp):
+                                        y[mi, (bx * warps + ty) * pairs_per_warp + i] = T.Cast(
+                                            out_dtype, acc[i] / (T.float32(1) + T.exp(-acc[i]))
+                                            * acc[pairs_per_warp + i])
+                            elif tx == 0:
                                 for r in T.unroll(rows):
                                     if residual:
                                         y[mi, (bx * warps + ty) * rows + r] = T.Cast(
@@ -281,15 +316,18 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                                         y[mi, (bx * warps + ty) * rows + r] = T.Cast(
                                             out_dtype, acc[r])
 
-    return _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm)
+    return _entry(body, n, f_out if swiglu else n, k, ng, qcols, qdtype, dtype, out_dtype,
+                  zero_points, residual, norm)
 
 
 def _perm(a, b, sel):
     return T.call_pure_extern("uint32", "__byte_perm", a, b, sel)
 
 
-def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual, norm):
-    """The PrimFunc of the variant (TVMScript needs one signature per argument list)."""
+def _entry(body, n, n_out, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual,
+           norm):
+    """The PrimFunc of the variant (TVMScript needs one signature per argument list); y is
+    [m, n_out] (n / 2 for SwiGLU)."""
     Q, S, Z = T.Buffer((n, qcols), qdtype), T.Buffer((n, ng), dtype), T.Buffer((n, ng), dtype)
     attrs = {"tirx.is_scheduled": True, "tirx.noalias": True}
     if norm and zero_points:
@@ -299,7 +337,7 @@ def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residua
             T.func_attr(attrs)
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n_out), out_dtype)
             body(x, gamma, qw, sc, zp, None, y, m)
         return qgemv_norm_zp
     if norm:
@@ -309,7 +347,7 @@ def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residua
             T.func_attr(attrs)
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n_out), out_dtype)
             body(x, gamma, qw, sc, None, None, y, m)
         return qgemv_norm
     if zero_points and residual:
@@ -320,7 +358,7 @@ def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residua
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n_out), out_dtype)
             body(x, None, qw, sc, zp, r, y, m)
         return qgemv_zp_residual
     if zero_points:
@@ -329,7 +367,7 @@ def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residua
             T.func_attr(attrs)
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n_out), out_dtype)
             body(x, None, qw, sc, zp, None, y, m)
         return qgemv_zp
     if residual:
@@ -339,7 +377,7 @@ def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residua
             m = T.int64()
             x = T.match_buffer(x_h, (m, k), dtype)
             r = T.match_buffer(r_h, (m, n), out_dtype)
-            y = T.match_buffer(y_h, (m, n), out_dtype)
+            y = T.match_buffer(y_h, (m, n_out), out_dtype)
             body(x, None, qw, sc, None, r, y, m)
         return qgemv_residual
 
@@ -348,6 +386,6 @@ def _entry(body, n, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residua
         T.func_attr(attrs)
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), dtype)
-        y = T.match_buffer(y_h, (m, n), out_dtype)
+        y = T.match_buffer(y_h, (m, n_out), out_dtype)
         body(x, None, qw, sc, None, None, y, m)
     return qgemv
