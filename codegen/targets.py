@@ -175,7 +175,7 @@ class CudaTarget:
             raise KilnError(f"cuda: arch {self.arch!r} is not of the form sm_XX")
 
     kind: ClassVar[str] = "cuda"
-    kv8: ClassVar[bool] = False
+    kv8: ClassVar[bool] = True
     sliding_windows: ClassVar[bool] = True
     pack_block: ClassVar[int] = 0
     sparse_layout: ClassVar[str | None] = "cuda"

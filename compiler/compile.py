@@ -108,8 +108,8 @@ def compile_model(model: str | Path, out: str | Path, *, target: str = "cpu",
         raise KilnError(f"--quant {preset.name}: int8 activations (-a8) have CPU kernels only, "
                         f"not target {tgt.name}")
     if preset is not None and preset.kv_bits and not tgt.kv8:
-        raise KilnError(f"--quant {preset.name}: the int8 KV cache (kv8) has CPU kernels only, "
-                        f"not target {tgt.name} (weight presets such as w8, w4g32 are fine)")
+        raise KilnError(f"--quant {preset.name}: target {tgt.name} has no kernels for the int8 KV "
+                        "cache (kv8); weight presets such as w8, w4g32 are fine")
     graph = compile_graph(model, max_seq=max_seq, progress=progress,
                           weights_optional=not weights,
                           pack_block=tgt.pack_block, quant=preset, prune=prune,

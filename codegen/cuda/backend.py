@@ -26,20 +26,24 @@ def param_dtype(target: CudaTarget, dtype: str) -> str:
 
 
 def cuda_signature(graph, target: CudaTarget, sig):
-    """The CPU calling convention, adjusted: the KV cache is stored in the compute dtype; an
-    attention mask read by nothing but attention is no input (the CUDA attention kernels are
-    causal over the cache, without padding; the runtime then neither builds nor copies it);
-    nor are the position ids: without padding they are past, past + 1, ..., which
-    `computed_inputs` computes on the device. A decode step then copies only the token ids to
-    the device, and nothing when they are the previous step's greedy tokens, already there."""
+    """The CPU calling convention, adjusted: the KV cache is stored in the compute dtype (an
+    int8 one, kv8, keeps its int8 rows and float32 scales); an attention mask read by nothing
+    but attention is no input (the CUDA attention kernels are causal over the cache, without
+    padding; the runtime then neither builds nor copies it); nor are the position ids:
+    without padding they are past, past + 1, ..., which `computed_inputs` computes on the
+    device. A decode step then copies only the token ids to the device, and nothing when they
+    are the previous step's greedy tokens, already there."""
+    from kiln.codegen.lower import scale_cache
+
     users = graph.consumers()
     unused = {v for v in sig.inputs if users.get(v) and all(
         n.op == "attention" and list(n.inputs).index(v) == 5 for n in users[v])}
     unused |= {POSITIONS} & set(sig.inputs)
+    scales = {scale_cache(c.name) for c in sig.caches if c.dtype == "int8"}
     return dataclasses.replace(
         sig, inputs=tuple(v for v in sig.inputs if v not in unused),
-        caches=tuple(dataclasses.replace(c, dtype=param_dtype(target, c.dtype))
-                     for c in sig.caches))
+        caches=tuple(c if c.name in scales else dataclasses.replace(
+            c, dtype=param_dtype(target, c.dtype)) for c in sig.caches))
 
 
 def computed_inputs(ctx, graph, sig, batch, seq) -> dict:

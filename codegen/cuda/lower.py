@@ -28,7 +28,7 @@ from kiln.codegen.cuda.kernels import gemv as gemv_k
 from kiln.codegen.cuda.kernels import pdl, rowwise, sparse_gemv, te_ops
 from kiln.codegen.cuda.kernels import quant_gemv as qgemv
 from kiln.codegen.cuda.kernels import wgmma_gemm as wgmma_k
-from kiln.codegen.cuda.qkv import QkvPattern
+from kiln.codegen.cuda.qkv import QkvPattern, fused_groups
 from kiln.codegen.cuda.spaces import config_key
 from kiln.codegen.lower import (
     LowerContext,
@@ -74,8 +74,7 @@ class CudaLowerContext(LowerContext):
         """Read the fusion groups the fusion passes recorded (kiln.passes.fusion); a fusion
         without groups (not run, --no-fuse) leaves every op of it to its unfused lowering."""
         g = self.graph
-        self.qkv = {a.name: QkvPattern(sp, rq, rk)
-                    for sp, rq, rk, a in recorded(g, "qkv_rope")}
+        self.qkv = {a.name: QkvPattern(sp, rq, rk) for sp, rq, rk, a in fused_groups(g)}
         self.fused_away = {n.name for p in self.qkv.values()
                            for n in (p.split, p.rot_q, p.rot_k)}
         self.done: set[str] = set()  # nodes already lowered as part of another
@@ -88,7 +87,7 @@ class CudaLowerContext(LowerContext):
         self.deferred: dict[str, tuple] = {}
         # q/k/v projection output -> its attention node: in decode, that projection, the
         # rotary and the KV append are one kernel (deferred: output -> (x, gamma, w, eps))
-        attention_of = {sp.name: a for sp, _, _, a in recorded(g, "qkv_rope")}
+        attention_of = {sp.name: a for sp, _, _, a in fused_groups(g)}
         self.qkv_of = {lin.outputs[0]: attention_of[sp.name]
                        for lin, sp in recorded(g, "qkv_projection") if sp.name in attention_of}
         self.deferred_qkv: dict[str, tuple] = {}

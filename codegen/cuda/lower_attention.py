@@ -2,7 +2,14 @@
 (decode: kernels/attention.py; prefill: the tensor-core flash kernel where it applies). Where
 the q/k/v Split and the two rotaries feed attention alone (kiln.codegen.cuda.qkv), they become
 one kernel with the KV append; in decode the projection joins them
-(kernels/gemv.qkv_rope_gemv_kernel, deferred by lower._norm_gemv)."""
+(kernels/gemv.qkv_rope_gemv_kernel, deferred by lower._norm_gemv).
+
+int8 KV cache (kv_bits 8, kiln.passes.quantize_kv_cache): four caches per layer, the int8 K
+and V and their float32 scales (kiln.codegen.lower.scale_cache), all updated in place by the
+quantizing append (kernels/attention.kv_append_q8_kernel, after the rotary's own kernel: no
+fused q/k/v preparation, kiln.codegen.cuda.qkv.fused_groups); the attention kernels read all
+four, the prefill the plain tiled kernel (the tensor-core flash kernel takes fp16/bf16 caches
+only)."""
 
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from kiln.codegen.cuda.kernels import sparse_gemv
 from kiln.codegen.cuda.lower import CudaLowerContext, lowering
 from kiln.codegen.cuda.qkv import QkvPattern
 from kiln.codegen.cuda.spaces import DECODE_PAST, config_key, warp_decode
-from kiln.codegen.lower import _numel, _static, dtype_of, reshape, shape_of
+from kiln.codegen.lower import _numel, _static, dtype_of, reshape, scale_cache, shape_of
 from kiln.compiler.errors import KilnError
 from kiln.compiler.ir import Node
 
@@ -31,22 +38,29 @@ def _attention(ctx: CudaLowerContext, node: Node) -> list[relax.Expr | None]:
     if not a.get("causal", False):
         raise KilnError(f"node {node.name} (attention): only causal attention has a CUDA kernel")
     past_k, past_v = (node.inputs[i] if len(node.inputs) > i else "" for i in (3, 4))
-    if past_k not in ctx.caches or past_v not in ctx.caches:
+    kv8 = int(a.get("kv_bits", 0)) == 8  # int8 rows + per-row scales
+    names = [past_k, past_v] + ([scale_cache(past_k), scale_cache(past_v)] if kv8 else [])
+    if any(n not in ctx.caches for n in names):
         raise KilnError(f"node {node.name} (attention): past_k/past_v must be graph inputs "
                         "(they become the in-place KV cache)")
-    kc, vc = ctx.caches[past_k], ctx.caches[past_v]
+    caches = [ctx.caches[n] for n in names]
     # decode: each row's own cached length (batches of unequal lengths); prefill: past
     pst = ctx.row_lengths() if ctx.phase == "decode" else ctx.past_on_device()
-    if node.name in ctx.qkv:
-        q, kc2, vc2 = _fused_qkv(ctx, node, ctx.qkv[node.name], kc, vc, pst)
-        return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)
+    if node.name in ctx.qkv:  # (never kv8: kiln.codegen.cuda.qkv.fused_groups)
+        q, kc2, vc2 = _fused_qkv(ctx, node, ctx.qkv[node.name], *caches, pst)
+        return _attend(ctx, node, q, [kc2, vc2], pst, names)
     q, k, v = (ctx.input(node, i) for i in range(3))
     kvh, d, dtype = int(a["num_kv_heads"]), int(a["head_dim"]), dtype_of(q)
-    append = ctx.kernel(("cuda_kv_append", kvh, d, dtype),
-                        lambda: attn.kv_append_kernel(kvh, d, dtype))
-    upd = ctx.bb.emit(R.call_tir_inplace(append, [kc, vc, k, v, pst], [0, 1], [kc.ty, vc.ty]))
-    kc2, vc2 = (ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in (0, 1))
-    return _attend(ctx, node, q, kc2, vc2, pst, past_k, past_v)
+    if kv8:
+        append = ctx.kernel(("cuda_kv_append_q8", kvh, d, dtype),
+                            lambda: attn.kv_append_q8_kernel(kvh, d, dtype))
+    else:
+        append = ctx.kernel(("cuda_kv_append", kvh, d, dtype),
+                            lambda: attn.kv_append_kernel(kvh, d, dtype))
+    upd = ctx.bb.emit(R.call_tir_inplace(append, [*caches, k, v, pst], list(range(len(caches))),
+                                         [c.ty for c in caches]))
+    caches = [ctx.bb.emit(relax.TupleGetItem(upd, i)) for i in range(len(caches))]
+    return _attend(ctx, node, q, caches, pst, names)
 
 
 def _fused_qkv(ctx: CudaLowerContext, node: Node, p: QkvPattern, kc: relax.Expr,
@@ -110,29 +124,35 @@ def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: in
     return reshape(ctx, q, [*xs[:-1], h * d]), kc2, vc2
 
 
-def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
-            vc2: relax.Expr, pst: relax.Expr, past_k: str, past_v: str) -> list:
+def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, caches: list[relax.Expr],
+            pst: relax.Expr, names: list[str]) -> list:
+    """The attention kernel over the updated caches (K, V and with kv8 their scales), which
+    then stand for the cache inputs `names` in ctx.caches."""
     a = node.attrs
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     dtype = dtype_of(q)
     scale = float(a.get("scale", d ** -0.5))
     seq = shape_of(q)[1]
+    kv8 = len(caches) == 4
     shape = {"heads": h, "kv_heads": kvh, "head_dim": d, "dtype": dtype}
     window = int(a.get("window") or 0)  # (compile drops those as long as the context)
     if window:  # sliding window: prefill and decode, a plain kernel (not the hot path)
         c = {}
-        gv = ctx.kernel(("cuda_window_attention", h, kvh, d, scale, dtype, window),
-                        lambda: attn.window_attention_kernel(h, kvh, d, scale, dtype, window))
+        gv = ctx.kernel(("cuda_window_attention", h, kvh, d, scale, dtype, window)
+                        + (("kv8",) if kv8 else ()),
+                        lambda: attn.window_attention_kernel(h, kvh, d, scale, dtype, window,
+                                                             kv8=kv8))
     elif isinstance(seq, tirx.IntImm) and seq.value == 1:
         warps = attn.WARP_DECODE
         c = ctx.schedule("cuda.decode_attention", {
-            **shape, "phase": "decode", "s": 1, "past": ctx.decode_past or DECODE_PAST}) if (
-            warp_decode(d)) else {}
+            **shape, "phase": "decode", "s": 1, "past": ctx.decode_past or DECODE_PAST,
+            **({"kv8": True} if kv8 else {})}) if warp_decode(d) else {}
         gv = ctx.kernel(("cuda_decode_attention", h, kvh, d, scale, dtype, ctx.pdl, warps,
-                         *config_key(c)),
+                         *config_key(c)) + (("kv8",) if kv8 else ()),
                         lambda: attn.decode_attention_kernel(h, kvh, d, scale, dtype,
-                                                             pdl=ctx.pdl, warps=warps, **c))
-    elif flash.supported(d, dtype):  # tensor cores
+                                                             pdl=ctx.pdl, warps=warps, kv8=kv8,
+                                                             **c))
+    elif not kv8 and flash.supported(d, dtype):  # tensor cores
         ldsm = flash.LDSM
         c = ctx.schedule("cuda.flash_prefill", {**shape, "phase": "prefill", "s": ctx.rows,
                                                 "past": 0, "ldsm": ldsm})
@@ -142,15 +162,16 @@ def _attend(ctx: CudaLowerContext, node: Node, q: relax.Expr, kc2: relax.Expr,
                                                            **c))
     else:
         c = {}
-        gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype),
-                        lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype))
+        gv = ctx.kernel(("cuda_prefill_attention", h, kvh, d, scale, dtype)
+                        + (("kv8",) if kv8 else ()),
+                        lambda: attn.prefill_attention_kernel(h, kvh, d, scale, dtype, kv8=kv8))
     out_ty = relax.TensorType(shape_of(q), dtype)
     if "splits" in c:  # the warp decode kernel: its splits' states go through a scratch
         b, s = shape_of(q)[:2]
         part_ty = relax.TensorType([b, s, h, attn.MAX_SPLITS, d + 2], "float32")
-        both = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], [part_ty, out_ty]))
+        both = ctx.bb.emit(R.call_tir(gv, [q, *caches, pst], [part_ty, out_ty]))
         out = ctx.bb.emit(relax.TupleGetItem(both, 1))
     else:
-        out = ctx.bb.emit(R.call_tir(gv, [q, kc2, vc2, pst], out_ty))
-    ctx.caches[past_k], ctx.caches[past_v] = kc2, vc2
-    return [out, kc2, vc2]
+        out = ctx.bb.emit(R.call_tir(gv, [q, *caches, pst], out_ty))
+    ctx.caches.update(zip(names, caches, strict=True))
+    return [out, caches[0], caches[1]]

@@ -245,14 +245,18 @@ GEMM = register(Space(
 # -- attention (kernels/attention.py, kernels/flash_attention.py) -------------------------------
 
 def _attention_args(shape, rng: np.random.Generator, scratch: bool = False) -> list:
-    """q, k/v caches holding `past + s` rows, past[1] = `past`, (the decode kernel's scratch
-    of its splits' states,) the output."""
+    """q, k/v caches holding `past + s` rows (kv8: int8 codes, then their float32 scales),
+    past[1] = `past`, (the decode kernel's scratch of its splits' states,) the output."""
     b, s, h, d = 1, shape["s"], shape["heads"], shape["head_dim"]
-    cap, dt = shape["s"] + shape["past"], shape["dtype"]
+    cap, dt, kvh = shape["s"] + shape["past"], shape["dtype"], shape["kv_heads"]
     q = rng.standard_normal((b, s, h * d)).astype(dt)
-    kc, vc = (rng.standard_normal((b, shape["kv_heads"], cap, d)).astype(dt) for _ in "kv")
+    if shape.get("kv8"):
+        caches = [rng.integers(-127, 128, (b, kvh, cap, d), "int8") for _ in "kv"]
+        caches += [rng.uniform(0.005, 0.02, (b, kvh, cap, 1)).astype("float32") for _ in "kv"]
+    else:
+        caches = [rng.standard_normal((b, kvh, cap, d)).astype(dt) for _ in "kv"]
     part = [np.zeros((b, s, h, attn.MAX_SPLITS, d + 2), "float32")] if scratch else []
-    return [q, kc, vc, np.array([shape["past"]], "int32"), *part, np.zeros((b, s, h * d), dt)]
+    return [q, *caches, np.array([shape["past"]], "int32"), *part, np.zeros((b, s, h * d), dt)]
 
 
 def _attention_bind(shape) -> dict:
@@ -309,10 +313,11 @@ DECODE_ATTENTION = register(Space(
     lambda shape, c, target: c["dw"] * c["du"] <= 256,  # keys per step of a block
     doc="decode attention, head dim a multiple of 32: warps per block (the keys split over "
         "them, merged at the end), keys per warp per step (loads in flight), blocks per head "
-        "(split-KV: each a share of the context, merged by a second kernel)",
+        "(split-KV: each a share of the context, merged by a second kernel); shape flag kv8: "
+        "int8 caches and their scales",
     build=lambda shape, c, target: attn.decode_attention_kernel(
         shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"] ** -0.5,
-        shape["dtype"], **c),
+        shape["dtype"], kv8=shape.get("kv8", False), **c),
     bind=_attention_bind, make_args=lambda shape, rng: _attention_args(shape, rng, True)))
 
 FLASH_PREFILL = register(Space(

@@ -504,7 +504,8 @@ def _attention_cases() -> list[Case]:
             _attention_case("prefill_attention_f16", "prefill", 4, 2, 64, 37, 5),
             _attention_case("flash_prefill_f16", "flash", 4, 2, 64, 70, 9),
             _attention_case("flash_prefill_ldsm_f16", "flash", 8, 2, 128, 33, 0, ldsm=True),
-            *(_qkv_rotary_append_case(rot, inter) for rot, inter in ((32, False), (16, True)))]
+            *(_qkv_rotary_append_case(rot, inter) for rot, inter in ((32, False), (16, True))),
+            *_kv8_cases()]
 
 
 def _qkv_rotary_append_case(rot, interleaved, h=4, kv=2, d=32, b=2, s=4, cap=10, p=2) -> Case:
@@ -532,6 +533,111 @@ def _qkv_rotary_append_case(rot, interleaved, h=4, kv=2, d=32, b=2, s=4, cap=10,
 
     return Case(f"qkv_rotary_append_r{rot}{'_interleaved' if interleaved else ''}_f16", make,
                 inputs, expect)
+
+
+# -- the int8 KV cache (kv8: kernels/attention.py's kv_append_q8_kernel and kv8=True) ----------
+
+def _kv8_quantize(x) -> tuple[np.ndarray, np.ndarray]:
+    """Rows x[..., D] as an int8 cache keeps them: (codes int8, scales (..., 1) float32), scale
+    absmax / 127 and codes * scale the specification's values (spec.kv8_roundtrip, codes read
+    back from them)."""
+    x32 = _f32(x)
+    scale = np.abs(x32).max(-1, keepdims=True) / np.float32(127)
+    value = spec.kv8_roundtrip(x32)
+    codes = np.rint(np.divide(value, scale, out=np.zeros_like(value), where=scale > 0))
+    return codes.astype(np.int8), scale
+
+
+def _kv8_append_case(name, kv, d, *, b=2, s=5, cap=16, past=(3, 7)) -> Case:
+    """The new rows quantized into caches of garbage at each batch row's own past; bit-exact
+    (IEEE divisions and round-half-even in the kernel). One K row has absmax 127 and halves
+    (ties: rounded to even), one V row is zero (scale 0, codes 0)."""
+    def make():
+        from kiln.codegen.cuda.kernels.attention import kv_append_q8_kernel
+        return kv_append_q8_kernel(kv, d, F16)
+
+    def inputs(rng):
+        k, v = (_normal(rng, (b, s, kv * d), F16) for _ in "kv")
+        k[0, 0, :d] = np.r_[127, np.arange(d - 1) % 8 - 3.5]
+        v[-1, -1, -d:] = 0
+        return [*(rng.integers(-127, 128, (b, kv, cap, d), dtype=np.int8) for _ in "kv"),
+                *(_normal(rng, (b, kv, cap, 1), F32) for _ in "kv"), k, v,
+                np.array(past, np.int32)]
+
+    def expect(a):
+        out = {i: a[i].copy() for i in range(4)}
+        for new, codes_at, scales_at in ((a[4], 0, 2), (a[5], 1, 3)):
+            codes, scales = _kv8_quantize(new.reshape(b, s, kv, d).transpose(0, 2, 1, 3))
+            for r in range(b):
+                p = past[min(r, len(past) - 1)]
+                out[codes_at][r, :, p:p + s] = codes[r]
+                out[scales_at][r, :, p:p + s] = scales[r]
+        return out
+
+    return Case(name, make, inputs, expect, tol=0.0)
+
+
+def _kv8_attention_ref(a, past, h, kv, d, window=0) -> np.ndarray:
+    """spec.attention over the int8 caches' values (codes * scales), batch row r over its own
+    past[r] (past[0] for every row where past has one element)."""
+    q, kc, vc, ks, vs = a[:5]
+    s = q.shape[1]
+    kf, vf = kc.astype(np.float32) * ks, vc.astype(np.float32) * vs
+    attrs = {"num_heads": h, "num_kv_heads": kv, "head_dim": d, "scale": d ** -0.5,
+             "causal": True, **({"window": window} if window else {})}
+    rows = []
+    for r in range(q.shape[0]):
+        p = past[min(r, len(past) - 1)]
+        new_k, new_v = (c[r:r + 1, :, p:p + s].transpose(0, 2, 1, 3).reshape(1, s, kv * d)
+                        for c in (kf, vf))
+        rows.append(spec.attention([_f32(q[r:r + 1]), new_k, new_v, kf[r:r + 1, :, :p],
+                                    vf[r:r + 1, :, :p]], attrs)[0])
+    return np.concatenate(rows)
+
+
+def _kv8_attention_case(name, kernel, h, kv, d, s, past, *, b=2, **kw) -> Case:
+    """kernel: decode (the warp kernel where d % 32 == 0, else the thread kernel), window or
+    prefill, over int8 caches holding quantized normal rows; `past` per batch row (decode,
+    window) or one for all (prefill)."""
+    cap = max(past) + s + 3  # rows beyond past + s hold rows the kernel must not read
+
+    def make():
+        from kiln.codegen.cuda.kernels import attention
+        if kernel == "window":
+            return attention.window_attention_kernel(h, kv, d, d ** -0.5, F16, kw["window"],
+                                                     kv8=True)
+        fn = {"decode": attention.decode_attention_kernel,
+              "prefill": attention.prefill_attention_kernel}[kernel]
+        return fn(h, kv, d, d ** -0.5, F16, kv8=True, **kw)
+
+    scratch = kernel == "decode" and d % 32 == 0  # the warp kernel's splits' states
+
+    def inputs(rng):
+        (kc, ks), (vc, vs) = (_kv8_quantize(rng.standard_normal((b, kv, cap, d)))
+                              for _ in "kv")
+        part = [_empty((b, s, h, MAX_SPLITS, d + 2), "float32")] if scratch else []
+        return [_normal(rng, (b, s, h * d), F16), kc, vc, ks, vs, np.array(past, np.int32),
+                *part, _empty((b, s, h * d), F16)]
+
+    out = 7 if scratch else 6
+    return Case(name, make, inputs,
+                lambda a: {out: _kv8_attention_ref(a, past, h, kv, d, kw.get("window", 0))})
+
+
+def _kv8_cases() -> list[Case]:
+    return [_kv8_append_case("kv_append_q8_f16", 2, 64),
+            _kv8_append_case("kv_append_q8_d48_decode_f16", 3, 48, s=1, past=(9,)),
+            _kv8_attention_case("decode_attention_kv8_f16", "decode", 4, 2, 64, 1, (40, 29)),
+            _kv8_attention_case("decode_attention_kv8_split4_f16", "decode", 4, 2, 64, 3,
+                                (700, 650), splits=4, dw=4, du=8),
+            _kv8_attention_case("decode_attention_kv8_split16_f16", "decode", 8, 2, 128, 1,
+                                (2100, 1500), splits=16, dw=8, du=4),
+            _kv8_attention_case("decode_attention_kv8_threads_f16", "decode", 6, 2, 48, 1,
+                                (23, 11)),
+            _kv8_attention_case("window_attention_kv8_f16", "window", 4, 2, 48, 3, (20, 13),
+                                window=8),
+            _kv8_attention_case("prefill_attention_kv8_f16", "prefill", 4, 2, 64, 37, (5,)),
+            _kv8_attention_case("prefill_attention_kv8_d48_f16", "prefill", 4, 1, 48, 20, (0,))]
 
 
 # -- tensor-expression ops (kernels/te_ops.py), scheduled by dlight as the CUDA pipeline does ---

@@ -97,12 +97,57 @@ def test_unknown_dtype_and_cpu_half_are_refused(tiny_model, tmp_path):
                       dtype="float16")
 
 
-def test_int8_kv_cache_is_refused_on_cuda(tiny_model, tmp_path):
+@pytest.mark.parametrize("quant", ["kv8", "w4g32-kv8"])
+def test_int8_kv_cache_compiles_for_cuda(tiny_model, tmp_path, quant):
+    """--quant kv8 on CUDA: each layer's K and V cache int8, a float32 scale cache beside each
+    (kept float32 in an fp16 artifact), machine code for sm_90."""
+    from kiln.codegen import cuda_toolchain as ct
     from kiln.compiler.compile import compile_model
 
-    with pytest.raises(KilnError, match="--quant kv8: the int8 KV cache"):
-        compile_model(tiny_model, tmp_path / "q", target="cuda", weights=False, quant="kv8")
-    assert not (tmp_path / "q").exists()
+    art = compile_model(tiny_model, tmp_path / "q", target="cuda:sm_90", max_seq=64,
+                        weights=False, dtype="float16", quant=quant)
+    ct.require_fatbin(art / "kernels.so", "sm_90")
+    m = json.loads((art / "manifest.json").read_text())
+    caches = m["signature"]["caches"]
+    codes = [c for c in caches if c["dtype"] == "int8"]
+    assert len(codes) == 4 and all(c["head_dim"] == 16 for c in codes)  # 2 layers, K and V
+    assert [c for c in caches if c not in codes] == [
+        {**c, "name": f"{c['name']}:scale", "head_dim": 1, "dtype": "float32"} for c in codes]
+    floats = [p for p in m["params"] if p["dtype"].startswith("float")]
+    assert floats and all(p["dtype"] == "float16" for p in floats)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_int8_kv_cache_takes_the_quantizing_append_unfused(tmp_path, head_dim):
+    """kv8 attention: the rotary runs as its own kernel and the append is the quantizing one
+    (no fused q/k/v + rotary + append, in decode or prefill), decode reads int8 caches (head
+    dim 16: the thread kernel, 32: the warp kernel), prefill takes the plain tiled kernel (the
+    tensor-core flash kernel has no int8 caches); all four caches updated in place."""
+    from kiln.codegen.build import build_module
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_graph
+    from kiln.models.synthetic import CONFIGS, write_synthetic
+    from kiln.passes.quantize import parse_preset
+
+    cfg = CONFIGS["llama-tiny"].replace(heads=64 // head_dim, kv_heads=32 // head_dim,
+                                        head_dim=head_dim)
+    model = write_synthetic(cfg, tmp_path, weights=False)
+    graph = compile_graph(model, max_seq=64, progress=lambda m: None, weights_optional=True,
+                          quant=parse_preset("kv8"))
+    mod, sig = build_module(graph, CudaTarget(dtype="float16"),
+                            entry_points=("decode", "prefill"))
+    assert [c.dtype for c in sig.caches] == ["int8", "float32"] * 4
+    decode, prefill = mod["decode"].script(), mod["prefill"].script()
+    for text in (decode, prefill):
+        assert text.count("R.call_tir_inplace(cuda_kv_append_q8") == 2
+        assert "qkv_rope_gemv" not in text and "qkv_rotary_append" not in text
+        assert "rotary" in text
+    assert decode.count("cuda_decode_attention") == 2 and "_kv8" in decode
+    assert "cuda_flash_prefill" not in prefill and "cuda_prefill_attention" in prefill
+    # the appends' four in-place outputs (codes and scales of K and V)
+    kernel = next(gv for gv in mod.get_global_vars() if gv.name_hint.startswith(
+        "cuda_kv_append_q8"))
+    assert len(mod[kernel].params) == 7
 
 
 def test_decode_fuses_qkv_rotary_and_append_into_the_gemv(tiny_model):

@@ -30,7 +30,9 @@ SHAPES = {
     "cuda.gemv_qkv_rope": [{**D, "heads": 4, "kv_heads": 2, "head_dim": 64, "k": 512,
                             "dtype": F16}],
     "cuda.decode_attention": [{"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
-                               "phase": "decode", "s": 1, "past": 100}],
+                               "phase": "decode", "s": 1, "past": 100},
+                              {"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
+                               "phase": "decode", "s": 1, "past": 100, "kv8": True}],
     "cuda.flash_prefill": [{"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": F16,
                             "phase": "prefill", "s": 96, "past": 0, "ldsm": True}],
     "cuda.quant_gemv": [
@@ -134,6 +136,21 @@ def test_default_and_another_config_compile_to_machine_code(tmp_path):
             funcs[f"k{i}_c{j}"] = space(kernel).build(shape, c, None)
     compile_kernels(funcs, CudaTarget(arch="sm_90"), tmp_path / "k.so")
     assert ("cubin", "sm_90") in fatbin_entries(tmp_path / "k.so")
+
+
+def test_the_kv8_decode_attention_space_measures_int8_caches_and_scales():
+    """Shape flag kv8: the kernel takes int8 caches and their float32 scales, and the
+    arguments `kiln tune` measures it on are those, in order."""
+    from kiln.codegen.schedules import space
+    from kiln.codegen.tune import arg_specs
+
+    sp = space("cuda.decode_attention")
+    shape = SHAPES["cuda.decode_attention"][1]
+    func = sp.build(shape, sp.default(shape, None), None)
+    args = sp.make_args(shape, np.random.default_rng(0))
+    assert [(s["dtype"], tuple(s["shape"])) for s in arg_specs(func, sp.dims(shape))] == [
+        (str(a.dtype), a.shape) for a in args]
+    assert [str(a.dtype) for a in args[1:5]] == ["int8", "int8", "float32", "float32"]
 
 
 def test_defaults_are_the_kernels_constants():

@@ -120,7 +120,7 @@ def test_its_capabilities_decide_what_is_refused(fake, tiny_model, tmp_path, kw,
 def test_cpu_and_cuda_declare_their_capabilities():
     cpu, cuda = targets.target_type("cpu"), targets.target_type("cuda")
     assert (cpu.kv8, cpu.sliding_windows, cpu.pack_block) == (True, True, 16)
-    assert (cuda.kv8, cuda.sliding_windows, cuda.pack_block) == (False, True, 0)
+    assert (cuda.kv8, cuda.sliding_windows, cuda.pack_block) == (True, True, 0)
     assert cpu.fusions == ("projections",)
     assert set(cuda.fusions) == set(targets.ALL_FUSIONS)
 
