@@ -87,15 +87,19 @@ def test_op_matches_the_interpreter(ref, case, rng):
     assert_close(got, want.astype(got.dtype), rtol=2e-5, atol=2e-5, name=case)
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_attention_matches_the_interpreter(ref, rng, window):
-    """GQA (4 query heads over 2), a scale, causal, with and without a sliding window."""
+@pytest.mark.parametrize(("window", "kv_bits"), [(0, 0), (3, 0), (0, 8)])
+def test_attention_matches_the_interpreter(ref, rng, window, kv_bits):
+    """GQA (4 query heads over 2), a scale, causal, with and without a sliding window, and
+    with the int8 KV cache's rows (kv8: what the CUDA artifacts are checked against)."""
     attrs = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "scale": 0.3, "causal": True,
-             **({"window": window} if window else {})}
+             **({"window": window} if window else {}), **({"kv_bits": 8} if kv_bits else {})}
     q, k, v = _f(rng, 1, 7, 32), _f(rng, 1, 7, 16), _f(rng, 1, 7, 16)
     want = KERNELS["attention"]([q, k, v], Attrs(attrs))[0]
+    if kv_bits:  # the round trip changes the answer: the reference must apply it too
+        plain = KERNELS["attention"]([q, k, v], Attrs({**attrs, "kv_bits": 0}))[0]
+        assert np.abs(want - plain).max() > 1e-4
     assert_close(_run_ref(ref, "attention", attrs, [q, k, v]), want, rtol=2e-5, atol=2e-5,
-                 name=f"attention window {window}")
+                 name=f"attention window {window} kv_bits {kv_bits}")
 
 
 def test_symbolic_dims_and_range(ref):

@@ -74,15 +74,29 @@ def gelu(v, approximate: str):
     return 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
 
 
+def kv8_roundtrip(x):
+    """What an int8 KV cache hands back for rows x[..., D] (kiln's kv8: per row and head one
+    scale absmax / 127, codes rounded half to even)."""
+    import torch
+
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = amax / 127
+    return torch.where(amax > 0, torch.round(x / torch.where(amax > 0, scale, 1)) * scale, 0)
+
+
 def attention(q, k, v, a: dict):
-    """Causal attention of the prompt over itself (no cache), GQA, scale, sliding window."""
+    """Causal attention of the prompt over itself (no cache), GQA, scale, sliding window; with
+    `kv_bits` 8 the keys and values are what an int8 cache holds."""
     import torch
 
     h, kvh, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     b, n = q.shape[:2]
     q = q.reshape(b, n, h, d).transpose(1, 2)
-    k = k.reshape(b, n, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
-    v = v.reshape(b, n, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
+    k, v = k.reshape(b, n, kvh, d), v.reshape(b, n, kvh, d)
+    if int(a.get("kv_bits", 0)) == 8:
+        k, v = kv8_roundtrip(k), kv8_roundtrip(v)
+    k = k.transpose(1, 2).repeat_interleave(h // kvh, 1)
+    v = v.transpose(1, 2).repeat_interleave(h // kvh, 1)
     scores = q @ k.transpose(-1, -2) * float(a.get("scale", d ** -0.5))
     i = torch.arange(n, device=q.device)[:, None]
     j = torch.arange(n, device=q.device)[None, :]
