@@ -220,7 +220,9 @@ def _qkv_rope_gemv_case(h=4, kv=2, d=32, k=128, m=2, cap=12, past=5,
 # -- quantized decode GEMV (kernels/quant_gemv.py) ---------------------------------------------
 
 def _quant_case(name, n, k, bits, group, *, symmetric=True, residual=False, norm=False, m=3,
-                math=None):
+                math=None, outliers=False):
+    """`outliers`: a few activation channels at +-2000 (a model's outlier features: codes times
+    such activations overflow fp16, weights times them do not)."""
     def make():
         from kiln.codegen.cuda.kernels.quant_gemv import quant_gemv_kernel
         return quant_gemv_kernel(n, k, bits, group, F16, F16, zero_points=not symmetric,
@@ -228,6 +230,9 @@ def _quant_case(name, n, k, bits, group, *, symmetric=True, residual=False, norm
 
     def inputs(rng):
         args = _quant_inputs(rng, n, k, bits, group, symmetric, norm, m)
+        if outliers:
+            cols = rng.choice(k, 4, replace=False)
+            args[0][:, cols] = np.float16(2000) * rng.choice([-1, 1], (m, 4)).astype(F16)
         if residual:
             args.append(_normal(rng, (m, n), F16))
         return [*args, _empty((m, n), F16)]
@@ -292,6 +297,10 @@ def _quant_gemv_cases() -> list[Case]:
             _quant_case("quant_gemv_int4_zp_g32_norm", 256, 1344, 4, 32, symmetric=False,
                         norm=True),
             _quant_case("quant_gemv_int4_sym_g128_residual", 64, 2048, 4, 128, residual=True),
+            # outlier activations (+-2000): the f16x2 products stay finite
+            _quant_case("quant_gemv_int8_channel_outliers", 64, 256, 8, 256, outliers=True),
+            _quant_case("quant_gemv_int4_zp_g32_outliers", 64, 256, 4, 32, symmetric=False,
+                        outliers=True),
             # gate/up GEMV + SwiGLU (y[m, f] of W[2f, k]): f16x2 with zero points and the norm,
             # float32 unpacking, int8 with the norm and two outputs (four rows) per warp
             _quant_swiglu_case("quant_swiglu_gemv_int4_zp_g32_norm", 96, 512, 4, 32,

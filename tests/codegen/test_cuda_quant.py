@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from tests.helpers import needs_cuda_toolchain
@@ -191,3 +192,33 @@ def _cuda_source(ct, func) -> str:
         if "__global__" in src:
             return src
     raise AssertionError("no CUDA module")
+
+
+def test_f16x2_arithmetic_stays_finite_on_outlier_activations():
+    """The f16x2 GEMV's arithmetic in numpy's float16 (each operation rounded to fp16 as the
+    half2 instructions round): codes minus zero point (exact) times the scale (the weight),
+    times x, four products summed in fp16, then float32. With outlier activations (+-2000, as
+    real models have in a few channels) it matches float64 to fp16 accuracy; multiplying the
+    codes by x before the scale (int8 codes up to 127) would overflow fp16."""
+    from kiln.runtime import quant_format as qf
+
+    rng = np.random.default_rng(7)
+    n, k = 32, 256
+    q, s, _ = qf.quantize_rtn(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5,
+                              bits=8, group=k, symmetric=True)
+    codes = q.astype(np.float16)  # int8 codes, exact in fp16
+    s16 = s.astype(np.float16)
+    x = rng.standard_normal(k).astype(np.float16)
+    x[rng.choice(k, 4, replace=False)] = np.float16(2000)
+    w = (codes * s16).astype(np.float16)  # the half2 multiply by the scale
+    prods = (w * x).astype(np.float16).reshape(n, -1, 4)
+    partial = prods[..., 0]
+    for j in range(1, 4):
+        partial = (partial + prods[..., j]).astype(np.float16)
+    got = partial.astype(np.float32).sum(-1)
+    want = qf.dequantize(q, s.astype(np.float64), None, bits=8, k=k) @ x.astype(np.float64)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() / np.abs(want).max() < 3e-3
+    with np.errstate(over="ignore"):
+        codes_first = (codes * x).astype(np.float16).reshape(n, -1, 4).sum(-1, dtype=np.float16)
+    assert not np.isfinite(codes_first).all()

@@ -20,11 +20,14 @@ per chunk. float32 accumulation, warp-shuffle row sums.
 FasterTransformer do: a lop3 puts two codes into the low mantissa bits of the half2 (1024, 1024)
 (int4: nibbles k and k + 4 of a 32-bit word, or k + 1 and k + 5 shifted left 4, undone by an
 exact fma with 1/16; int8: a byte permute), one half2 subtraction of 1024 + the zero point leaves
-the codes minus their zero point exactly, and one half2 fma multiplies them with a pair of x
+the codes minus their zero point exactly, a half2 multiply by the group's scale makes them the
+weights (as fp16 weights would be stored), and one half2 fma multiplies those with a pair of x
 (packed in the same k order once per chunk for all rows). Four half2 products per lane are
-summed in fp16 (|code| <= 15, so |x| up to ~1000 stays finite), then added in float32 and
-scaled per group. About 2 instructions per weight instead of 4: the int4 GEMV was ALU-bound
-(benchmarks/RESULTS.md, "CUDA on the H200 (session 3)").
+summed in fp16, then in float32: the fp16 partial sums are partial dot products of weights
+and activations, bounded as the output is (multiplying codes, up to 255 for int8, by
+activations in fp16 would overflow on a model's outlier activations). About 2.5 instructions
+per weight instead of 4: the int4 GEMV was ALU-bound (benchmarks/RESULTS.md, "CUDA on the
+H200 (session 3)"; run 38 in "Session 13").
 
 `swiglu=True` takes a gate/up projection W[2F, k] and writes y[m, F] = silu(gate) * up
 instead of its [m, 2F] output (what kernels/gemv.swiglu_gemv_kernel does for fp16 weights):
@@ -196,14 +199,18 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
             T.ptx.add.f16x2(t[1], t[1], lo)
 
     @T.macro
-    def dot_half(zp, acc, w, xh, t, hz, hacc, row, slot, grp):
-        """acc[rows + 2] = the chunk's codes (minus zero points) . x, f16x2 products."""
+    def dot_half(sc, zp, acc, w, xh, t, hz, hacc, row, slot, grp):
+        """acc[rows + 2] = the chunk's weights . x, f16x2: each pair of codes minus its zero
+        point (exact) times the group's scale is the pair of weights, then their products
+        with x; the fp16 partial sums are partial dot products, bounded as the outputs are."""
         acc[rows + 2] = T.float32(0)
         if zero_points:  # -(1024 + flip + zp) and -(64 + zp): integers, exact in fp16
             hz[0] = T.float16(-(1024 + flip_h)) - zp[row, grp]
             hz[1] = hz[0]
             hz[2] = T.float16(-64) - zp[row, grp]
             hz[3] = hz[2]
+        hz[6] = sc[row, grp]
+        hz[7] = hz[6]
         for wi in T.unroll(4):
             if zero_points:
                 half_codes(t, w[slot * 4 + wi], T.reinterpret(u32, hz[T.ramp(0, 1, 2)]),
@@ -211,6 +218,7 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
             else:
                 half_codes(t, w[slot * 4 + wi], T.uint32(lo_c), T.uint32(hi_c))
             for q in T.unroll(pairs):
+                T.ptx.mul.rn.f16x2(t[q], t[q], T.reinterpret(u32, hz[T.ramp(6, 1, 2)]))
                 if q == 0 and wi % words_per_sum == 0:
                     T.ptx.mul.rn.f16x2(hacc[0], t[q], xpair(xh, wi, q))
                 else:
@@ -258,9 +266,10 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                             if zero_points and not h2:
                                 acc[rows] += xf[v * xv_n + j]
                     for r in T.unroll(rows):
-                        if h2:
-                            dot_half(zp, acc, w, xh, t, hz, hacc, weight_row(warp, r),
+                        if h2:  # (the scale applied per weight: added as it is)
+                            dot_half(sc, zp, acc, w, xh, t, hz, hacc, weight_row(warp, r),
                                      r * sg + s_, ((gi * sg + s_) * 32 + tx) * e // group)
+                            acc[r] += acc[rows + 2]
                         else:
                             acc[rows + 2] = T.float32(0)
                             for j in T.unroll(e):
@@ -269,9 +278,9 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                                 acc[rows + 2] -= T.Cast(f32, zp[
                                     weight_row(warp, r), ((gi * sg + s_) * 32 + tx) * e
                                     // group]) * acc[rows]
-                        acc[r] += T.Cast(f32, sc[weight_row(warp, r), ((gi * sg + s_) * 32
-                                                                       + tx) * e // group]
-                                         ) * acc[rows + 2]
+                            acc[r] += T.Cast(f32, sc[weight_row(warp, r), ((gi * sg + s_)
+                                                                           * 32 + tx) * e
+                                                     // group]) * acc[rows + 2]
         for off in T.unroll(5):
             for r in T.unroll(rows + 2):
                 acc[r] = acc[r] + T.tvm_warp_shuffle_down(T.uint32(0xFFFFFFFF), acc[r],
@@ -294,7 +303,7 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
                     xf = T.decl_buffer((e,), f32, scope="local")
                     xh = T.decl_buffer((e,), "float16", scope="local")  # (f16x2)
                     t = T.decl_buffer((4,), u32, scope="local")
-                    hz = T.decl_buffer((6,), "float16", scope="local")
+                    hz = T.decl_buffer((8,), "float16", scope="local")
                     hacc = T.decl_buffer((1,), u32, scope="local")
                     for mi in range(m):
                         if bx * warps + ty < warps_needed:
