@@ -16,12 +16,7 @@ python -m tests.codegen.cuda_kernel_cases .device/e2e/kernels
 M=.device/e2e/models/llama-3.2-1b/model.onnx
 kiln tune $M --target cuda:sm_90a --max-seq 4096 --rows 2048 --bundle .device/tb
 kiln tune $M --target cuda:sm_90a --max-seq 4096 --rows 512 --bundle .device/tb512
-python -c "from pathlib import Path; import shutil, typing_extensions; \
-from kiln.compiler import package as pk; d = Path('.device/h3'); \
-pk._copy_tvm(d / 'lib' / 'tvm', cuda=True); \
-shutil.copyfile(typing_extensions.__file__, d / 'lib' / 'typing_extensions.py'); \
-w = pk.find_ffi_wheel('3.12'); (d / 'wheels').mkdir(exist_ok=True); \
-shutil.copyfile(w, d / 'wheels' / w.name)"
+bash benchmarks/gpu/build_h3.sh
 python -m kiln.models.zoo /tmp/kiln-zoo > /tmp/kiln-zoo.log 2>&1
 python benchmarks/gpu/zoo_cuda.py build .device/zoo --zoo /tmp/kiln-zoo
 du -sh .device/gemm .device/e2e .device/tb .device/tb512 .device/h3 .device/zoo
