@@ -4,6 +4,7 @@
 # benchmarks/gpu/kernel_tests_log.md).
 set -eu
 cd "$(dirname "$0")/../.."
+rm -rf .device/h3
 python -c "from pathlib import Path; import shutil, typing_extensions; \
 from kiln.compiler import package as pk; d = Path('.device/h3'); \
 pk._copy_tvm(d / 'lib' / 'tvm', cuda=True); \
