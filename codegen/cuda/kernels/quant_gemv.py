@@ -44,6 +44,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from kiln.codegen.cuda.kernels import pdl as P
+from kiln.codegen.cuda.kernels.sparse_gemv import byte_perm
 from kiln.runtime import quant_format as qf
 
 WARPS = 4  # rows per block
@@ -119,7 +120,7 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
     steps = -(-nchunk // 32)
     per_word = 32 // bits
     mask = (1 << bits) - 1
-    flip = 0x80 if bits == 8 else 0  # int8 codes made unsigned (+128) before the OR
+    flip = 0x80 if bits == 8 else 0  # int8 codes made unsigned (+128) by an XOR
     # the float 2^23 + stored code, minus this, is the code minus its implied zero point
     offset = float(2 ** 23 + (128 if bits == 8 else 0)
                    + (0 if zero_points else qf.default_zero_point(bits)))
@@ -159,9 +160,8 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
     # f16x2: a word's code pairs and the x pairs they meet (element index within the chunk)
     pairs = 4 if bits == 4 else 2  # half2 of codes per 32-bit word
     words_per_sum = 1 if bits == 4 else 2  # four half2 products per fp16 partial sum
-    flip_h = 128 if bits == 8 else 0  # int8 codes made unsigned (+128) by the XOR
     zp_h = 0 if zero_points else qf.default_zero_point(bits)
-    lo_c, hi_c = _half2_bits(-(1024 + flip_h + zp_h)), _half2_bits(-(64 + zp_h))
+    lo_c, hi_c = _half2_bits(-(1024 + flip + zp_h)), _half2_bits(-(64 + zp_h))
 
     def x_slot(j):
         """Where x element j of a chunk sits in the packed pairs: int4 words pair nibbles
@@ -191,9 +191,9 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
             T.ptx.add.f16x2(t[2], t[2], lo)
             T.ptx.fma.rn.f16x2(t[3], t[3], T.uint32(_half2_bits(1 / 16)), hi)
         else:
-            t[0] = _perm(T.bitwise_xor(word, T.uint32(0x80808080)), T.uint32(0x64646464),
+            t[0] = byte_perm(T.bitwise_xor(word, T.uint32(0x80808080)), T.uint32(0x64646464),
                          T.uint32(0x4140))
-            t[1] = _perm(T.bitwise_xor(word, T.uint32(0x80808080)), T.uint32(0x64646464),
+            t[1] = byte_perm(T.bitwise_xor(word, T.uint32(0x80808080)), T.uint32(0x64646464),
                          T.uint32(0x4342))
             T.ptx.add.f16x2(t[0], t[0], lo)
             T.ptx.add.f16x2(t[1], t[1], lo)
@@ -205,10 +205,11 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
         with x; the fp16 partial sums are partial dot products, bounded as the outputs are."""
         acc[rows + 2] = T.float32(0)
         if zero_points:  # -(1024 + flip + zp) and -(64 + zp): integers, exact in fp16
-            hz[0] = T.float16(-(1024 + flip_h)) - zp[row, grp]
+            hz[0] = T.float16(-(1024 + flip)) - zp[row, grp]
             hz[1] = hz[0]
-            hz[2] = T.float16(-64) - zp[row, grp]
-            hz[3] = hz[2]
+            if bits == 4:  # (the high nibbles' offset: int8 has none)
+                hz[2] = T.float16(-64) - zp[row, grp]
+                hz[3] = hz[2]
         hz[6] = sc[row, grp]
         hz[7] = hz[6]
         for wi in T.unroll(4):
@@ -327,10 +328,6 @@ def quant_gemv_kernel(n: int, k: int, bits: int, group: int, dtype: str, out_dty
 
     return _entry(body, n, f_out if swiglu else n, k, ng, qcols, qdtype, dtype, out_dtype,
                   zero_points, residual, norm)
-
-
-def _perm(a, b, sel):
-    return T.call_pure_extern("uint32", "__byte_perm", a, b, sel)
 
 
 def _entry(body, n, n_out, k, ng, qcols, qdtype, dtype, out_dtype, zero_points, residual,

@@ -60,7 +60,8 @@ def _selectors(word, p):
     return t * T.uint32(0x22) + T.uint32(0x10101010)
 
 
-def _perm(a, b, sel):
+def byte_perm(a, b, sel):
+    """CUDA's __byte_perm: the four bytes of (a, b) that the selector's nibbles pick."""
     return T.call_pure_extern("uint32", "__byte_perm", a, b, sel)
 
 
@@ -101,7 +102,7 @@ def _body(k: int, dtype: str, rows: int, warps: int, row_of, eps: float | None, 
                     for p in T.unroll(4):  # meta byte p: groups 2p and 2p + 1
                         sel[0] = _selectors(mv[r * sg + s_], p)
                         for h in T.unroll(2):
-                            sel[1] = _perm(xw[(2 * p + h) * 2], xw[(2 * p + h) * 2 + 1],
+                            sel[1] = byte_perm(xw[(2 * p + h) * 2], xw[(2 * p + h) * 2 + 1],
                                            T.shift_right(sel[0], T.Cast(u32, 16 * h)))
                             sel[2] = wv[(r * sg + s_) * 8 + 2 * p + h]
                             acc[r] += _half(sel[1], False, dtype) * _half(sel[2], False, dtype)
