@@ -155,15 +155,20 @@ class CpuTarget:
 
 #: compute dtypes a CUDA artifact can be built for (parameters, activations and the KV cache)
 CUDA_DTYPES = ("float16", "bfloat16", "float32")
+#: kiln ships machine code only (no PTX), so an sm_90 artifact runs on the same GPUs as an
+#: sm_90a one (H100, H200), and sm_90a's wgmma prefill is 1.5-1.7x faster (benchmarks/RESULTS.md,
+#: "Session 14")
+CUDA_DEFAULT_ARCH = "sm_90a"
 
 
 @register_target
 @dataclass(frozen=True, slots=True)
 class CudaTarget:
     """An NVIDIA GPU: its arch, the compute dtype (reductions, softmax and norms accumulate in
-    float32 whatever it is) and the largest batch the decode step's CUDA graph is planned for."""
+    float32 whatever it is) and the largest batch the decode step's CUDA graph is planned for.
+    The default arch is Hopper with its arch-specific instructions (CUDA_DEFAULT_ARCH)."""
 
-    arch: str = "sm_90"
+    arch: str = CUDA_DEFAULT_ARCH
     dtype: str = "float16"
     max_batch: int = 16  # decode's intermediates are planned for this many rows
     name: str = "cuda"
@@ -187,8 +192,8 @@ class CudaTarget:
 
     @classmethod
     def from_arg(cls, arg: str) -> CudaTarget:
-        """"cuda" is sm_90, "cuda:sm_80" another arch."""
-        return cls(arch=arg or "sm_90")
+        """"cuda" is sm_90a, "cuda:sm_80" another arch."""
+        return cls(arch=arg or CUDA_DEFAULT_ARCH)
 
     def with_dtype(self, dtype: str) -> CudaTarget:
         return dataclasses.replace(self, dtype=dtype)

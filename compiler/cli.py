@@ -185,7 +185,8 @@ def check(model: Path, as_json: bool, seed: int, batch: int, tolerance: float, q
                    "w4g32-kv8")
 @click.option("--quant-keep", "quant_keep", multiple=True, metavar="PATTERN",
               help="keep matching layers (node/param names, fnmatch; 'lm_head') in fp32")
-@click.option("--arch", help="CUDA arch (sm_90 ...): same as --target cuda:<arch>")
+@click.option("--arch", help="CUDA arch (default sm_90a; sm_90, sm_80 ...): same as "
+                             "--target cuda:<arch>")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="compute dtype on CUDA (default float16; accumulation stays float32)")
 @click.option("--tuning", type=click.Path(path_type=Path),

@@ -100,8 +100,9 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
     # tuned (compiled with --tuning OUT/tuning.json, what `kiln_run.py tune` wrote on the GPU),
     # nofuse (--no-fuse all: every canonical op through its unfused lowering), nosplit (decode
     # attention without split-KV: one block per head), nomma (batched decode GEMVs on the CUDA
-    # cores instead of the tensor cores), wgmma (the experimental wgmma prefill GEMM,
-    # kernels/wgmma_gemm.py, for an sm_90a target), qf32 (quantized decode GEMVs unpack codes
+    # cores instead of the tensor cores), wgmma (for an sm_90a target: its prefill GEMMs
+    # then take the wgmma kernel by default, kernels/wgmma_gemm.py), nowgmma (sm_90a, with
+    # the wgmma default switched off: dlight's GEMMs), qf32 (quantized decode GEMVs unpack codes
     # to float32 instead of half2)
     for spec in specs:
         name, dtype, quant, variant = [*spec.split(":"), "", ""][:4]
@@ -113,7 +114,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         pdl.ENABLED = "nopdl" not in flags
         attention.WARP_DECODE = "oldattn" not in flags
         attention.SPLIT_DECODE = "nosplit" not in flags
-        wgmma_gemm.WGMMA = "wgmma" in flags
+        wgmma_gemm.WGMMA = "nowgmma" not in flags
         quant_gemv.HALF2 = "qf32" not in flags
         mma = "nomma" not in flags
         if gemv_mma.TENSOR_CORES is not mma:  # (the kernels are cached: built anew)
@@ -126,7 +127,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
         tuning = out / "tuning.json" if "tuned" in flags else None
         # a tuned artifact is compiled for the arch it was tuned on (sm_90a: wgmma candidates)
         arch = json.loads(tuning.read_text())["target"]["arch"] if tuning else (
-            "sm_90a" if "wgmma" in flags else "sm_90")
+            "sm_90a" if flags & {"wgmma", "nowgmma"} else "sm_90")
         compile_model(src, dst, target=f"cuda:{arch}",
                       max_seq=max_seq, weights=False,
                       dtype=dtype, quant=quant or None, tuning=tuning, **sparse,
@@ -134,7 +135,7 @@ def build(out: Path, specs: list[str], max_seq: int) -> None:
                       else ("qkv_projection",) if "norope" in flags else ())
         flash_attention.LDSM, pdl.ENABLED = default_ldsm, True
         attention.WARP_DECODE, lower_sparse.PREFILL = True, "scratch"
-        attention.SPLIT_DECODE, wgmma_gemm.WGMMA = True, False
+        attention.SPLIT_DECODE, wgmma_gemm.WGMMA = True, True
         quant_gemv.HALF2 = True
         # the reference runs the float graph; quantized weights are dequantized into it
         g = compile_graph(src, max_seq=max_seq, progress=lambda m: None, weights_optional=True,

@@ -187,10 +187,10 @@ def _gemm_valid(shape, c, target) -> bool:
 
 
 def _gemm_default(shape, target) -> dict:
-    """dlight's schedule for fp16; for bf16, which dlight leaves on the CUDA cores, kiln's
-    kernel at the tile that measured best for most fp16 GEMMs of the 1B shape (run 20).
-    `wgmma_gemm.WGMMA` (an A/B switch) makes wgmma's default tile the default where it is
-    valid."""
+    """On sm_90a, fp16/bf16 GEMMs without a bias: Hopper's wgmma at its default tile
+    (`wgmma_gemm.DEFAULT`; `wgmma_gemm.WGMMA` an A/B switch). Elsewhere dlight's schedule for
+    fp16, and for bf16, which dlight leaves on the CUDA cores, kiln's kernel at the tile that
+    measured best for most fp16 GEMMs of the 1B shape (run 20)."""
     if wgmma_k.WGMMA and _wgmma_valid(shape, WGMMA_DEFAULT, target):
         return dict(WGMMA_DEFAULT)
     if shape.get("dtype") == "bfloat16" and gemm_k.tile_ok(shape["n"], shape["k"], BF16_TILE):
@@ -236,7 +236,8 @@ GEMM = register(Space(
         "stages (bf16: dlight does not tensorize it). mma wgmma (fp16/bf16 without bias, sm_90a): "
         "128 x bn tiles of two warpgroups, `stages` k tiles of 64 in shared memory, `inflight` "
         "1: a k tile's MMAs overlap the next one's; `staged`: the output tile leaves through "
-        "shared memory in 16-byte rows",
+        "shared memory in 16-byte rows; the default on sm_90a (bias-free): wgmma 128 x 128, "
+        "3 stages, staged",
     build=_gemm_build,
     # prefill's time is its GEMMs', and the valid configs number about 80: measure them all
     max_candidates=96))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -201,8 +202,9 @@ def test_bf16_gemms_take_kilns_tensor_core_kernel(tmp_path):
 @needs_cuda_toolchain
 def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
     """Hopper's wgmma kernel joins the GEMM space for fp16 and bf16 bias-free GEMMs on an
-    sm_90a target (never on sm_90, with a bias or for float32); the defaults stay dlight's
-    and bf16's WMMA tile; its candidates build to sm_90a machine code, bf16's too."""
+    sm_90a target (never on sm_90, with a bias or for float32), and its staged 128 x 128 tile
+    is the default there (sm_90: dlight's and bf16's WMMA tile); its candidates build to sm_90a
+    machine code, bf16's too."""
     from kiln.codegen.build import compile_kernels
     from kiln.codegen.cuda import spaces
     from kiln.codegen.cuda_toolchain import fatbin_entries
@@ -217,14 +219,18 @@ def test_wgmma_configs_are_candidates_on_sm90a_only(tmp_path):
     assert {(c["bn"], c["stages"], c["inflight"], c["staged"]) for c in wg} == {
         (bn, s, i, st) for bn in (64, 128, 256) for s in (2, 3, 4) for i in (0, 1)
         for st in (False, True) if 2 + i <= s}  # (fp16 out: every staged tile fits)
-    assert gemm.default(shape, hopper)["mma"] == "wmma"
+    assert gemm.default(shape, hopper) == spaces.WGMMA_DEFAULT
+    assert spaces.WGMMA_DEFAULT["staged"] and spaces.WGMMA_DEFAULT["bn"] == 128
+    assert gemm.default(shape, CudaTarget(arch="sm_90"))["mma"] == "wmma"
+    assert gemm.default({**shape, "bias": True}, hopper)["mma"] == "wmma"
     for other, tgt in (({}, CudaTarget(arch="sm_90")), ({"bias": True}, hopper),
                        ({"dtype": "float32", "out_dtype": "float32"}, hopper)):
         assert not any(c["mma"] == "wgmma" for c in gemm.configs({**shape, **other}, tgt))
     assert spaces.WGMMA_DEFAULT in wg
     bf16 = {**shape, "dtype": "bfloat16", "out_dtype": "bfloat16"}
     assert [c for c in gemm.configs(bf16, hopper) if c["mma"] == "wgmma"] == wg
-    assert gemm.default(bf16, hopper) == {**spaces.BF16_TILE, **spaces.WMMA}
+    assert gemm.default(bf16, hopper) == spaces.WGMMA_DEFAULT
+    assert gemm.default(bf16, CudaTarget(arch="sm_90")) == {**spaces.BF16_TILE, **spaces.WMMA}
     lm_head = {**shape, "out_dtype": "float32", "residual": False}
     assert not any(c["staged"] and c["bn"] == 256 and c["stages"] == 2
                    for c in gemm.configs(lm_head, hopper))  # its fp32 tile would not fit
@@ -358,37 +364,44 @@ def test_a_tuning_entry_of_an_older_space_is_ignored_with_a_warning():
 @pytest.mark.slow
 @needs_cuda_toolchain
 def test_a_tuned_wgmma_gemm_is_what_the_artifact_runs(tmp_path):
-    """A tuning file whose prefill GEMMs chose wgmma configs (what `kiln tune --target
-    cuda:sm_90a` measures) compiles into an artifact whose manifest records them as tuned and
-    whose kernels are the wgmma ones; the untuned artifact keeps dlight's."""
+    """Untuned, an sm_90a artifact's bias-free prefill GEMMs run wgmma's default tile (an sm_90
+    artifact's run dlight's); a tuning file whose GEMMs chose other wgmma configs (what `kiln
+    tune --target cuda:sm_90a` measures) compiles into an artifact whose manifest records them
+    as tuned."""
     from kiln.codegen.cuda import spaces
     from kiln.codegen.schedules import TuningDB, target_key
     from kiln.codegen.targets import CudaTarget
     from kiln.compiler.compile import compile_model
     from kiln.models.synthetic import write_synthetic
 
+    def gemms(art):
+        return [s for s in json.loads((art / "manifest.json").read_text())["schedules"]
+                if s["kernel"] == "cuda.gemm"]
+
     src = write_synthetic("llama-tiny", tmp_path / "m", weights=True)
     hopper = CudaTarget(arch="sm_90a", dtype="float16")
     untuned = compile_model(src, tmp_path / "untuned", target="cuda:sm_90a", dtype="float16",
                             max_seq=256)
-    gemms = [s for s in json.loads((untuned / "manifest.json").read_text())["schedules"]
-             if s["kernel"] == "cuda.gemm"]
-    assert gemms and all(s["config"]["mma"] == "wmma" for s in gemms)
+    bias_free = [s for s in gemms(untuned) if "bias=False" in s["shape"]]
+    # (the default tile is 128 columns wide: narrower outputs keep dlight's GEMM)
+    wide = [s for s in bias_free if int(re.search(r"\bn=(\d+)", s["shape"])[1]) % 128 == 0]
+    assert wide and all(s["config"] == spaces.WGMMA_DEFAULT and s["source"] == "default"
+                        for s in wide)
+    assert all(s["config"]["mma"] == "wmma" for s in bias_free if s not in wide)
+    assert b"cuda_wgmma_gemm" in (untuned / "kernels.so").read_bytes()
+    sm90 = compile_model(src, tmp_path / "sm90", target="cuda:sm_90", dtype="float16",
+                         max_seq=256)
+    assert all(s["config"]["mma"] == "wmma" for s in gemms(sm90))
+    assert b"cuda_wgmma_gemm" not in (sm90 / "kernels.so").read_bytes()
     pick = spaces.wgmma_config(64, 3, 1)
     db = TuningDB(target_key(hopper))
-    for s in gemms:
-        if "bias=False" in s["shape"]:
-            db.record("cuda.gemm", s["shape"], pick, 1e-5, 2e-5)
-    assert db.entries
+    for s in bias_free:
+        db.record("cuda.gemm", s["shape"], pick, 1e-5, 2e-5)
     db.save(tmp_path / "tuning.json")
     tuned = compile_model(src, tmp_path / "tuned", target="cuda:sm_90a", dtype="float16",
                           max_seq=256, tuning=tmp_path / "tuning.json")
-    recorded = [s for s in json.loads((tuned / "manifest.json").read_text())["schedules"]
-                if s["kernel"] == "cuda.gemm" and s["shape"] in db.entries["cuda.gemm"]]
+    recorded = [s for s in gemms(tuned) if s["shape"] in db.entries["cuda.gemm"]]
     assert recorded and all(s["config"] == pick and s["source"] == "tuned" for s in recorded)
-    names = (tuned / "kernels.so").read_bytes()
-    assert b"cuda_wgmma_gemm" in names and b"cuda_wgmma_gemm" not in (
-        untuned / "kernels.so").read_bytes()
 
 
 def test_dlight_tensorizes_for_sm90a_as_for_sm90():
