@@ -177,8 +177,8 @@ def kiln_outputs(art: Path) -> dict:
     s = Session.load(art, synthetic_weights=SEED)
     out = session_outputs(s, prompts(s.vocab), prompts(s.vocab)[9])
     if s.artifact.manifest.get("decode_past"):  # the long-context decode entry too
-        toks, logits = _kiln_greedy(s, long_prompt(s.vocab), LONG_STEPS)
-        out.update(greedy_long=toks, decode_logits_long=logits)
+        toks, logits, first = _kiln_greedy(s, long_prompt(s.vocab), LONG_STEPS)
+        out.update(greedy_long=toks, decode_logits_long=logits, prompt_logits_long=first)
     return out
 
 
@@ -186,16 +186,18 @@ def long_prompt(vocab: int) -> np.ndarray:
     return np.random.default_rng(SEED + 1).integers(0, vocab, LONG_PROMPT)
 
 
-def _kiln_greedy(s, ids: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """`steps` greedy tokens after prompt `ids` (host argmax) and each step's logits."""
+def _kiln_greedy(s, ids: np.ndarray, steps: int) -> tuple[np.ndarray, ...]:
+    """`steps` greedy tokens after prompt `ids` (host argmax), each step's logits and the
+    prompt's last logits (which chose the first token)."""
     toks, logits = [], []
-    tok = int(s.prefill(ids[None], last_only=True)[0, -1].argmax())
+    prompt_logits = s.prefill(ids[None], last_only=True)[0, -1].astype(np.float32)
+    tok = int(prompt_logits.argmax())
     for _ in range(steps):
         toks.append(tok)
         step = s.decode([tok])[0, -1]
         logits.append(step.astype(np.float32))
         tok = int(step.argmax())
-    return np.array(toks), np.stack(logits)
+    return np.array(toks), np.stack(logits), prompt_logits
 
 
 def session_outputs(s, by_length: dict[int, np.ndarray], greedy_ids: np.ndarray,
@@ -209,7 +211,8 @@ def session_outputs(s, by_length: dict[int, np.ndarray], greedy_ids: np.ndarray,
         last = s.prefill(ids[None], last_only=True)[0, -1]
         out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].astype(np.float32)
         out[f"last{n}"] = last.astype(np.float32)
-    out["greedy"], out["decode_logits"] = _kiln_greedy(s, greedy_ids, steps)
+    out["greedy"], out["decode_logits"], out["prompt_logits"] = _kiln_greedy(s, greedy_ids,
+                                                                             steps)
     tok, dev = s.prefill(greedy_ids[None], last_only=True)[:, -1].argmax(-1), []
     for _ in range(steps):
         dev.append(int(tok[0]))
@@ -229,24 +232,26 @@ def torch_reference(art: Path, bundle: Path) -> dict:
             logits = forward(ids)
             out[f"prefill{n}"] = logits[[0, n // 2, n - 1]].float().cpu().numpy()
             out[f"last{n}"] = logits[-1].float().cpu().numpy()
-        out["greedy"], out["decode_logits"] = _torch_greedy(forward, prompts(vocab)[9],
-                                                            DECODE_STEPS)
-        out["greedy_long"], out["decode_logits_long"] = _torch_greedy(
-            forward, long_prompt(vocab), LONG_STEPS)
+        out["greedy"], out["decode_logits"], out["prompt_logits"] = _torch_greedy(
+            forward, prompts(vocab)[9], DECODE_STEPS)
+        out["greedy_long"], out["decode_logits_long"], out["prompt_logits_long"] = \
+            _torch_greedy(forward, long_prompt(vocab), LONG_STEPS)
     return out
 
 
-def _torch_greedy(forward, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """`steps` greedy tokens after `prompt`, the whole sequence recomputed each step."""
+def _torch_greedy(forward, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, ...]:
+    """`steps` greedy tokens after `prompt`, the whole sequence recomputed each step; each
+    step's logits and the prompt's last ones."""
     ids, toks, logits = list(prompt), [], []
-    tok = int(forward(np.array(ids))[-1].argmax())
+    prompt_logits = forward(np.array(ids))[-1].float().cpu().numpy()
+    tok = int(prompt_logits.argmax())
     for _ in range(steps):
         toks.append(tok)
         ids.append(tok)
         step = forward(np.array(ids))[-1]
         logits.append(step.float().cpu().numpy())
         tok = int(step.argmax())
-    return np.array(toks), np.stack(logits)
+    return np.array(toks), np.stack(logits), prompt_logits
 
 
 def torch_forward(art: Path, bundle: Path, device: str = "cuda"):
@@ -446,11 +451,26 @@ def compare(art: Path, got: dict, ref: dict, fp32: bool) -> list[str]:
                      + (f" (kiln {got[f'greedy{key}'][first]} vs torch "
                         f"{ref[f'greedy{key}'][first]})" if first < steps else "")
                      + (" [fp32 mode]" if fp32 else ""))
+        if first < steps and f"prompt_logits{key}" in got:
+            lines.append("  " + _tie_at(got, ref, key, first))
         if first > 0:
             g, r = got[f"decode_logits{key}"][:first], ref[f"decode_logits{key}"][:first]
             lines.append(f"  decode logits{what} (steps before divergence) rel err "
                          f"{float(np.linalg.norm(g - r) / np.linalg.norm(r)):.2e}")
     return lines
+
+
+def _tie_at(got: dict, ref: dict, key: str, step: int) -> str:
+    """How near a tie the step where the greedy tokens part was: the logits that chose it (the
+    prompt's last ones at step 0, else the step before's, on the same prefix), torch's top-1
+    minus its top-2, and kiln's logit of its own choice minus that of torch's."""
+    pick = (lambda d: d[f"prompt_logits{key}"]) if step == 0 else (
+        lambda d: d[f"decode_logits{key}"][step - 1])
+    g, r = pick(got), pick(ref)
+    kt, tt = int(g.argmax()), int(r.argmax())
+    top2 = np.sort(r)[-2:]
+    return (f"where they part: torch's top-1 margin {float(top2[1] - top2[0]):.3e}, kiln's "
+            f"{float(g[kt] - g[tt]):.3e} (logits' std {float(r.std()):.3e})")
 
 
 def spec_of(art: Path) -> dict:
