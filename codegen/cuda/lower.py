@@ -74,7 +74,8 @@ class CudaLowerContext(LowerContext):
         """Read the fusion groups the fusion passes recorded (kiln.passes.fusion); a fusion
         without groups (not run, --no-fuse) leaves every op of it to its unfused lowering."""
         g = self.graph
-        self.qkv = {a.name: QkvPattern(sp, rq, rk) for sp, rq, rk, a in fused_groups(g)}
+        qkv_groups = fused_groups(g)
+        self.qkv = {a.name: QkvPattern(sp, rq, rk) for sp, rq, rk, a in qkv_groups}
         self.fused_away = {n.name for p in self.qkv.values()
                            for n in (p.split, p.rot_q, p.rot_k)}
         self.done: set[str] = set()  # nodes already lowered as part of another
@@ -87,7 +88,7 @@ class CudaLowerContext(LowerContext):
         self.deferred: dict[str, tuple] = {}
         # q/k/v projection output -> its attention node: in decode, that projection, the
         # rotary and the KV append are one kernel (deferred: output -> (x, gamma, w, eps))
-        attention_of = {sp.name: a for sp, _, _, a in fused_groups(g)}
+        attention_of = {sp.name: a for sp, _, _, a in qkv_groups}
         self.qkv_of = {lin.outputs[0]: attention_of[sp.name]
                        for lin, sp in recorded(g, "qkv_projection") if sp.name in attention_of}
         self.deferred_qkv: dict[str, tuple] = {}
