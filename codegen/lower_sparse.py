@@ -33,11 +33,12 @@ def _sparse_linear(ctx: LowerContext, node: Node) -> list[relax.Expr]:
         "phase": ctx.phase, "m": ctx.rows, "n": s.n, "k": s.k, "capacity": s.capacity,
         "values": vdt, "bias": b is not None})
     gemm, gemv_nv, chains = plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"], c["chains"]
-    avx512 = ctx.target.vector_bits >= 512
+    avx512, prefetch = ctx.target.vector_bits >= 512, c["prefetch"]
     gv = ctx.kernel(("sparse_linear", s.n, s.k, s.capacity, vdt, b is not None, gemm.mr,
-                     gemm.nv, gemv_nv, chains, avx512),
+                     gemm.nv, gemv_nv, chains, avx512, prefetch),
                     lambda: sk.sparse_linear_kernel(s, gemm, gemv_nv, bias=b is not None,
-                                                    avx512=avx512, chains=chains))
+                                                    avx512=avx512, chains=chains,
+                                                    prefetch=prefetch))
     xs = shape_of(x)
     m = _numel(xs[:-1])
     args = [reshape(ctx, x, [m, s.k]), values, meta] + [v for v in (scales, b) if v is not None]

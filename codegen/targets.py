@@ -137,6 +137,14 @@ class CpuTarget:
 
         return BACKEND
 
+    @property
+    def vendor(self) -> str:
+        """"amd", "intel", or "" for a generic -mcpu (x86-64-v4): from LLVM's CPU name, for
+        defaults measured to differ between the two (kiln.codegen.cpu_spaces.SPARSE_PREFETCH)."""
+        if self.mcpu.startswith(("znver", "bdver", "btver")):
+            return "amd"
+        return "" if self.mcpu.startswith(("x86-64", "generic")) else "intel"
+
     def lanes(self, itemsize: int = 4) -> int:
         """Elements of `itemsize` bytes in one SIMD register."""
         return max(1, self.vector_bits // (8 * itemsize))

@@ -136,12 +136,14 @@ def _count(mb, nb, kk) -> tirx.PrimExpr:
 
 
 def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
-                         bias: bool = False, avx512: bool = True,
-                         chains: int = 1) -> tirx.PrimFunc:
+                         bias: bool = False, avx512: bool = True, chains: int = 1,
+                         prefetch: int = 0) -> tirx.PrimFunc:
     """PrimFunc(x[m, K], values, meta, (scales[N],) (b[N],) y[m, N]), m symbolic (int64);
-    `avx512`: AVX-512's vexpand, else AVX2 + BMI2's permutes."""
+    `avx512`: AVX-512's vexpand, else AVX2 + BMI2's permutes; `prefetch`: the GEMV's software
+    prefetch distance in bytes (0: none)."""
     n, k, blocks = s.n, s.k, s.blocks
-    gemv, gemm_panel = _gemv_panel(s, bias, avx512, chains), _gemm_panel(s, gemm.mr, bias, avx512)
+    gemv = _gemv_panel(s, bias, avx512, chains, prefetch)
+    gemm_panel = _gemm_panel(s, gemm.mr, bias, avx512)
 
     @T.macro
     def spread(body, xb, vb, mb, sb, bb, yb, m, nv):
@@ -206,16 +208,24 @@ def sparse_linear_kernel(s: SparseShape, gemm: PackedConfig, gemv_nv: int, *,
     return sparse_linear
 
 
-def _gemv_panel(s: SparseShape, bias: bool, avx512: bool, chains: int = 1):
+def _gemv_panel(s: SparseShape, bias: bool, avx512: bool, chains: int = 1, prefetch: int = 0):
     """`chains` accumulators per block, taking the columns in turn (k % chains == 0), summed
-    before the store: more FMAs in flight than the panel's nv blocks alone give."""
+    before the store: more FMAs in flight than the panel's nv blocks alone give. `prefetch`:
+    each column's step also prefetches the values stream that many bytes ahead of its offset
+    (0: none)."""
     k, lanes = s.k, LANES
+    ahead = prefetch // (4 if s.values == "float32" else 1)  # in values
     width = gemv_chains(s, chains)
 
     @T.macro
     def step(xb, vb, mb, acc, off, bits, r, kk, c, nb0, nv):
         xv: T.let[T.float32] = xb[r, kk]
         for j in T.unroll(nv):
+            if ahead > 0:  # the values stream `prefetch` bytes on (past the block: harmless)
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.prefetch.p0",
+                    vb.access_ptr("r", offset=(nb0 + j) * s.capacity + off[j] + ahead),
+                    T.uint32(0), T.uint32(3), T.uint32(1)))
             a = T.ramp((c * nv + j) * lanes, 1, lanes)
             if avx512:
                 m = mask_of(mb, nb0 + j, kk, bits)

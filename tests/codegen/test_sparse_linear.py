@@ -31,12 +31,13 @@ def operands(w: np.ndarray, values: str):
     return v, meta, scales
 
 
-#: (n, k, fraction of zeros, GEMM tile, GEMV panel width, GEMV accumulator chains): odd K (two
-#: chains asked, one taken), no zeros, nearly all zeros, panels that divide the blocks and ones
-#: that leave a remainder, the default GEMV (one block, two chains)
-CASES = [(48, 64, 0.5, PackedConfig(4, 2), 2, 1), (32, 70, 0.7, PackedConfig(8, 3), 4, 2),
-         (64, 40, 0.0, PackedConfig(8, 3), 3, 4), (16, 33, 0.95, PackedConfig(4, 2), 2, 2),
-         (48, 96, 0.7, PackedConfig(4, 2), 1, 2)]
+#: (n, k, fraction of zeros, GEMM tile, GEMV panel width, GEMV accumulator chains, GEMV
+#: prefetch bytes): odd K (two chains asked, one taken), no zeros, nearly all zeros, panels
+#: that divide the blocks and ones that leave a remainder, the default GEMV (one block, two
+#: chains) without and with prefetching (Intel's default: past the last block's values too)
+CASES = [(48, 64, 0.5, PackedConfig(4, 2), 2, 1, 0), (32, 70, 0.7, PackedConfig(8, 3), 4, 2, 2048),
+         (64, 40, 0.0, PackedConfig(8, 3), 3, 4, 0), (16, 33, 0.95, PackedConfig(4, 2), 2, 2, 0),
+         (48, 96, 0.7, PackedConfig(4, 2), 1, 2, 0), (48, 96, 0.7, PackedConfig(4, 2), 1, 2, 8192)]
 
 
 ISAS = [pytest.param(True, id="avx512", marks=needs_avx512),
@@ -45,8 +46,9 @@ ISAS = [pytest.param(True, id="avx512", marks=needs_avx512),
 
 @pytest.mark.parametrize("avx512", ISAS)
 @pytest.mark.parametrize("values", ["float32", "int8"])
-@pytest.mark.parametrize(("n", "k", "fraction", "cfg", "nv", "chains"), CASES)
-def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv, chains, avx512):
+@pytest.mark.parametrize(("n", "k", "fraction", "cfg", "nv", "chains", "prefetch"), CASES)
+def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv, chains, prefetch,
+                                        avx512):
     bias = k % 2 == 0
     w = pruned(rng, n, k, fraction)
     b = rng.standard_normal(n, dtype=np.float32)
@@ -54,7 +56,7 @@ def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv, ch
     s = sl.SparseShape(n, k, v.shape[1], values)
     attrs = Attrs({"layout": "bitmap", "in_features": k, "out_features": n})
     f = compile_kernel(sl.sparse_linear_kernel(s, cfg, nv, bias=bias, avx512=avx512,
-                                              chains=chains))
+                                              chains=chains, prefetch=prefetch))
     for m in ROWS:
         x = rng.standard_normal((m, k), dtype=np.float32)
         y = t(np.full((m, n), np.nan, np.float32))
@@ -63,4 +65,5 @@ def test_sparse_linear_matches_the_spec(rng, values, n, k, fraction, cfg, nv, ch
         want = ref.sparse_linear([x, v, meta, scales, b if bias else None], attrs)[0]
         path = "GEMV" if m <= sl.GEMV_ROWS else "GEMM"
         assert_close(y.numpy(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
-                     name=f"{values} {path} n={n} k={k} m={m} {cfg} nv={nv} chains={chains}")
+                     name=f"{values} {path} n={n} k={k} m={m} {cfg} nv={nv} chains={chains} "
+                          f"prefetch={prefetch}")
