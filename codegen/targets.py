@@ -82,6 +82,12 @@ def _float_only(target, dtype: str):
 _SIMD_FLAGS = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("asimd", 128))
 
 
+#: words of LLVM's Intel CPU names (skylake-avx512, sapphirerapids, rocketlake, sierraforest,
+#: tremont, knl, core-avx2, ...)
+_INTEL_CPU_WORDS = ("lake", "rapids", "well", "bridge", "forest", "ridge", "mont", "knl", "knm",
+                    "core", "nehalem", "westmere", "penryn", "atom")
+
+
 @register_target
 @dataclass(frozen=True, slots=True)
 class CpuTarget:
@@ -139,11 +145,12 @@ class CpuTarget:
 
     @property
     def vendor(self) -> str:
-        """"amd", "intel", or "" for a generic -mcpu (x86-64-v4): from LLVM's CPU name, for
-        defaults measured to differ between the two (kiln.codegen.cpu_spaces.SPARSE_PREFETCH)."""
+        """"amd", "intel", or "" (a generic -mcpu such as x86-64-v4, or not x86): from LLVM's
+        CPU name, for defaults measured to differ between the two
+        (kiln.codegen.cpu_spaces.SPARSE_PREFETCH)."""
         if self.mcpu.startswith(("znver", "bdver", "btver")):
             return "amd"
-        return "" if self.mcpu.startswith(("x86-64", "generic")) else "intel"
+        return "intel" if any(w in self.mcpu for w in _INTEL_CPU_WORDS) else ""
 
     def lanes(self, itemsize: int = 4) -> int:
         """Elements of `itemsize` bytes in one SIMD register."""

@@ -104,6 +104,7 @@ def test_sparse_gemv_prefetch_defaults_by_vendor_and_old_entries_fall_back():
              "values": "float32", "bias": False}
     intel, amd = cpu("sapphirerapids"), cpu("znver4")
     assert (intel.vendor, amd.vendor, cpu("x86-64-v4").vendor) == ("intel", "amd", "")
+    assert (cpu("skylake-avx512").vendor, cpu("neoverse-v2").vendor) == ("intel", "")
     assert cs.SPARSE_LINEAR.default(shape, intel)["prefetch"] == cs.SPARSE_PREFETCH["intel"] > 0
     assert cs.SPARSE_LINEAR.default(shape, amd)["prefetch"] == 0
     assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(shape, amd)} == {0, 2048, 8192}
