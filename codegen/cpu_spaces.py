@@ -167,8 +167,6 @@ def _sparse_default(shape, target) -> dict:
 
 def _sparse_valid(shape, c, target) -> bool:
     d = _sparse_default(shape, target)
-    if set(c) != set(d):  # a config of an older space (a knob missing)
-        return False
     if not _panel_valid(lambda s: SPARSE_GEMV_NV)(shape, c, target):
         return False
     if shape["m"] > qk.GEMV_ROWS:  # the GEMM runs: the GEMV's knobs are never read

@@ -97,7 +97,8 @@ def test_sparse_gemv_candidates_leave_out_four_vector_accumulators():
 def test_sparse_gemv_prefetch_defaults_by_vendor_and_old_entries_fall_back():
     """The sparse GEMV prefetches its values stream by default on Intel (measured there: 1.26x ->
     1.63x dense decode at 70% zeros) and not on AMD (slower there); a database entry written
-    before the knob existed is not valid, so the default applies instead of a KeyError."""
+    before the knob existed is ignored with one warning (TuningDB.lookup), so the default
+    applies instead of a KeyError."""
     from kiln.codegen import cpu_spaces as cs
 
     shape = {"phase": "decode", "m": 1, "n": 576, "k": 1536, "capacity": 8000,
@@ -109,6 +110,9 @@ def test_sparse_gemv_prefetch_defaults_by_vendor_and_old_entries_fall_back():
     assert cs.SPARSE_LINEAR.default(shape, amd)["prefetch"] == 0
     assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(shape, amd)} == {0, 2048, 8192}
     old = {k: v for k, v in cs.SPARSE_LINEAR.default(shape, amd).items() if k != "prefetch"}
-    assert not cs.SPARSE_LINEAR.valid(shape, old, amd)
+    db = sch.TuningDB({"kind": "cpu"})
+    db.record("cpu.sparse_linear", "k", old, 1.0, 1.0)
+    with pytest.warns(UserWarning, match=r"knobs \[.*\], the space now .*'prefetch'"):
+        assert db.lookup("cpu.sparse_linear", "k") is None
     prefill = {**shape, "phase": "prefill", "m": 512}
     assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(prefill, intel)} == {8192}
