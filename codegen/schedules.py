@@ -66,6 +66,10 @@ class Space:
     bind: Callable[[Shape], dict[str, int]] | None = None
     #: configs `kiln tune` measures per instance at least (its cap applies to spaces without)
     max_candidates: int | None = None
+    #: other shapes the same built kernel serves and `kiln tune` measures it at too (values of
+    #: its run-time dims only: a decode entry's span of cached lengths): shape -> shapes. A
+    #: candidate then wins only where it is no slower than the default at any of them
+    probes: Callable[[Shape], list[Shape]] | None = None
 
     def dims(self, shape: Shape) -> dict[str, int]:
         """Values for the symbolic dims and scalar params of `build`'s PrimFunc."""

@@ -103,12 +103,25 @@ def _build_instance(inst: Choice, target, out: Path, index: int,
              # a token step reads each weight from memory once (the flush wants tensors only)
              "cold": inst.dims.get("phase") == "decode" and all("shape" in a for a in specs[0]),
              "tolerance": TOLERANCE.get(specs[0][-1]["dtype"], 1e-4), "args_file": None}
-    if sp.make_args is not None:  # arguments random values would not do (sparse metadata)
-        (out / "args").mkdir(exist_ok=True)
-        arrays = sp.make_args(inst.dims, np.random.default_rng(index))
-        entry["args_file"] = f"args/k{index}.npz"
-        np.savez(out / entry["args_file"], *arrays)
+    _add_args(entry, sp, inst.dims, out, f"k{index}", index)
+    # the same kernels at the space's other shapes (another cached length): measured there too
+    probes = sp.probes(inst.dims) if sp.probes is not None else []
+    entry["probes"] = []
+    for j, shape in enumerate(probes):
+        probe = {"shape": dict(shape), "args": arg_specs(next(iter(funcs.values())),
+                                                         sp.dims(shape)), "args_file": None}
+        _add_args(probe, sp, shape, out, f"k{index}_p{j}", index)
+        entry["probes"].append(probe)
     return entry
+
+
+def _add_args(entry: dict, sp: Space, shape: dict, out: Path, name: str, seed: int) -> None:
+    """Write the arguments of `shape` when random values of each dtype would not do (sparse
+    metadata, a cached length): `entry`'s args_file."""
+    if sp.make_args is not None:
+        (out / "args").mkdir(exist_ok=True)
+        entry["args_file"] = f"args/{name}.npz"
+        np.savez(out / entry["args_file"], *sp.make_args(shape, np.random.default_rng(seed)))
 
 
 def arg_specs(func: tirx.PrimFunc, dims: dict[str, int]) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@ the GPU host for a CUDA tuning bundle (`python BUNDLE/kiln_run.py tune -o TUNING
 Per kernel instance: seeded random arguments of the plan's shapes and dtypes (or the plan's own,
 args/), the default candidate run first, every other candidate's outputs checked against the
 default's (relative error within the plan's tolerance; NaN fails) before its time counts, then
-timed with the runtime's time_evaluator: the median of `repeat` repeats. Decode instances run
+timed with the runtime's time_evaluator: the median of `repeat` repeats. Where the plan gives
+an instance probes (the same kernels at other values of its run-time dims: a decode entry's
+span of cached lengths), every candidate is checked and timed at each of them too. Decode instances run
 cold, as in a token step, where each weight comes from memory once: on the CPU the caches are
 flushed of every argument but the first (the activations) before each run, on a GPU its L2 is
 overwritten. The database is written after each instance; instances already in it are skipped
@@ -15,6 +17,7 @@ overwritten. The database is written after each instance; instances already in i
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -31,6 +34,8 @@ from kiln.runtime.tvm_runtime import import_tvm, load_cuda_runtime
 PLAN = "plan.json"
 #: a candidate replaces the default only when this much faster (timing noise is a few %)
 MIN_GAIN = 0.03
+#: nor when it is more than this much slower than the default at one of the instance's probes
+NOISE = 0.02
 #: bytes a GPU's L2 is overwritten with before each cold run (H100/H200: 50 MB of L2)
 GPU_FLUSH_BYTES = 256 << 20
 
@@ -76,35 +81,57 @@ def _describe(r: dict) -> str:
 
 
 def _instance(tvm, dev, plan_dir: Path, inst: dict, repeat: int, kind: str) -> dict:
+    """The fastest checked candidate of one instance: at its own arguments and, where the plan
+    has probes (the same kernels at another cached length), at each probe's too. A candidate
+    wins when its geometric mean of time over the default's is MIN_GAIN under 1 and it is no
+    more than NOISE slower than the default at any of them."""
     lib = tvm.runtime.load_module(str(plan_dir / inst["lib"]))
-    args = _args(tvm, dev, plan_dir, inst)
-    outs = range(len(args) - inst["outputs"], len(args))
-    default = inst["candidates"][0]
-    lib[default["func"]](*args)
+    cands = inst["candidates"]
+    ok = [True] * len(cands)
+    rejected, times = [], []  # times[set][candidate] (None: not timed)
+    for args_of in [inst, *inst.get("probes", [])]:
+        args = _args(tvm, dev, plan_dir, args_of)
+        live = [j for j in range(len(cands)) if ok[j]]  # the default (0) always
+        errors = _check(tvm, dev, lib, [cands[j] for j in live], args, inst["outputs"])
+        for j, err in zip(live[1:], errors[1:], strict=True):  # the default is the reference
+            if not err <= inst["tolerance"]:
+                ok[j] = False
+                rejected.append((cands[j]["config"], err))
+        times.append([_time(lib, c["func"], dev, args, repeat, inst["cold"], kind)
+                      if ok[j] else None for j, c in enumerate(cands)])
+    ratios = [math.prod(t[j] / t[0] for t in times) ** (1 / len(times)) if ok[j] else math.inf
+              for j in range(len(cands))]
+    fair = [j for j in range(len(cands)) if ok[j]
+            and all(t[j] <= t[0] * (1 + NOISE) for t in times)]
+    best = min(fair, key=lambda j: ratios[j])
+    if ratios[best] > 1 - MIN_GAIN:
+        best = 0
+    result = {"config": cands[best]["config"], "seconds": times[0][best],
+              "default_seconds": times[0][0], "candidates": len(cands), "checked": sum(ok),
+              "rejected": [{"config": c, "error": float(e)} for c, e in rejected]}
+    if len(times) > 1:  # the winner's speed-up over the default at each probe
+        result["probes"] = [{"shape": p["shape"], "gain": t[0] / t[best]}
+                            for p, t in zip(inst["probes"], times[1:], strict=True)]
+    return result
+
+
+def _check(tvm, dev, lib, cands: list[dict], args: list, outputs: int) -> list[float]:
+    """Each candidate's largest relative error against the default candidate's outputs (0 for
+    the default itself). A candidate must write its outputs, not inherit the default's: they
+    are overwritten with NaN (zeros for integers) before it runs, from device copies made
+    once."""
+    outs = range(len(args) - outputs, len(args))
+    lib[cands[0]["func"]](*args)
     want = [args[i].numpy() for i in outs]
-    # a candidate must write its outputs, not inherit the default's: they are overwritten
-    # with NaN (zeros for integers) before it runs, from device copies made once
     blanks = [tvm.runtime.tensor(np.full(w.shape, np.nan, w.dtype) if w.dtype.kind == "f"
                                  else np.zeros_like(w), dev) for w in want]
-    times, rejected = [], []
-    for cand in inst["candidates"]:
-        if cand is not default:
-            for i in outs:
-                blanks[i - outs.start].copyto(args[i])
-            lib[cand["func"]](*args)
-            err = _error(want, [args[i].numpy() for i in outs])
-            if not err <= inst["tolerance"]:
-                rejected.append((cand["config"], err))
-                continue
-        times.append((_time(lib, cand["func"], dev, args, repeat, inst["cold"], kind),
-                      cand["config"]))
-    base = times[0][0]
-    best = min(times, key=lambda t: t[0])
-    if best[0] > base * (1 - MIN_GAIN):
-        best = times[0]
-    return {"config": best[1], "seconds": best[0], "default_seconds": base,
-            "candidates": len(inst["candidates"]), "checked": len(times),
-            "rejected": [{"config": c, "error": float(e)} for c, e in rejected]}
+    errors = [0.0]
+    for cand in cands[1:]:
+        for i in outs:
+            blanks[i - outs.start].copyto(args[i])
+        lib[cand["func"]](*args)
+        errors.append(_error(want, [args[i].numpy() for i in outs]))
+    return errors
 
 
 def _args(tvm, dev, plan_dir: Path, inst: dict) -> list:

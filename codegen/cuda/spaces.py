@@ -11,6 +11,8 @@ prefill) and, for attention, `past`, the context it is measured at.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kiln.codegen.cuda.kernels import attention as attn
@@ -279,6 +281,22 @@ DECODE_CONTEXTS = (128, DECODE_PAST)
 SPLIT_FROM = 512
 
 
+def decode_span(past: int) -> tuple[int, int]:
+    """The cached lengths the decode entry scheduled for `past` (one of DECODE_CONTEXTS) runs
+    at: from the geometric midpoint with the next shorter context (the first: from 16) to the
+    one with the next longer (the last: to 4x its own, 4,096 tokens)."""
+    i = DECODE_CONTEXTS.index(past) if past in DECODE_CONTEXTS else len(DECODE_CONTEXTS) - 1
+    lo = math.isqrt(DECODE_CONTEXTS[i - 1] * past) + 1 if i else 16
+    hi = math.isqrt(past * DECODE_CONTEXTS[i + 1]) if i + 1 < len(DECODE_CONTEXTS) else 4 * past
+    return lo, hi
+
+
+def _decode_probes(shape) -> list[dict]:
+    """A decode attention instance measured at both ends of its entry's span too: a split
+    count tuned at 1,024 cached tokens alone lost to the default at 2,048 (run 45, H100)."""
+    return [{**shape, "past": p} for p in decode_span(shape["past"]) if p != shape["past"]]
+
+
 def _splits_default(heads: int, past: int = DECODE_PAST) -> int:
     """Enough splits of each head's keys for a block per SM at batch 1 where the context is
     long (it then streams from every SM); one for a short one."""
@@ -319,7 +337,8 @@ DECODE_ATTENTION = register(Space(
     build=lambda shape, c, target: attn.decode_attention_kernel(
         shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"] ** -0.5,
         shape["dtype"], kv8=shape.get("kv8", False), **c),
-    bind=_attention_bind, make_args=lambda shape, rng: _attention_args(shape, rng, True)))
+    bind=_attention_bind, make_args=lambda shape, rng: _attention_args(shape, rng, True),
+    probes=_decode_probes))
 
 FLASH_PREFILL = register(Space(
     "cuda.flash_prefill", (Knob("warps", (2, 4, 8)), Knob("bk", (32, 64, 128))),

@@ -154,6 +154,31 @@ def test_the_kv8_decode_attention_space_measures_int8_caches_and_scales():
     assert [str(a.dtype) for a in args[1:5]] == ["int8", "int8", "float32", "float32"]
 
 
+def test_decode_attention_is_measured_at_both_ends_of_its_entrys_span():
+    """`kiln tune` checks and times a decode attention instance at the cached lengths where its
+    entry starts and stops serving too (the runtime switches entries at 362/363 tokens), with
+    caches long enough for each."""
+    from kiln.codegen.schedules import space
+    from kiln.codegen.tune import arg_specs
+    from kiln.runtime.session import context_entry
+
+    sp = space("cuda.decode_attention")
+    shape = SHAPES["cuda.decode_attention"][0]
+    spans = {}
+    for past in (128, 1024):
+        probes = sp.probes({**shape, "past": past})
+        assert all({**p, "past": past} == {**shape, "past": past} for p in probes)
+        spans[past] = [p["past"] for p in probes]
+    assert spans == {128: [16, 362], 1024: [363, 4096]}
+    entry = {p: context_entry("decode", p, [128, 1024]) for p in (16, 362, 363, 4096)}
+    assert entry == {16: "decode", 362: "decode", 363: "decode_1024", 4096: "decode_1024"}
+    probe = sp.probes({**shape, "past": 1024})[1]
+    func = sp.build(probe, sp.default(probe, None), None)
+    caches = [a.shape for a in sp.make_args(probe, np.random.default_rng(0))[1:3]]
+    assert caches == [(1, shape["kv_heads"], 4097, shape["head_dim"])] * 2
+    assert [tuple(a["shape"]) for a in arg_specs(func, sp.dims(probe))[1:3]] == caches
+
+
 def test_defaults_are_the_kernels_constants():
     """An untuned artifact's kernels are the ones built before the spaces existed."""
     from kiln.codegen.cuda.kernels import attention, flash_attention, gemm, gemv, rowwise

@@ -118,6 +118,52 @@ def test_candidate_error_is_the_whole_outputs_relative_error(monkeypatch):
     assert np.isnan(measuring._error(want, got))
 
 
+@pytest.fixture
+def probed(tmp_path, monkeypatch) -> Path:
+    """A plan of one CPU decode attention instance (20 cached tokens, 3 candidates) whose space
+    gives it a probe at 60 cached tokens."""
+    import dataclasses
+
+    from kiln.codegen import schedules
+
+    kernel, shape = INSTANCES[9]
+    sp = dataclasses.replace(space(kernel), probes=lambda s: [{**s, "past": 60}])
+    monkeypatch.setitem(schedules.SPACES, kernel, sp)
+    tune.write_plan([_choice(kernel, shape)], host_cpu(), tmp_path, max_candidates=3)
+    return tmp_path
+
+
+def test_a_probe_measures_the_same_kernels_at_another_shape(probed):
+    """The probe's arguments are the instance's with caches for 60 cached tokens; every
+    candidate is checked and timed there too, and the entry reports the winner's gain there."""
+    inst = json.loads((probed / tune.PLAN).read_text())["instances"][0]
+    (probe,) = inst["probes"]
+    assert probe["shape"]["past"] == 60 and inst["shape"]["past"] == 20
+    assert [a.get("shape") for a in inst["args"]][1:4] == [[1, 2, 21, 16]] * 2 + [[1, 21]]
+    assert [a.get("shape") for a in probe["args"]][1:4] == [[1, 2, 61, 16]] * 2 + [[1, 61]]
+    assert probe["args"][4] == {"scalar": 60, "dtype": "int64"}
+    (r,) = measuring.measure(probed, probed / "t.json", repeat=1)["cpu.attention"].values()
+    assert r["checked"] == r["candidates"] == 3 and r["rejected"] == []
+    assert [p["shape"]["past"] for p in r["probes"]] == [60] and r["probes"][0]["gain"] > 0
+
+
+@pytest.mark.parametrize(("times", "winner"), [
+    ([[10, 5, 9], [10, 11, 9]], 2),   # 1 is 2x at 20 tokens but 10% slower at 60: 2 wins
+    ([[10, 5, 9], [10, 10.1, 9.9]], 1),  # 1 within 2% at the probe, best on the mean
+    ([[10, 9.9, 9.8], [10, 9.9, 9.8]], 0),  # none 3% faster: the default stays
+])
+def test_a_candidate_wins_only_where_it_is_no_slower_at_any_probe(probed, monkeypatch,
+                                                                   times, winner):
+    calls = iter(t for row in times for t in row)  # the timing order: per argument set
+    monkeypatch.setattr(measuring, "_time", lambda *a: next(calls) * 1e-6)
+    plan = json.loads((probed / tune.PLAN).read_text())
+    (r,) = measuring.measure(probed, probed / "t.json", repeat=1)["cpu.attention"].values()
+    assert r["config"] == plan["instances"][0]["candidates"][winner]["config"]
+    assert r["seconds"] == pytest.approx(times[0][winner] * 1e-6)
+    assert r["default_seconds"] == pytest.approx(1e-5)
+    assert r["probes"][0]["gain"] == pytest.approx(times[1][0] / times[1][winner])
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory) -> tuple[Path, list[str]]:
     """A tiny model's tuning database and the progress lines of writing it."""
