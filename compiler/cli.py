@@ -261,14 +261,22 @@ def verify_cmd(artifact: Path) -> None:
               help="prompt lengths to tune prefill kernels at (each gets its own prefill "
                    "entry in the compiled artifact)")
 @click.option("--quant", metavar="PRESET", help="tune the kernels of this quantization preset")
+@click.option("--sparsity", metavar="S",
+              help="tune the kernels of an artifact compiled with --sparsity S (pruned here by "
+                   "magnitude: the sparse kernels' shapes depend on the level, not on which "
+                   "weights go)")
 @click.option("--max-candidates", type=int,
               help="configs per kernel instance (default 12; the GEMM's space: all)")
+@click.option("--only", metavar="KERNEL,...", callback=lambda ctx, param, v: _names(v),
+              help="tune only these kernel families (e.g. cuda.decode_attention; "
+                   "docs/tuning.md lists them): re-measure some kernels into a file that "
+                   "holds the others")
 @click.option("--python", help="the GPU host's Python for --bundle (default 3.12)")
 @quiet_option
 def tune(model: Path, out: Path | None, target: str, bundle: Path | None,
          budget_s: float | None, threads: int | None, max_seq: int, rows: tuple | None,
-         quant: str | None, max_candidates: int | None, python: str | None,
-         quiet: bool) -> None:
+         quant: str | None, sparsity: str | None, max_candidates: int | None,
+         only: tuple | None, python: str | None, quiet: bool) -> None:
     """Measure the schedule candidates of MODEL's kernels and write the fastest per kernel and
     shape bucket; `kiln compile --tuning OUT` uses them (docs/tuning.md)."""
     from kiln.compiler.progress import progress
@@ -276,8 +284,10 @@ def tune(model: Path, out: Path | None, target: str, bundle: Path | None,
 
     with progress(f"tuning {model.name}", quiet=quiet) as report:
         path = tune_model(model, out, target=target, bundle=bundle, budget_s=budget_s,
-                          threads=threads, max_seq=max_seq, quant=quant, rows=rows,
-                          max_candidates=max_candidates, python=python, progress=report)
+                          threads=threads, max_seq=max_seq, quant=quant,
+                          sparsity=sparsity, rows=rows,
+                          max_candidates=max_candidates, only=only, python=python,
+                          progress=report)
     click.echo(str(path))
 
 
@@ -293,6 +303,11 @@ def convert(model: Path, artifact: Path, quiet: bool) -> None:
     with progress("converting parameters", quiet=quiet) as report:
         path = convert_params(model, artifact, progress=report)
     click.echo(str(path))
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names, or None."""
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _ints(value: str | None, option: str) -> tuple[int, ...] | None:

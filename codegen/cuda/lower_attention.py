@@ -101,16 +101,18 @@ def _qkv_rope_gemv(ctx: CudaLowerContext, p: QkvPattern, h: int, kvh: int, d: in
     if dtype_of(cos) != dtype:
         cos, sin = (ctx.bb.emit(R.astype(t, dtype)) for t in (cos, sin))
     m = _numel(xs[:-1])
-    if isinstance(w, tuple):  # 2:4 sparse (values, meta): lower_sparse deferred it
-        k = 2 * _static(shape_of(w[0])[1], "in features", p.split)
-        gv = ctx.kernel(("cuda_sparse_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl),
-                        lambda: sparse_gemv.sparse_qkv_rope_gemv_kernel(h, kvh, d, k, dtype,
-                                                                        eps, pdl=ctx.pdl))
+    sparse = isinstance(w, tuple)  # 2:4 sparse (values, meta): lower_sparse deferred it
+    k = (2 * _static(shape_of(w[0])[1], "in features", p.split) if sparse
+         else _static(shape_of(w)[1], "in features", p.split))
+    c = ctx.schedule("cuda.sparse_gemv_qkv_rope" if sparse else "cuda.gemv_qkv_rope", {
+        "phase": "decode", "m": 1, "heads": h, "kv_heads": kvh, "head_dim": d, "k": k,
+        "dtype": dtype})
+    if sparse:
+        gv = ctx.kernel(("cuda_sparse_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl,
+                         *config_key(c)),
+                        lambda: sparse_gemv.sparse_qkv_rope_gemv_kernel(
+                            h, kvh, d, k, dtype, eps, pdl=ctx.pdl, **c))
     else:
-        k = _static(shape_of(w)[1], "in features", p.split)
-        c = ctx.schedule("cuda.gemv_qkv_rope", {"phase": "decode", "m": 1, "heads": h,
-                                                "kv_heads": kvh, "head_dim": d, "k": k,
-                                                "dtype": dtype})
         gv = ctx.kernel(("cuda_qkv_rope_gemv", h, kvh, d, k, dtype, eps, ctx.pdl,
                          *config_key(c)),
                         lambda: gemv_k.qkv_rope_gemv_kernel(h, kvh, d, k, dtype, eps,

@@ -91,8 +91,11 @@ def _decode(ctx: CudaLowerContext, node: Node, x: relax.Expr, values: relax.Expr
         gate_up = _swiglu_halves(ctx, node, n)
         if gate_up is not None:
             (sp, u), f = gate_up, n // 2
-            gv = ctx.kernel(("cuda_sparse_swiglu_gemv", f, k, dtype, eps, pdl),
-                            lambda: sg.sparse_swiglu_gemv_kernel(f, k, dtype, eps, pdl=pdl))
+            c = ctx.schedule("cuda.sparse_gemv_swiglu", {"phase": "decode", "m": 1, "f": f,
+                                                          "k": k, "dtype": dtype})
+            gv = ctx.kernel(("cuda_sparse_swiglu_gemv", f, k, dtype, eps, pdl, *config_key(c)),
+                            lambda: sg.sparse_swiglu_gemv_kernel(f, k, dtype, eps, pdl=pdl,
+                                                                 **c))
             y = ctx.bb.emit(R.call_tir(gv, [x2, gamma, values, meta],
                                        relax.TensorType([m, f], dtype)))
             ctx.values[u.outputs[0]] = reshape(ctx, y, [*xs[:-1], f])

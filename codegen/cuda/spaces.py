@@ -126,9 +126,11 @@ QUANT_GEMV_SWIGLU = register(Space(
         shape["dtype"], zero_points=shape["zero_points"],
         norm_eps=EPS if shape["norm"] else None, swiglu=True, **c)))
 
+SPARSE_KNOBS = (Knob("warps", (2, 4, 8)), Knob("loads", (8, 16, 32)))
+SPARSE_DEFAULT = {"warps": sgemv.WARPS, "loads": sgemv.LOADS}
+
 SPARSE_GEMV = register(Space(
-    "cuda.sparse_gemv", (Knob("warps", (2, 4, 8)), Knob("loads", (8, 16, 32))),
-    lambda shape, target: {"warps": sgemv.WARPS, "loads": sgemv.LOADS},
+    "cuda.sparse_gemv", SPARSE_KNOBS, lambda shape, target: dict(SPARSE_DEFAULT),
     dynamic=("m",),
     doc="2:4 sparse GEMV (x of a block in shared memory): warps (output rows) per block, "
         "16-byte weight loads a lane issues together",
@@ -136,6 +138,24 @@ SPARSE_GEMV = register(Space(
         shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
         residual=shape["epilogue"] == "residual",
         norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+
+SPARSE_GEMV_SWIGLU = register(Space(
+    "cuda.sparse_gemv_swiglu", SPARSE_KNOBS, lambda shape, target: dict(SPARSE_DEFAULT),
+    dynamic=("m",),
+    doc="rms_norm + 2:4 sparse gate/up GEMV + SwiGLU: warps (gate/up row pairs) per block, "
+        "16-byte weight loads a lane issues together (over both rows)",
+    build=lambda shape, c, target: sgemv.sparse_swiglu_gemv_kernel(
+        shape["f"], shape["k"], shape["dtype"], EPS, **c)))
+
+SPARSE_GEMV_QKV_ROPE = register(Space(
+    "cuda.sparse_gemv_qkv_rope", SPARSE_KNOBS, lambda shape, target: dict(SPARSE_DEFAULT),
+    dynamic=("m",),
+    doc="rms_norm + 2:4 sparse q/k/v GEMV + rotary + KV append: warps (rotary row pairs) per "
+        "block, 16-byte weight loads a lane issues together",
+    build=lambda shape, c, target: sgemv.sparse_qkv_rope_gemv_kernel(
+        shape["heads"], shape["kv_heads"], shape["head_dim"], shape["k"], shape["dtype"], EPS,
+        **c),
+    bind=lambda shape: {"cb": 1, "cap": 16, "pn": 1}))  # as cuda.gemv_qkv_rope's
 
 
 # -- the prefill GEMM: kiln's WMMA tiles (kernels/gemm.py), dlight's schedule (the fp16 default),
@@ -338,7 +358,8 @@ DECODE_ATTENTION = register(Space(
         shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"] ** -0.5,
         shape["dtype"], kv8=shape.get("kv8", False), **c),
     bind=_attention_bind, make_args=lambda shape, rng: _attention_args(shape, rng, True),
-    probes=_decode_probes))
+    # all 55 valid configs: each runs for microseconds, at three cached lengths
+    probes=_decode_probes, max_candidates=64))
 
 FLASH_PREFILL = register(Space(
     "cuda.flash_prefill", (Knob("warps", (2, 4, 8)), Knob("bk", (32, 64, 128))),

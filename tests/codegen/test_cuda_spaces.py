@@ -49,6 +49,9 @@ SHAPES = {
     "cuda.sparse_gemv": [
         {**D, "n": 64, "k": 512, "dtype": F16, "out_dtype": F16, "epilogue": "residual"},
         {**D, "n": 40, "k": 1024, "dtype": F16, "out_dtype": "float32", "epilogue": "norm"}],
+    "cuda.sparse_gemv_swiglu": [{**D, "f": 64, "k": 512, "dtype": F16}],
+    "cuda.sparse_gemv_qkv_rope": [{**D, "heads": 4, "kv_heads": 2, "head_dim": 64, "k": 512,
+                                   "dtype": F16}],
     "cuda.gemm": [{"phase": "prefill", "m": 100, "n": 256, "k": 512, "dtype": F16,
                    "out_dtype": F16, "bias": True, "residual": True}],
     "cuda.rms_norm": [{"phase": "prefill", "m": 5, "e": 512, "dtype": F16}],
@@ -293,9 +296,35 @@ def test_untuned_1b_model_picks_a_default_schedule_for_every_kernel(tmp_path):
     schedules = Schedules(target)
     build_module(graph, target, schedules=schedules)
     picks = schedules.manifest()
-    assert {p["kernel"] for p in picks} == set(SHAPES) - {
-        "cuda.quant_gemv", "cuda.quant_gemv_swiglu", "cuda.sparse_gemv"}
+    assert {p["kernel"] for p in picks} == set(SHAPES) - QUANT - SPARSE
     assert all(p["source"] == "default" for p in picks)
+
+
+QUANT = {"cuda.quant_gemv", "cuda.quant_gemv_swiglu"}
+SPARSE = {"cuda.sparse_gemv", "cuda.sparse_gemv_swiglu", "cuda.sparse_gemv_qkv_rope"}
+
+
+def test_a_2to4_1b_model_schedules_every_sparse_gemv(tmp_path):
+    """At 2:4 every decode GEMV of the 1B shape's layers is a sparse one with a schedule space
+    (o/down, gate/up + SwiGLU, q/k/v + rotary); the LM head stays dense."""
+    pytest.importorskip("tvm.relax")
+    from kiln.codegen.build import build_module
+    from kiln.codegen.schedules import Schedules
+    from kiln.codegen.targets import CudaTarget
+    from kiln.compiler.compile import compile_graph
+    from kiln.models.synthetic import write_synthetic
+    from kiln.passes.prune_weights import parse_config
+
+    src = write_synthetic("llama-3.2-1b", tmp_path / "m", weights=False)
+    target = CudaTarget(arch="sm_90", dtype="float16")
+    graph = compile_graph(src, max_seq=256, progress=lambda m: None, weights_optional=True,
+                          prune=parse_config("2:4", "magnitude"),
+                          sparse_target=target.sparse_target())
+    schedules = Schedules(target)
+    build_module(graph, target, schedules=schedules)
+    kernels = {p["kernel"] for p in schedules.manifest()}
+    assert SPARSE <= kernels
+    assert not kernels & {"cuda.gemv_swiglu", "cuda.gemv_qkv_rope"}
 
 
 @pytest.mark.gpu

@@ -284,6 +284,25 @@ def test_a_cpu_tuning_bundle_is_measured_by_the_runtime_alone(tmp_path):
     assert "tuned" in sources
 
 
+@pytest.mark.skipif(not _measurable("cpu.sparse_linear"), reason="sparse kernels need AVX-512")
+def test_tune_only_some_kernels_of_a_pruned_model(tmp_path):
+    """`--sparsity 0.7 --only cpu.sparse_linear`: the sparse GEMV/GEMM instances of the pruned
+    model and nothing else; a family the target has not, or the model has not, is refused."""
+    from kiln.compiler.tuning import tune_model
+
+    db = tune_model(DATA / "llama-optimum.onnx", tmp_path / "t.json", max_seq=64,
+                    sparsity="0.7", only=("cpu.sparse_linear",), max_candidates=2, repeat=1)
+    entries = json.loads(db.read_text())["entries"]
+    assert list(entries) == ["cpu.sparse_linear"]
+    assert {b.split("phase=")[1].split(",")[0] for b in entries["cpu.sparse_linear"]} == {
+        "decode", "prefill"}
+    with pytest.raises(KilnError, match=r"--only cuda\.gemv: no such kernel family for cpu"):
+        tune_model(DATA / "llama-optimum.onnx", tmp_path / "u.json", only=("cuda.gemv",))
+    with pytest.raises(KilnError, match="the model has no cpu.sparse_linear kernel"):
+        tune_model(DATA / "llama-optimum.onnx", tmp_path / "u.json",
+                   only=("cpu.sparse_linear",))
+
+
 def test_tuning_a_gpu_target_here_needs_a_bundle(tmp_path):
     from kiln.compiler.tuning import tune_model
 

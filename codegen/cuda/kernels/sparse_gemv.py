@@ -242,10 +242,11 @@ def sparse_gemv_kernel(n: int, k: int, dtype: str, out_dtype: str, *, residual: 
 
 
 @functools.cache
-def sparse_swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
-                              pdl: bool = False) -> tirx.PrimFunc:
+def sparse_swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *, pdl: bool = False,
+                              warps: int = WARPS, loads: int = LOADS) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], gamma[k], values[2f, k/2], meta[2f, k/8], y[m, f]): as
-    gemv.swiglu_gemv_kernel, y[m, r] = silu(g) * u of g = x' . W[r], u = x' . W[f + r]."""
+    gemv.swiglu_gemv_kernel, y[m, r] = silu(g) * u of g = x' . W[r], u = x' . W[f + r];
+    `warps` (output pairs) a block, `loads` 16-byte loads in flight per lane."""
     if not supported(k, dtype):
         raise ValueError(f"sparse_swiglu_gemv: k {k}, dtype {dtype} not supported")
 
@@ -254,7 +255,7 @@ def sparse_swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
         if tx == 0:
             y[mi, w] = T.Cast(dtype, acc[0] / (T.float32(1) + T.exp(-acc[0])) * acc[1])
 
-    body = _body(k, dtype, 2, f, lambda w, r: w + r * f, eps, pdl, store)
+    body = _body(k, dtype, 2, f, lambda w, r: w + r * f, eps, pdl, store, warps, loads)
 
     @T.prim_func(private=True)
     def sparse_swiglu_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
@@ -271,10 +272,12 @@ def sparse_swiglu_gemv_kernel(f: int, k: int, dtype: str, eps: float, *,
 
 @functools.cache
 def sparse_qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int, dtype: str,
-                                eps: float, *, pdl: bool = False) -> tirx.PrimFunc:
+                                eps: float, *, pdl: bool = False, warps: int = WARPS,
+                                loads: int = LOADS) -> tirx.PrimFunc:
     """PrimFunc(x[m, k], gamma[k], values[n, k/2], meta[n, k/8], cos, sin, k_cache, v_cache,
     past[1], q_out[m, H D]) with n = (H + 2 KV) D: gemv.qkv_rope_gemv_kernel over sparse rows
-    (the norm, the q/k/v projection, rotary on q and k, k and v into the caches at `past`)."""
+    (the norm, the q/k/v projection, rotary on q and k, k and v into the caches at `past`);
+    `warps` (rotary pairs) a block, `loads` 16-byte loads in flight per lane."""
     from kiln.codegen.cuda.kernels.gemv import rope_store
 
     if not supported(k, dtype):
@@ -291,7 +294,7 @@ def sparse_qkv_rope_gemv_kernel(heads: int, kv_heads: int, head_dim: int, k: int
             store_pair(acc, cos, sin, kc, vc, pst, q, mi, w % half, w // half * d + w % half)
 
     body = _body(k, dtype, 2, n // 2, lambda w, r: w // half * d + w % half + r * half, eps,
-                 pdl, store)
+                 pdl, store, warps, loads)
 
     @T.prim_func(private=True)
     def sparse_qkv_rope_gemv(x_h: T.handle, gamma: T.Buffer((k,), dtype),
