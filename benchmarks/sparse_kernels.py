@@ -52,8 +52,7 @@ def _compile(func):
 def _kernels(w: np.ndarray, dtype: str):
     """{"dense": (kernel, operands), "sparse": (...)} for weight w, and their byte counts."""
     from kiln.codegen.cpu_spaces import QUANT_GEMV_NV as GEMV_NV
-    from kiln.codegen.cpu_spaces import SPARSE_CHAINS
-    from kiln.codegen.cpu_spaces import SPARSE_GEMV_NV as SPARSE_NV
+    from kiln.codegen.cpu_spaces import sparse_gemv_default
     from kiln.codegen.kernels import packed_linear as plin
     from kiln.codegen.kernels import quant_linear as ql
     from kiln.codegen.kernels import sparse_linear as sl
@@ -81,7 +80,9 @@ def _kernels(w: np.ndarray, dtype: str):
         w = q.astype(np.float32) * scales[:, None]
         dense_bytes = q.nbytes + scales.nbytes
     shape = sl.SparseShape(n, k, values.shape[1], dtype)
-    fs = _compile(sl.sparse_linear_kernel(shape, GEMM, SPARSE_NV, chains=SPARSE_CHAINS,
+    g = sparse_gemv_default(TARGET)  # the GEMV's defaults on this CPU
+    fs = _compile(sl.sparse_linear_kernel(shape, GEMM, g["gemv_nv"], chains=g["chains"],
+                                          prefetch=g["prefetch"],
                                           avx512=TARGET.vector_bits >= 512))
     sparse_bytes = sum(a.nbytes for a in sparse)
     return w, (fd, dense, dense_bytes), (fs, sparse, sparse_bytes)

@@ -25,16 +25,19 @@ from kiln.runtime import sparse_format as sf
 #: 18% in SmolLM2's decode (benchmarks/RESULTS.md; the int4 loop is bound by its unpacking, not
 #: FMA latency); int8: the width made no difference
 QUANT_GEMV_NV = {4: 1, 8: 4}
-#: sparse GEMV: panels of one block (one values stream per task), two accumulator chains per
-#: block taking the columns in turn. SmolLM2 at 70% zeros, fp32, decode vs dense: 1.14-1.18x with
-#: the earlier two-block panels, 1.64-1.65x with these (benchmarks/RESULTS.md, session 11)
-SPARSE_GEMV_NV, SPARSE_CHAINS = 1, 2
-#: sparse GEMV: software prefetch of the values stream, bytes ahead. Intel's prefetchers leave
-#: the expand-loads' stream (each load at an offset the previous popcounts give) to fetch on
-#: demand: with 8 KB ahead, one core streams a 70%-zeros weight from DRAM 1.6x faster (C model
-#: of the loop; SmolLM2 end to end in benchmarks/RESULTS.md, session 15). On Zen 4 every
-#: distance was slower (session 11), so AMD's default is none.
-SPARSE_PREFETCH = {"intel": 8192, "amd": 0}
+#: sparse GEMV defaults per CPU vendor (CpuTarget.vendor; others take AMD's): panel width
+#: `gemv_nv` (blocks per task), accumulator `chains` per block taking the columns in turn, and
+#: the software `prefetch` of the values stream, bytes ahead.
+#: AMD (Zen 4, session 11): one-block panels and two chains (SmolLM2 at 70% zeros, fp32, decode
+#: vs dense: 1.14-1.18x with the earlier two-block panels, 1.64-1.65x with these); every
+#: prefetch distance was slower there.
+#: Intel (session 15): its prefetchers leave the expand-loads' stream (each load at an offset
+#: the previous popcounts give) to fetch on demand, so one core streams a 70%-zeros weight from
+#: DRAM 1.6x faster with a prefetch 8 KB ahead (C model of the loop); `kiln tune --sparsity 0.7`
+#: there (session 16, twice) chose two-block panels with four chains in every decode GEMV of
+#: SmolLM2, most often 16 KB ahead (1.05-1.29x the earlier default per kernel).
+SPARSE_GEMV = {"intel": {"gemv_nv": 2, "chains": 4, "prefetch": 16384},
+               "amd": {"gemv_nv": 1, "chains": 2, "prefetch": 0}}
 
 
 def _decode(shape) -> bool:
@@ -158,16 +161,21 @@ def _sparse_args(shape, rng) -> list:
     return [*args, np.zeros((shape["m"], n), np.float32)]
 
 
+def sparse_gemv_default(target) -> dict:
+    """The sparse GEMV's gemv_nv, chains and prefetch on `target` (SPARSE_GEMV)."""
+    return SPARSE_GEMV.get(getattr(target, "vendor", ""), SPARSE_GEMV["amd"])
+
+
 def _sparse_default(shape, target) -> dict:
-    vendor = getattr(target, "vendor", "")
-    return {**_panel_default(lambda s: SPARSE_GEMV_NV)(shape, target),
-            "chains": sk.gemv_chains(_sparse_shape(shape), SPARSE_CHAINS),
-            "prefetch": SPARSE_PREFETCH.get(vendor, 0)}
+    g = sparse_gemv_default(target)
+    return {**_panel_default(lambda s: g["gemv_nv"])(shape, target),
+            "chains": sk.gemv_chains(_sparse_shape(shape), g["chains"]),
+            "prefetch": g["prefetch"]}
 
 
 def _sparse_valid(shape, c, target) -> bool:
     d = _sparse_default(shape, target)
-    if not _panel_valid(lambda s: SPARSE_GEMV_NV)(shape, c, target):
+    if not _panel_valid(lambda s: d["gemv_nv"])(shape, c, target):
         return False
     if shape["m"] > qk.GEMV_ROWS:  # the GEMM runs: the GEMV's knobs are never read
         return (c["chains"], c["prefetch"]) == (d["chains"], d["prefetch"])
@@ -179,7 +187,7 @@ def _sparse_valid(shape, c, target) -> bool:
 
 SPARSE_LINEAR = register(Space(
     "cpu.sparse_linear",
-    (*_PANEL_KNOBS, Knob("chains", (1, 2, 4)), Knob("prefetch", (0, 2048, 8192))),
+    (*_PANEL_KNOBS, Knob("chains", (1, 2, 4)), Knob("prefetch", (0, 2048, 4096, 8192, 16384))),
     _sparse_default, _sparse_valid, dynamic=("m",),
     doc="GEMM register tile mr x nv (prefill); GEMV panel width gemv_nv, accumulator chains "
         "per block and software prefetch distance in bytes (decode)",
@@ -187,7 +195,10 @@ SPARSE_LINEAR = register(Space(
         _sparse_shape(shape), plin.PackedConfig(c["mr"], c["nv"]), c["gemv_nv"],
         bias=shape["bias"], avx512=target.vector_bits >= 512, chains=c["chains"],
         prefetch=c["prefetch"]),
-    make_args=_sparse_args))
+    make_args=_sparse_args,
+    # every decode config (about 30; 12 spread over them missed the gate/up GEMV's best, 1.9x
+    # its default on an Intel host)
+    max_candidates=48))
 
 
 # -- cpu.attention: query-tiled (prefill_attention.py) or one query per task (attention.py) ----

@@ -147,7 +147,7 @@ class CpuTarget:
     def vendor(self) -> str:
         """"amd", "intel", or "" (a generic -mcpu such as x86-64-v4, or not x86): from LLVM's
         CPU name, for defaults measured to differ between the two
-        (kiln.codegen.cpu_spaces.SPARSE_PREFETCH)."""
+        (kiln.codegen.cpu_spaces.SPARSE_GEMV)."""
         if self.mcpu.startswith(("znver", "bdver", "btver")):
             return "amd"
         return "intel" if any(w in self.mcpu for w in _INTEL_CPU_WORDS) else ""

@@ -87,7 +87,8 @@ def test_sparse_gemv_candidates_leave_out_four_vector_accumulators():
     shape = {"phase": "decode", "m": 1, "n": 576, "k": 1536, "capacity": 8000,
              "values": "float32", "bias": False}
     configs = cs.SPARSE_LINEAR.configs(shape, cpu("znver4"))
-    assert (configs[0]["gemv_nv"], configs[0]["chains"]) == (cs.SPARSE_GEMV_NV, cs.SPARSE_CHAINS)
+    amd = cs.SPARSE_GEMV["amd"]
+    assert (configs[0]["gemv_nv"], configs[0]["chains"]) == (amd["gemv_nv"], amd["chains"])
     pairs = {(c["gemv_nv"], c["chains"]) for c in configs}
     assert pairs == {(nv, c) for nv in (1, 2, 4) for c in (1, 2, 4) if nv * c != 4}
     odd = cs.SPARSE_LINEAR.configs({**shape, "k": 1535}, cpu("znver4"))
@@ -106,13 +107,19 @@ def test_sparse_gemv_prefetch_defaults_by_vendor_and_old_entries_fall_back():
     intel, amd = cpu("sapphirerapids"), cpu("znver4")
     assert (intel.vendor, amd.vendor, cpu("x86-64-v4").vendor) == ("intel", "amd", "")
     assert (cpu("skylake-avx512").vendor, cpu("neoverse-v2").vendor) == ("intel", "")
-    assert cs.SPARSE_LINEAR.default(shape, intel)["prefetch"] == cs.SPARSE_PREFETCH["intel"] > 0
+    assert cs.SPARSE_LINEAR.default(shape, intel)["prefetch"] == cs.SPARSE_GEMV["intel"][
+        "prefetch"] > 0
+    intel_gemv = {k: cs.SPARSE_LINEAR.default(shape, intel)[k] for k in ("gemv_nv", "chains")}
+    assert intel_gemv == {"gemv_nv": 2, "chains": 4}  # measured there (session 16)
+    assert cs.SPARSE_LINEAR.valid(shape, cs.SPARSE_LINEAR.default(shape, intel), intel)
     assert cs.SPARSE_LINEAR.default(shape, amd)["prefetch"] == 0
-    assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(shape, amd)} == {0, 2048, 8192}
+    assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(shape, amd)} == {
+        0, 2048, 4096, 8192, 16384}
     old = {k: v for k, v in cs.SPARSE_LINEAR.default(shape, amd).items() if k != "prefetch"}
     db = sch.TuningDB({"kind": "cpu"})
     db.record("cpu.sparse_linear", "k", old, 1.0, 1.0)
     with pytest.warns(UserWarning, match=r"knobs \[.*\], the space now .*'prefetch'"):
         assert db.lookup("cpu.sparse_linear", "k") is None
     prefill = {**shape, "phase": "prefill", "m": 512}
-    assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(prefill, intel)} == {8192}
+    assert {c["prefetch"] for c in cs.SPARSE_LINEAR.configs(prefill, intel)} == {
+        cs.SPARSE_GEMV["intel"]["prefetch"]}
