@@ -127,35 +127,37 @@ QUANT_GEMV_SWIGLU = register(Space(
         norm_eps=EPS if shape["norm"] else None, swiglu=True, **c)))
 
 SPARSE_KNOBS = (Knob("warps", (2, 4, 8)), Knob("loads", (8, 16, 32)))
-SPARSE_DEFAULT = {"warps": sgemv.WARPS, "loads": sgemv.LOADS}
 
-SPARSE_GEMV = register(Space(
-    "cuda.sparse_gemv", SPARSE_KNOBS, lambda shape, target: dict(SPARSE_DEFAULT),
-    dynamic=("m",),
-    doc="2:4 sparse GEMV (x of a block in shared memory): warps (output rows) per block, "
-        "16-byte weight loads a lane issues together",
-    build=lambda shape, c, target: sgemv.sparse_gemv_kernel(
+
+def _sparse_space(kernel: str, doc: str, build, **kw) -> Space:
+    """A 2:4 decode GEMV's space (kernels/sparse_gemv.py): warps per block, 16-byte weight
+    loads a lane issues together; the kernel's constants by default."""
+    return register(Space(kernel, SPARSE_KNOBS,
+                          lambda shape, target: {"warps": sgemv.WARPS, "loads": sgemv.LOADS},
+                          dynamic=("m",), doc=doc, build=build, **kw))
+
+
+SPARSE_GEMV = _sparse_space(
+    "cuda.sparse_gemv", "2:4 sparse GEMV (x of a block in shared memory): warps (output rows) "
+    "per block, 16-byte weight loads a lane issues together",
+    lambda shape, c, target: sgemv.sparse_gemv_kernel(
         shape["n"], shape["k"], shape["dtype"], shape["out_dtype"],
         residual=shape["epilogue"] == "residual",
-        norm_eps=EPS if shape["epilogue"] == "norm" else None, **c)))
+        norm_eps=EPS if shape["epilogue"] == "norm" else None, **c))
 
-SPARSE_GEMV_SWIGLU = register(Space(
-    "cuda.sparse_gemv_swiglu", SPARSE_KNOBS, lambda shape, target: dict(SPARSE_DEFAULT),
-    dynamic=("m",),
-    doc="rms_norm + 2:4 sparse gate/up GEMV + SwiGLU: warps (gate/up row pairs) per block, "
-        "16-byte weight loads a lane issues together (over both rows)",
-    build=lambda shape, c, target: sgemv.sparse_swiglu_gemv_kernel(
-        shape["f"], shape["k"], shape["dtype"], EPS, **c)))
+SPARSE_GEMV_SWIGLU = _sparse_space(
+    "cuda.sparse_gemv_swiglu", "rms_norm + 2:4 sparse gate/up GEMV + SwiGLU: warps (gate/up "
+    "row pairs) per block, 16-byte weight loads a lane issues together (over both rows)",
+    lambda shape, c, target: sgemv.sparse_swiglu_gemv_kernel(
+        shape["f"], shape["k"], shape["dtype"], EPS, **c))
 
-SPARSE_GEMV_QKV_ROPE = register(Space(
-    "cuda.sparse_gemv_qkv_rope", SPARSE_KNOBS, lambda shape, target: dict(SPARSE_DEFAULT),
-    dynamic=("m",),
-    doc="rms_norm + 2:4 sparse q/k/v GEMV + rotary + KV append: warps (rotary row pairs) per "
-        "block, 16-byte weight loads a lane issues together",
-    build=lambda shape, c, target: sgemv.sparse_qkv_rope_gemv_kernel(
+SPARSE_GEMV_QKV_ROPE = _sparse_space(
+    "cuda.sparse_gemv_qkv_rope", "rms_norm + 2:4 sparse q/k/v GEMV + rotary + KV append: warps "
+    "(rotary row pairs) per block, 16-byte weight loads a lane issues together",
+    lambda shape, c, target: sgemv.sparse_qkv_rope_gemv_kernel(
         shape["heads"], shape["kv_heads"], shape["head_dim"], shape["k"], shape["dtype"], EPS,
         **c),
-    bind=lambda shape: {"cb": 1, "cap": 16, "pn": 1}))  # as cuda.gemv_qkv_rope's
+    bind=lambda shape: {"cb": 1, "cap": 16, "pn": 1})  # as cuda.gemv_qkv_rope's
 
 
 # -- the prefill GEMM: kiln's WMMA tiles (kernels/gemm.py), dlight's schedule (the fp16 default),
