@@ -8,7 +8,7 @@
 #                new this session; issue 11's 2:4 decode >= 1.3x)
 #   .device/tb4  the 1B w8's quantized decode GEMVs, every config (issue 13: w8 >= 1.6x fp16)
 #   .device/e2e  tuned (run 42's file, decode attention at its default) against the sm_90a
-#                default, three rounds alternated: decode after 16 and 2048, prefill 128, 2048
+#                default, two rounds alternated: decode after 16 and 2048, prefill 128, 2048
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,10 +21,10 @@ tune() {  # bundle, output name, seconds
     2> "$OUT/tune_$2.log"
   echo "$2 rc $? wall $(( $(date +%s) - start )) s"; tail -7 "$OUT/tune_$2.log"
 }
-tune .device/tb2 attn 130
+tune .device/tb2 attn 110
 tune .device/tb3 sp24 200
 tune .device/tb4 w8 200
 [ -d .device/e2e ] || exit 0
-timeout 330 python3 benchmarks/gpu/cuda_llm.py bench .device/e2e --rounds 3 --lens 128,2048 \
+timeout 260 python3 benchmarks/gpu/cuda_llm.py bench .device/e2e --rounds 2 --lens 128,2048 \
   --decode 64 --repeat 3 --decode-after 16,2048 --no-hf > "$OUT/bench.log" 2>&1
 echo "bench rc $?"; grep -E "^prefill|^decode|^==|roofline" "$OUT/bench.log" | tail -45
