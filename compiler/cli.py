@@ -269,8 +269,8 @@ def verify_cmd(artifact: Path) -> None:
               help="configs per kernel instance (default 12; the GEMM's space: all)")
 @click.option("--only", metavar="KERNEL,...", callback=lambda ctx, param, v: _names(v),
               help="tune only these kernel families (e.g. cuda.decode_attention; "
-                   "docs/tuning.md lists them): re-measure some kernels into a file that "
-                   "holds the others")
+                   "docs/tuning.md lists them); instances the -o file already holds are kept "
+                   "(remove their entries to re-measure them)")
 @click.option("--python", help="the GPU host's Python for --bundle (default 3.12)")
 @quiet_option
 def tune(model: Path, out: Path | None, target: str, bundle: Path | None,

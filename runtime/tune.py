@@ -7,11 +7,11 @@ args/), the default candidate run first, every other candidate's outputs checked
 default's (relative error within the plan's tolerance; NaN fails) before its time counts, then
 timed with the runtime's time_evaluator: the median of `repeat` repeats. Where the plan gives
 an instance probes (the same kernels at other values of its run-time dims: a decode entry's
-span of cached lengths), every candidate is checked and timed at each of them too. Decode instances run
-cold, as in a token step, where each weight comes from memory once: on the CPU the caches are
-flushed of every argument but the first (the activations) before each run, on a GPU its L2 is
-overwritten. The database is written after each instance; instances already in it are skipped
-(resumable); no new instance starts once the budget is spent.
+span of cached lengths), every candidate is checked and timed at each of them too. Decode
+instances run cold, as in a token step, where each weight comes from memory once: on the CPU
+the caches are flushed of every argument but the first (the activations) before each run, on
+a GPU its L2 is overwritten. The database is written after each instance; instances already
+in it are skipped (resumable); no new instance starts once the budget is spent.
 """
 
 from __future__ import annotations
