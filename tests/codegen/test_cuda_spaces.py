@@ -283,19 +283,7 @@ def test_invalid_configs_are_left_out():
 def test_untuned_1b_model_picks_a_default_schedule_for_every_kernel(tmp_path):
     """The Llama-3.2-1B shape (no weights; lowered, not compiled) uses every cuda.* space, each
     instance's config from the cost model (source: default, what the manifest records)."""
-    pytest.importorskip("tvm.relax")
-    from kiln.codegen.build import build_module
-    from kiln.codegen.schedules import Schedules
-    from kiln.codegen.targets import CudaTarget
-    from kiln.compiler.compile import compile_graph
-    from kiln.models.synthetic import write_synthetic
-
-    src = write_synthetic("llama-3.2-1b", tmp_path / "m", weights=False)
-    graph = compile_graph(src, max_seq=256, progress=lambda m: None, weights_optional=True)
-    target = CudaTarget(arch="sm_90", dtype="float16")
-    schedules = Schedules(target)
-    build_module(graph, target, schedules=schedules)
-    picks = schedules.manifest()
+    picks = _schedules_of_1b(tmp_path)
     assert {p["kernel"] for p in picks} == set(SHAPES) - QUANT - SPARSE
     assert all(p["source"] == "default" for p in picks)
 
@@ -307,6 +295,14 @@ SPARSE = {"cuda.sparse_gemv", "cuda.sparse_gemv_swiglu", "cuda.sparse_gemv_qkv_r
 def test_a_2to4_1b_model_schedules_every_sparse_gemv(tmp_path):
     """At 2:4 every decode GEMV of the 1B shape's layers is a sparse one with a schedule space
     (o/down, gate/up + SwiGLU, q/k/v + rotary); the LM head stays dense."""
+    kernels = {p["kernel"] for p in _schedules_of_1b(tmp_path, sparsity="2:4")}
+    assert kernels >= SPARSE
+    assert not kernels & {"cuda.gemv_swiglu", "cuda.gemv_qkv_rope"}
+
+
+def _schedules_of_1b(tmp_path, sparsity: str | None = None) -> list[dict]:
+    """The schedule picks (manifest records) of the Llama-3.2-1B shape, no weights, lowered
+    for sm_90 fp16 (not compiled); `sparsity`: pruned by magnitude first."""
     pytest.importorskip("tvm.relax")
     from kiln.codegen.build import build_module
     from kiln.codegen.schedules import Schedules
@@ -317,14 +313,13 @@ def test_a_2to4_1b_model_schedules_every_sparse_gemv(tmp_path):
 
     src = write_synthetic("llama-3.2-1b", tmp_path / "m", weights=False)
     target = CudaTarget(arch="sm_90", dtype="float16")
+    pruned = {"prune": parse_config(sparsity, "magnitude"),
+              "sparse_target": target.sparse_target()} if sparsity else {}
     graph = compile_graph(src, max_seq=256, progress=lambda m: None, weights_optional=True,
-                          prune=parse_config("2:4", "magnitude"),
-                          sparse_target=target.sparse_target())
+                          **pruned)
     schedules = Schedules(target)
     build_module(graph, target, schedules=schedules)
-    kernels = {p["kernel"] for p in schedules.manifest()}
-    assert kernels >= SPARSE
-    assert not kernels & {"cuda.gemv_swiglu", "cuda.gemv_qkv_rope"}
+    return schedules.manifest()
 
 
 @pytest.mark.gpu
